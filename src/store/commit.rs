@@ -1,0 +1,529 @@
+//! The commit thread: group commit for every change to queued state.
+//!
+//! Event loops, the expiry sweeper and the admin API send [`Request`]s over a
+//! bounded channel. The thread blocks only when idle; otherwise it drains up to
+//! [`MAX_BATCH`] requests, applies them all to one `WriteBatch`, writes it with
+//! `sync = true` (one fsync for the lot), and only then runs their effects:
+//! STATUS SENT to senders, items to connected recipients' mailboxes, inflight
+//! bookkeeping. This is the durability point of the server: nothing is
+//! acknowledged before the write returns.
+//!
+//! Because one thread decides every change in one order, the rules need no
+//! locks: a duplicate SEND is seen by the dedup check (the batch overlay or
+//! the store), an ACK and an expiry of the same item cannot both win, and a
+//! user's stored items get SEQs in the order they become visible, which is
+//! what lets a session merge its mailbox with a store scan (see `session`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+
+use super::keys::*;
+use super::record::{encode_status, Dedup, Item, ItemView, StatusView};
+use super::{Batch, Result, Store};
+use crate::core::{now_ms, ConnRef, Core, User};
+use crate::net::Notice;
+use crate::wire::{flags, StatusCode};
+
+/// Requests drained into one synced batch at most.
+pub const MAX_BATCH: usize = 4096;
+/// Requests waiting for the commit thread before senders get OVERLOADED.
+pub const QUEUE_CAPACITY: usize = 65_536;
+
+/// A stored 1:1 message to accept.
+pub struct SendRequest {
+    /// The sending connection, for the answer.
+    pub conn: ConnRef,
+    /// The sender.
+    pub sender: Arc<User>,
+    /// The recipient.
+    pub recipient: Arc<User>,
+    /// The sender's message ID (0 = fire-and-forget: no dedup, no statuses).
+    pub id: u64,
+    /// 0 … 15.
+    pub priority: u8,
+    /// Server time of acceptance, ms.
+    pub time: u64,
+    /// When the queued item expires, ms.
+    pub expire_at: u64,
+    /// When the duplicate-detection record may be forgotten, ms.
+    pub dedup_until: u64,
+    /// The encoded MSG record (`record::encode_msg`).
+    pub record: Box<[u8]>,
+}
+
+/// A change to queued state.
+pub enum Request {
+    /// Store a message.
+    Send(SendRequest),
+    /// The user's application processed these (SEQ, priority) items.
+    Ack {
+        user: Arc<User>,
+        items: Vec<(u64, u8)>,
+    },
+    /// The user read message `id` from `from`.
+    Read {
+        reader: Arc<User>,
+        from: String,
+        id: u64,
+    },
+    /// Expiry-index keys found due by the sweeper; `done` fires after commit.
+    Expire {
+        keys: Vec<Box<[u8]>>,
+        done: Sender<()>,
+    },
+    /// Fires once everything submitted before it is committed.
+    Barrier(Sender<()>),
+}
+
+/// The submitting side of the commit queue.
+#[derive(Clone)]
+pub struct Commit {
+    /// Bounded: a full queue means the store cannot keep up.
+    tx: Sender<Request>,
+}
+
+/// The receiving side, handed to [`spawn`].
+pub struct CommitQueue {
+    rx: Receiver<Request>,
+}
+
+/// A new commit queue.
+pub fn queue() -> (Commit, CommitQueue) {
+    let (tx, rx) = channel::bounded(QUEUE_CAPACITY);
+    (Commit { tx }, CommitQueue { rx })
+}
+
+impl Commit {
+    /// Queues a request without blocking; gives it back if the queue is full
+    /// or the thread is gone.
+    pub fn try_submit(&self, req: Request) -> Result<(), Request> {
+        self.tx.try_send(req).map_err(|e| match e {
+            TrySendError::Full(r) | TrySendError::Disconnected(r) => r,
+        })
+    }
+
+    /// Queues a request, waiting for room.
+    pub fn submit(&self, req: Request) -> bool {
+        self.tx.send(req).is_ok()
+    }
+
+    /// Waits until everything submitted so far is committed.
+    pub fn barrier(&self) {
+        let (tx, rx) = channel::bounded(1);
+        if self.submit(Request::Barrier(tx)) {
+            let _ = rx.recv();
+        }
+    }
+}
+
+/// Completion of a request, run after its batch is durable.
+pub enum Completion {
+    /// Answer a SEND.
+    Reply {
+        conn: ConnRef,
+        id: u64,
+        to: Arc<str>,
+        status: Option<StatusCode>,
+    },
+    /// Offer a new stored item to its recipient, if connected.
+    Push { user: Arc<User>, item: Arc<Item> },
+    /// The item is gone from the store: forget it as inflight.
+    Settled { user: Arc<User>, seq: u64 },
+    /// Fire a barrier.
+    Done(Sender<()>),
+}
+
+/// Starts the commit thread. It exits when every [`Commit`] is dropped and
+/// the queue is drained.
+pub fn spawn(core: Arc<Core>, queue: CommitQueue) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("tern-commit".into())
+        .spawn(move || run(&core, &queue.rx))
+}
+
+fn run(core: &Core, rx: &Receiver<Request>) {
+    let mut requests = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        requests.push(first);
+        while requests.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => requests.push(r),
+                Err(_) => break,
+            }
+        }
+        commit_batch(core, &mut requests);
+    }
+}
+
+/// Applies, writes and completes one batch of requests.
+pub fn commit_batch(core: &Core, requests: &mut Vec<Request>) {
+    let count = requests.len() as u64;
+    let mut pass = Pass {
+        core,
+        batch: core.store.batch(),
+        dedup: HashMap::new(),
+        deleted: HashSet::new(),
+        done: Vec::with_capacity(requests.len() * 2),
+        now: now_ms(),
+    };
+    for req in requests.drain(..) {
+        if let Err(e) = pass.apply(req) {
+            tracing::error!(error = %e, "store read failed while applying a request");
+        }
+    }
+    let Pass { batch, done, .. } = pass;
+    let started = std::time::Instant::now();
+    let written = batch.is_empty() || batch.commit(true).is_ok();
+    core.metrics.record_commit(started.elapsed(), count);
+    if !written {
+        tracing::error!("synced write failed; the batch is refused");
+    }
+    for completion in done {
+        complete(core, completion, written);
+    }
+}
+
+fn complete(core: &Core, completion: Completion, written: bool) {
+    match completion {
+        Completion::Reply {
+            conn,
+            id,
+            to,
+            status,
+        } => {
+            // A failed write stored nothing: the sender may retry the same ID.
+            let status = if written {
+                status
+            } else {
+                status.map(|_| StatusCode::OVERLOADED)
+            };
+            core.post(
+                conn.worker,
+                Notice::SendDone {
+                    conn,
+                    id,
+                    to,
+                    status,
+                },
+            );
+        }
+        Completion::Push { user, item } if written => {
+            if let Some(mb) = user.mailbox() {
+                mb.push_durable(item);
+                core.wake(&mb);
+            }
+        }
+        Completion::Settled { user, seq } if written => {
+            user.inflight().remove(&seq);
+            if let Some(mb) = user.mailbox() {
+                core.wake(&mb);
+            }
+        }
+        Completion::Done(tx) => {
+            let _ = tx.send(());
+        }
+        Completion::Push { .. } | Completion::Settled { .. } => {}
+    }
+}
+
+/// The state of one batch being built.
+struct Pass<'c> {
+    core: &'c Core,
+    /// The synced write under construction.
+    batch: Batch<'c>,
+    /// Dedup records changed in this batch (None = deleted): reads see them
+    /// before the store.
+    dedup: HashMap<Vec<u8>, Option<Dedup>>,
+    /// Inbox keys deleted in this batch.
+    deleted: HashSet<Vec<u8>>,
+    /// What to do once the batch is durable, in order.
+    done: Vec<Completion>,
+    /// One clock reading for the whole batch.
+    now: u64,
+}
+
+impl Pass<'_> {
+    fn store(&self) -> &Store {
+        &self.core.store
+    }
+
+    fn apply(&mut self, req: Request) -> Result<()> {
+        match req {
+            Request::Send(send) => self.send(send),
+            Request::Ack { user, items } => {
+                for (seq, priority) in items {
+                    self.settle(&user, priority, seq, Settle::Acked)?;
+                }
+                Ok(())
+            }
+            Request::Read { reader, from, id } => self.read(&reader, &from, id),
+            Request::Expire { keys, done } => {
+                for key in keys {
+                    self.expire(&key)?;
+                }
+                self.done.push(Completion::Done(done));
+                Ok(())
+            }
+            Request::Barrier(tx) => {
+                self.done.push(Completion::Done(tx));
+                Ok(())
+            }
+        }
+    }
+
+    fn get_dedup(&self, key: &[u8]) -> Result<Option<Dedup>> {
+        if let Some(d) = self.dedup.get(key) {
+            return Ok(d.clone());
+        }
+        Ok(self
+            .store()
+            .get(CF_DEDUP, key)?
+            .and_then(|v| Dedup::decode(&v)))
+    }
+
+    fn put_dedup(&mut self, key: Vec<u8>, d: Dedup) -> Result<()> {
+        self.batch.put(CF_DEDUP, &key, &d.encode())?;
+        self.dedup.insert(key, Some(d));
+        Ok(())
+    }
+
+    fn get_inbox(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if self.deleted.contains(key) {
+            return Ok(None);
+        }
+        self.store().get(CF_INBOX, key)
+    }
+
+    fn send(&mut self, req: SendRequest) -> Result<()> {
+        let to: Arc<str> = req.recipient.address.clone();
+        let dedup_key = (req.id != 0).then(|| dedup_key(&req.sender.address, req.id));
+        if let Some(key) = &dedup_key {
+            if let Some(d) = self.get_dedup(key)? {
+                self.core
+                    .metrics
+                    .deduplicated
+                    .fetch_add(1, Ordering::Relaxed);
+                self.done.push(Completion::Reply {
+                    conn: req.conn,
+                    id: req.id,
+                    to,
+                    status: Some(d.status),
+                });
+                return Ok(());
+            }
+        }
+        let seq = req.recipient.next_seq();
+        let inbox = inbox_key(&req.recipient.address, req.priority, seq);
+        self.batch.put(CF_INBOX, &inbox, &req.record)?;
+        self.batch.put(
+            CF_EXPIRY,
+            &expiry_key(req.expire_at, EXPIRE_ITEM, &inbox),
+            &[],
+        )?;
+        if let Some(key) = dedup_key {
+            let flags = match crate::store::record::decode_item(&req.record) {
+                Some(ItemView::Msg(m)) => m.flags,
+                _ => 0,
+            };
+            self.batch.put(
+                CF_EXPIRY,
+                &expiry_key(req.dedup_until, EXPIRE_DEDUP, &key),
+                &[],
+            )?;
+            self.put_dedup(
+                key,
+                Dedup {
+                    status: StatusCode::SENT,
+                    flags,
+                    priority: req.priority,
+                    seq,
+                    time: req.time,
+                    expire_at: req.expire_at,
+                    recipient: req.recipient.address.to_string(),
+                },
+            )?;
+        }
+        req.recipient.queued.fetch_add(1, Ordering::Relaxed);
+        self.core.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        self.done.push(Completion::Reply {
+            conn: req.conn,
+            id: req.id,
+            to,
+            status: (req.id != 0).then_some(StatusCode::SENT),
+        });
+        self.done.push(Completion::Push {
+            user: req.recipient,
+            item: Arc::new(Item {
+                seq,
+                priority: req.priority,
+                ephemeral: false,
+                record: req.record,
+            }),
+        });
+        Ok(())
+    }
+
+    /// Removes a queued item that was ACKed or has expired, and stores the
+    /// status its sender is owed.
+    fn settle(&mut self, user: &Arc<User>, priority: u8, seq: u64, how: Settle) -> Result<()> {
+        let key = inbox_key(&user.address, priority, seq);
+        let Some(record) = self.get_inbox(&key)? else {
+            self.done.push(Completion::Settled {
+                user: user.clone(),
+                seq,
+            });
+            return Ok(());
+        };
+        let Some(view) = crate::store::record::decode_item(&record) else {
+            tracing::error!(user = %user.address, seq, "corrupt inbox record dropped");
+            self.batch.delete(CF_INBOX, &key)?;
+            self.deleted.insert(key);
+            return Ok(());
+        };
+        self.batch.delete(CF_INBOX, &key)?;
+        self.batch
+            .delete(CF_EXPIRY, &expiry_key(view.expire_at(), EXPIRE_ITEM, &key))?;
+        let _ = user
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        self.done.push(Completion::Settled {
+            user: user.clone(),
+            seq,
+        });
+        if let ItemView::Msg(m) = view {
+            let (new_status, wanted) = match how {
+                Settle::Acked => {
+                    self.core.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+                    (
+                        StatusCode::DELIVERED,
+                        m.flags & flags::DELIVERY_RECEIPT != 0,
+                    )
+                }
+                Settle::Expired => {
+                    self.core.metrics.expired.fetch_add(1, Ordering::Relaxed);
+                    (StatusCode::EXPIRED, true)
+                }
+            };
+            if m.id != 0 {
+                let dkey = dedup_key(m.from, m.id);
+                let mut owed = false;
+                if let Some(mut d) = self.get_dedup(&dkey)? {
+                    // Only a message still queued moves on; READ stays READ.
+                    if d.status == StatusCode::SENT {
+                        d.status = new_status;
+                        self.put_dedup(dkey, d)?;
+                        owed = true;
+                    } else {
+                        owed = how == Settle::Acked;
+                    }
+                }
+                if owed && wanted {
+                    let (from, id) = (m.from.to_owned(), m.id);
+                    self.store_status(&from, id, &user.address.clone(), new_status)?;
+                }
+            }
+        } else if how == Settle::Expired {
+            self.core.metrics.expired.fetch_add(1, Ordering::Relaxed);
+        }
+        self.deleted.insert(key);
+        Ok(())
+    }
+
+    fn read(&mut self, reader: &User, from: &str, id: u64) -> Result<()> {
+        if id == 0 || !crate::wire::is_valid_address(from) {
+            return Ok(());
+        }
+        let key = dedup_key(from, id);
+        let Some(mut d) = self.get_dedup(&key)? else {
+            return Ok(());
+        };
+        let delivered = match d.status {
+            StatusCode::DELIVERED => true,
+            StatusCode::SENT => reader.inflight().contains_key(&d.seq),
+            _ => false,
+        };
+        if d.recipient != *reader.address || d.flags & flags::READ_RECEIPT == 0 || !delivered {
+            return Ok(());
+        }
+        d.status = StatusCode::READ;
+        self.put_dedup(key, d)?;
+        self.store_status(from, id, &reader.address, StatusCode::READ)
+    }
+
+    fn expire(&mut self, expiry: &[u8]) -> Result<()> {
+        self.batch.delete(CF_EXPIRY, expiry)?;
+        let Some((_, kind, key)) = parse_expiry_key(expiry) else {
+            return Ok(());
+        };
+        match kind {
+            EXPIRE_ITEM => {
+                let Some((address, priority, seq)) = parse_inbox_key(key) else {
+                    return Ok(());
+                };
+                if let Some(user) = self.core.users.pin().get(address).cloned() {
+                    self.settle(&user, priority, seq, Settle::Expired)?;
+                } else {
+                    self.batch.delete(CF_INBOX, key)?;
+                }
+            }
+            EXPIRE_DEDUP => {
+                self.batch.delete(CF_DEDUP, key)?;
+                self.dedup.insert(key.to_vec(), None);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Queues a STATUS for the sender `owner` of message `id` (about `about`).
+    fn store_status(
+        &mut self,
+        owner: &str,
+        id: u64,
+        about: &str,
+        status: StatusCode,
+    ) -> Result<()> {
+        let Some(owner) = self.core.user(owner) else {
+            return Ok(());
+        };
+        let seq = owner.next_seq();
+        let expire_at = self
+            .now
+            .saturating_add(u64::from(self.core.config.max_expiry) * 1000);
+        let record = encode_status(&StatusView {
+            time: self.now,
+            expire_at,
+            id,
+            status,
+            to: about,
+            group: None,
+            member: None,
+        });
+        let key = inbox_key(&owner.address, 0, seq);
+        self.batch.put(CF_INBOX, &key, &record)?;
+        self.batch
+            .put(CF_EXPIRY, &expiry_key(expire_at, EXPIRE_ITEM, &key), &[])?;
+        owner.queued.fetch_add(1, Ordering::Relaxed);
+        self.done.push(Completion::Push {
+            user: owner,
+            item: Arc::new(Item {
+                seq,
+                priority: 0,
+                ephemeral: false,
+                record,
+            }),
+        });
+        Ok(())
+    }
+}
+
+/// Why a queued item leaves the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Acked,
+    Expired,
+}

@@ -1,0 +1,315 @@
+//! The only user of RocksDB: column families, keys, records, reads, and the
+//! commit thread that turns concurrent writes into one synced WriteBatch.
+//!
+//! - [`keys`]: column families and key layouts (byte order = numeric order).
+//! - [`record`]: value layouts and [`Item`], the in-memory form of a delivery.
+//! - [`commit`]: the group-commit thread: dedup, SEQ assignment, ACK, READ and
+//!   expiry are all decided there, in one order, so they never race.
+//!
+//! Reads that need no ordering (token look-ups at HELLO, inbox scans for a
+//! connected user) go straight to RocksDB from the calling thread.
+
+pub mod commit;
+pub mod keys;
+pub mod record;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+pub use commit::{Commit, Completion, Request};
+pub use record::{Dedup, Item, ItemView, MsgView, StatusView};
+
+use keys::*;
+
+/// A storage failure. RocksDB errors are not recoverable by the caller; the
+/// server logs them and refuses the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record in {cf}: {what}")]
+    Corrupt { cf: &'static str, what: String },
+    #[error("column family {0} missing")]
+    MissingCf(&'static str),
+}
+
+/// Result of a store operation.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A user as stored in the `users` column family.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UserRecord {
+    /// The user's address (also the key).
+    pub address: String,
+    /// Display name, free text.
+    #[serde(default)]
+    pub name: String,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+}
+
+/// The open database. Cheap to share: wrap it in an `Arc`.
+pub struct Store {
+    /// RocksDB with the column families of [`keys::ALL_CFS`].
+    db: DB,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(4);
+        let cfs = ALL_CFS.iter().map(|&name| {
+            let mut cf = Options::default();
+            if name == CF_INBOX || name == CF_EXPIRY || name == CF_DEDUP {
+                // Queues: most keys are deleted soon after they are written.
+                // Compact files that fill with tombstones so scans stay fast.
+                cf.add_compact_on_deletion_collector_factory(1024, 512, 0.5);
+                cf.set_write_buffer_size(32 << 20);
+            }
+            ColumnFamilyDescriptor::new(name, cf)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        Ok(Store { db })
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
+        self.db.cf_handle(name).ok_or(StoreError::MissingCf(name))
+    }
+
+    /// Writes a batch; with `sync`, returns only once it is on stable storage.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        Ok(self.db.write_opt(batch, &wo)?)
+    }
+
+    /// Increments the boot counter durably and returns the new value. Each
+    /// boot owns the SEQ range `boot << 40 ..`, so SEQs never repeat across
+    /// restarts even for items that were never stored.
+    pub fn next_boot(&self) -> Result<u64> {
+        let meta = self.cf(CF_META)?;
+        let boot = match self.db.get_cf(meta, META_BOOT)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    cf: CF_META,
+                    what: "boot counter".into(),
+                })?)
+            }
+            None => 0,
+        } + 1;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, META_BOOT, boot.to_be_bytes());
+        self.write(batch, true)?;
+        Ok(boot)
+    }
+
+    /// All users.
+    pub fn load_users(&self) -> Result<Vec<UserRecord>> {
+        let cf = self.cf(CF_USERS)?;
+        let mut users = Vec::new();
+        for kv in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (_, v) = kv?;
+            users.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                cf: CF_USERS,
+                what: e.to_string(),
+            })?);
+        }
+        Ok(users)
+    }
+
+    /// Stores a user record and a new token hash for it, durably.
+    pub fn put_user(
+        &self,
+        user: &UserRecord,
+        token_hash: &[u8; 32],
+        expires_ms: u64,
+    ) -> Result<()> {
+        let users = self.cf(CF_USERS)?;
+        let tokens = self.cf(CF_TOKENS)?;
+        let mut batch = WriteBatch::default();
+        let json = serde_json::to_vec(user).map_err(|e| StoreError::Corrupt {
+            cf: CF_USERS,
+            what: e.to_string(),
+        })?;
+        batch.put_cf(users, user.address.as_bytes(), json);
+        let mut value = expires_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(user.address.as_bytes());
+        batch.put_cf(tokens, token_hash, value);
+        self.write(batch, true)
+    }
+
+    /// The (address, expires_ms) a token hash belongs to; expires 0 = never.
+    pub fn lookup_token(&self, token_hash: &[u8; 32]) -> Result<Option<(String, u64)>> {
+        let cf = self.cf(CF_TOKENS)?;
+        let Some(v) = self.db.get_pinned_cf(cf, token_hash)? else {
+            return Ok(None);
+        };
+        if v.len() < 9 {
+            return Err(StoreError::Corrupt {
+                cf: CF_TOKENS,
+                what: "short token record".into(),
+            });
+        }
+        let expires = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
+        let address = String::from_utf8_lossy(&v[8..]).into_owned();
+        Ok(Some((address, expires)))
+    }
+
+    /// How many items each user has queued (run once at start-up).
+    pub fn count_inbox(&self) -> Result<HashMap<String, u64>> {
+        let cf = self.cf(CF_INBOX)?;
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek_to_first();
+        while let Some(key) = it.key() {
+            if let Some((address, _, _)) = parse_inbox_key(key) {
+                match counts.get_mut(address) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(address.to_owned(), 1);
+                    }
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(counts)
+    }
+
+    /// Reads queued items of one user in delivery order: priority 0 first,
+    /// then by SEQ, starting after `cursors[p]` for each priority `p`, at most
+    /// `budget` items. Returns the items and whether the inbox was exhausted
+    /// (no more items past the cursors when the scan began).
+    pub fn scan_inbox(
+        &self,
+        address: &str,
+        cursors: &[u64; PRIORITIES],
+        budget: usize,
+    ) -> Result<(Vec<Arc<Item>>, bool)> {
+        let cf = self.cf(CF_INBOX)?;
+        let mut items = Vec::new();
+        let mut ro = ReadOptions::default();
+        let prefix = inbox_prefix(address);
+        let mut upper = prefix.clone();
+        upper.push(PRIORITIES as u8);
+        ro.set_iterate_lower_bound(prefix.clone());
+        ro.set_iterate_upper_bound(upper);
+        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        for (p, &cursor) in cursors.iter().enumerate() {
+            let Some(from) = cursor.checked_add(1) else {
+                continue;
+            };
+            it.seek(inbox_key(address, p as u8, from));
+            while let (Some(key), Some(value)) = (it.key(), it.value()) {
+                let Some((_, prio, seq)) = parse_inbox_key(key) else {
+                    break;
+                };
+                if usize::from(prio) != p {
+                    break;
+                }
+                if items.len() == budget {
+                    return Ok((items, false));
+                }
+                items.push(Arc::new(Item {
+                    seq,
+                    priority: prio,
+                    ephemeral: false,
+                    record: value.into(),
+                }));
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok((items, true))
+    }
+
+    /// Up to `limit` expiry-index keys due at or before `now_ms`, oldest first.
+    pub fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<Box<[u8]>>> {
+        let cf = self.cf(CF_EXPIRY)?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(now_ms.saturating_add(1).to_be_bytes().to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        it.seek_to_first();
+        let mut due = Vec::new();
+        while let Some(key) = it.key() {
+            if due.len() == limit {
+                break;
+            }
+            due.push(key.into());
+            it.next();
+        }
+        it.status()?;
+        Ok(due)
+    }
+
+    /// Point read in a column family.
+    pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let handle = self.cf(cf)?;
+        Ok(self.db.get_cf(handle, key)?)
+    }
+
+    /// A batch builder bound to this store's column families.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Flushes memtables and the WAL (used at clean shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        for name in ALL_CFS {
+            let cf = self.cf(name)?;
+            self.db.flush_cf(cf)?;
+        }
+        Ok(())
+    }
+}
+
+/// A WriteBatch that takes column families by name.
+pub struct Batch<'s> {
+    store: &'s Store,
+    batch: WriteBatch,
+}
+
+impl Batch<'_> {
+    /// Puts `key = value` in column family `cf`.
+    pub fn put(&mut self, cf: &'static str, key: &[u8], value: &[u8]) -> Result<()> {
+        let handle = self.store.cf(cf)?;
+        self.batch.put_cf(handle, key, value);
+        Ok(())
+    }
+
+    /// Deletes `key` from column family `cf`.
+    pub fn delete(&mut self, cf: &'static str, key: &[u8]) -> Result<()> {
+        let handle = self.store.cf(cf)?;
+        self.batch.delete_cf(handle, key);
+        Ok(())
+    }
+
+    /// Number of operations in the batch.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether the batch holds no operation.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Writes the batch (synced when `sync`).
+    pub fn commit(self, sync: bool) -> Result<()> {
+        self.store.write(self.batch, sync)
+    }
+}

@@ -1,0 +1,288 @@
+//! Value layouts of the `inbox` and `dedup` column families, and [`Item`], the
+//! one in-memory form of a queued delivery (the same bytes are written to
+//! RocksDB and handed to the recipient's mailbox: no second copy).
+//!
+//! ```text
+//! item (inbox value), kind = 1 (MSG):
+//!   kind:u8 time:u64 expire_at:u64 id:u64 type:u32 flags:u32
+//!   flen:u8 from  glen:u8 group  payload (rest of the value)
+//! item, kind = 2 (STATUS about a message this user sent):
+//!   kind:u8 time:u64 expire_at:u64 id:u64 status:u8
+//!   tlen:u8 to  glen:u8 group  mlen:u8 member
+//! dedup value:
+//!   status:u8 flags:u32 priority:u8 seq:u64 time:u64 expire_at:u64 rlen:u8 recipient
+//! ```
+//!
+//! `expire_at` is milliseconds since the Unix epoch; glen/mlen = 0 means absent.
+
+use crate::wire::StatusCode;
+
+const KIND_MSG: u8 = 1;
+const KIND_STATUS: u8 = 2;
+
+/// A queued delivery: a MSG or a STATUS for one recipient, with its SEQ.
+#[derive(Debug)]
+pub struct Item {
+    /// The recipient's delivery sequence number; 0 for a live status (no SEQ).
+    pub seq: u64,
+    /// 0 (highest) … 15.
+    pub priority: u8,
+    /// Held in memory only (EXPIRY = 0 messages and their statuses): never in
+    /// the store, forgotten on reconnect.
+    pub ephemeral: bool,
+    /// The encoded record (layout above).
+    pub record: Box<[u8]>,
+}
+
+/// A MSG as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsgView<'a> {
+    pub time: u64,
+    pub expire_at: u64,
+    pub id: u64,
+    pub msg_type: u32,
+    pub flags: u32,
+    pub from: &'a str,
+    pub group: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+/// A STATUS as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusView<'a> {
+    pub time: u64,
+    pub expire_at: u64,
+    pub id: u64,
+    pub status: StatusCode,
+    pub to: &'a str,
+    pub group: Option<&'a str>,
+    pub member: Option<&'a str>,
+}
+
+/// A decoded item record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemView<'a> {
+    Msg(MsgView<'a>),
+    Status(StatusView<'a>),
+}
+
+impl ItemView<'_> {
+    /// When the item expires (ms since the epoch).
+    pub fn expire_at(&self) -> u64 {
+        match self {
+            ItemView::Msg(m) => m.expire_at,
+            ItemView::Status(s) => s.expire_at,
+        }
+    }
+}
+
+impl Item {
+    /// Decodes the record; `None` only if the stored bytes are corrupt.
+    pub fn view(&self) -> Option<ItemView<'_>> {
+        decode_item(&self.record)
+    }
+}
+
+/// Encodes a MSG record.
+pub fn encode_msg(m: &MsgView<'_>) -> Box<[u8]> {
+    let group = m.group.unwrap_or("");
+    let mut out = Vec::with_capacity(35 + m.from.len() + group.len() + m.payload.len());
+    out.push(KIND_MSG);
+    out.extend_from_slice(&m.time.to_be_bytes());
+    out.extend_from_slice(&m.expire_at.to_be_bytes());
+    out.extend_from_slice(&m.id.to_be_bytes());
+    out.extend_from_slice(&m.msg_type.to_be_bytes());
+    out.extend_from_slice(&m.flags.to_be_bytes());
+    push_str(&mut out, m.from);
+    push_str(&mut out, group);
+    out.extend_from_slice(m.payload);
+    out.into_boxed_slice()
+}
+
+/// Encodes a STATUS record.
+pub fn encode_status(s: &StatusView<'_>) -> Box<[u8]> {
+    let group = s.group.unwrap_or("");
+    let member = s.member.unwrap_or("");
+    let mut out = Vec::with_capacity(29 + s.to.len() + group.len() + member.len());
+    out.push(KIND_STATUS);
+    out.extend_from_slice(&s.time.to_be_bytes());
+    out.extend_from_slice(&s.expire_at.to_be_bytes());
+    out.extend_from_slice(&s.id.to_be_bytes());
+    out.push(s.status.0);
+    push_str(&mut out, s.to);
+    push_str(&mut out, group);
+    push_str(&mut out, member);
+    out.into_boxed_slice()
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Addresses and group names are at most 255 bytes (validated on entry).
+    let len = s.len().min(255);
+    out.push(len as u8);
+    out.extend_from_slice(&s.as_bytes()[..len]);
+}
+
+/// Reads fields off the front of a record, failing softly on short input.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)?.try_into().ok().map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)?.try_into().ok().map(u64::from_be_bytes)
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let len = usize::from(self.u8()?);
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+    fn opt_str(&mut self) -> Option<Option<&'a str>> {
+        self.str().map(|s| (!s.is_empty()).then_some(s))
+    }
+}
+
+/// Decodes an item record.
+pub fn decode_item(record: &[u8]) -> Option<ItemView<'_>> {
+    let mut c = Cursor(record);
+    let kind = c.u8()?;
+    let time = c.u64()?;
+    let expire_at = c.u64()?;
+    let id = c.u64()?;
+    match kind {
+        KIND_MSG => Some(ItemView::Msg(MsgView {
+            time,
+            expire_at,
+            id,
+            msg_type: c.u32()?,
+            flags: c.u32()?,
+            from: c.str()?,
+            group: c.opt_str()?,
+            payload: c.0,
+        })),
+        KIND_STATUS => Some(ItemView::Status(StatusView {
+            time,
+            expire_at,
+            id,
+            status: StatusCode(c.u8()?),
+            to: c.str()?,
+            group: c.opt_str()?,
+            member: c.opt_str()?,
+        })),
+        _ => None,
+    }
+}
+
+/// What the server remembers of an accepted SEND, keyed by (sender, ID): to
+/// answer a duplicate with the latest status, and to route receipts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dedup {
+    /// The latest status: SENT while queued, then DELIVERED, READ, EXPIRED or DELETED.
+    pub status: StatusCode,
+    /// The SEND's FLAGS (which receipts the sender asked for).
+    pub flags: u32,
+    /// Where the item sits in the recipient's inbox.
+    pub priority: u8,
+    /// The recipient's SEQ for it.
+    pub seq: u64,
+    /// Server time of acceptance, ms.
+    pub time: u64,
+    /// When the queued item expires, ms.
+    pub expire_at: u64,
+    /// The recipient's address.
+    pub recipient: String,
+}
+
+impl Dedup {
+    /// Encodes the dedup value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(31 + self.recipient.len());
+        out.push(self.status.0);
+        out.extend_from_slice(&self.flags.to_be_bytes());
+        out.push(self.priority);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.time.to_be_bytes());
+        out.extend_from_slice(&self.expire_at.to_be_bytes());
+        push_str(&mut out, &self.recipient);
+        out
+    }
+
+    /// Decodes a dedup value; `None` if corrupt.
+    pub fn decode(value: &[u8]) -> Option<Dedup> {
+        let mut c = Cursor(value);
+        Some(Dedup {
+            status: StatusCode(c.u8()?),
+            flags: c.u32()?,
+            priority: c.u8()?,
+            seq: c.u64()?,
+            time: c.u64()?,
+            expire_at: c.u64()?,
+            recipient: c.str()?.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msg_round_trip() {
+        let m = MsgView {
+            time: 1,
+            expire_at: 2,
+            id: 3,
+            msg_type: 4,
+            flags: 5,
+            from: "alice",
+            group: None,
+            payload: b"hello",
+        };
+        assert_eq!(decode_item(&encode_msg(&m)), Some(ItemView::Msg(m)));
+        let g = MsgView {
+            group: Some("team"),
+            payload: b"",
+            ..m
+        };
+        assert_eq!(decode_item(&encode_msg(&g)), Some(ItemView::Msg(g)));
+    }
+
+    #[test]
+    fn status_round_trip() {
+        let s = StatusView {
+            time: 9,
+            expire_at: 10,
+            id: 11,
+            status: StatusCode::DELIVERED,
+            to: "bob",
+            group: Some("g"),
+            member: Some("carol"),
+        };
+        assert_eq!(decode_item(&encode_status(&s)), Some(ItemView::Status(s)));
+        assert_eq!(decode_item(&[2, 0, 0]), None);
+    }
+
+    #[test]
+    fn dedup_round_trip() {
+        let d = Dedup {
+            status: StatusCode::SENT,
+            flags: 3,
+            priority: 7,
+            seq: 1 << 40,
+            time: 5,
+            expire_at: 6,
+            recipient: "bob".into(),
+        };
+        assert_eq!(Dedup::decode(&d.encode()), Some(d));
+    }
+}
