@@ -1,0 +1,308 @@
+//! The shared state the parts of the server meet in: the user directory, the
+//! handles of the commit thread and the event loops, counters.
+//!
+//! The routing path (a SEND naming a user) reads the directory, a lock-free
+//! `papaya` map from address to [`User`], and the user's `attached` mailbox
+//! (an `ArcSwap`): no lock is taken between a sender's event loop and the
+//! recipient's.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::mailbox::Mailbox;
+use crate::net::{Notice, WorkerHandle};
+use crate::store::{Commit, Store, StoreError, UserRecord};
+
+/// Bits of a SEQ below the boot counter: each boot owns `boot << 40 ..`.
+pub const SEQ_BOOT_SHIFT: u32 = 40;
+
+/// Milliseconds since the Unix epoch, the server clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// SHA-256 of a token: the only form in which tokens are stored.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Names one connection across threads. The generation makes a reference to a
+/// closed connection stale even after its slab slot is reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// Index of the event loop that owns the connection.
+    pub worker: usize,
+    /// Slab slot in that loop.
+    pub token: usize,
+    /// Unique per connection for the life of the process.
+    pub generation: u64,
+}
+
+/// One user, shared by everything that delivers to or from them.
+pub struct User {
+    /// The address, shared with every item and status that names it.
+    pub address: Arc<str>,
+    /// Display name from the admin API.
+    pub name: Mutex<String>,
+    /// Next SEQ to hand out; starts at `boot << 40 | 1`.
+    next_seq: AtomicU64,
+    /// Stored items in the inbox (for `max_queue` and the admin API).
+    pub queued: AtomicU64,
+    /// The mailbox of the connection the user is logged in on, if any.
+    pub attached: ArcSwapOption<Mailbox>,
+    /// SEQ → priority of items written to a connection of this user and not
+    /// yet ACKed, this boot. Survives reconnects: an item found here when it
+    /// is written again carries REDELIVERY. Taken by the user's own session
+    /// and by the commit thread, never by anyone else.
+    pub inflight: Mutex<HashMap<u64, u8>>,
+    /// Set when the user is deleted; sessions and sends stop seeing it.
+    pub deleted: AtomicBool,
+}
+
+impl User {
+    /// A user with nothing queued.
+    pub fn new(address: &str, name: String, boot: u64) -> User {
+        User {
+            address: address.into(),
+            name: Mutex::new(name),
+            next_seq: AtomicU64::new((boot << SEQ_BOOT_SHIFT) | 1),
+            queued: AtomicU64::new(0),
+            attached: ArcSwapOption::empty(),
+            inflight: Mutex::new(HashMap::new()),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// Hands out the next SEQ of this user.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The inflight map; a poisoned lock (a panic elsewhere) is still usable
+    /// because every update to it is a single insert or remove.
+    pub fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u8>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connected session's mailbox, if the user is online.
+    pub fn mailbox(&self) -> Option<Arc<Mailbox>> {
+        self.attached.load_full().filter(|mb| mb.closed().is_none())
+    }
+}
+
+/// Counters exported by the metrics endpoint.
+#[derive(Default)]
+pub struct Metrics {
+    /// Open protocol connections.
+    pub connections: AtomicU64,
+    /// Frames and bytes read from clients.
+    pub frames_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// Frames and bytes written to clients.
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Messages accepted (stored or handed to a live recipient).
+    pub accepted: AtomicU64,
+    /// Messages ACKed by their recipient.
+    pub delivered: AtomicU64,
+    /// Items expired by the sweeper.
+    pub expired: AtomicU64,
+    /// SENDs answered from the duplicate-detection record.
+    pub deduplicated: AtomicU64,
+    /// Synced batches written and requests in them.
+    pub commits: AtomicU64,
+    pub committed_requests: AtomicU64,
+    /// Latency of synced batch writes, microseconds.
+    pub commit_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+impl Metrics {
+    /// Records one synced batch of `requests` requests.
+    pub fn record_commit(&self, took: std::time::Duration, requests: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.committed_requests
+            .fetch_add(requests, Ordering::Relaxed);
+        let mut h = self
+            .commit_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let h = h.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("static histogram bounds are valid")
+        });
+        h.saturating_record(took.as_micros() as u64);
+    }
+}
+
+/// Where the server is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Ready,
+    ShuttingDown,
+}
+
+/// Everything shared between the server's threads.
+pub struct Core {
+    /// Validated configuration.
+    pub config: Config,
+    /// The database.
+    pub store: Store,
+    /// address → user; every stored user is here.
+    pub users: papaya::HashMap<Arc<str>, Arc<User>>,
+    /// Queue of the commit thread.
+    pub commit: Commit,
+    /// The event loops, set once they exist.
+    pub workers: OnceLock<Vec<WorkerHandle>>,
+    /// This boot's number (see [`SEQ_BOOT_SHIFT`]).
+    pub boot: u64,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Starting, ready, shutting down.
+    phase: Mutex<Phase>,
+}
+
+/// Why a user could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("invalid address")]
+    InvalidAddress,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Core {
+    /// Assembles the core around an open store; users are loaded from it.
+    pub fn new(
+        config: Config,
+        store: Store,
+        commit: Commit,
+        boot: u64,
+    ) -> Result<Core, StoreError> {
+        let users = papaya::HashMap::new();
+        let counts = store.count_inbox()?;
+        {
+            let pinned = users.pin();
+            for rec in store.load_users()? {
+                let user = User::new(&rec.address, rec.name, boot);
+                user.queued.store(
+                    counts.get(&rec.address).copied().unwrap_or(0),
+                    Ordering::Relaxed,
+                );
+                pinned.insert(user.address.clone(), Arc::new(user));
+            }
+        }
+        Ok(Core {
+            config,
+            store,
+            users,
+            commit,
+            workers: OnceLock::new(),
+            boot,
+            metrics: Metrics::default(),
+            phase: Mutex::new(Phase::Starting),
+        })
+    }
+
+    /// The user with this address, if it exists.
+    pub fn user(&self, address: &str) -> Option<Arc<User>> {
+        self.users
+            .pin()
+            .get(address)
+            .filter(|u| !u.deleted.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    /// Creates a user, or gives an existing one a fresh token. Returns whether
+    /// the user is new, and the token (shown once, stored only as a hash).
+    pub fn create_user(
+        &self,
+        address: &str,
+        name: Option<&str>,
+        token_ttl_secs: Option<u64>,
+    ) -> Result<(bool, String), UserError> {
+        if !crate::wire::is_valid_address(address) {
+            return Err(UserError::InvalidAddress);
+        }
+        let existing = self.user(address);
+        let token = new_token();
+        let now = now_ms();
+        let expires = token_ttl_secs
+            .map(|s| now.saturating_add(s.saturating_mul(1000)))
+            .unwrap_or(0);
+        let name = match (&existing, name) {
+            (_, Some(n)) => n.to_owned(),
+            (Some(u), None) => u.name.lock().map(|n| n.clone()).unwrap_or_default(),
+            (None, None) => String::new(),
+        };
+        let record = UserRecord {
+            address: address.to_owned(),
+            name: name.clone(),
+            created_ms: now,
+        };
+        self.store.put_user(&record, &hash_token(&token), expires)?;
+        match existing {
+            Some(user) => {
+                if let Ok(mut n) = user.name.lock() {
+                    *n = name;
+                }
+                Ok((false, token))
+            }
+            None => {
+                let user = Arc::new(User::new(address, name, self.boot));
+                self.users.pin().insert(user.address.clone(), user);
+                Ok((true, token))
+            }
+        }
+    }
+
+    /// The user a token authenticates, if it is known and unexpired.
+    pub fn authenticate(&self, token: &str, now: u64) -> Result<Option<Arc<User>>, StoreError> {
+        let Some((address, expires)) = self.store.lookup_token(&hash_token(token))? else {
+            return Ok(None);
+        };
+        if expires != 0 && expires <= now {
+            return Ok(None);
+        }
+        Ok(self.user(&address))
+    }
+
+    /// Posts a notice to an event loop.
+    pub fn post(&self, worker: usize, notice: Notice) {
+        if let Some(w) = self.workers.get().and_then(|ws| ws.get(worker)) {
+            w.post(notice);
+        }
+    }
+
+    /// Wakes the owner of a mailbox (once per burst).
+    pub fn wake(&self, mailbox: &Mailbox) {
+        if mailbox.claim_wake() {
+            self.post(mailbox.owner.worker, Notice::Mailbox(mailbox.owner));
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves to a new phase.
+    pub fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+}
+
+/// A fresh random token: 256 bits, hex.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex::encode(bytes)
+}

@@ -1,0 +1,86 @@
+//! One client connection: its socket, its bounded buffers and its session.
+
+use std::io::{self, Write};
+use std::net::Shutdown;
+
+use mio::net::TcpStream;
+
+use crate::session::Session;
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading and writing frames.
+    Open,
+    /// Flushing output before the write side is shut.
+    Closing,
+    /// Write side shut; input is read and discarded until EOF or the deadline,
+    /// so that the peer sees our last frame rather than a reset.
+    Draining { until: u64 },
+}
+
+/// A connection owned by one event loop.
+pub struct Conn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Unique id (see `ConnRef`).
+    pub generation: u64,
+    /// Bytes of an incomplete frame; never more than one frame plus one read.
+    pub inbuf: Vec<u8>,
+    /// Encoded frames not yet written; `out[out_pos..]` is pending.
+    pub out: Vec<u8>,
+    /// How much of `out` the socket has taken.
+    pub out_pos: usize,
+    /// The protocol state machine.
+    pub session: Session,
+    /// Reading stopped for backpressure (not because of `WouldBlock`): the
+    /// loop must read again by itself once the session wants input.
+    pub read_paused: bool,
+    /// Whether WRITABLE interest is registered (only while output is pending).
+    pub write_interest: bool,
+    /// Open, closing or draining.
+    pub phase: Phase,
+    /// `conn` span for logs.
+    pub span: tracing::Span,
+}
+
+impl Conn {
+    /// Unsent output, bytes.
+    pub fn pending_out(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Writes pending output until done or `WouldBlock`. Returns bytes written.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        let mut written = 0;
+        while self.out_pos < self.out.len() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out_pos += n;
+                    written += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+            if self.out.capacity() > 64 * 1024 {
+                // An idle connection keeps no large buffer.
+                self.out = Vec::new();
+            }
+        } else if self.out_pos > 64 * 1024 && self.out_pos * 2 > self.out.len() {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        Ok(written)
+    }
+
+    /// Shuts the write side after the last frame.
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
