@@ -1,0 +1,196 @@
+//! The only user of tiny_http: the admin/backend API and the operational
+//! endpoints, on `http_listen`.
+//!
+//! A few handler threads take requests from one tiny_http server. Handlers
+//! ask the core through the same calls the protocol side uses (`Core::
+//! create_user`, the commit queue); they never touch RocksDB directly.
+//! Every error is JSON: `{"error": "<snake_case>", "message": "<text>"}`.
+
+mod api;
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::core::Core;
+
+/// Handler threads.
+const HANDLERS: usize = 4;
+/// Largest JSON body accepted, bytes.
+const MAX_JSON: usize = 64 * 1024;
+
+/// A running HTTP server.
+pub struct Http {
+    server: Arc<Server>,
+    /// Set before the handlers are unblocked, so an `Err` from `recv` can be
+    /// told apart from a transient accept error.
+    stopping: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// Starts serving on `listener` with the given admin token.
+pub fn start(
+    core: Arc<Core>,
+    listener: std::net::TcpListener,
+    admin_token: String,
+) -> std::io::Result<Http> {
+    let server = Server::from_listener(listener, None)
+        .map(Arc::new)
+        .map_err(std::io::Error::other)?;
+    let admin = Arc::new(Sha256::digest(admin_token.as_bytes()).to_vec());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::with_capacity(HANDLERS);
+    for i in 0..HANDLERS {
+        let (server, core, admin) = (server.clone(), core.clone(), admin.clone());
+        let stopping = stopping.clone();
+        threads.push(
+            thread::Builder::new()
+                .name(format!("tern-http-{i}"))
+                .spawn(move || loop {
+                    match server.recv() {
+                        Ok(request) => handle(&core, &admin, request),
+                        Err(_) if stopping.load(Ordering::Acquire) => return,
+                        Err(e) => tracing::debug!(error = %e, "http accept failed"),
+                    }
+                })?,
+        );
+    }
+    Ok(Http {
+        server,
+        stopping,
+        threads,
+    })
+}
+
+impl Http {
+    /// Stops taking requests and waits for the handlers.
+    pub fn shutdown(self) {
+        self.stopping.store(true, Ordering::Release);
+        for _ in 0..self.threads.len() {
+            self.server.unblock();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An HTTP answer: status and JSON (or plain) body.
+pub struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    content_type: &'static str,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: u16, value: &impl Serialize) -> Reply {
+        Reply {
+            status,
+            body: serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
+            content_type: "application/json",
+        }
+    }
+
+    /// A plain-text answer.
+    pub fn text(status: u16, body: impl Into<Vec<u8>>) -> Reply {
+        Reply {
+            status,
+            body: body.into(),
+            content_type: "text/plain; charset=utf-8",
+        }
+    }
+
+    /// An answer with no body.
+    pub fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            body: Vec::new(),
+            content_type: "text/plain; charset=utf-8",
+        }
+    }
+
+    /// The spec's error shape.
+    pub fn error(status: u16, code: &str, message: impl Into<String>) -> Reply {
+        #[derive(Serialize)]
+        struct E<'a> {
+            error: &'a str,
+            message: String,
+        }
+        Reply::json(
+            status,
+            &E {
+                error: code,
+                message: message.into(),
+            },
+        )
+    }
+}
+
+/// What a handler sees of a request.
+pub struct Req<'r> {
+    pub method: &'r Method,
+    /// Path segments after the leading `/`, query removed.
+    pub path: Vec<&'r str>,
+    /// The raw query string.
+    pub query: &'r str,
+    /// Whether the admin bearer token was presented.
+    pub admin: bool,
+    /// The body, for methods that carry one (bounded by [`MAX_JSON`]).
+    pub body: Vec<u8>,
+}
+
+fn handle(core: &Core, admin_hash: &[u8], mut request: Request) {
+    let url = request.url().to_owned();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let admin = bearer(&request)
+        .map(|t| Sha256::digest(t.as_bytes()).ct_eq(admin_hash).into())
+        .unwrap_or(false);
+    let mut body = Vec::new();
+    let too_large = matches!(request.method(), Method::Post | Method::Put) && {
+        let reader = request.as_reader();
+        match reader.take(MAX_JSON as u64 + 1).read_to_end(&mut body) {
+            Ok(_) => body.len() > MAX_JSON,
+            Err(_) => true,
+        }
+    };
+    let method = request.method().clone();
+    let reply = if too_large {
+        Reply::error(413, "payload_too_large", "request body too large")
+    } else {
+        let req = Req {
+            method: &method,
+            path: path.trim_start_matches('/').split('/').collect(),
+            query,
+            admin,
+            body,
+        };
+        api::route(core, &req)
+    };
+    let mut response = Response::from_data(reply.body).with_status_code(reply.status);
+    if let Ok(h) = Header::from_bytes("Content-Type", reply.content_type) {
+        response.add_header(h);
+    }
+    if let Err(e) = request.respond(response) {
+        tracing::debug!(error = %e, "http response failed");
+    }
+}
+
+fn bearer(request: &Request) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Authorization"))
+        .and_then(|h| {
+            h.value
+                .as_str()
+                .strip_prefix("Bearer ")
+                .map(|t| t.trim().to_owned())
+        })
+}
