@@ -1,0 +1,225 @@
+//! Load generator: sender/receiver pairs over real sockets against a tern
+//! server started in this process (a temporary data directory on 127.0.0.1),
+//! or an external one (`--addr`, `--http`, `--admin`).
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --pairs 4 --messages 200000 --payload 100
+//! cargo run --release --example loadgen -- --expiry 0          # real-time messages
+//! ```
+//!
+//! Each sender pipelines up to `--window` SENDs and counts SENT answers; each
+//! receiver ACKs in batches. Reported: accepted messages/s (SENT, i.e. fsync'd
+//! for EXPIRY > 0), delivered messages/s, and end-to-end latency from send to
+//! receipt (hdrhistogram, µs).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use tern::client::{Client, Event, Outgoing};
+use tern::wire::StatusCode;
+
+struct Args {
+    pairs: usize,
+    messages: u64,
+    payload: usize,
+    window: u64,
+    expiry: u32,
+    external: Option<(SocketAddr, SocketAddr, String)>,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        pairs: 4,
+        messages: 200_000,
+        payload: 100,
+        window: 2_000,
+        expiry: 3_600,
+        external: None,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let (mut addr, mut http, mut admin) = (None, None, None);
+    let mut i = 0;
+    while i + 1 < argv.len() {
+        let v = &argv[i + 1];
+        match argv[i].as_str() {
+            "--pairs" => a.pairs = v.parse().expect("--pairs"),
+            "--messages" => a.messages = v.parse().expect("--messages"),
+            "--payload" => a.payload = v.parse().expect("--payload"),
+            "--window" => a.window = v.parse().expect("--window"),
+            "--expiry" => a.expiry = v.parse().expect("--expiry"),
+            "--addr" => addr = Some(v.parse().expect("--addr")),
+            "--http" => http = Some(v.parse().expect("--http")),
+            "--admin" => admin = Some(v.clone()),
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    if let (Some(addr), Some(http), Some(admin)) = (addr, http, admin) {
+        a.external = Some((addr, http, admin));
+    }
+    a
+}
+
+fn micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn create_user(http: SocketAddr, admin: &str, address: &str) -> String {
+    let body = format!(r#"{{"address":"{address}"}}"#);
+    let mut s = TcpStream::connect(http).expect("http");
+    write!(
+        s,
+        "POST /v1/users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(json).expect("json");
+    v["token"].as_str().expect("token").to_owned()
+}
+
+fn main() {
+    let args = parse_args();
+    let _dir;
+    let _server;
+    let (addr, http, admin) = match args.external.clone() {
+        Some(e) => e,
+        None => {
+            _dir = tempfile::tempdir().expect("tempdir");
+            let config = tern::config::Config {
+                data_dir: _dir.path().to_path_buf(),
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                http_listen: "127.0.0.1:0".parse().expect("addr"),
+                admin_token: Some("loadgen".into()),
+                ..Default::default()
+            };
+            let server = tern::server::Server::start(config).expect("server");
+            let e = (server.listen, server.http_listen, "loadgen".to_owned());
+            _server = server;
+            e
+        }
+    };
+    let per_pair = args.messages / args.pairs as u64;
+    let total = per_pair * args.pairs as u64;
+    let latency = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+    ));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let tokens: Vec<(String, String)> = (0..args.pairs)
+        .map(|i| {
+            (
+                create_user(http, &admin, &format!("s{i}")),
+                create_user(http, &admin, &format!("r{i}")),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    let accepted_at = Arc::new(Mutex::new(Duration::ZERO));
+    for (i, (st, rt)) in tokens.into_iter().enumerate() {
+        let (latency, delivered) = (latency.clone(), delivered.clone());
+        let mut receiver = Client::connect(addr, &rt).expect("receiver");
+        threads.push(std::thread::spawn(move || {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            let mut acks = Vec::with_capacity(512);
+            let mut got = 0;
+            while got < per_pair {
+                match receiver.recv_timeout(Duration::from_millis(20)) {
+                    Ok(Some(Event::Msg(m))) => {
+                        let sent = m
+                            .payload
+                            .get(..8)
+                            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
+                            .unwrap_or(0);
+                        local.saturating_record(micros().saturating_sub(sent).max(1));
+                        acks.push(m.seq);
+                        got += 1;
+                        if acks.len() >= 256 {
+                            receiver.ack(&acks).expect("ack");
+                            acks.clear();
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        receiver.ack(&acks).expect("ack");
+                        acks.clear();
+                    }
+                    Err(e) => panic!("receiver: {e}"),
+                }
+            }
+            receiver.ack(&acks).expect("ack");
+            delivered.fetch_add(got, Ordering::Relaxed);
+            latency.lock().expect("lock").add(&local).expect("add");
+        }));
+        let (payload_len, window, expiry) = (args.payload.max(8), args.window, args.expiry);
+        let accepted_at = accepted_at.clone();
+        let mut sender = Client::connect(addr, &st).expect("sender");
+        threads.push(std::thread::spawn(move || {
+            let mut payload = vec![0u8; payload_len];
+            let (mut sent, mut answered) = (0u64, 0u64);
+            let to = format!("r{i}");
+            while answered < per_pair {
+                if sent < per_pair && sent - answered + 100 <= window {
+                    let batch: Vec<Outgoing> = (sent..per_pair.min(sent + 100))
+                        .map(|n| {
+                            payload[..8].copy_from_slice(&micros().to_be_bytes());
+                            Outgoing::to(&to, &payload)
+                                .id(n + 1)
+                                .expiry(expiry)
+                                .flags(0)
+                        })
+                        .collect();
+                    sent += batch.len() as u64;
+                    sender.send_many(&batch).expect("send");
+                    continue;
+                }
+                match sender.recv() {
+                    Ok(Event::Status(s)) if s.seq.is_none() => {
+                        assert_eq!(s.status, StatusCode::SENT, "message {}", s.id);
+                        answered += 1;
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("sender: {e}"),
+                }
+            }
+            let mut at = accepted_at.lock().expect("lock");
+            *at = (*at).max(started.elapsed());
+        }));
+    }
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let elapsed = started.elapsed();
+    let accepted = *accepted_at.lock().expect("lock");
+    let h = latency.lock().expect("lock");
+    println!(
+        "pairs={} messages={} payload={}B expiry={} window={}",
+        args.pairs, total, args.payload, args.expiry, args.window
+    );
+    println!(
+        "accepted: {:.0} msg/s ({} in {:.2?}); delivered: {:.0} msg/s ({} in {:.2?})",
+        total as f64 / accepted.as_secs_f64(),
+        total,
+        accepted,
+        delivered.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        delivered.load(Ordering::Relaxed),
+        elapsed
+    );
+    println!(
+        "end-to-end latency µs: p50={} p90={} p99={} p999={} max={}",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max()
+    );
+}

@@ -1,0 +1,528 @@
+//! A blocking client for protocol v1, on `std::net` only (no `server`
+//! feature needed). Used by the CLI, the integration tests and the load
+//! generator; small enough to read as a reference client.
+//!
+//! ```no_run
+//! use tern::client::{Client, Event, Outgoing};
+//! let mut c = Client::connect("127.0.0.1:7700", "token-of-alice")?;
+//! let status = c.send_wait(&Outgoing::to("bob", b"hi").id(1))?;
+//! loop {
+//!     if let Event::Msg(m) = c.recv_new()? {
+//!         println!("{}: {:?}", m.from, m.payload);
+//!         c.ack(&[m.seq])?;
+//!     }
+//! }
+//! # Ok::<(), tern::client::ClientError>(())
+//! ```
+//!
+//! Exactly-once on the client side: the client remembers the SEQs it has
+//! ACKed; [`Client::recv_new`] ACKs and skips a delivery whose SEQ it has
+//! already processed (a redelivery after a reconnect or a server restart).
+//! Carry that memory across connections with [`Client::reconnect`].
+
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crate::wire::{self, flags, CheckError, ErrorCode, Frame, Kind, StatusCode, HEADER_LEN};
+
+/// What went wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("server error {code:?}: {reason}")]
+    Server { code: ErrorCode, reason: String },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// Result of a client call.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A message to send.
+#[derive(Clone, Debug, Default)]
+pub struct Outgoing {
+    pub id: u64,
+    pub to: Option<String>,
+    pub group: Option<String>,
+    pub expiry: Option<u32>,
+    pub msg_type: Option<u32>,
+    pub priority: Option<u8>,
+    pub flags: Option<u32>,
+    pub payload: Vec<u8>,
+}
+
+impl Outgoing {
+    /// A message for user `to`.
+    pub fn to(to: &str, payload: &[u8]) -> Outgoing {
+        Outgoing {
+            to: Some(to.to_owned()),
+            payload: payload.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Sets the ID (0 = fire-and-forget).
+    pub fn id(mut self, id: u64) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Sets EXPIRY, seconds.
+    pub fn expiry(mut self, secs: u32) -> Self {
+        self.expiry = Some(secs);
+        self
+    }
+
+    /// Sets PRIORITY.
+    pub fn priority(mut self, p: u8) -> Self {
+        self.priority = Some(p);
+        self
+    }
+
+    /// Sets FLAGS.
+    pub fn flags(mut self, f: u32) -> Self {
+        self.flags = Some(f);
+        self
+    }
+
+    /// Sets TYPE.
+    pub fn msg_type(mut self, t: u32) -> Self {
+        self.msg_type = Some(t);
+        self
+    }
+
+    fn frame(&self) -> Frame<'_> {
+        Frame::Send(wire::Send {
+            id: (self.id != 0).then_some(self.id),
+            to: self.to.as_deref(),
+            group: self.group.as_deref(),
+            expiry: self.expiry,
+            msg_type: self.msg_type,
+            priority: self.priority,
+            flags: self.flags,
+            payload: Some(&self.payload),
+        })
+    }
+}
+
+/// A delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub seq: u64,
+    pub from: String,
+    pub group: Option<String>,
+    pub id: u64,
+    pub time: u64,
+    pub msg_type: u32,
+    pub priority: u8,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    /// Whether the server says this SEQ may have been delivered before.
+    pub fn is_redelivery(&self) -> bool {
+        self.flags & flags::REDELIVERY != 0
+    }
+}
+
+/// A status about a message this user sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusEvent {
+    /// Present on stored statuses, which must be ACKed.
+    pub seq: Option<u64>,
+    pub id: u64,
+    pub to: Option<String>,
+    pub group: Option<String>,
+    pub member: Option<String>,
+    pub status: StatusCode,
+    pub time: u64,
+}
+
+/// Something the server sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Msg(Message),
+    Status(StatusEvent),
+    Pong(Option<u64>),
+}
+
+impl Event {
+    /// The SEQ to ACK, if any.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Event::Msg(m) => Some(m.seq),
+            Event::Status(s) => s.seq,
+            Event::Pong(_) => None,
+        }
+    }
+}
+
+/// Connection options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Proposed KEEPALIVE, seconds.
+    pub keepalive: Option<u32>,
+    /// CLIENT string.
+    pub client: String,
+    /// Connect and HELLO timeout.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            keepalive: None,
+            client: concat!("tern-client/", env!("CARGO_PKG_VERSION")).into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connected, authenticated client.
+pub struct Client {
+    stream: TcpStream,
+    /// Bytes read but not yet decoded.
+    rbuf: Vec<u8>,
+    /// Events read while waiting for something else.
+    queued: VecDeque<Event>,
+    /// SEQs this client has processed (ACKed).
+    seen: HashSet<u64>,
+    /// Our address, from WELCOME.
+    pub address: String,
+    /// The server's max_frame, from WELCOME.
+    pub max_frame: u32,
+    /// The negotiated keepalive, from WELCOME.
+    pub keepalive: u32,
+    /// Server clock at WELCOME.
+    pub server_time: u64,
+    peer: std::net::SocketAddr,
+    token: String,
+    options: Options,
+}
+
+impl Client {
+    /// Connects and logs in with default options.
+    pub fn connect(addr: impl ToSocketAddrs, token: &str) -> Result<Client> {
+        Client::connect_with(addr, token, Options::default())
+    }
+
+    /// Connects and logs in.
+    pub fn connect_with(addr: impl ToSocketAddrs, token: &str, options: Options) -> Result<Client> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+        Client::login(addr, token, options, HashSet::new())
+    }
+
+    fn login(
+        peer: std::net::SocketAddr,
+        token: &str,
+        options: Options,
+        seen: HashSet<u64>,
+    ) -> Result<Client> {
+        let stream = TcpStream::connect_timeout(&peer, options.timeout)?;
+        stream.set_nodelay(true)?;
+        let mut c = Client {
+            stream,
+            rbuf: Vec::with_capacity(64 * 1024),
+            queued: VecDeque::new(),
+            seen,
+            address: String::new(),
+            max_frame: 0,
+            keepalive: 0,
+            server_time: 0,
+            peer,
+            token: token.to_owned(),
+            options,
+        };
+        c.write(&Frame::Hello(wire::Hello {
+            version: Some(wire::VERSION),
+            token: Some(token),
+            client: Some(&c.options.client.clone()),
+            keepalive: c.options.keepalive,
+        }))?;
+        let deadline = Instant::now() + c.options.timeout;
+        let welcome = c.next_frame(Some(deadline), |f| match f {
+            Frame::Welcome(w) => Ok((
+                w.address.unwrap_or("").to_owned(),
+                w.max_frame.unwrap_or(0),
+                w.keepalive.unwrap_or(0),
+                w.time.unwrap_or(0),
+            )),
+            other => Err(ClientError::Protocol(format!(
+                "expected WELCOME, got {:?}",
+                other.kind()
+            ))),
+        })?;
+        let Some((address, max_frame, keepalive, time)) = welcome else {
+            return Err(ClientError::Timeout);
+        };
+        c.address = address;
+        c.max_frame = max_frame;
+        c.keepalive = keepalive;
+        c.server_time = time;
+        Ok(c)
+    }
+
+    /// A new connection with the same token, options and processed-SEQ memory.
+    pub fn reconnect(self) -> Result<Client> {
+        Client::login(self.peer, &self.token, self.options, self.seen)
+    }
+
+    /// Connects again after the old connection broke, keeping SEQ memory.
+    pub fn reconnect_to(
+        addr: std::net::SocketAddr,
+        token: &str,
+        seen: HashSet<u64>,
+    ) -> Result<Client> {
+        Client::login(addr, token, Options::default(), seen)
+    }
+
+    /// The SEQs processed so far.
+    pub fn seen(&self) -> &HashSet<u64> {
+        &self.seen
+    }
+
+    /// Takes the SEQ memory (to carry it to a new connection).
+    pub fn into_seen(self) -> HashSet<u64> {
+        self.seen
+    }
+
+    /// Writes one frame.
+    pub fn write(&mut self, frame: &Frame<'_>) -> Result<()> {
+        let mut buf = Vec::new();
+        wire::encode(frame, &mut buf).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.write_raw(&buf)
+    }
+
+    /// Writes raw bytes (tests use this for malformed input).
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Sends a message; the answer arrives as an [`Event::Status`].
+    pub fn send(&mut self, msg: &Outgoing) -> Result<()> {
+        self.write(&msg.frame())
+    }
+
+    /// Sends many messages in one write.
+    pub fn send_many<'a>(&mut self, msgs: impl IntoIterator<Item = &'a Outgoing>) -> Result<()> {
+        let mut buf = Vec::new();
+        for m in msgs {
+            wire::encode(&m.frame(), &mut buf).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        }
+        self.write_raw(&buf)
+    }
+
+    /// Sends a message with an ID and waits for its immediate answer (the
+    /// STATUS without SEQ); other events are kept for [`Client::recv`].
+    pub fn send_wait(&mut self, msg: &Outgoing) -> Result<StatusCode> {
+        self.send(msg)?;
+        loop {
+            let event = self.read_event(None)?.ok_or(ClientError::Timeout)?;
+            match &event {
+                Event::Status(s) if s.seq.is_none() && s.id == msg.id => return Ok(s.status),
+                _ => self.queued.push_back(event),
+            }
+        }
+    }
+
+    /// ACKs deliveries and remembers them as processed.
+    pub fn ack(&mut self, seqs: &[u64]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        self.seen.extend(seqs.iter().copied());
+        self.write(&Frame::Ack(wire::Ack {
+            seqs: wire::Seqs::List(seqs),
+        }))
+    }
+
+    /// Sends a read receipt for message `id` from `from`.
+    pub fn read_receipt(&mut self, from: &str, id: u64) -> Result<()> {
+        self.write(&Frame::Read(wire::Read {
+            from: Some(from),
+            id: Some(id),
+            group: None,
+        }))
+    }
+
+    /// Sends PING.
+    pub fn ping(&mut self, time: Option<u64>) -> Result<()> {
+        self.write(&Frame::Ping(wire::Ping { time }))
+    }
+
+    /// Sends BYE.
+    pub fn bye(&mut self) -> Result<()> {
+        self.write(&Frame::Bye)
+    }
+
+    /// The next event (blocking).
+    pub fn recv(&mut self) -> Result<Event> {
+        match self.queued.pop_front() {
+            Some(e) => Ok(e),
+            None => self.read_event(None)?.ok_or(ClientError::Timeout),
+        }
+    }
+
+    /// The next event, or `None` after `timeout`.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Event>> {
+        if let Some(e) = self.queued.pop_front() {
+            return Ok(Some(e));
+        }
+        self.read_event(Some(Instant::now() + timeout))
+    }
+
+    /// The next event that is not a redelivery of a processed SEQ; such
+    /// duplicates are ACKed again and skipped.
+    pub fn recv_new(&mut self) -> Result<Event> {
+        loop {
+            let event = self.recv()?;
+            match event.seq() {
+                Some(seq) if self.seen.contains(&seq) => self.ack(&[seq])?,
+                _ => return Ok(event),
+            }
+        }
+    }
+
+    /// Like [`Client::recv_new`] with a timeout.
+    pub fn recv_new_timeout(&mut self, timeout: Duration) -> Result<Option<Event>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(event) = self.recv_timeout(left)? else {
+                return Ok(None);
+            };
+            match event.seq() {
+                Some(seq) if self.seen.contains(&seq) => self.ack(&[seq])?,
+                _ => return Ok(Some(event)),
+            }
+        }
+    }
+
+    fn read_event(&mut self, deadline: Option<Instant>) -> Result<Option<Event>> {
+        loop {
+            let event = self.next_frame(deadline, |f| {
+                Ok(match f {
+                    Frame::Msg(m) => Some(Event::Msg(Message {
+                        seq: m.seq.unwrap_or(0),
+                        from: m.from.unwrap_or("").to_owned(),
+                        group: m.group.map(str::to_owned),
+                        id: m.id.unwrap_or(0),
+                        time: m.time.unwrap_or(0),
+                        msg_type: m.msg_type.unwrap_or(0),
+                        priority: m.priority.unwrap_or(0),
+                        flags: m.flags.unwrap_or(0),
+                        payload: m.payload.unwrap_or(&[]).to_vec(),
+                    })),
+                    Frame::Status(s) => Some(Event::Status(StatusEvent {
+                        seq: s.seq,
+                        id: s.id.unwrap_or(0),
+                        to: s.to.map(str::to_owned),
+                        group: s.group.map(str::to_owned),
+                        member: s.member.map(str::to_owned),
+                        status: s.status.unwrap_or(StatusCode(0)),
+                        time: s.time.unwrap_or(0),
+                    })),
+                    Frame::Pong(p) => Some(Event::Pong(p.time)),
+                    _ => None,
+                })
+            })?;
+            match event {
+                None => return Ok(None), // timed out
+                Some(Some(e)) => return Ok(Some(e)),
+                Some(None) => continue, // a frame we do not surface
+            }
+        }
+    }
+
+    /// Reads until one whole frame is buffered, maps it with `f`, and removes
+    /// it. `Ok(None)` on timeout. An ERROR frame becomes `ClientError::Server`.
+    fn next_frame<T>(
+        &mut self,
+        deadline: Option<Instant>,
+        f: impl FnOnce(Frame<'_>) -> Result<T>,
+    ) -> Result<Option<T>> {
+        loop {
+            match wire::check(&self.rbuf, u32::MAX) {
+                Ok(total) => {
+                    let frame = wire::decode(Kind(self.rbuf[0]), &self.rbuf[HEADER_LEN..total])
+                        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                    let result = if let Frame::Error(e) = &frame {
+                        Err(ClientError::Server {
+                            code: e.code.unwrap_or(ErrorCode(0)),
+                            reason: e.reason.unwrap_or("").to_owned(),
+                        })
+                    } else {
+                        f(frame)
+                    };
+                    self.rbuf.drain(..total);
+                    return result.map(Some);
+                }
+                Err(CheckError::Incomplete { .. }) => {}
+                Err(e) => return Err(ClientError::Protocol(format!("{e:?}"))),
+            }
+            let timeout = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            self.stream.set_read_timeout(timeout)?;
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The underlying socket (tests use it to shut down halves).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+/// Sends `msg` (which must carry an ID) until the server answers it,
+/// reconnecting and resending under the same ID after a failure, up to
+/// `attempts` times. The server's duplicate detection makes the retries safe.
+pub fn send_with_retry(
+    addr: std::net::SocketAddr,
+    token: &str,
+    msg: &Outgoing,
+    attempts: usize,
+) -> Result<StatusCode> {
+    let mut last = ClientError::Timeout;
+    for _ in 0..attempts.max(1) {
+        match Client::connect(addr, token).and_then(|mut c| c.send_wait(msg)) {
+            Ok(status) => return Ok(status),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
+}
