@@ -1,0 +1,76 @@
+//! Group commit: durable (fsync'd) messages per second at several batch sizes.
+//!
+//! Each iteration applies `batch` SEND requests to one WriteBatch and writes it
+//! with `sync = true`, exactly as the commit thread does (`commit_batch`), on a
+//! real RocksDB in a temporary directory. Throughput is in messages.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use tern::config::Config;
+use tern::core::{ConnRef, Core, User};
+use tern::store::commit::{self, Request, SendRequest};
+use tern::store::record::encode_msg;
+use tern::store::{MsgView, Store};
+
+fn group_commit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let (commit_tx, _queue) = commit::queue();
+    let core = Core::new(Config::default(), store, commit_tx, 1).expect("core");
+    let alice = Arc::new(User::new("alice", String::new(), 1));
+    let bob = Arc::new(User::new("bob", String::new(), 1));
+    let payload = [0x5au8; 256];
+    let mut next_id = 1u64;
+    let mut group = c.benchmark_group("store_group_commit");
+    group.sample_size(20);
+    for batch in [1usize, 16, 256, 4096] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(
+            BenchmarkId::new("durable_msgs", batch),
+            &batch,
+            |b, &batch| {
+                b.iter_batched(
+                    || {
+                        (0..batch)
+                            .map(|_| {
+                                next_id += 1;
+                                let record = encode_msg(&MsgView {
+                                    time: 1,
+                                    expire_at: u64::MAX / 2,
+                                    id: next_id,
+                                    msg_type: 0,
+                                    flags: 3,
+                                    from: "alice",
+                                    group: None,
+                                    payload: &payload,
+                                });
+                                Request::Send(SendRequest {
+                                    conn: ConnRef {
+                                        worker: 0,
+                                        token: 0,
+                                        generation: 0,
+                                    },
+                                    sender: alice.clone(),
+                                    recipient: bob.clone(),
+                                    id: next_id,
+                                    priority: 0,
+                                    time: 1,
+                                    expire_at: u64::MAX / 2,
+                                    dedup_until: u64::MAX / 2,
+                                    record,
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                    },
+                    |mut requests| commit::commit_batch(&core, &mut requests),
+                    BatchSize::SmallInput,
+                );
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, group_commit);
+criterion_main!(benches);

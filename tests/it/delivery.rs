@@ -1,0 +1,375 @@
+//! 1:1 delivery: receipts, store-and-forward, duplicates, priority, expiry,
+//! slow consumers.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tern::client::{Event, Outgoing};
+use tern::wire::{flags, StatusCode};
+
+use crate::util::{next, quiet, TestServer};
+
+fn status(e: Event) -> tern::client::StatusEvent {
+    match e {
+        Event::Status(s) => s,
+        other => panic!("expected STATUS, got {other:?}"),
+    }
+}
+
+fn msg(e: Event) -> tern::client::Message {
+    match e {
+        Event::Msg(m) => m,
+        other => panic!("expected MSG, got {other:?}"),
+    }
+}
+
+/// Acceptance 1: alice → bob online; SENT, then DELIVERED after ACK, then
+/// READ after READ; every MSG field intact.
+#[test]
+fn online_message_with_receipts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let mut bob = server.connect(&tb);
+    assert_eq!(bob.address, "bob");
+
+    let payload: Vec<u8> = (0..=255u8).collect();
+    let before = tern_now();
+    let out = Outgoing::to("bob", &payload).id(42).msg_type(7).priority(3);
+    assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+
+    let m = msg(next(&mut bob, 10));
+    assert_eq!(m.from, "alice");
+    assert_eq!(m.id, 42);
+    assert_eq!(m.msg_type, 7);
+    assert_eq!(m.priority, 3);
+    assert_eq!(m.payload, payload);
+    assert_eq!(m.group, None);
+    assert_eq!(m.flags, flags::DELIVERY_RECEIPT | flags::READ_RECEIPT);
+    assert!(m.seq > 0);
+    assert!(
+        m.time >= before - 1000 && m.time <= tern_now() + 1000,
+        "TIME {}",
+        m.time
+    );
+
+    bob.ack(&[m.seq]).unwrap();
+    let s = status(next(&mut alice, 10));
+    assert_eq!(
+        (s.id, s.status, s.to.as_deref()),
+        (42, StatusCode::DELIVERED, Some("bob"))
+    );
+    let delivered_seq = s.seq.expect("stored status carries SEQ");
+    alice.ack(&[delivered_seq]).unwrap();
+
+    bob.read_receipt("alice", 42).unwrap();
+    let s = status(next(&mut alice, 10));
+    assert_eq!((s.id, s.status), (42, StatusCode::READ));
+    let read_seq = s.seq.expect("stored status carries SEQ");
+    assert!(read_seq > delivered_seq);
+    alice.ack(&[read_seq]).unwrap();
+
+    // A second READ is ignored; nothing else arrives.
+    bob.read_receipt("alice", 42).unwrap();
+    quiet(&mut alice, 300);
+    quiet(&mut bob, 100);
+}
+
+fn tern_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Acceptance 2: bob offline; SENT now, the message at login; alice gets
+/// DELIVERED live, or stored if she has gone offline by then.
+#[test]
+fn offline_recipient_gets_message_at_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    assert_eq!(
+        alice.send_wait(&Outgoing::to("bob", b"one").id(1)).unwrap(),
+        StatusCode::SENT
+    );
+    assert_eq!(
+        alice.send_wait(&Outgoing::to("bob", b"two").id(2)).unwrap(),
+        StatusCode::SENT
+    );
+
+    // Live DELIVERED for message 1.
+    let mut bob = server.connect(&tb);
+    let m1 = msg(next(&mut bob, 10));
+    let m2 = msg(next(&mut bob, 10));
+    assert_eq!(
+        (m1.payload.as_slice(), m2.payload.as_slice()),
+        (&b"one"[..], &b"two"[..])
+    );
+    assert!(
+        !m1.is_redelivery(),
+        "first delivery must not carry REDELIVERY"
+    );
+    bob.ack(&[m1.seq]).unwrap();
+    let s = status(next(&mut alice, 10));
+    assert_eq!((s.id, s.status), (1, StatusCode::DELIVERED));
+    alice.ack(&[s.seq.unwrap()]).unwrap();
+
+    // Stored DELIVERED for message 2: alice is offline when bob ACKs.
+    drop(alice);
+    bob.ack(&[m2.seq]).unwrap();
+    bob.ping(Some(1)).unwrap();
+    assert_eq!(next(&mut bob, 10), Event::Pong(Some(1)));
+    let mut alice = server.connect(&ta);
+    let s = status(next(&mut alice, 10));
+    assert_eq!(
+        (s.id, s.status, s.to.as_deref()),
+        (2, StatusCode::DELIVERED, Some("bob"))
+    );
+    assert!(s.seq.is_some());
+}
+
+/// Acceptance 4: a SEND repeated with the same ID, before and after a
+/// restart, is delivered once and answered with the current status.
+#[test]
+fn duplicate_send_is_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let out = Outgoing::to("bob", b"once").id(7);
+    assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+    assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+
+    server.restart();
+    let mut alice = server.connect(&ta);
+    assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+
+    let mut bob = server.connect(&tb);
+    let m = msg(next(&mut bob, 10));
+    assert_eq!(m.id, 7);
+    assert!(
+        m.is_redelivery(),
+        "a message from before a restart may have been written before"
+    );
+    quiet(&mut bob, 500);
+    bob.ack(&[m.seq]).unwrap();
+    let s = status(next(&mut alice, 10));
+    assert_eq!(s.status, StatusCode::DELIVERED);
+
+    // Once delivered, the duplicate is answered DELIVERED and not delivered.
+    assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::DELIVERED);
+    server.restart();
+    let mut alice = server.connect(&ta);
+    assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::DELIVERED);
+    let mut bob = server.connect(&tb);
+    quiet(&mut bob, 500);
+}
+
+/// Acceptance 5: 30 messages at mixed priorities to an offline recipient
+/// arrive lowest PRIORITY first, in send order within a priority.
+#[test]
+fn priority_then_send_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let priorities = [5u8, 0, 15, 2];
+    let mut expected = Vec::new();
+    for i in 0..30u64 {
+        let p = priorities[(i as usize * 7) % priorities.len()];
+        let out = Outgoing::to("bob", &i.to_be_bytes()).id(i + 1).priority(p);
+        assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+        expected.push((p, i + 1));
+    }
+    expected.sort(); // stable: by priority, then send order (= id order)
+    let mut bob = server.connect(&tb);
+    let mut got = Vec::new();
+    let mut last_seq_per_priority = [0u64; 16];
+    for _ in 0..30 {
+        let m = msg(next(&mut bob, 10));
+        assert!(m.seq > last_seq_per_priority[m.priority as usize]);
+        last_seq_per_priority[m.priority as usize] = m.seq;
+        got.push((m.priority, m.id));
+    }
+    assert_eq!(got, expected);
+    // The highest priority item of a later send goes ahead of queued lower
+    // ones: the stored lower-priority ones were all delivered first here
+    // because they were queued before login.
+    quiet(&mut bob, 200);
+}
+
+/// Acceptance 6: EXPIRY=1 to an offline user expires with a stored EXPIRED
+/// status; EXPIRY=0 is OFFLINE when the user is offline, delivered when online.
+#[test]
+fn expiry_and_real_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+
+    let started = Instant::now();
+    assert_eq!(
+        alice
+            .send_wait(&Outgoing::to("bob", b"soon gone").id(1).expiry(1))
+            .unwrap(),
+        StatusCode::SENT
+    );
+    let s = status(next(&mut alice, 10));
+    assert_eq!(
+        (s.id, s.status, s.to.as_deref()),
+        (1, StatusCode::EXPIRED, Some("bob"))
+    );
+    assert!(s.seq.is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "EXPIRED took {:?}",
+        started.elapsed()
+    );
+    alice.ack(&[s.seq.unwrap()]).unwrap();
+
+    assert_eq!(
+        alice
+            .send_wait(&Outgoing::to("bob", b"now").id(2).expiry(0))
+            .unwrap(),
+        StatusCode::OFFLINE
+    );
+    // The duplicate answer of an expired message is EXPIRED.
+    assert_eq!(
+        alice
+            .send_wait(&Outgoing::to("bob", b"soon gone").id(1).expiry(1))
+            .unwrap(),
+        StatusCode::EXPIRED
+    );
+
+    let mut bob = server.connect(&tb);
+    quiet(&mut bob, 500); // neither the expired nor the real-time message
+    assert_eq!(
+        alice
+            .send_wait(&Outgoing::to("bob", b"live").id(3).expiry(0))
+            .unwrap(),
+        StatusCode::SENT
+    );
+    let m = msg(next(&mut bob, 10));
+    assert_eq!((m.id, m.payload.as_slice()), (3, &b"live"[..]));
+    bob.ack(&[m.seq]).unwrap();
+    // The receipt of a real-time message is live (no SEQ).
+    let s = status(next(&mut alice, 10));
+    assert_eq!((s.id, s.status, s.seq), (3, StatusCode::DELIVERED, None));
+}
+
+/// Statuses for bad SENDs: every rule of the STATUS table.
+#[test]
+fn send_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), &["--max-payload", "100"]);
+    let ta = server.user("alice");
+    server.user("bob");
+    let mut alice = server.connect(&ta);
+    let cases = [
+        (Outgoing::to("nobody", b"x").id(1), StatusCode::INVALID_DEST),
+        (
+            Outgoing::to("bad address!", b"x").id(2),
+            StatusCode::INVALID_DEST,
+        ),
+        (Outgoing::to("bob", &[0; 101]).id(3), StatusCode::TOO_LARGE),
+        (
+            Outgoing::to("bob", b"x").id(4).priority(16),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Outgoing {
+                id: 5,
+                ..Default::default()
+            },
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Outgoing {
+                id: 6,
+                group: Some("team".into()),
+                ..Outgoing::to("bob", b"x")
+            },
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Outgoing {
+                id: 7,
+                group: Some("team".into()),
+                ..Default::default()
+            },
+            StatusCode::INVALID_DEST,
+        ),
+    ];
+    for (out, want) in cases {
+        assert_eq!(alice.send_wait(&out).unwrap(), want, "{out:?}");
+    }
+    // Fire-and-forget gets no status at all, even for an error.
+    alice.send(&Outgoing::to("nobody", b"x")).unwrap();
+    alice.ping(Some(9)).unwrap();
+    assert_eq!(next(&mut alice, 10), Event::Pong(Some(9)));
+}
+
+/// Acceptance 8: a recipient that stops reading while 100,000 messages are
+/// sent to it: the server's memory stays bounded (docs/operations.md gives
+/// the bound), and every message arrives once it reads again.
+#[test]
+fn slow_consumer_is_bounded_and_loses_nothing() {
+    const N: u64 = 100_000;
+    const RSS_BOUND_KIB: u64 = 256 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut bob = server.connect(&tb);
+    let mut alice = server.connect(&ta);
+    let baseline = server.rss_kib();
+
+    // Pipelined: up to 2,000 SENDs outstanding.
+    let payload = [0xabu8; 100];
+    let mut sent = 0u64;
+    let mut acked = 0u64;
+    let mut peak = 0;
+    while acked < N {
+        let window = 2_000 - (sent - acked);
+        if sent < N && window >= 500 {
+            let batch: Vec<Outgoing> = (sent..N.min(sent + 500))
+                .map(|i| Outgoing::to("bob", &payload).id(i + 1).flags(0))
+                .collect();
+            sent += batch.len() as u64;
+            alice.send_many(&batch).unwrap();
+            if sent.is_multiple_of(10_000) {
+                peak = peak.max(server.rss_kib());
+            }
+            continue;
+        }
+        match next(&mut alice, 30) {
+            Event::Status(s) if s.seq.is_none() => {
+                assert_eq!(s.status, StatusCode::SENT, "message {}", s.id);
+                acked += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    peak = peak.max(server.rss_kib());
+    eprintln!("slow consumer: RSS baseline {baseline} KiB, peak {peak} KiB");
+    assert!(
+        peak < RSS_BOUND_KIB,
+        "RSS {peak} KiB over the {RSS_BOUND_KIB} KiB bound"
+    );
+
+    let mut seen = HashSet::new();
+    let mut acks = Vec::new();
+    while (seen.len() as u64) < N {
+        let m = msg(next(&mut bob, 30));
+        assert!(seen.insert(m.id), "message {} delivered twice", m.id);
+        acks.push(m.seq);
+        if acks.len() == 1000 {
+            bob.ack(&acks).unwrap();
+            acks.clear();
+        }
+    }
+    bob.ack(&acks).unwrap();
+    quiet(&mut bob, 300);
+}

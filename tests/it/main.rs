@@ -1,0 +1,8 @@
+//! Integration tests: the real `tern` binary on 127.0.0.1:0 with a temporary
+//! data directory, driven over the real protocol and HTTP.
+
+mod bad_input;
+mod crash;
+mod delivery;
+mod http_api;
+mod util;
