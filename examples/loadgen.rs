@@ -7,8 +7,9 @@
 //! cargo run --release --example loadgen -- --expiry 0          # real-time messages
 //! ```
 //!
-//! Each sender pipelines up to `--window` SENDs and counts SENT answers; each
-//! receiver ACKs in batches. Reported: accepted messages/s (SENT, i.e. fsync'd
+//! Each sender pipelines up to `--window` SENDs (optionally paced at `--rate`
+//! messages/s) and counts SENT answers, resending under the same ID what was
+//! answered OVERLOADED; each receiver ACKs in batches. Reported: accepted messages/s (SENT, i.e. fsync'd
 //! for EXPIRY > 0), delivered messages/s, and end-to-end latency from send to
 //! receipt (hdrhistogram, µs).
 
@@ -28,6 +29,8 @@ struct Args {
     payload: usize,
     window: u64,
     expiry: u32,
+    /// Messages per second per sender; 0 = as fast as the window allows.
+    rate: u64,
     external: Option<(SocketAddr, SocketAddr, String)>,
 }
 
@@ -38,6 +41,7 @@ fn parse_args() -> Args {
         payload: 100,
         window: 2_000,
         expiry: 3_600,
+        rate: 0,
         external: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -51,6 +55,7 @@ fn parse_args() -> Args {
             "--payload" => a.payload = v.parse().expect("--payload"),
             "--window" => a.window = v.parse().expect("--window"),
             "--expiry" => a.expiry = v.parse().expect("--expiry"),
+            "--rate" => a.rate = v.parse().expect("--rate"),
             "--addr" => addr = Some(v.parse().expect("--addr")),
             "--http" => http = Some(v.parse().expect("--http")),
             "--admin" => admin = Some(v.clone()),
@@ -125,6 +130,7 @@ fn main() {
     let started = Instant::now();
     let mut threads = Vec::new();
     let accepted_at = Arc::new(Mutex::new(Duration::ZERO));
+    let overloaded = Arc::new(AtomicU64::new(0));
     for (i, (st, rt)) in tokens.into_iter().enumerate() {
         let (latency, delivered) = (latency.clone(), delivered.clone());
         let mut receiver = Client::connect(addr, &rt).expect("receiver");
@@ -160,33 +166,60 @@ fn main() {
             delivered.fetch_add(got, Ordering::Relaxed);
             latency.lock().expect("lock").add(&local).expect("add");
         }));
-        let (payload_len, window, expiry) = (args.payload.max(8), args.window, args.expiry);
+        let (payload_len, window, expiry, rate) =
+            (args.payload.max(8), args.window, args.expiry, args.rate);
         let accepted_at = accepted_at.clone();
+        let overloaded = overloaded.clone();
         let mut sender = Client::connect(addr, &st).expect("sender");
         threads.push(std::thread::spawn(move || {
             let mut payload = vec![0u8; payload_len];
             let (mut sent, mut answered) = (0u64, 0u64);
+            let mut retry: Vec<u64> = Vec::new();
             let to = format!("r{i}");
+            let begun = Instant::now();
+            let burst = if rate == 0 {
+                100
+            } else {
+                (rate / 100).clamp(1, 100)
+            };
             while answered < per_pair {
-                if sent < per_pair && sent - answered + 100 <= window {
-                    let batch: Vec<Outgoing> = (sent..per_pair.min(sent + 100))
-                        .map(|n| {
+                let outstanding = sent - answered;
+                let paced =
+                    rate == 0 || sent * 1_000_000 <= rate * begun.elapsed().as_micros() as u64;
+                if (sent < per_pair || !retry.is_empty()) && outstanding + burst <= window && paced
+                {
+                    let ids: Vec<u64> = if retry.is_empty() {
+                        (sent..per_pair.min(sent + burst)).map(|n| n + 1).collect()
+                    } else {
+                        std::thread::sleep(Duration::from_millis(1));
+                        std::mem::take(&mut retry)
+                    };
+                    let batch: Vec<Outgoing> = ids
+                        .iter()
+                        .map(|&id| {
                             payload[..8].copy_from_slice(&micros().to_be_bytes());
-                            Outgoing::to(&to, &payload)
-                                .id(n + 1)
-                                .expiry(expiry)
-                                .flags(0)
+                            Outgoing::to(&to, &payload).id(id).expiry(expiry).flags(0)
                         })
                         .collect();
                     sent += batch.len() as u64;
                     sender.send_many(&batch).expect("send");
                     continue;
                 }
-                match sender.recv() {
-                    Ok(Event::Status(s)) if s.seq.is_none() => {
-                        assert_eq!(s.status, StatusCode::SENT, "message {}", s.id);
-                        answered += 1;
-                    }
+                let event = if rate == 0 || outstanding > 0 {
+                    sender.recv().map(Some)
+                } else {
+                    sender.recv_timeout(Duration::from_micros(200))
+                };
+                match event {
+                    Ok(Some(Event::Status(s))) if s.seq.is_none() => match s.status {
+                        StatusCode::SENT => answered += 1,
+                        StatusCode::OVERLOADED => {
+                            overloaded.fetch_add(1, Ordering::Relaxed);
+                            sent -= 1;
+                            retry.push(s.id);
+                        }
+                        other => panic!("message {}: {other:?}", s.id),
+                    },
                     Ok(_) => {}
                     Err(e) => panic!("sender: {e}"),
                 }
@@ -202,8 +235,14 @@ fn main() {
     let accepted = *accepted_at.lock().expect("lock");
     let h = latency.lock().expect("lock");
     println!(
-        "pairs={} messages={} payload={}B expiry={} window={}",
-        args.pairs, total, args.payload, args.expiry, args.window
+        "pairs={} messages={} payload={}B expiry={} window={} rate={}/s/pair overloaded_retries={}",
+        args.pairs,
+        total,
+        args.payload,
+        args.expiry,
+        args.window,
+        args.rate,
+        overloaded.load(Ordering::Relaxed)
     );
     println!(
         "accepted: {:.0} msg/s ({} in {:.2?}); delivered: {:.0} msg/s ({} in {:.2?})",

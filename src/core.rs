@@ -47,6 +47,15 @@ pub struct ConnRef {
     pub generation: u64,
 }
 
+/// A stored item written to the user and not yet ACKed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inflight {
+    /// Where the item sits in the inbox (the key needs it).
+    pub priority: u8,
+    /// An ACK for it is at the commit thread: repeated ACKs are not resent.
+    pub acking: bool,
+}
+
 /// One user, shared by everything that delivers to or from them.
 pub struct User {
     /// The address, shared with every item and status that names it.
@@ -59,11 +68,11 @@ pub struct User {
     pub queued: AtomicU64,
     /// The mailbox of the connection the user is logged in on, if any.
     pub attached: ArcSwapOption<Mailbox>,
-    /// SEQ → priority of items written to a connection of this user and not
-    /// yet ACKed, this boot. Survives reconnects: an item found here when it
-    /// is written again carries REDELIVERY. Taken by the user's own session
-    /// and by the commit thread, never by anyone else.
-    pub inflight: Mutex<HashMap<u64, u8>>,
+    /// Items written to a connection of this user and not yet ACKed, this
+    /// boot, by SEQ. Survives reconnects: an item found here when it is
+    /// written again carries REDELIVERY. Taken by the user's own session and
+    /// by the commit thread, never by anyone else.
+    pub inflight: Mutex<HashMap<u64, Inflight>>,
     /// Set when the user is deleted; sessions and sends stop seeing it.
     pub deleted: AtomicBool,
 }
@@ -89,7 +98,7 @@ impl User {
 
     /// The inflight map; a poisoned lock (a panic elsewhere) is still usable
     /// because every update to it is a single insert or remove.
-    pub fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u8>> {
+    pub fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Inflight>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 

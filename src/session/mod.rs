@@ -24,10 +24,11 @@
 //! connection's output is under `conn_buffer` and the user has fewer than
 //! `max_inflight` un-ACKed items.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::core::{ConnRef, Core, User, SEQ_BOOT_SHIFT};
+use crate::core::{ConnRef, Core, Inflight, User, SEQ_BOOT_SHIFT};
 use crate::mailbox::Mailbox;
 use crate::store::commit::SendRequest;
 use crate::store::keys::PRIORITIES;
@@ -120,6 +121,9 @@ struct Active {
     staged: BTreeMap<(u8, u64), Arc<Item>>,
     /// Real-time items written and not yet ACKed (memory only, bounded).
     ephemeral: HashMap<u64, Arc<Item>>,
+    /// (sender, ID) of real-time messages written with READ_RECEIPT, so a
+    /// READ for one is answered live (bounded; forgotten on reconnect).
+    ephemeral_reads: HashSet<(Arc<str>, u64)>,
 }
 
 impl Session {
@@ -175,11 +179,7 @@ impl Session {
             }
             Frame::Read(read) => {
                 if let (Some(from), Some(id), None) = (read.from, read.id, read.group) {
-                    ctx.core.commit.submit(Request::Read {
-                        reader: active.user.clone(),
-                        from: from.to_owned(),
-                        id,
-                    });
+                    read_receipt(ctx, active, from, id);
                 }
                 Flow::Continue
             }
@@ -239,6 +239,7 @@ impl Session {
             live: false,
             staged: BTreeMap::new(),
             ephemeral: HashMap::new(),
+            ephemeral_reads: HashSet::new(),
         }));
         self.pump(ctx);
         Flow::Continue
@@ -423,6 +424,14 @@ impl Session {
                     }
                     entry.remove();
                     write_item(ctx, &item, false);
+                    if let Some(ItemView::Msg(m)) = item.view() {
+                        if m.id != 0 && m.flags & flags::READ_RECEIPT != 0 {
+                            if a.ephemeral_reads.len() >= crate::mailbox::LIVE_CAPACITY {
+                                a.ephemeral_reads.clear();
+                            }
+                            a.ephemeral_reads.insert((m.from.into(), m.id));
+                        }
+                    }
                     if item.seq != 0 {
                         a.ephemeral.insert(item.seq, item);
                     }
@@ -437,8 +446,17 @@ impl Session {
                 if view.expire_at() <= ctx.now {
                     continue; // the sweeper settles it
                 }
-                let seen = inflight.insert(item.seq, item.priority).is_some()
-                    || item.seq >> SEQ_BOOT_SHIFT < ctx.core.boot;
+                let written_before = match inflight.entry(item.seq) {
+                    Entry::Occupied(_) => true,
+                    Entry::Vacant(v) => {
+                        v.insert(Inflight {
+                            priority: item.priority,
+                            acking: false,
+                        });
+                        false
+                    }
+                };
+                let seen = written_before || item.seq >> SEQ_BOOT_SHIFT < ctx.core.boot;
                 write_item(ctx, &item, seen);
                 wrote = true;
             }
@@ -507,12 +525,21 @@ impl Active {
 fn ack_items(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>) {
     let mut stored = Vec::new();
     {
-        let inflight = a.user.inflight();
+        let mut inflight = a.user.inflight();
         for seq in seqs {
-            if let Some(&priority) = inflight.get(&seq) {
-                stored.push((seq, priority));
+            if let Some(entry) = inflight.get_mut(&seq) {
+                // A repeated ACK while the first is at the commit thread is
+                // not sent again: a flood of ACKs costs no commit work.
+                if !entry.acking {
+                    entry.acking = true;
+                    stored.push((seq, entry.priority));
+                }
             } else if let Some(item) = a.ephemeral.remove(&seq) {
-                live_receipt(ctx, &a.user, &item);
+                if let Some(ItemView::Msg(m)) = item.view() {
+                    if m.flags & flags::DELIVERY_RECEIPT != 0 {
+                        live_receipt(ctx, &a.user, m.from, m.id, StatusCode::DELIVERED);
+                    }
+                }
             }
         }
     }
@@ -524,14 +551,31 @@ fn ack_items(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>)
     }
 }
 
-fn live_receipt(ctx: &mut Ctx<'_>, recipient: &User, item: &Item) {
-    let Some(ItemView::Msg(m)) = item.view() else {
-        return;
-    };
-    if m.id == 0 || m.flags & flags::DELIVERY_RECEIPT == 0 {
+/// Handles a READ: live for a real-time message delivered on this
+/// connection, else through the commit thread (dropped if it is full: a READ
+/// receipt is best effort, and the server never blocks a loop for one).
+fn read_receipt(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64) {
+    if a.ephemeral_reads.remove(&(Arc::from(from), id)) {
+        live_receipt(ctx, &a.user, from, id, StatusCode::READ);
         return;
     }
-    let Some(sender) = ctx.core.user(m.from) else {
+    let req = Request::Read {
+        reader: a.user.clone(),
+        from: from.to_owned(),
+        id,
+    };
+    if ctx.core.commit.try_submit(req).is_err() {
+        tracing::warn!(user = %a.user.address, "commit queue full: READ receipt dropped");
+    }
+}
+
+/// Sends a memory-only STATUS (no SEQ) about message `id` to its sender, if
+/// the sender is connected.
+fn live_receipt(ctx: &mut Ctx<'_>, recipient: &User, sender: &str, id: u64, status: StatusCode) {
+    if id == 0 {
+        return;
+    }
+    let Some(sender) = ctx.core.user(sender) else {
         return;
     };
     let Some(mb) = sender.mailbox() else { return };
@@ -542,8 +586,8 @@ fn live_receipt(ctx: &mut Ctx<'_>, recipient: &User, item: &Item) {
         record: encode_status(&StatusView {
             time: ctx.now,
             expire_at: 0,
-            id: m.id,
-            status: StatusCode::DELIVERED,
+            id,
+            status,
             to: &recipient.address,
             group: None,
             member: None,

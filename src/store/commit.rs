@@ -226,7 +226,13 @@ fn complete(core: &Core, completion: Completion, written: bool) {
         Completion::Done(tx) => {
             let _ = tx.send(());
         }
-        Completion::Push { .. } | Completion::Settled { .. } => {}
+        Completion::Settled { user, seq } => {
+            // Nothing was written: the item is still queued; let a later ACK retry.
+            if let Some(entry) = user.inflight().get_mut(&seq) {
+                entry.acking = false;
+            }
+        }
+        Completion::Push { .. } => {}
     }
 }
 

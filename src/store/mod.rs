@@ -18,7 +18,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
 };
 
 pub use commit::{Commit, Completion, Request};
@@ -70,6 +71,14 @@ impl Store {
         opts.set_keep_log_file_num(4);
         let cfs = ALL_CFS.iter().map(|&name| {
             let mut cf = Options::default();
+            if name == CF_DEDUP || name == CF_TOKENS || name == CF_INBOX {
+                // Point look-ups (dedup on every SEND, tokens at HELLO, inbox
+                // on ACK) of keys that reached SST files are mostly answered
+                // by the bloom filter.
+                let mut table = BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                cf.set_block_based_table_factory(&table);
+            }
             if name == CF_INBOX || name == CF_EXPIRY || name == CF_DEDUP {
                 // Queues: most keys are deleted soon after they are written.
                 // Compact files that fill with tombstones so scans stay fast.
