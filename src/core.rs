@@ -108,6 +108,60 @@ impl User {
     }
 }
 
+/// One member of a group.
+#[derive(Clone)]
+pub struct Member {
+    /// The member.
+    pub user: Arc<User>,
+    /// May send to the group.
+    pub send: bool,
+    /// Receives the group's messages.
+    pub recv: bool,
+}
+
+/// A group: an immutable snapshot, replaced as a whole when the admin API
+/// changes it, so a SEND sees one consistent membership ("the members at the
+/// time of sending") without a lock.
+pub struct Group {
+    /// The group's name.
+    pub name: Arc<str>,
+    /// The members, in address order.
+    pub members: Vec<Member>,
+}
+
+impl Group {
+    /// The membership of `address`, if any.
+    pub fn member(&self, address: &str) -> Option<&Member> {
+        self.members
+            .binary_search_by(|m| (*m.user.address).cmp(address))
+            .ok()
+            .map(|i| &self.members[i])
+    }
+}
+
+/// A membership as the admin API gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberSpec {
+    pub address: String,
+    pub send: bool,
+    pub recv: bool,
+}
+
+/// Why a group change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("invalid group name")]
+    InvalidName,
+    #[error("unknown user {0:?}")]
+    UnknownUser(String),
+    #[error("more than {0} members")]
+    TooLarge(usize),
+    #[error("no such group")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Counters exported by the metrics endpoint.
 #[derive(Default)]
 pub struct Metrics {
@@ -168,6 +222,12 @@ pub struct Core {
     pub store: Store,
     /// address → user; every stored user is here.
     pub users: papaya::HashMap<Arc<str>, Arc<User>>,
+    /// name → group; every stored group is here.
+    pub groups: papaya::HashMap<Arc<str>, Arc<Group>>,
+    /// Serializes admin changes to groups (read-modify-write of a snapshot).
+    group_admin: Mutex<()>,
+    /// Next key of a shared group message record; starts at `boot << 40`.
+    next_msgno: AtomicU64,
     /// Queue of the commit thread.
     pub commit: Commit,
     /// The event loops, set once they exist.
@@ -210,10 +270,34 @@ impl Core {
                 pinned.insert(user.address.clone(), Arc::new(user));
             }
         }
+        let groups = papaya::HashMap::new();
+        {
+            let (pinned, users) = (groups.pin(), users.pin());
+            for (name, members) in store.load_groups()? {
+                let mut members: Vec<Member> = members
+                    .into_iter()
+                    .filter_map(|(address, perms)| {
+                        Some(Member {
+                            user: users.get(address.as_str())?.clone(),
+                            send: perms & crate::store::keys::PERM_SEND != 0,
+                            recv: perms & crate::store::keys::PERM_RECV != 0,
+                        })
+                    })
+                    .collect();
+                // Keys are length-prefixed, so key order is not address
+                // order; `Group::member` needs address order.
+                members.sort_by(|a, b| a.user.address.cmp(&b.user.address));
+                let name: Arc<str> = name.into();
+                pinned.insert(name.clone(), Arc::new(Group { name, members }));
+            }
+        }
         Ok(Core {
             config,
             store,
             users,
+            groups,
+            group_admin: Mutex::new(()),
+            next_msgno: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
             commit,
             workers: OnceLock::new(),
             boot,
@@ -283,6 +367,109 @@ impl Core {
             return Ok(None);
         }
         Ok(self.user(&address))
+    }
+
+    /// The group with this name, if it exists.
+    pub fn group(&self, name: &str) -> Option<Arc<Group>> {
+        self.groups.pin().get(name).cloned()
+    }
+
+    /// A new key for a shared group message record.
+    pub fn next_msgno(&self) -> u64 {
+        self.next_msgno.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Creates or replaces a group. Returns whether it is new.
+    pub fn put_group(&self, name: &str, members: Vec<MemberSpec>) -> Result<bool, GroupError> {
+        if !crate::wire::is_valid_address(name) {
+            return Err(GroupError::InvalidName);
+        }
+        let _admin = self.group_admin.lock().unwrap_or_else(|e| e.into_inner());
+        let created = self.group(name).is_none();
+        self.store_group(name, members)?;
+        Ok(created)
+    }
+
+    /// Adds (or updates) and removes members of an existing group.
+    pub fn change_members(
+        &self,
+        name: &str,
+        add: Vec<MemberSpec>,
+        remove: &[String],
+    ) -> Result<Arc<Group>, GroupError> {
+        let _admin = self.group_admin.lock().unwrap_or_else(|e| e.into_inner());
+        let group = self.group(name).ok_or(GroupError::NotFound)?;
+        let mut members: Vec<MemberSpec> = group
+            .members
+            .iter()
+            .filter(|m| !remove.iter().any(|r| *r == *m.user.address))
+            .filter(|m| !add.iter().any(|a| *a.address == *m.user.address))
+            .map(|m| MemberSpec {
+                address: m.user.address.to_string(),
+                send: m.send,
+                recv: m.recv,
+            })
+            .collect();
+        members.extend(add);
+        self.store_group(name, members)
+    }
+
+    /// Deletes a group; `false` if there was none. Accepted items stay
+    /// deliverable: they hold their own copy of what they need.
+    pub fn delete_group(&self, name: &str) -> Result<bool, GroupError> {
+        let _admin = self.group_admin.lock().unwrap_or_else(|e| e.into_inner());
+        if self.group(name).is_none() {
+            return Ok(false);
+        }
+        self.store.delete_group(name)?;
+        self.groups.pin().remove(name);
+        Ok(true)
+    }
+
+    /// Validates, writes and publishes a membership (caller holds `group_admin`).
+    fn store_group(&self, name: &str, specs: Vec<MemberSpec>) -> Result<Arc<Group>, GroupError> {
+        let mut members: Vec<Member> = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let user = self
+                .user(&spec.address)
+                .ok_or_else(|| GroupError::UnknownUser(spec.address.clone()))?;
+            members.push(Member {
+                user,
+                send: spec.send,
+                recv: spec.recv,
+            });
+        }
+        members.sort_by(|a, b| a.user.address.cmp(&b.user.address));
+        // A member named twice: the last mention wins.
+        members.reverse();
+        members.dedup_by(|a, b| a.user.address == b.user.address);
+        members.reverse();
+        if members.len() > self.config.max_group_size {
+            return Err(GroupError::TooLarge(self.config.max_group_size));
+        }
+        let records: Vec<(String, u8)> = members
+            .iter()
+            .map(|m| {
+                let perms = if m.send {
+                    crate::store::keys::PERM_SEND
+                } else {
+                    0
+                } | if m.recv {
+                    crate::store::keys::PERM_RECV
+                } else {
+                    0
+                };
+                (m.user.address.to_string(), perms)
+            })
+            .collect();
+        self.store.put_group(name, &records, now_ms())?;
+        let name: Arc<str> = name.into();
+        let group = Arc::new(Group {
+            name: name.clone(),
+            members,
+        });
+        self.groups.pin().insert(name, group.clone());
+        Ok(group)
     }
 
     /// Posts a notice to an event loop.

@@ -68,6 +68,15 @@ impl Outgoing {
         }
     }
 
+    /// A message for group `group`.
+    pub fn to_group(group: &str, payload: &[u8]) -> Outgoing {
+        Outgoing {
+            group: Some(group.to_owned()),
+            payload: payload.to_vec(),
+            ..Default::default()
+        }
+    }
+
     /// Sets the ID (0 = fire-and-forget).
     pub fn id(mut self, id: u64) -> Self {
         self.id = id;
@@ -354,6 +363,15 @@ impl Client {
             from: Some(from),
             id: Some(id),
             group: None,
+        }))
+    }
+
+    /// Sends a read receipt for message `id` that `from` sent to `group`.
+    pub fn read_receipt_group(&mut self, from: &str, id: u64, group: &str) -> Result<()> {
+        self.write(&Frame::Read(wire::Read {
+            from: Some(from),
+            id: Some(id),
+            group: Some(group),
         }))
     }
 

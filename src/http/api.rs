@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use tiny_http::Method;
 
 use super::{Reply, Req};
-use crate::core::{Core, Phase, UserError};
+use crate::core::{Core, Group, GroupError, MemberSpec, Phase, UserError};
 
 /// Dispatches a request to its handler.
 pub fn route(core: &Core, req: &Req<'_>) -> Reply {
@@ -23,6 +23,16 @@ pub fn route(core: &Core, req: &Req<'_>) -> Reply {
             }
             admin(req).unwrap_or_else(|| create_user(core, req))
         }
+        (method, ["v1", "groups", name]) => admin(req).unwrap_or_else(|| match method {
+            Method::Put => put_group(core, req, name),
+            Method::Get => get_group(core, name),
+            Method::Delete => delete_group(core, name),
+            _ => not_allowed(),
+        }),
+        (method, ["v1", "groups", name, "members"]) => admin(req).unwrap_or_else(|| match method {
+            Method::Post => change_members(core, req, name),
+            _ => not_allowed(),
+        }),
         _ => Reply::error(404, "not_found", "no such endpoint"),
     }
 }
@@ -76,5 +86,153 @@ fn create_user(core: &Core, req: &Req<'_>) -> Reply {
             tracing::error!(error = %e, "creating a user failed");
             Reply::error(500, "internal", "storage error")
         }
+    }
+}
+
+/// A member in a request: an address (send and receive) or an object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MemberIn {
+    Address(String),
+    Object {
+        address: String,
+        #[serde(default = "yes")]
+        send: bool,
+        #[serde(default = "yes")]
+        recv: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl From<MemberIn> for MemberSpec {
+    fn from(m: MemberIn) -> MemberSpec {
+        match m {
+            MemberIn::Address(address) => MemberSpec {
+                address,
+                send: true,
+                recv: true,
+            },
+            MemberIn::Object {
+                address,
+                send,
+                recv,
+            } => MemberSpec {
+                address,
+                send,
+                recv,
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutGroup {
+    members: Vec<MemberIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeMembers {
+    #[serde(default)]
+    add: Vec<MemberIn>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct MemberOut<'a> {
+    address: &'a str,
+    send: bool,
+    recv: bool,
+}
+
+#[derive(Serialize)]
+struct GroupOut<'a> {
+    name: &'a str,
+    members: Vec<MemberOut<'a>>,
+}
+
+fn group_json(status: u16, group: &Group) -> Reply {
+    Reply::json(
+        status,
+        &GroupOut {
+            name: &group.name,
+            members: group
+                .members
+                .iter()
+                .map(|m| MemberOut {
+                    address: &m.user.address,
+                    send: m.send,
+                    recv: m.recv,
+                })
+                .collect(),
+        },
+    )
+}
+
+fn group_error(e: GroupError) -> Reply {
+    match e {
+        GroupError::InvalidName => Reply::error(
+            400,
+            "invalid_name",
+            "a group name is 1-255 bytes of ASCII letters, digits and ._@+-",
+        ),
+        GroupError::UnknownUser(a) => Reply::error(400, "unknown_user", format!("no user {a:?}")),
+        GroupError::TooLarge(n) => Reply::error(
+            400,
+            "too_many_members",
+            format!("a group has at most {n} members"),
+        ),
+        GroupError::NotFound => Reply::error(404, "not_found", "no such group"),
+        GroupError::Store(e) => {
+            tracing::error!(error = %e, "group change failed");
+            Reply::error(500, "internal", "storage error")
+        }
+    }
+}
+
+fn put_group(core: &Core, req: &Req<'_>, name: &str) -> Reply {
+    let body: PutGroup = match parse(req) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    let members = body.members.into_iter().map(MemberSpec::from).collect();
+    match core.put_group(name, members) {
+        Ok(created) => match core.group(name) {
+            Some(g) => group_json(if created { 201 } else { 200 }, &g),
+            None => Reply::error(404, "not_found", "group deleted meanwhile"),
+        },
+        Err(e) => group_error(e),
+    }
+}
+
+fn get_group(core: &Core, name: &str) -> Reply {
+    match core.group(name) {
+        Some(g) => group_json(200, &g),
+        None => group_error(GroupError::NotFound),
+    }
+}
+
+fn delete_group(core: &Core, name: &str) -> Reply {
+    match core.delete_group(name) {
+        Ok(true) => Reply::empty(204),
+        Ok(false) => group_error(GroupError::NotFound),
+        Err(e) => group_error(e),
+    }
+}
+
+fn change_members(core: &Core, req: &Req<'_>, name: &str) -> Reply {
+    let body: ChangeMembers = match parse(req) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    let add = body.add.into_iter().map(MemberSpec::from).collect();
+    match core.change_members(name, add, &body.remove) {
+        Ok(g) => group_json(200, &g),
+        Err(e) => group_error(e),
     }
 }

@@ -169,7 +169,7 @@ mod tests {
             seq,
             priority: 0,
             ephemeral: false,
-            record: Box::new([]),
+            record: Arc::from(&[][..]),
         })
     }
 

@@ -36,8 +36,10 @@ pub enum Notice {
         conn: ConnRef,
         /// The SEND's ID.
         id: u64,
-        /// The SEND's destination, echoed in STATUS.
+        /// The SEND's destination (a user, or a group if `group`), echoed in STATUS.
         to: Arc<str>,
+        /// Whether `to` names a group.
+        group: bool,
         /// The answer (SENT, or the latest status of a duplicate); `None` for
         /// fire-and-forget sends, which get no answer.
         status: Option<StatusCode>,

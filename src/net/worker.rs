@@ -17,7 +17,7 @@ use slab::Slab;
 use super::conn::{Conn, Phase};
 use super::{Notice, WAKER};
 use crate::core::{now_ms, ConnRef, Core};
-use crate::session::{Ctx, Flow, Session};
+use crate::session::{Ctx, Dest, Flow, Session};
 use crate::wire::{self, CheckError, ErrorCode, Frame, Kind, HEADER_LEN};
 
 /// Bytes read from a socket per `read` call.
@@ -102,11 +102,17 @@ impl Worker {
                     conn,
                     id,
                     to,
+                    group,
                     status,
                 } => {
                     if let Some(t) = self.live(conn) {
                         self.with_session(t, |s, ctx| {
-                            s.on_send_done(ctx, id, &to, status);
+                            let dest = if group {
+                                Dest::Group(&to)
+                            } else {
+                                Dest::To(&to)
+                            };
+                            s.on_send_done(ctx, id, dest, status);
                             Flow::Continue
                         });
                         self.after(t);

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use crate::core::{ConnRef, Core, Inflight, User, SEQ_BOOT_SHIFT};
 use crate::mailbox::Mailbox;
-use crate::store::commit::SendRequest;
+use crate::store::commit::{GroupSendRequest, SendRequest};
 use crate::store::keys::PRIORITIES;
 use crate::store::record::{encode_msg, encode_status};
 use crate::store::{Item, ItemView, MsgView, Request, StatusView};
@@ -43,6 +43,13 @@ pub const MAX_PENDING_SENDS: usize = 4096;
 const STAGE_MAX: usize = 512;
 /// Longest CLIENT and REASON strings.
 const MAX_TEXT: usize = 1024;
+
+/// Where a SEND went: a user or a group (echoed in its STATUS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dest<'a> {
+    To(&'a str),
+    Group(&'a str),
+}
 
 /// What the event loop should do after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,13 +77,18 @@ impl Ctx<'_> {
         }
     }
 
-    fn status(&mut self, id: u64, to: &str, status: StatusCode) {
+    fn status(&mut self, id: u64, dest: Dest<'_>, status: StatusCode) {
         if id == 0 {
             return; // fire-and-forget: no statuses at all
         }
+        let (to, group) = match dest {
+            Dest::To(to) => (Some(to), None),
+            Dest::Group(group) => (None, Some(group)),
+        };
         self.write(&Frame::Status(wire::Status {
             id: Some(id),
-            to: Some(to),
+            to,
+            group,
             status: Some(status),
             time: Some(self.now),
             ..Default::default()
@@ -178,8 +190,8 @@ impl Session {
                 Flow::Continue
             }
             Frame::Read(read) => {
-                if let (Some(from), Some(id), None) = (read.from, read.id, read.group) {
-                    read_receipt(ctx, active, from, id);
+                if let (Some(from), Some(id)) = (read.from, read.id) {
+                    read_receipt(ctx, active, from, id, read.group);
                 }
                 Flow::Continue
             }
@@ -251,30 +263,25 @@ impl Session {
         };
         let core = ctx.core;
         let id = send.id.unwrap_or(0);
-        let dest = send.to.or(send.group).unwrap_or("");
-        let Some(to) = send.to.filter(|_| send.group.is_none()) else {
-            if send.group.is_some() && send.to.is_none() {
-                // Group sends are not served yet.
-                ctx.status(id, dest, StatusCode::INVALID_DEST);
-            } else {
-                ctx.status(id, dest, StatusCode::BAD_REQUEST);
+        let dest = match (send.to, send.group) {
+            (Some(to), None) => Dest::To(to),
+            (None, Some(group)) => Dest::Group(group),
+            (to, group) => {
+                let echo = to.map(Dest::To).or(group.map(Dest::Group));
+                ctx.status(id, echo.unwrap_or(Dest::To("")), StatusCode::BAD_REQUEST);
+                return Flow::Continue;
             }
-            return Flow::Continue;
         };
         let priority = send.priority.unwrap_or(0);
         if usize::from(priority) >= PRIORITIES {
-            ctx.status(id, to, StatusCode::BAD_REQUEST);
+            ctx.status(id, dest, StatusCode::BAD_REQUEST);
             return Flow::Continue;
         }
         let payload = send.payload.unwrap_or(&[]);
         if payload.len() > core.config.max_payload as usize {
-            ctx.status(id, to, StatusCode::TOO_LARGE);
+            ctx.status(id, dest, StatusCode::TOO_LARGE);
             return Flow::Continue;
         }
-        let Some(recipient) = core.user(to) else {
-            ctx.status(id, to, StatusCode::INVALID_DEST);
-            return Flow::Continue;
-        };
         let expiry = send
             .expiry
             .unwrap_or(core.config.default_expiry)
@@ -290,51 +297,106 @@ impl Session {
             group: None,
             payload,
         };
-        if expiry == 0 {
-            // Real time: memory only, now or never.
-            let status = match recipient.mailbox() {
-                None => StatusCode::OFFLINE,
-                Some(mb) => {
-                    let item = Arc::new(Item {
-                        seq: recipient.next_seq(),
-                        priority,
-                        ephemeral: true,
-                        record: encode_msg(&msg),
-                    });
-                    if mb.push_live(item) {
-                        core.wake(&mb);
-                        core.metrics
-                            .accepted
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        StatusCode::SENT
-                    } else {
-                        StatusCode::OVERLOADED
-                    }
+        let recipients = match dest {
+            Dest::To(to) => match core.user(to) {
+                Some(user) => vec![user],
+                None => {
+                    ctx.status(id, dest, StatusCode::INVALID_DEST);
+                    return Flow::Continue;
                 }
+            },
+            Dest::Group(name) => {
+                let Some(group) = core.group(name) else {
+                    ctx.status(id, dest, StatusCode::INVALID_DEST);
+                    return Flow::Continue;
+                };
+                if !group.member(&active.user.address).is_some_and(|m| m.send) {
+                    ctx.status(id, dest, StatusCode::NOT_MEMBER);
+                    return Flow::Continue;
+                }
+                msg.group = Some(name);
+                group
+                    .members
+                    .iter()
+                    .filter(|m| m.recv && !Arc::ptr_eq(&m.user, &active.user))
+                    .filter(|m| !m.user.deleted.load(std::sync::atomic::Ordering::Acquire))
+                    .map(|m| m.user.clone())
+                    .collect()
+            }
+        };
+        if expiry == 0 {
+            // Real time: memory only, now or never, to whoever is connected.
+            let record = encode_msg(&msg);
+            let (mut online, mut full) = (0, 0);
+            for recipient in &recipients {
+                let Some(mb) = recipient.mailbox() else {
+                    continue;
+                };
+                let item = Arc::new(Item {
+                    seq: recipient.next_seq(),
+                    priority,
+                    ephemeral: true,
+                    record: record.clone(),
+                });
+                if mb.push_live(item) {
+                    core.wake(&mb);
+                    online += 1;
+                } else {
+                    full += 1;
+                }
+            }
+            let status = if online > 0 {
+                core.metrics
+                    .accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                StatusCode::SENT
+            } else if full > 0 {
+                StatusCode::OVERLOADED
+            } else {
+                StatusCode::OFFLINE
             };
-            ctx.status(id, to, status);
-            return Flow::Continue;
-        }
-        if recipient.queued.load(std::sync::atomic::Ordering::Relaxed) >= core.config.max_queue {
-            ctx.status(id, to, StatusCode::OVERLOADED);
+            ctx.status(id, dest, status);
             return Flow::Continue;
         }
         msg.expire_at = ctx.now + u64::from(expiry) * 1000;
-        let dedup_secs = core.config.dedup_window.max(expiry);
-        let req = Request::Send(SendRequest {
-            conn: ctx.me,
-            sender: active.user.clone(),
-            recipient,
-            id,
-            priority,
-            time: ctx.now,
-            expire_at: msg.expire_at,
-            dedup_until: ctx.now + u64::from(dedup_secs) * 1000,
-            record: encode_msg(&msg),
-        });
+        let dedup_until = ctx.now + u64::from(core.config.dedup_window.max(expiry)) * 1000;
+        let req = match dest {
+            Dest::To(_) => {
+                let recipient = recipients.into_iter().next().expect("one recipient");
+                let queued = recipient.queued.load(std::sync::atomic::Ordering::Relaxed);
+                if queued >= core.config.max_queue {
+                    ctx.status(id, dest, StatusCode::OVERLOADED);
+                    return Flow::Continue;
+                }
+                Request::Send(SendRequest {
+                    conn: ctx.me,
+                    sender: active.user.clone(),
+                    recipient,
+                    id,
+                    priority,
+                    time: ctx.now,
+                    expire_at: msg.expire_at,
+                    dedup_until,
+                    record: encode_msg(&msg),
+                })
+            }
+            Dest::Group(name) => Request::GroupSend(GroupSendRequest {
+                conn: ctx.me,
+                sender: active.user.clone(),
+                group: name.into(),
+                recipients,
+                id,
+                priority,
+                flags: msg_flags,
+                time: ctx.now,
+                expire_at: msg.expire_at,
+                dedup_until,
+                record: encode_msg(&msg),
+            }),
+        };
         match core.commit.try_submit(req) {
             Ok(()) => self.pending_sends += 1,
-            Err(_) => ctx.status(id, to, StatusCode::OVERLOADED),
+            Err(_) => ctx.status(id, dest, StatusCode::OVERLOADED),
         }
         Flow::Continue
     }
@@ -344,12 +406,12 @@ impl Session {
         &mut self,
         ctx: &mut Ctx<'_>,
         id: u64,
-        to: &str,
+        dest: Dest<'_>,
         status: Option<StatusCode>,
     ) {
         self.pending_sends = self.pending_sends.saturating_sub(1);
         if let Some(status) = status {
-            ctx.status(id, to, status);
+            ctx.status(id, dest, status);
         }
     }
 
@@ -537,7 +599,7 @@ fn ack_items(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>)
             } else if let Some(item) = a.ephemeral.remove(&seq) {
                 if let Some(ItemView::Msg(m)) = item.view() {
                     if m.flags & flags::DELIVERY_RECEIPT != 0 {
-                        live_receipt(ctx, &a.user, m.from, m.id, StatusCode::DELIVERED);
+                        live_receipt(ctx, &a.user, m.from, m.id, m.group, StatusCode::DELIVERED);
                     }
                 }
             }
@@ -554,24 +616,32 @@ fn ack_items(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>)
 /// Handles a READ: live for a real-time message delivered on this
 /// connection, else through the commit thread (dropped if it is full: a READ
 /// receipt is best effort, and the server never blocks a loop for one).
-fn read_receipt(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64) {
+fn read_receipt(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64, group: Option<&str>) {
     if a.ephemeral_reads.remove(&(Arc::from(from), id)) {
-        live_receipt(ctx, &a.user, from, id, StatusCode::READ);
+        live_receipt(ctx, &a.user, from, id, group, StatusCode::READ);
         return;
     }
     let req = Request::Read {
         reader: a.user.clone(),
         from: from.to_owned(),
         id,
+        group: group.map(str::to_owned),
     };
     if ctx.core.commit.try_submit(req).is_err() {
         tracing::warn!(user = %a.user.address, "commit queue full: READ receipt dropped");
     }
 }
 
-/// Sends a memory-only STATUS (no SEQ) about message `id` to its sender, if
-/// the sender is connected.
-fn live_receipt(ctx: &mut Ctx<'_>, recipient: &User, sender: &str, id: u64, status: StatusCode) {
+/// Sends a memory-only STATUS (no SEQ) about message `id` (to `group`, if
+/// set) to its sender, if the sender is connected.
+fn live_receipt(
+    ctx: &mut Ctx<'_>,
+    recipient: &User,
+    sender: &str,
+    id: u64,
+    group: Option<&str>,
+    status: StatusCode,
+) {
     if id == 0 {
         return;
     }
@@ -588,9 +658,13 @@ fn live_receipt(ctx: &mut Ctx<'_>, recipient: &User, sender: &str, id: u64, stat
             expire_at: 0,
             id,
             status,
-            to: &recipient.address,
-            group: None,
-            member: None,
+            to: if group.is_some() {
+                ""
+            } else {
+                &recipient.address
+            },
+            group,
+            member: group.map(|_| &*recipient.address),
         }),
     });
     if mb.push_live(status) {
@@ -605,6 +679,11 @@ fn write_item(ctx: &mut Ctx<'_>, item: &Item, redelivery: bool) {
         return;
     };
     let frame = match view {
+        ItemView::Ref(_) => {
+            // Scans and the commit thread resolve REFs to the shared MSG record.
+            tracing::error!(seq = item.seq, "unresolved group item not delivered");
+            return;
+        }
         ItemView::Msg(m) => Frame::Msg(wire::Msg {
             seq: Some(item.seq),
             from: Some(m.from),

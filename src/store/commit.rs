@@ -19,10 +19,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 
-use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use crossbeam::channel::{self, Receiver, Sender};
 
 use super::keys::*;
-use super::record::{encode_status, Dedup, Item, ItemView, StatusView};
+use super::record::{
+    decode_receipt, encode_receipt, encode_ref, encode_status, Dedup, Item, ItemView, RefView,
+    StatusView, RECEIPT_DELIVERED, RECEIPT_QUEUED, RECEIPT_READ,
+};
 use super::{Batch, Result, Store};
 use crate::core::{now_ms, ConnRef, Core, User};
 use crate::net::Notice;
@@ -52,23 +55,53 @@ pub struct SendRequest {
     /// When the duplicate-detection record may be forgotten, ms.
     pub dedup_until: u64,
     /// The encoded MSG record (`record::encode_msg`).
-    pub record: Box<[u8]>,
+    pub record: Arc<[u8]>,
+}
+
+/// A stored group message to accept: written once, referenced from each
+/// recipient's inbox, all in one batch.
+pub struct GroupSendRequest {
+    /// The sending connection, for the answer.
+    pub conn: ConnRef,
+    /// The sender (a member with `send`).
+    pub sender: Arc<User>,
+    /// The group's name.
+    pub group: Arc<str>,
+    /// The members with `recv` at the time of sending, less the sender.
+    pub recipients: Vec<Arc<User>>,
+    /// The sender's message ID (0 = fire-and-forget).
+    pub id: u64,
+    /// 0 … 15.
+    pub priority: u8,
+    /// The SEND's FLAGS.
+    pub flags: u32,
+    /// Server time of acceptance, ms.
+    pub time: u64,
+    /// When the queued items expire, ms.
+    pub expire_at: u64,
+    /// When the duplicate-detection record may be forgotten, ms.
+    pub dedup_until: u64,
+    /// The encoded MSG record, GROUP set (`record::encode_msg`).
+    pub record: Arc<[u8]>,
 }
 
 /// A change to queued state.
 pub enum Request {
     /// Store a message.
     Send(SendRequest),
+    /// Store a group message.
+    GroupSend(GroupSendRequest),
     /// The user's application processed these (SEQ, priority) items.
     Ack {
         user: Arc<User>,
         items: Vec<(u64, u8)>,
     },
-    /// The user read message `id` from `from`.
+    /// The user read message `id` from `from` (sent to `group`, if set).
     Read {
         reader: Arc<User>,
         from: String,
         id: u64,
+        group: Option<String>,
     },
     /// Expiry-index keys found due by the sweeper; `done` fires after commit.
     Expire {
@@ -78,6 +111,10 @@ pub enum Request {
     /// Fires once everything submitted before it is committed.
     Barrier(Sender<()>),
 }
+
+/// The commit queue refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueFull;
 
 /// The submitting side of the commit queue.
 #[derive(Clone)]
@@ -98,12 +135,10 @@ pub fn queue() -> (Commit, CommitQueue) {
 }
 
 impl Commit {
-    /// Queues a request without blocking; gives it back if the queue is full
-    /// or the thread is gone.
-    pub fn try_submit(&self, req: Request) -> Result<(), Request> {
-        self.tx.try_send(req).map_err(|e| match e {
-            TrySendError::Full(r) | TrySendError::Disconnected(r) => r,
-        })
+    /// Queues a request without blocking; fails if the queue is full (the
+    /// store cannot keep up) or the thread is gone. The request is dropped.
+    pub fn try_submit(&self, req: Request) -> Result<(), QueueFull> {
+        self.tx.try_send(req).map_err(|_| QueueFull)
     }
 
     /// Queues a request, waiting for room.
@@ -127,6 +162,7 @@ pub enum Completion {
         conn: ConnRef,
         id: u64,
         to: Arc<str>,
+        group: bool,
         status: Option<StatusCode>,
     },
     /// Offer a new stored item to its recipient, if connected.
@@ -167,6 +203,8 @@ pub fn commit_batch(core: &Core, requests: &mut Vec<Request>) {
         batch: core.store.batch(),
         dedup: HashMap::new(),
         deleted: HashSet::new(),
+        refs: HashMap::new(),
+        receipts: HashMap::new(),
         done: Vec::with_capacity(requests.len() * 2),
         now: now_ms(),
     };
@@ -193,6 +231,7 @@ fn complete(core: &Core, completion: Completion, written: bool) {
             conn,
             id,
             to,
+            group,
             status,
         } => {
             // A failed write stored nothing: the sender may retry the same ID.
@@ -207,6 +246,7 @@ fn complete(core: &Core, completion: Completion, written: bool) {
                     conn,
                     id,
                     to,
+                    group,
                     status,
                 },
             );
@@ -246,6 +286,10 @@ struct Pass<'c> {
     dedup: HashMap<Vec<u8>, Option<Dedup>>,
     /// Inbox keys deleted in this batch.
     deleted: HashSet<Vec<u8>>,
+    /// Reference counts of group messages changed in this batch.
+    refs: HashMap<u64, u32>,
+    /// Member receipts changed in this batch (None = deleted).
+    receipts: HashMap<Vec<u8>, Option<(u64, u8)>>,
     /// What to do once the batch is durable, in order.
     done: Vec<Completion>,
     /// One clock reading for the whole batch.
@@ -260,13 +304,25 @@ impl Pass<'_> {
     fn apply(&mut self, req: Request) -> Result<()> {
         match req {
             Request::Send(send) => self.send(send),
+            Request::GroupSend(send) => self.group_send(send),
             Request::Ack { user, items } => {
                 for (seq, priority) in items {
                     self.settle(&user, priority, seq, Settle::Acked)?;
                 }
                 Ok(())
             }
-            Request::Read { reader, from, id } => self.read(&reader, &from, id),
+            Request::Read {
+                reader,
+                from,
+                id,
+                group: None,
+            } => self.read(&reader, &from, id),
+            Request::Read {
+                reader,
+                from,
+                id,
+                group: Some(group),
+            } => self.group_read(&reader, &from, id, &group),
             Request::Expire { keys, done } => {
                 for key in keys {
                     self.expire(&key)?;
@@ -317,6 +373,7 @@ impl Pass<'_> {
                     conn: req.conn,
                     id: req.id,
                     to,
+                    group: false,
                     status: Some(d.status),
                 });
                 return Ok(());
@@ -359,6 +416,7 @@ impl Pass<'_> {
             conn: req.conn,
             id: req.id,
             to,
+            group: false,
             status: (req.id != 0).then_some(StatusCode::SENT),
         });
         self.done.push(Completion::Push {
@@ -429,7 +487,47 @@ impl Pass<'_> {
                 }
                 if owed && wanted {
                     let (from, id) = (m.from.to_owned(), m.id);
-                    self.store_status(&from, id, &user.address.clone(), new_status)?;
+                    self.store_status(&from, id, Some(&user.address), None, None, new_status)?;
+                }
+            }
+        } else if let ItemView::Ref(r) = view {
+            self.release_message(r.msgno)?;
+            let (from, group) = (r.from.to_owned(), r.group.to_owned());
+            let receipt = member_receipt_key(&from, r.id, &user.address);
+            let member = Some(&*user.address);
+            match how {
+                Settle::Acked => {
+                    self.core.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+                    if r.id != 0 && r.flags & flags::READ_RECEIPT != 0 {
+                        if let Some((seq, RECEIPT_QUEUED)) = self.get_receipt(&receipt)? {
+                            self.put_receipt(receipt, seq, RECEIPT_DELIVERED)?;
+                        }
+                    }
+                    if r.id != 0 && r.flags & flags::DELIVERY_RECEIPT != 0 {
+                        self.store_status(
+                            &from,
+                            r.id,
+                            None,
+                            Some(&group),
+                            member,
+                            StatusCode::DELIVERED,
+                        )?;
+                    }
+                }
+                Settle::Expired => {
+                    self.core.metrics.expired.fetch_add(1, Ordering::Relaxed);
+                    if r.id != 0 {
+                        self.batch.delete(CF_DEDUP, &receipt)?;
+                        self.receipts.insert(receipt, None);
+                        self.store_status(
+                            &from,
+                            r.id,
+                            None,
+                            Some(&group),
+                            member,
+                            StatusCode::EXPIRED,
+                        )?;
+                    }
                 }
             }
         } else if how == Settle::Expired {
@@ -437,6 +535,166 @@ impl Pass<'_> {
         }
         self.deleted.insert(key);
         Ok(())
+    }
+
+    /// One inbox item fewer refers to a group message; the last one deletes it.
+    fn release_message(&mut self, msgno: u64) -> Result<()> {
+        let refs = match self.refs.get(&msgno) {
+            Some(&n) => n,
+            None => self
+                .store()
+                .get(CF_MESSAGES, &message_refs_key(msgno))?
+                .and_then(|v| v.as_slice().try_into().ok().map(u32::from_be_bytes))
+                .unwrap_or(1),
+        };
+        let left = refs.saturating_sub(1);
+        if left == 0 && !self.core.config.retain_delivered {
+            self.batch.delete(CF_MESSAGES, &message_key(msgno))?;
+            self.batch.delete(CF_MESSAGES, &message_refs_key(msgno))?;
+        } else {
+            self.batch
+                .put(CF_MESSAGES, &message_refs_key(msgno), &left.to_be_bytes())?;
+        }
+        self.refs.insert(msgno, left);
+        Ok(())
+    }
+
+    fn get_receipt(&self, key: &[u8]) -> Result<Option<(u64, u8)>> {
+        if let Some(r) = self.receipts.get(key) {
+            return Ok(*r);
+        }
+        Ok(self
+            .store()
+            .get(CF_DEDUP, key)?
+            .and_then(|v| decode_receipt(&v)))
+    }
+
+    fn put_receipt(&mut self, key: Vec<u8>, seq: u64, state: u8) -> Result<()> {
+        self.batch
+            .put(CF_DEDUP, &key, &encode_receipt(seq, state))?;
+        self.receipts.insert(key, Some((seq, state)));
+        Ok(())
+    }
+
+    fn group_send(&mut self, req: GroupSendRequest) -> Result<()> {
+        let dedup = (req.id != 0).then(|| dedup_key(&req.sender.address, req.id));
+        if let Some(key) = &dedup {
+            if let Some(d) = self.get_dedup(key)? {
+                self.core
+                    .metrics
+                    .deduplicated
+                    .fetch_add(1, Ordering::Relaxed);
+                self.done.push(Completion::Reply {
+                    conn: req.conn,
+                    id: req.id,
+                    to: req.group,
+                    group: true,
+                    status: Some(d.status),
+                });
+                return Ok(());
+            }
+        }
+        let msgno = self.core.next_msgno();
+        let count = u32::try_from(req.recipients.len()).unwrap_or(u32::MAX);
+        if count > 0 {
+            self.batch
+                .put(CF_MESSAGES, &message_key(msgno), &req.record)?;
+            self.batch
+                .put(CF_MESSAGES, &message_refs_key(msgno), &count.to_be_bytes())?;
+            self.refs.insert(msgno, count);
+        }
+        let reference = encode_ref(&RefView {
+            time: req.time,
+            expire_at: req.expire_at,
+            id: req.id,
+            flags: req.flags,
+            msgno,
+            from: &req.sender.address,
+            group: &req.group,
+        });
+        let receipts = req.id != 0 && req.flags & flags::READ_RECEIPT != 0;
+        for user in req.recipients {
+            let seq = user.next_seq();
+            let inbox = inbox_key(&user.address, req.priority, seq);
+            self.batch.put(CF_INBOX, &inbox, &reference)?;
+            self.batch.put(
+                CF_EXPIRY,
+                &expiry_key(req.expire_at, EXPIRE_ITEM, &inbox),
+                &[],
+            )?;
+            if receipts {
+                let key = member_receipt_key(&req.sender.address, req.id, &user.address);
+                self.put_receipt(key, seq, RECEIPT_QUEUED)?;
+            }
+            user.queued.fetch_add(1, Ordering::Relaxed);
+            self.done.push(Completion::Push {
+                user,
+                item: Arc::new(Item {
+                    seq,
+                    priority: req.priority,
+                    ephemeral: false,
+                    record: req.record.clone(),
+                }),
+            });
+        }
+        if let Some(key) = dedup {
+            self.batch.put(
+                CF_EXPIRY,
+                &expiry_key(req.dedup_until, EXPIRE_DEDUP, &key),
+                &[],
+            )?;
+            self.put_dedup(
+                key,
+                Dedup {
+                    status: StatusCode::SENT,
+                    flags: req.flags,
+                    priority: req.priority,
+                    seq: 0,
+                    time: req.time,
+                    expire_at: req.expire_at,
+                    recipient: req.group.to_string(),
+                },
+            )?;
+        }
+        self.core.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        self.done.push(Completion::Reply {
+            conn: req.conn,
+            id: req.id,
+            to: req.group,
+            group: true,
+            status: (req.id != 0).then_some(StatusCode::SENT),
+        });
+        Ok(())
+    }
+
+    fn group_read(&mut self, reader: &User, from: &str, id: u64, group: &str) -> Result<()> {
+        if id == 0 || !crate::wire::is_valid_address(from) || !crate::wire::is_valid_address(group)
+        {
+            return Ok(());
+        }
+        match self.get_dedup(&dedup_key(from, id))? {
+            Some(d) if d.recipient == group && d.flags & flags::READ_RECEIPT != 0 => {}
+            _ => return Ok(()),
+        }
+        let key = member_receipt_key(from, id, &reader.address);
+        let delivered = match self.get_receipt(&key)? {
+            Some((_, RECEIPT_DELIVERED)) => true,
+            Some((seq, RECEIPT_QUEUED)) => reader.inflight().contains_key(&seq),
+            _ => false,
+        };
+        if !delivered {
+            return Ok(());
+        }
+        let seq = self.get_receipt(&key)?.map(|(seq, _)| seq).unwrap_or(0);
+        self.put_receipt(key, seq, RECEIPT_READ)?;
+        self.store_status(
+            from,
+            id,
+            None,
+            Some(group),
+            Some(&reader.address),
+            StatusCode::READ,
+        )
     }
 
     fn read(&mut self, reader: &User, from: &str, id: u64) -> Result<()> {
@@ -457,7 +715,14 @@ impl Pass<'_> {
         }
         d.status = StatusCode::READ;
         self.put_dedup(key, d)?;
-        self.store_status(from, id, &reader.address, StatusCode::READ)
+        self.store_status(
+            from,
+            id,
+            Some(&reader.address),
+            None,
+            None,
+            StatusCode::READ,
+        )
     }
 
     fn expire(&mut self, expiry: &[u8]) -> Result<()> {
@@ -477,7 +742,8 @@ impl Pass<'_> {
                 }
             }
             EXPIRE_DEDUP => {
-                self.batch.delete(CF_DEDUP, key)?;
+                // The send's record and, for a group send, its member receipts.
+                self.batch.delete_range(CF_DEDUP, key, &prefix_end(key))?;
                 self.dedup.insert(key.to_vec(), None);
             }
             _ => {}
@@ -485,12 +751,15 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Queues a STATUS for the sender `owner` of message `id` (about `about`).
+    /// Queues a STATUS for the sender `owner` of message `id`, about the
+    /// recipient `to` or the `member` of `group`.
     fn store_status(
         &mut self,
         owner: &str,
         id: u64,
-        about: &str,
+        to: Option<&str>,
+        group: Option<&str>,
+        member: Option<&str>,
         status: StatusCode,
     ) -> Result<()> {
         let Some(owner) = self.core.user(owner) else {
@@ -505,9 +774,9 @@ impl Pass<'_> {
             expire_at,
             id,
             status,
-            to: about,
-            group: None,
-            member: None,
+            to: to.unwrap_or(""),
+            group,
+            member,
         });
         let key = inbox_key(&owner.address, 0, seq);
         self.batch.put(CF_INBOX, &key, &record)?;

@@ -7,8 +7,12 @@
 //! users     address                                         JSON user record
 //! tokens    sha256(token)[32]                               expires_ms:u64 | address
 //! inbox     alen:u8 address prio:u8 seq:u64                 item record (record.rs)
-//! messages  (reserved for shared group payloads)
+//! messages  msgno:u64 0x00                                  MSG record of a group send
+//!           msgno:u64 0x01                                  refs:u32 (inbox items left)
 //! dedup     alen:u8 sender id:u64                           dedup record (record.rs)
+//!           alen:u8 sender id:u64 mlen:u8 member            member receipt (record.rs)
+//! groups    glen:u8 group 0x00                              created_ms:u64
+//!           glen:u8 group 0x01 mlen:u8 member               perms:u8 (1 send, 2 recv)
 //! expiry    at_ms:u64 kind:u8 key-of-that-kind              empty
 //! meta      b"boot"                                         boot counter:u64
 //! ```
@@ -24,9 +28,10 @@ pub const CF_MESSAGES: &str = "messages";
 pub const CF_DEDUP: &str = "dedup";
 pub const CF_EXPIRY: &str = "expiry";
 pub const CF_META: &str = "meta";
+pub const CF_GROUPS: &str = "groups";
 
 /// Every column family, in the order they are opened.
-pub const ALL_CFS: [&str; 7] = [
+pub const ALL_CFS: [&str; 8] = [
     CF_USERS,
     CF_TOKENS,
     CF_INBOX,
@@ -34,7 +39,13 @@ pub const ALL_CFS: [&str; 7] = [
     CF_DEDUP,
     CF_EXPIRY,
     CF_META,
+    CF_GROUPS,
 ];
+
+/// `groups` member permission bit: may send to the group.
+pub const PERM_SEND: u8 = 1;
+/// `groups` member permission bit: receives the group's messages.
+pub const PERM_RECV: u8 = 2;
 
 /// `meta` key of the boot counter.
 pub const META_BOOT: &[u8] = b"boot";
@@ -90,6 +101,71 @@ pub fn dedup_key(sender: &str, id: u64) -> Vec<u8> {
     key
 }
 
+/// `alen sender id mlen member`: what a group member did with one group send
+/// (for its READ receipt). Sorts right after the send's dedup key, so a range
+/// delete of the dedup key's prefix removes them all.
+pub fn member_receipt_key(sender: &str, id: u64, member: &str) -> Vec<u8> {
+    let mut key = dedup_key(sender, id);
+    push_address(&mut key, member);
+    key
+}
+
+/// An exclusive upper bound for keys that are `prefix` followed by an address
+/// (a length byte, then ASCII): `prefix ff ff` sorts after all of them.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    end.push(0xff);
+    end.push(0xff);
+    end
+}
+
+/// `msgno 0x00`: the shared MSG record of a group send.
+pub fn message_key(msgno: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[..8].copy_from_slice(&msgno.to_be_bytes());
+    key
+}
+
+/// `msgno 0x01`: how many inbox items still refer to the message.
+pub fn message_refs_key(msgno: u64) -> [u8; 9] {
+    let mut key = message_key(msgno);
+    key[8] = 1;
+    key
+}
+
+/// The prefix of all of one group's keys.
+pub fn group_prefix(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + name.len());
+    push_address(&mut key, name);
+    key
+}
+
+/// `glen group 0x00`: the group exists.
+pub fn group_key(name: &str) -> Vec<u8> {
+    let mut key = group_prefix(name);
+    key.push(0);
+    key
+}
+
+/// `glen group 0x01 mlen member`: one membership.
+pub fn group_member_key(name: &str, member: &str) -> Vec<u8> {
+    let mut key = group_prefix(name);
+    key.push(1);
+    push_address(&mut key, member);
+    key
+}
+
+/// The member address of a membership key of `name`.
+pub fn parse_group_member_key<'k>(name: &str, key: &'k [u8]) -> Option<&'k str> {
+    let head = 1 + name.len() + 1;
+    let rest = key.get(head..)?;
+    let (&mlen, member) = rest.split_first()?;
+    if member.len() != usize::from(mlen) {
+        return None;
+    }
+    std::str::from_utf8(member).ok()
+}
+
 /// `at_ms kind key`: an entry of the expiry index.
 pub fn expiry_key(at_ms: u64, kind: u8, key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + key.len());
@@ -137,6 +213,29 @@ mod tests {
         );
         // One user's keys never fall under another's prefix.
         assert!(!inbox_key("bobby", 0, 0).starts_with(&inbox_prefix("bob")));
+    }
+
+    #[test]
+    fn member_receipts_sort_inside_their_send() {
+        let send = dedup_key("alice", 7);
+        let member = member_receipt_key("alice", 7, "bob");
+        let next = dedup_key("alice", 8);
+        assert!(send < member && member < next);
+        assert!(member.as_slice() < prefix_end(&send).as_slice());
+        assert!(next.as_slice() > prefix_end(&send).as_slice());
+    }
+
+    #[test]
+    fn group_keys() {
+        let meta = group_key("team");
+        let m1 = group_member_key("team", "ann");
+        let m2 = group_member_key("team", "bob");
+        assert!(meta < m1 && m1 < m2);
+        assert!(m2.starts_with(&group_prefix("team")));
+        assert!(!group_member_key("teams", "a").starts_with(&group_prefix("team")));
+        assert_eq!(parse_group_member_key("team", &m2), Some("bob"));
+        assert!(message_key(5) < message_refs_key(5));
+        assert!(message_refs_key(5) < message_key(6));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use rocksdb::{
 };
 
 pub use commit::{Commit, Completion, Request};
-pub use record::{Dedup, Item, ItemView, MsgView, StatusView};
+pub use record::{Dedup, Item, ItemView, MsgView, RefView, StatusView};
 
 use keys::*;
 
@@ -53,6 +53,9 @@ pub struct UserRecord {
     /// Creation time, ms since the epoch.
     pub created_ms: u64,
 }
+
+/// A stored group: its name and its (member, permission bits).
+pub type GroupRecord = (String, Vec<(String, u8)>);
 
 /// The open database. Cheap to share: wrap it in an `Arc`.
 pub struct Store {
@@ -229,17 +232,110 @@ impl Store {
                 if items.len() == budget {
                     return Ok((items, false));
                 }
+                let record = match record::decode_item(value) {
+                    Some(ItemView::Ref(r)) => match self.message(r.msgno)? {
+                        Some(msg) => msg,
+                        None => {
+                            // The payload went with an earlier delete; the
+                            // commit thread settles the dangling item.
+                            tracing::warn!(
+                                address,
+                                seq,
+                                msgno = r.msgno,
+                                "group item without payload"
+                            );
+                            it.next();
+                            continue;
+                        }
+                    },
+                    _ => value.into(),
+                };
                 items.push(Arc::new(Item {
                     seq,
                     priority: prio,
                     ephemeral: false,
-                    record: value.into(),
+                    record,
                 }));
                 it.next();
             }
             it.status()?;
         }
         Ok((items, true))
+    }
+
+    /// The shared MSG record of a group send.
+    pub fn message(&self, msgno: u64) -> Result<Option<Arc<[u8]>>> {
+        let cf = self.cf(CF_MESSAGES)?;
+        Ok(self
+            .db
+            .get_pinned_cf(cf, message_key(msgno))?
+            .map(|v| Arc::from(&v[..])))
+    }
+
+    /// Every group with its members and their permission bits.
+    pub fn load_groups(&self) -> Result<Vec<GroupRecord>> {
+        let cf = self.cf(CF_GROUPS)?;
+        let mut groups: Vec<GroupRecord> = Vec::new();
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek_to_first();
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            let Some((&glen, rest)) = key.split_first() else {
+                break;
+            };
+            let glen = usize::from(glen);
+            let (Some(name), Some(&kind)) = (rest.get(..glen), rest.get(glen)) else {
+                break;
+            };
+            let name = String::from_utf8_lossy(name).into_owned();
+            if kind == 0 {
+                groups.push((name, Vec::new()));
+            } else if let (Some(member), Some(g)) =
+                (parse_group_member_key(&name, key), groups.last_mut())
+            {
+                if g.0 == name {
+                    g.1.push((member.to_owned(), value.first().copied().unwrap_or(0)));
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(groups)
+    }
+
+    /// Replaces a group's membership (creating the group), durably.
+    pub fn put_group(&self, name: &str, members: &[(String, u8)], created_ms: u64) -> Result<()> {
+        let cf = self.cf(CF_GROUPS)?;
+        let mut batch = WriteBatch::default();
+        let prefix = group_prefix(name);
+        batch.delete_range_cf(cf, &prefix, &prefix_end(&prefix));
+        batch.put_cf(cf, group_key(name), created_ms.to_be_bytes());
+        for (member, perms) in members {
+            batch.put_cf(cf, group_member_key(name, member), [*perms]);
+        }
+        self.write(batch, true)
+    }
+
+    /// Deletes a group and its memberships, durably.
+    pub fn delete_group(&self, name: &str) -> Result<()> {
+        let cf = self.cf(CF_GROUPS)?;
+        let mut batch = WriteBatch::default();
+        let prefix = group_prefix(name);
+        batch.delete_range_cf(cf, &prefix, &prefix_end(&prefix));
+        self.write(batch, true)
+    }
+
+    /// Number of keys in a column family (for tests and diagnostics).
+    pub fn count_keys(&self, name: &'static str) -> Result<usize> {
+        let cf = self.cf(name)?;
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek_to_first();
+        let mut n = 0;
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok(n)
     }
 
     /// Up to `limit` expiry-index keys due at or before `now_ms`, oldest first.
@@ -297,6 +393,13 @@ impl Batch<'_> {
     pub fn put(&mut self, cf: &'static str, key: &[u8], value: &[u8]) -> Result<()> {
         let handle = self.store.cf(cf)?;
         self.batch.put_cf(handle, key, value);
+        Ok(())
+    }
+
+    /// Deletes every key in `[from, to)` of column family `cf`.
+    pub fn delete_range(&mut self, cf: &'static str, from: &[u8], to: &[u8]) -> Result<()> {
+        let handle = self.store.cf(cf)?;
+        self.batch.delete_range_cf(handle, from, to);
         Ok(())
     }
 

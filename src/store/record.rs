@@ -9,16 +9,25 @@
 //! item, kind = 2 (STATUS about a message this user sent):
 //!   kind:u8 time:u64 expire_at:u64 id:u64 status:u8
 //!   tlen:u8 to  glen:u8 group  mlen:u8 member
+//! item, kind = 3 (REF: one member's share of a group send):
+//!   kind:u8 time:u64 expire_at:u64 id:u64 flags:u32 msgno:u64
+//!   flen:u8 from  glen:u8 group
+//!   (the MSG record itself, payload included, is stored once under `msgno`)
+//! member receipt (dedup cf):
+//!   seq:u64 state:u8 (0 queued, 1 delivered, 2 read)
 //! dedup value:
 //!   status:u8 flags:u32 priority:u8 seq:u64 time:u64 expire_at:u64 rlen:u8 recipient
 //! ```
 //!
 //! `expire_at` is milliseconds since the Unix epoch; glen/mlen = 0 means absent.
 
+use std::sync::Arc;
+
 use crate::wire::StatusCode;
 
 const KIND_MSG: u8 = 1;
 const KIND_STATUS: u8 = 2;
+const KIND_REF: u8 = 3;
 
 /// A queued delivery: a MSG or a STATUS for one recipient, with its SEQ.
 #[derive(Debug)]
@@ -30,8 +39,9 @@ pub struct Item {
     /// Held in memory only (EXPIRY = 0 messages and their statuses): never in
     /// the store, forgotten on reconnect.
     pub ephemeral: bool,
-    /// The encoded record (layout above).
-    pub record: Box<[u8]>,
+    /// The encoded record (layout above): a MSG or a STATUS, never a REF. A
+    /// group send's MSG record is one allocation shared by every member.
+    pub record: Arc<[u8]>,
 }
 
 /// A MSG as stored.
@@ -59,11 +69,25 @@ pub struct StatusView<'a> {
     pub member: Option<&'a str>,
 }
 
+/// A member's share of a group send, as stored in its inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefView<'a> {
+    pub time: u64,
+    pub expire_at: u64,
+    pub id: u64,
+    pub flags: u32,
+    /// Key of the shared MSG record in the `messages` cf.
+    pub msgno: u64,
+    pub from: &'a str,
+    pub group: &'a str,
+}
+
 /// A decoded item record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ItemView<'a> {
     Msg(MsgView<'a>),
     Status(StatusView<'a>),
+    Ref(RefView<'a>),
 }
 
 impl ItemView<'_> {
@@ -72,8 +96,44 @@ impl ItemView<'_> {
         match self {
             ItemView::Msg(m) => m.expire_at,
             ItemView::Status(s) => s.expire_at,
+            ItemView::Ref(r) => r.expire_at,
         }
     }
+}
+
+/// Encodes a REF record.
+pub fn encode_ref(r: &RefView<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(39 + r.from.len() + r.group.len());
+    out.push(KIND_REF);
+    out.extend_from_slice(&r.time.to_be_bytes());
+    out.extend_from_slice(&r.expire_at.to_be_bytes());
+    out.extend_from_slice(&r.id.to_be_bytes());
+    out.extend_from_slice(&r.flags.to_be_bytes());
+    out.extend_from_slice(&r.msgno.to_be_bytes());
+    push_str(&mut out, r.from);
+    push_str(&mut out, r.group);
+    out
+}
+
+/// Receipt state of one member for one group send: queued (written or not).
+pub const RECEIPT_QUEUED: u8 = 0;
+/// The member ACKed it.
+pub const RECEIPT_DELIVERED: u8 = 1;
+/// The member sent READ for it.
+pub const RECEIPT_READ: u8 = 2;
+
+/// Encodes a member receipt value.
+pub fn encode_receipt(seq: u64, state: u8) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[..8].copy_from_slice(&seq.to_be_bytes());
+    out[8] = state;
+    out
+}
+
+/// Decodes a member receipt value: (seq, state).
+pub fn decode_receipt(value: &[u8]) -> Option<(u64, u8)> {
+    let mut c = Cursor(value);
+    Some((c.u64()?, c.u8()?))
 }
 
 impl Item {
@@ -84,7 +144,7 @@ impl Item {
 }
 
 /// Encodes a MSG record.
-pub fn encode_msg(m: &MsgView<'_>) -> Box<[u8]> {
+pub fn encode_msg(m: &MsgView<'_>) -> Arc<[u8]> {
     let group = m.group.unwrap_or("");
     let mut out = Vec::with_capacity(35 + m.from.len() + group.len() + m.payload.len());
     out.push(KIND_MSG);
@@ -96,11 +156,11 @@ pub fn encode_msg(m: &MsgView<'_>) -> Box<[u8]> {
     push_str(&mut out, m.from);
     push_str(&mut out, group);
     out.extend_from_slice(m.payload);
-    out.into_boxed_slice()
+    out.into()
 }
 
 /// Encodes a STATUS record.
-pub fn encode_status(s: &StatusView<'_>) -> Box<[u8]> {
+pub fn encode_status(s: &StatusView<'_>) -> Arc<[u8]> {
     let group = s.group.unwrap_or("");
     let member = s.member.unwrap_or("");
     let mut out = Vec::with_capacity(29 + s.to.len() + group.len() + member.len());
@@ -112,7 +172,7 @@ pub fn encode_status(s: &StatusView<'_>) -> Box<[u8]> {
     push_str(&mut out, s.to);
     push_str(&mut out, group);
     push_str(&mut out, member);
-    out.into_boxed_slice()
+    out.into()
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
@@ -169,6 +229,15 @@ pub fn decode_item(record: &[u8]) -> Option<ItemView<'_>> {
             from: c.str()?,
             group: c.opt_str()?,
             payload: c.0,
+        })),
+        KIND_REF => Some(ItemView::Ref(RefView {
+            time,
+            expire_at,
+            id,
+            flags: c.u32()?,
+            msgno: c.u64()?,
+            from: c.str()?,
+            group: c.str()?,
         })),
         KIND_STATUS => Some(ItemView::Status(StatusView {
             time,
@@ -270,6 +339,24 @@ mod tests {
         };
         assert_eq!(decode_item(&encode_status(&s)), Some(ItemView::Status(s)));
         assert_eq!(decode_item(&[2, 0, 0]), None);
+    }
+
+    #[test]
+    fn ref_and_receipt_round_trip() {
+        let r = RefView {
+            time: 1,
+            expire_at: 2,
+            id: 3,
+            flags: 3,
+            msgno: 1 << 41,
+            from: "alice",
+            group: "team",
+        };
+        assert_eq!(decode_item(&encode_ref(&r)), Some(ItemView::Ref(r)));
+        assert_eq!(
+            decode_receipt(&encode_receipt(9, RECEIPT_READ)),
+            Some((9, RECEIPT_READ))
+        );
     }
 
     #[test]

@@ -4,5 +4,6 @@
 mod bad_input;
 mod crash;
 mod delivery;
+mod groups;
 mod http_api;
 mod util;
