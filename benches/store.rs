@@ -1,4 +1,5 @@
-//! Group commit: durable (fsync'd) messages per second at several batch sizes.
+//! Group commit: durable (fsync'd) messages per second at several batch
+//! sizes, and the cost of accepting one group send to offline members.
 //!
 //! Each iteration applies `batch` SEND requests to one WriteBatch and writes it
 //! with `sync = true`, exactly as the commit thread does (`commit_batch`), on a
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tern::config::Config;
 use tern::core::{ConnRef, Core, User};
-use tern::store::commit::{self, Request, SendRequest};
+use tern::store::commit::{self, GroupSendRequest, Request, SendRequest};
 use tern::store::record::encode_msg;
 use tern::store::{MsgView, Store};
 
@@ -72,5 +73,63 @@ fn group_commit(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, group_commit);
+/// One group send to 1,000 offline members: the payload once, 1,000 REF
+/// items, one synced batch. The time per iteration is the time to accept
+/// one such send.
+fn group_fanout(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let (commit_tx, _queue) = commit::queue();
+    let core = Core::new(Config::default(), store, commit_tx, 1).expect("core");
+    let sender = Arc::new(User::new("boss", String::new(), 1));
+    let mut group = c.benchmark_group("store_group_fanout");
+    group.sample_size(20);
+    for members in [100usize, 1000] {
+        let recipients: Vec<Arc<User>> = (0..members)
+            .map(|i| Arc::new(User::new(&format!("m{i}"), String::new(), 1)))
+            .collect();
+        let payload = [0x5au8; 256];
+        let record = encode_msg(&MsgView {
+            time: 1,
+            expire_at: u64::MAX / 2,
+            id: 0,
+            msg_type: 0,
+            flags: 3,
+            from: "boss",
+            group: Some("big"),
+            payload: &payload,
+        });
+        let mut next_id = 0u64;
+        group.throughput(Throughput::Elements(members as u64));
+        group.bench_with_input(BenchmarkId::new("offline_members", members), &members, |b, _| {
+            b.iter_batched(
+                || {
+                    next_id += 1;
+                    vec![Request::GroupSend(GroupSendRequest {
+                        conn: ConnRef {
+                            worker: 0,
+                            token: 0,
+                            generation: 0,
+                        },
+                        sender: sender.clone(),
+                        group: "big".into(),
+                        recipients: recipients.clone(),
+                        id: next_id,
+                        priority: 0,
+                        flags: 3,
+                        time: 1,
+                        expire_at: u64::MAX / 2,
+                        dedup_until: u64::MAX / 2,
+                        record: record.clone(),
+                    })]
+                },
+                |mut requests| commit::commit_batch(&core, &mut requests),
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, group_commit, group_fanout);
 criterion_main!(benches);
