@@ -7,6 +7,7 @@
 //! Every error is JSON: `{"error": "<snake_case>", "message": "<text>"}`.
 
 mod api;
+pub mod files;
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +41,7 @@ pub fn start(
     listener: std::net::TcpListener,
     admin_token: String,
 ) -> std::io::Result<Http> {
+    let files = Arc::new(files::Files::open(&core.config)?);
     let server = Server::from_listener(listener, None)
         .map(Arc::new)
         .map_err(std::io::Error::other)?;
@@ -47,14 +49,15 @@ pub fn start(
     let stopping = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(HANDLERS);
     for i in 0..HANDLERS {
-        let (server, core, admin) = (server.clone(), core.clone(), admin.clone());
+        let (server, core, admin, files) =
+            (server.clone(), core.clone(), admin.clone(), files.clone());
         let stopping = stopping.clone();
         threads.push(
             thread::Builder::new()
                 .name(format!("tern-http-{i}"))
                 .spawn(move || loop {
                     match server.recv() {
-                        Ok(request) => handle(&core, &admin, request),
+                        Ok(request) => handle(&core, &files, &admin, request),
                         Err(_) if stopping.load(Ordering::Acquire) => return,
                         Err(e) => tracing::debug!(error = %e, "http accept failed"),
                     }
@@ -146,12 +149,17 @@ pub struct Req<'r> {
     pub body: Vec<u8>,
 }
 
-fn handle(core: &Core, admin_hash: &[u8], mut request: Request) {
+fn handle(core: &Core, files: &files::Files, admin_hash: &[u8], mut request: Request) {
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let admin = bearer(&request)
         .map(|t| Sha256::digest(t.as_bytes()).ct_eq(admin_hash).into())
         .unwrap_or(false);
+    if path == "/v1/files" || path.starts_with("/v1/files/") {
+        // Files stream their bodies: they never go through the JSON reader.
+        files.handle(core, admin, request);
+        return;
+    }
     let mut body = Vec::new();
     let too_large = matches!(request.method(), Method::Post | Method::Put) && {
         let reader = request.as_reader();
@@ -173,6 +181,11 @@ fn handle(core: &Core, admin_hash: &[u8], mut request: Request) {
         };
         api::route(core, &req)
     };
+    respond(request, reply);
+}
+
+/// Sends a [`Reply`].
+pub fn respond(request: Request, reply: Reply) {
     let mut response = Response::from_data(reply.body).with_status_code(reply.status);
     if let Ok(h) = Header::from_bytes("Content-Type", reply.content_type) {
         response.add_header(h);
@@ -182,7 +195,8 @@ fn handle(core: &Core, admin_hash: &[u8], mut request: Request) {
     }
 }
 
-fn bearer(request: &Request) -> Option<String> {
+/// The bearer token of a request, if any.
+pub fn bearer(request: &Request) -> Option<String> {
     request
         .headers()
         .iter()
