@@ -101,32 +101,36 @@ fn group_fanout(c: &mut Criterion) {
         });
         let mut next_id = 0u64;
         group.throughput(Throughput::Elements(members as u64));
-        group.bench_with_input(BenchmarkId::new("offline_members", members), &members, |b, _| {
-            b.iter_batched(
-                || {
-                    next_id += 1;
-                    vec![Request::GroupSend(GroupSendRequest {
-                        conn: ConnRef {
-                            worker: 0,
-                            token: 0,
-                            generation: 0,
-                        },
-                        sender: sender.clone(),
-                        group: "big".into(),
-                        recipients: recipients.clone(),
-                        id: next_id,
-                        priority: 0,
-                        flags: 3,
-                        time: 1,
-                        expire_at: u64::MAX / 2,
-                        dedup_until: u64::MAX / 2,
-                        record: record.clone(),
-                    })]
-                },
-                |mut requests| commit::commit_batch(&core, &mut requests),
-                BatchSize::SmallInput,
-            );
-        });
+        group.bench_with_input(
+            BenchmarkId::new("offline_members", members),
+            &members,
+            |b, _| {
+                b.iter_batched(
+                    || {
+                        next_id += 1;
+                        vec![Request::GroupSend(GroupSendRequest {
+                            conn: ConnRef {
+                                worker: 0,
+                                token: 0,
+                                generation: 0,
+                            },
+                            sender: sender.clone(),
+                            group: "big".into(),
+                            recipients: recipients.clone(),
+                            id: next_id,
+                            priority: 0,
+                            flags: 3,
+                            time: 1,
+                            expire_at: u64::MAX / 2,
+                            dedup_until: u64::MAX / 2,
+                            record: record.clone(),
+                        })]
+                    },
+                    |mut requests| commit::commit_batch(&core, &mut requests),
+                    BatchSize::SmallInput,
+                );
+            },
+        );
     }
     group.finish();
 }

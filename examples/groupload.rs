@@ -40,11 +40,18 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
     .expect("write");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("read");
-    resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }
 
 fn token(http_addr: SocketAddr, address: &str) -> String {
-    let body = http(http_addr, "POST", "/v1/users", &format!(r#"{{"address":"{address}"}}"#));
+    let body = http(
+        http_addr,
+        "POST",
+        "/v1/users",
+        &format!(r#"{{"address":"{address}"}}"#),
+    );
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     v["token"].as_str().expect("token").to_owned()
 }
@@ -89,7 +96,12 @@ fn main() {
     let boss = token(http_addr, "boss");
     let mut list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
     list.push(r#"{"address":"boss","recv":false}"#.into());
-    http(http_addr, "PUT", "/v1/groups/big", &format!(r#"{{"members":[{}]}}"#, list.join(",")));
+    http(
+        http_addr,
+        "PUT",
+        "/v1/groups/big",
+        &format!(r#"{{"members":[{}]}}"#, list.join(",")),
+    );
 
     let mut sockets: Vec<Member> = tokens.iter().map(|t| login(addr, t)).collect();
     let total = members as u64 * messages;
@@ -99,7 +111,9 @@ fn main() {
     while !sockets.is_empty() {
         let mine: Vec<Member> = sockets.drain(..per_thread.min(sockets.len())).collect();
         let delivered = delivered.clone();
-        readers.push(std::thread::spawn(move || read_loop(mine, &delivered, total)));
+        readers.push(std::thread::spawn(move || {
+            read_loop(mine, &delivered, total)
+        }));
     }
 
     let mut sender = Client::connect(addr, &boss).expect("sender");
@@ -131,7 +145,10 @@ fn main() {
         r.join().expect("reader");
     }
     let elapsed = started.elapsed();
-    println!("members={members} messages={messages} payload={}B window={window}", payload.len());
+    println!(
+        "members={members} messages={messages} payload={}B window={window}",
+        payload.len()
+    );
     println!(
         "accepted: {:.0} group sends/s ({messages} in {accepted:.2?}); deliveries: {:.0}/s ({total} in {elapsed:.2?})",
         messages as f64 / accepted.as_secs_f64(),
@@ -181,12 +198,20 @@ fn read_loop(mut sockets: Vec<Member>, delivered: &AtomicU64, total: u64) {
             idle = false;
             delivered.fetch_add(seqs.len() as u64, Ordering::Relaxed);
             ack.clear();
-            wire::encode(&Frame::Ack(wire::Ack { seqs: wire::Seqs::List(&seqs) }), &mut ack).expect("encode");
+            wire::encode(
+                &Frame::Ack(wire::Ack {
+                    seqs: wire::Seqs::List(&seqs),
+                }),
+                &mut ack,
+            )
+            .expect("encode");
             let mut off = 0;
             while off < ack.len() {
                 match m.stream.write(&ack[off..]) {
                     Ok(n) => off += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(50)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_micros(50))
+                    }
                     Err(e) => panic!("write: {e}"),
                 }
             }

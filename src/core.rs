@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::mailbox::Mailbox;
 use crate::net::{Notice, WorkerHandle};
 use crate::store::{Commit, Store, StoreError, UserRecord};
+use crate::wire::ErrorCode;
 
 /// Bits of a SEQ below the boot counter: each boot owns `boot << 40 ..`.
 pub const SEQ_BOOT_SHIFT: u32 = 40;
@@ -186,6 +187,10 @@ pub struct Metrics {
     pub committed_requests: AtomicU64,
     /// Latency of synced batch writes, microseconds.
     pub commit_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// From a message's TIME to its MSG being written, microseconds.
+    pub delivery_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Files uploaded.
+    pub files_stored: AtomicU64,
 }
 
 impl Metrics {
@@ -194,15 +199,26 @@ impl Metrics {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.committed_requests
             .fetch_add(requests, Ordering::Relaxed);
-        let mut h = self
-            .commit_latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let h = h.get_or_insert_with(|| {
-            hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
-                .expect("static histogram bounds are valid")
-        });
-        h.saturating_record(took.as_micros() as u64);
+        record(&self.commit_latency, &[took.as_micros() as u64]);
+    }
+
+    /// Records end-to-end delivery latencies, microseconds.
+    pub fn record_deliveries(&self, micros: &[u64]) {
+        if !micros.is_empty() {
+            record(&self.delivery_latency, micros);
+        }
+    }
+}
+
+fn record(h: &Mutex<Option<hdrhistogram::Histogram<u64>>>, values: &[u64]) {
+    let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+    let h = h.get_or_insert_with(|| {
+        // 1 µs .. 1 h, 3 significant digits.
+        hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+            .expect("static histogram bounds are valid")
+    });
+    for &v in values {
+        h.saturating_record(v.max(1));
     }
 }
 
@@ -355,6 +371,77 @@ impl Core {
                 self.users.pin().insert(user.address.clone(), user);
                 Ok((true, token))
             }
+        }
+    }
+
+    /// A fresh token for an existing user; `None` if there is no such user.
+    pub fn add_token(
+        &self,
+        address: &str,
+        token_ttl_secs: Option<u64>,
+    ) -> Result<Option<String>, StoreError> {
+        if self.user(address).is_none() {
+            return Ok(None);
+        }
+        let token = new_token();
+        let expires = token_ttl_secs
+            .map(|s| now_ms().saturating_add(s.saturating_mul(1000)))
+            .unwrap_or(0);
+        self.store
+            .put_token(address, &hash_token(&token), expires)?;
+        Ok(Some(token))
+    }
+
+    /// Revokes every token of a user and closes its session; `false` if
+    /// there is no such user.
+    pub fn revoke_tokens(&self, address: &str) -> Result<bool, StoreError> {
+        let Some(user) = self.user(address) else {
+            return Ok(false);
+        };
+        self.store.revoke_tokens(address, false)?;
+        self.close_session(&user, ErrorCode::AUTH_FAILED);
+        Ok(true)
+    }
+
+    /// Deletes a user: tokens revoked, session closed with ERROR
+    /// AUTH_FAILED, memberships removed, queued items deleted (their senders
+    /// get STATUS DELETED). `false` if there is no such user.
+    pub fn delete_user(&self, address: &str) -> Result<bool, StoreError> {
+        let Some(user) = self.user(address) else {
+            return Ok(false);
+        };
+        user.deleted.store(true, Ordering::Release);
+        self.store.revoke_tokens(address, true)?;
+        self.close_session(&user, ErrorCode::AUTH_FAILED);
+        let groups: Vec<Arc<str>> = self
+            .groups
+            .pin()
+            .iter()
+            .filter(|(_, g)| g.member(address).is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in groups {
+            match self.change_members(&name, Vec::new(), &[address.to_owned()]) {
+                Ok(_) | Err(GroupError::NotFound) => {}
+                Err(GroupError::Store(e)) => return Err(e),
+                Err(e) => tracing::warn!(group = %name, error = %e, "membership not removed"),
+            }
+        }
+        let (done, wait) = crossbeam::channel::bounded(1);
+        if self
+            .commit
+            .submit(crate::store::Request::Purge { user, done })
+        {
+            let _ = wait.recv();
+        }
+        self.users.pin().remove(address);
+        Ok(true)
+    }
+
+    fn close_session(&self, user: &User, code: ErrorCode) {
+        if let Some(mb) = user.attached.load_full() {
+            mb.close(code);
+            self.wake(&mb);
         }
     }
 

@@ -23,6 +23,28 @@ pub fn route(core: &Core, req: &Req<'_>) -> Reply {
             }
             admin(req).unwrap_or_else(|| create_user(core, req))
         }
+        (method, ["v1", "users", address]) => admin(req).unwrap_or_else(|| match method {
+            Method::Get => get_user(core, address),
+            Method::Delete => match core.delete_user(address) {
+                Ok(true) => Reply::empty(204),
+                Ok(false) => no_user(),
+                Err(e) => internal(&e),
+            },
+            _ => not_allowed(),
+        }),
+        (method, ["v1", "users", address, "tokens"]) => {
+            admin(req).unwrap_or_else(|| match method {
+                Method::Post => add_token(core, req, address),
+                Method::Delete => match core.revoke_tokens(address) {
+                    Ok(true) => Reply::empty(204),
+                    Ok(false) => no_user(),
+                    Err(e) => internal(&e),
+                },
+                _ => not_allowed(),
+            })
+        }
+        (Method::Get, ["metrics"]) => super::metrics::render(core),
+        (_, ["metrics"]) => not_allowed(),
         (method, ["v1", "groups", name]) => admin(req).unwrap_or_else(|| match method {
             Method::Put => put_group(core, req, name),
             Method::Get => get_group(core, name),
@@ -234,5 +256,63 @@ fn change_members(core: &Core, req: &Req<'_>, name: &str) -> Reply {
     match core.change_members(name, add, &body.remove) {
         Ok(g) => group_json(200, &g),
         Err(e) => group_error(e),
+    }
+}
+
+fn no_user() -> Reply {
+    Reply::error(404, "not_found", "no such user")
+}
+
+fn internal(e: &dyn std::fmt::Display) -> Reply {
+    tracing::error!(error = %e, "admin request failed");
+    Reply::error(500, "internal", "storage error")
+}
+
+#[derive(Serialize)]
+struct UserOut<'a> {
+    address: &'a str,
+    name: String,
+    online: bool,
+    pending: u64,
+}
+
+fn get_user(core: &Core, address: &str) -> Reply {
+    let Some(user) = core.user(address) else {
+        return no_user();
+    };
+    let name = user.name.lock().map(|n| n.clone()).unwrap_or_default();
+    Reply::json(
+        200,
+        &UserOut {
+            address: &user.address,
+            name,
+            online: user.mailbox().is_some(),
+            pending: user.queued.load(std::sync::atomic::Ordering::Relaxed),
+        },
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct NewToken {
+    token_ttl_secs: Option<u64>,
+}
+
+fn add_token(core: &Core, req: &Req<'_>, address: &str) -> Reply {
+    let body: NewToken = if req.body.iter().all(u8::is_ascii_whitespace) {
+        NewToken::default()
+    } else {
+        match parse(req) {
+            Ok(b) => b,
+            Err(reply) => return reply,
+        }
+    };
+    #[derive(Serialize)]
+    struct TokenOut<'a> {
+        token: &'a str,
+    }
+    match core.add_token(address, body.token_ttl_secs) {
+        Ok(Some(token)) => Reply::json(201, &TokenOut { token: &token }),
+        Ok(None) => no_user(),
+        Err(e) => internal(&e),
     }
 }

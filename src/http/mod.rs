@@ -8,6 +8,7 @@
 
 mod api;
 pub mod files;
+mod metrics;
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,9 +87,12 @@ impl Http {
 
 /// An HTTP answer: status and JSON (or plain) body.
 pub struct Reply {
-    status: u16,
-    body: Vec<u8>,
-    content_type: &'static str,
+    /// HTTP status code.
+    pub status: u16,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Its Content-Type.
+    pub content_type: &'static str,
 }
 
 impl Reply {

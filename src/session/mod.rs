@@ -72,8 +72,13 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     fn write(&mut self, frame: &Frame<'_>) {
         // Frames built here are bounded by max_frame; encoding cannot fail.
-        if let Err(e) = wire::encode(frame, self.out) {
-            tracing::error!(error = %e, "frame could not be encoded");
+        match wire::encode(frame, self.out) {
+            Ok(_) => {
+                let m = &self.core.metrics;
+                m.frames_out
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "frame could not be encoded"),
         }
     }
 
@@ -463,6 +468,13 @@ impl Session {
 
     /// Writes as many deliveries as the output buffer and the window allow.
     pub fn pump(&mut self, ctx: &mut Ctx<'_>) {
+        // A sample of this call's end-to-end latencies, recorded under one lock.
+        let mut latencies = Vec::new();
+        self.pump_into(ctx, &mut latencies);
+        ctx.core.metrics.record_deliveries(&latencies);
+    }
+
+    fn pump_into(&mut self, ctx: &mut Ctx<'_>, latencies: &mut Vec<u64>) {
         let Some(a) = self.active.as_deref_mut() else {
             return;
         };
@@ -519,6 +531,11 @@ impl Session {
                     }
                 };
                 let seen = written_before || item.seq >> SEQ_BOOT_SHIFT < ctx.core.boot;
+                if let ItemView::Msg(m) = view {
+                    if latencies.len() < 256 {
+                        latencies.push(ctx.now.saturating_sub(m.time) * 1000);
+                    }
+                }
                 write_item(ctx, &item, seen);
                 wrote = true;
             }

@@ -108,6 +108,10 @@ pub enum Request {
         keys: Vec<Box<[u8]>>,
         done: Sender<()>,
     },
+    /// Deletes everything queued for a user (deleted by the admin API);
+    /// senders of undelivered messages get STATUS DELETED. `done` fires after
+    /// commit.
+    Purge { user: Arc<User>, done: Sender<()> },
     /// Fires once everything submitted before it is committed.
     Barrier(Sender<()>),
 }
@@ -330,6 +334,15 @@ impl Pass<'_> {
                 self.done.push(Completion::Done(done));
                 Ok(())
             }
+            Request::Purge { user, done } => {
+                for key in self.store().inbox_keys(&user.address)? {
+                    if let Some((_, priority, seq)) = parse_inbox_key(&key) {
+                        self.settle(&user, priority, seq, Settle::Deleted)?;
+                    }
+                }
+                self.done.push(Completion::Done(done));
+                Ok(())
+            }
             Request::Barrier(tx) => {
                 self.done.push(Completion::Done(tx));
                 Ok(())
@@ -471,6 +484,7 @@ impl Pass<'_> {
                     self.core.metrics.expired.fetch_add(1, Ordering::Relaxed);
                     (StatusCode::EXPIRED, true)
                 }
+                Settle::Deleted => (StatusCode::DELETED, true),
             };
             if m.id != 0 {
                 let dkey = dedup_key(m.from, m.id);
@@ -514,19 +528,17 @@ impl Pass<'_> {
                         )?;
                     }
                 }
-                Settle::Expired => {
-                    self.core.metrics.expired.fetch_add(1, Ordering::Relaxed);
+                Settle::Expired | Settle::Deleted => {
+                    let status = if how == Settle::Expired {
+                        self.core.metrics.expired.fetch_add(1, Ordering::Relaxed);
+                        StatusCode::EXPIRED
+                    } else {
+                        StatusCode::DELETED
+                    };
                     if r.id != 0 {
                         self.batch.delete(CF_DEDUP, &receipt)?;
                         self.receipts.insert(receipt, None);
-                        self.store_status(
-                            &from,
-                            r.id,
-                            None,
-                            Some(&group),
-                            member,
-                            StatusCode::EXPIRED,
-                        )?;
+                        self.store_status(&from, r.id, None, Some(&group), member, status)?;
                     }
                 }
             }
@@ -799,6 +811,10 @@ impl Pass<'_> {
 /// Why a queued item leaves the store.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Settle {
+    /// The recipient ACKed it: DELIVERED.
     Acked,
+    /// Its EXPIRY passed: EXPIRED.
     Expired,
+    /// An operator removed it: DELETED.
+    Deleted,
 }

@@ -160,6 +160,40 @@ impl Store {
         self.write(batch, true)
     }
 
+    /// Adds a token hash for an existing user, durably.
+    pub fn put_token(&self, address: &str, token_hash: &[u8; 32], expires_ms: u64) -> Result<()> {
+        let tokens = self.cf(CF_TOKENS)?;
+        let mut value = expires_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(address.as_bytes());
+        let mut batch = WriteBatch::default();
+        batch.put_cf(tokens, token_hash, value);
+        self.write(batch, true)
+    }
+
+    /// Deletes every token of a user (and, with `user`, the user record),
+    /// durably. Tokens are keyed by hash, so this scans them: an admin
+    /// operation, not a hot path.
+    pub fn revoke_tokens(&self, address: &str, user: bool) -> Result<usize> {
+        let tokens = self.cf(CF_TOKENS)?;
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        let mut it = self.db.raw_iterator_cf(tokens);
+        it.seek_to_first();
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if value.get(8..) == Some(address.as_bytes()) {
+                batch.delete_cf(tokens, key);
+                n += 1;
+            }
+            it.next();
+        }
+        it.status()?;
+        if user {
+            batch.delete_cf(self.cf(CF_USERS)?, address.as_bytes());
+        }
+        self.write(batch, true)?;
+        Ok(n)
+    }
+
     /// The (address, expires_ms) a token hash belongs to; expires 0 = never.
     pub fn lookup_token(&self, token_hash: &[u8; 32]) -> Result<Option<(String, u64)>> {
         let cf = self.cf(CF_TOKENS)?;
@@ -336,6 +370,26 @@ impl Store {
         }
         it.status()?;
         Ok(n)
+    }
+
+    /// The keys of every item queued for `address` (for a purge).
+    pub fn inbox_keys(&self, address: &str) -> Result<Vec<Vec<u8>>> {
+        let cf = self.cf(CF_INBOX)?;
+        let prefix = inbox_prefix(address);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(prefix.clone());
+        let mut upper = prefix;
+        upper.push(PRIORITIES as u8);
+        ro.set_iterate_upper_bound(upper);
+        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        it.seek_to_first();
+        let mut keys = Vec::new();
+        while let Some(key) = it.key() {
+            keys.push(key.to_vec());
+            it.next();
+        }
+        it.status()?;
+        Ok(keys)
     }
 
     /// Up to `limit` expiry-index keys due at or before `now_ms`, oldest first.

@@ -122,6 +122,12 @@ impl TestServer {
         }
     }
 
+    /// Waits for a process that was already signalled to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        child.wait().expect("wait")
+    }
+
     /// Starts the server again on the same data directory.
     pub fn restart(&mut self) {
         self.kill();

@@ -1,0 +1,147 @@
+//! `GET /metrics`: counters, gauges and latency quantiles in the Prometheus
+//! text format (version 0.0.4).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+
+use super::Reply;
+use crate::core::Core;
+
+/// Renders every metric.
+pub fn render(core: &Core) -> Reply {
+    let m = &core.metrics;
+    let mut out = String::with_capacity(4096);
+    let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+        metric(out, name, "counter", help, v.load(Ordering::Relaxed));
+    };
+    metric(
+        &mut out,
+        "tern_connections",
+        "gauge",
+        "Open protocol connections.",
+        m.connections.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "tern_frames_in_total",
+        "Frames read from clients.",
+        &m.frames_in,
+    );
+    counter(
+        &mut out,
+        "tern_frames_out_total",
+        "Frames written to clients.",
+        &m.frames_out,
+    );
+    counter(
+        &mut out,
+        "tern_bytes_in_total",
+        "Bytes read from clients.",
+        &m.bytes_in,
+    );
+    counter(
+        &mut out,
+        "tern_bytes_out_total",
+        "Bytes written to clients.",
+        &m.bytes_out,
+    );
+    counter(
+        &mut out,
+        "tern_messages_accepted_total",
+        "Messages accepted (stored, or handed to a connected recipient).",
+        &m.accepted,
+    );
+    counter(
+        &mut out,
+        "tern_messages_delivered_total",
+        "Deliveries ACKed by their recipient.",
+        &m.delivered,
+    );
+    counter(
+        &mut out,
+        "tern_messages_expired_total",
+        "Queued items expired.",
+        &m.expired,
+    );
+    counter(
+        &mut out,
+        "tern_messages_deduplicated_total",
+        "SENDs answered from duplicate detection.",
+        &m.deduplicated,
+    );
+    counter(
+        &mut out,
+        "tern_files_stored_total",
+        "Files uploaded.",
+        &m.files_stored,
+    );
+    counter(
+        &mut out,
+        "tern_store_commits_total",
+        "Synced batches written.",
+        &m.commits,
+    );
+    counter(
+        &mut out,
+        "tern_store_committed_requests_total",
+        "Requests applied in synced batches.",
+        &m.committed_requests,
+    );
+    let depth: u64 = core
+        .users
+        .pin()
+        .iter()
+        .map(|(_, u)| u.queued.load(Ordering::Relaxed))
+        .sum();
+    metric(
+        &mut out,
+        "tern_queue_depth",
+        "gauge",
+        "Items queued in the store, all users.",
+        depth,
+    );
+    summary(
+        &mut out,
+        "tern_store_commit_seconds",
+        "Latency of a synced batch write.",
+        &m.commit_latency,
+    );
+    summary(
+        &mut out,
+        "tern_delivery_latency_seconds",
+        "From acceptance (TIME) to the MSG being written to the recipient.",
+        &m.delivery_latency,
+    );
+    Reply {
+        status: 200,
+        body: out.into_bytes(),
+        content_type: "text/plain; version=0.0.4; charset=utf-8",
+    }
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+/// A summary with p50/p90/p99/p999 from a histogram of microseconds.
+fn summary(out: &mut String, name: &str, help: &str, h: &Mutex<Option<Histogram<u64>>>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    let h = h.lock().unwrap_or_else(|e| e.into_inner());
+    let (count, sum) = match h.as_ref() {
+        Some(h) => {
+            for q in [0.5, 0.9, 0.99, 0.999] {
+                let secs = h.value_at_quantile(q) as f64 / 1e6;
+                let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {secs}");
+            }
+            (h.len(), h.mean() * h.len() as f64 / 1e6)
+        }
+        None => (0, 0.0),
+    };
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+}
