@@ -10,7 +10,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tern::config::Config;
 use tern::core::{ConnRef, Core, User};
-use tern::store::commit::{self, GroupSendRequest, Request, SendRequest};
+use tern::store::commit::{self, GroupSendRequest, ReplyTo, Request, SendRequest};
 use tern::store::record::encode_msg;
 use tern::store::{MsgView, Store};
 
@@ -47,11 +47,11 @@ fn group_commit(c: &mut Criterion) {
                                     payload: &payload,
                                 });
                                 Request::Send(SendRequest {
-                                    conn: ConnRef {
+                                    conn: ReplyTo::Conn(ConnRef {
                                         worker: 0,
                                         token: 0,
                                         generation: 0,
-                                    },
+                                    }),
                                     sender: alice.clone(),
                                     recipient: bob.clone(),
                                     id: next_id,
@@ -109,11 +109,11 @@ fn group_fanout(c: &mut Criterion) {
                     || {
                         next_id += 1;
                         vec![Request::GroupSend(GroupSendRequest {
-                            conn: ConnRef {
+                            conn: ReplyTo::Conn(ConnRef {
                                 worker: 0,
                                 token: 0,
                                 generation: 0,
-                            },
+                            }),
                             sender: sender.clone(),
                             group: "big".into(),
                             recipients: recipients.clone(),

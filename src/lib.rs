@@ -13,6 +13,7 @@
 //! - `config`: configuration keys, sources and validation.
 //! - `net`: the only user of mio: acceptor, event loops, connection buffers.
 //! - `session`: the per-connection protocol state machine.
+//! - `router`: the SEND rules, shared by the session and the HTTP API.
 //! - `mailbox`: per-user lock-free delivery rings and worker wake-ups.
 //! - `store`: the only user of RocksDB: keys, records and the commit thread.
 //! - `core`: the shared state the parts meet in (user directory, metrics).
@@ -35,6 +36,8 @@ pub mod http;
 pub mod mailbox;
 #[cfg(feature = "server")]
 pub mod net;
+#[cfg(feature = "server")]
+pub mod router;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -4,7 +4,13 @@ use serde::{Deserialize, Serialize};
 use tiny_http::Method;
 
 use super::{Reply, Req};
+use base64::Engine;
+
 use crate::core::{Core, Group, GroupError, MemberSpec, Phase, UserError};
+use crate::router::Outcome;
+use crate::store::commit::{MessageFilter, ReplyTo};
+use crate::store::{ItemView, Request};
+use crate::wire::StatusCode;
 
 /// Dispatches a request to its handler.
 pub fn route(core: &Core, req: &Req<'_>) -> Reply {
@@ -40,6 +46,17 @@ pub fn route(core: &Core, req: &Req<'_>) -> Reply {
                     Ok(false) => no_user(),
                     Err(e) => internal(&e),
                 },
+                _ => not_allowed(),
+            })
+        }
+        (method, ["v1", "messages"]) => admin(req).unwrap_or_else(|| match method {
+            Method::Post => post_message(core, req),
+            _ => not_allowed(),
+        }),
+        (method, ["v1", "users", address, "messages"]) => {
+            admin(req).unwrap_or_else(|| match method {
+                Method::Get => list_messages(core, req, address),
+                Method::Delete => delete_messages(core, req, address),
                 _ => not_allowed(),
             })
         }
@@ -314,5 +331,242 @@ fn add_token(core: &Core, req: &Req<'_>, address: &str) -> Reply {
         Ok(Some(token)) => Reply::json(201, &TokenOut { token: &token }),
         Ok(None) => no_user(),
         Err(e) => internal(&e),
+    }
+}
+
+/// The body of `POST /v1/messages`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMessage {
+    from: String,
+    to: Option<String>,
+    group: Option<String>,
+    #[serde(default)]
+    id: u64,
+    payload: Option<String>,
+    payload_b64: Option<String>,
+    expiry: Option<u32>,
+    #[serde(rename = "type")]
+    msg_type: Option<u32>,
+    priority: Option<u8>,
+    flags: Option<u32>,
+}
+
+/// The lower-case name of a status, for JSON.
+fn status_name(status: StatusCode) -> String {
+    status.name().unwrap_or("unknown").to_ascii_lowercase()
+}
+
+fn post_message(core: &Core, req: &Req<'_>) -> Reply {
+    let body: NewMessage = match parse(req) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    let payload = match (body.payload, body.payload_b64) {
+        (Some(p), None) => p.into_bytes(),
+        (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b.as_bytes()) {
+            Ok(p) => p,
+            Err(e) => return Reply::error(400, "bad_request", format!("payload_b64: {e}")),
+        },
+        (None, None) => Vec::new(),
+        (Some(_), Some(_)) => {
+            return Reply::error(400, "bad_request", "give payload or payload_b64, not both")
+        }
+    };
+    for address in [Some(&body.from), body.to.as_ref(), body.group.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if !crate::wire::is_valid_address(address) {
+            return Reply::error(
+                400,
+                "invalid_address",
+                format!("invalid address {address:?}"),
+            );
+        }
+    }
+    let Some(sender) = core.user(&body.from) else {
+        return Reply::error(404, "not_found", format!("no user {:?}", body.from));
+    };
+    let send = crate::wire::Send {
+        id: (body.id != 0).then_some(body.id),
+        to: body.to.as_deref(),
+        group: body.group.as_deref(),
+        expiry: body.expiry,
+        msg_type: body.msg_type,
+        priority: body.priority,
+        flags: body.flags,
+        payload: Some(&payload),
+    };
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    let (_, outcome) = crate::router::send(
+        core,
+        &sender,
+        &send,
+        crate::core::now_ms(),
+        ReplyTo::Channel(tx),
+    );
+    let status = match outcome {
+        Outcome::Now(status) => status,
+        Outcome::Queued => match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            // Fire-and-forget has no status: accepted.
+            Ok(status) => status.unwrap_or(StatusCode::SENT),
+            Err(_) => StatusCode::OVERLOADED,
+        },
+    };
+    #[derive(Serialize)]
+    struct Sent {
+        status: String,
+        id: u64,
+    }
+    let (code, error) = match status {
+        StatusCode::SENT
+        | StatusCode::DELIVERED
+        | StatusCode::READ
+        | StatusCode::EXPIRED
+        | StatusCode::DELETED => {
+            return Reply::json(
+                202,
+                &Sent {
+                    status: status_name(status),
+                    id: body.id,
+                },
+            )
+        }
+        StatusCode::INVALID_DEST => (404, "invalid_dest"),
+        StatusCode::NOT_MEMBER => (403, "not_member"),
+        StatusCode::TOO_LARGE => (413, "too_large"),
+        StatusCode::OFFLINE => (409, "offline"),
+        StatusCode::OVERLOADED => (503, "overloaded"),
+        _ => (400, "bad_request"),
+    };
+    Reply::error(
+        code,
+        error,
+        format!("SEND refused: {}", status_name(status)),
+    )
+}
+
+/// A query string's value for `key`.
+fn query<'q>(req: &Req<'q>, key: &str) -> Option<&'q str> {
+    req.query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn query_u64(req: &Req<'_>, key: &str) -> Result<Option<u64>, Reply> {
+    match query(req, key) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| Reply::error(400, "bad_request", format!("{key}: not a number"))),
+    }
+}
+
+#[derive(Serialize)]
+struct MessageOut<'a> {
+    seq: u64,
+    from: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
+    id: u64,
+    time: u64,
+    expire_at: u64,
+    #[serde(rename = "type")]
+    msg_type: u32,
+    priority: u8,
+    flags: u32,
+    delivered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_b64: Option<String>,
+}
+
+fn list_messages(core: &Core, req: &Req<'_>, address: &str) -> Reply {
+    if core.user(address).is_none() {
+        return no_user();
+    }
+    let (since, limit) = match (query_u64(req, "since"), query_u64(req, "limit")) {
+        (Ok(s), Ok(l)) => (s.unwrap_or(0), l.unwrap_or(100).clamp(1, 1000) as usize),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let retained = core.config.retain_delivered;
+    let rows = match core.store.list_messages(address, since, limit, retained) {
+        Ok(rows) => rows,
+        Err(e) => return internal(&e),
+    };
+    let messages: Vec<MessageOut<'_>> = rows
+        .iter()
+        .filter_map(|(seq, priority, delivered, record)| {
+            let Some(ItemView::Msg(m)) = crate::store::record::decode_item(record) else {
+                return None;
+            };
+            let text = std::str::from_utf8(m.payload).ok();
+            Some(MessageOut {
+                seq: *seq,
+                from: m.from,
+                group: m.group,
+                id: m.id,
+                time: m.time,
+                expire_at: m.expire_at,
+                msg_type: m.msg_type,
+                priority: *priority,
+                flags: m.flags,
+                delivered: *delivered,
+                payload: text,
+                payload_b64: text
+                    .is_none()
+                    .then(|| base64::engine::general_purpose::STANDARD.encode(m.payload)),
+            })
+        })
+        .collect();
+    #[derive(Serialize)]
+    struct List<'a> {
+        messages: Vec<MessageOut<'a>>,
+    }
+    Reply::json(200, &List { messages })
+}
+
+fn delete_messages(core: &Core, req: &Req<'_>, address: &str) -> Reply {
+    let Some(user) = core.user(address) else {
+        return no_user();
+    };
+    let filter = match (
+        query(req, "from"),
+        query_u64(req, "id"),
+        query_u64(req, "before"),
+    ) {
+        (Some(from), Ok(Some(id)), Ok(None)) => MessageFilter::Id {
+            from: from.to_owned(),
+            id,
+        },
+        (None, Ok(None), Ok(Some(before))) => MessageFilter::Before(before),
+        (_, Err(r), _) | (_, _, Err(r)) => return r,
+        _ => {
+            return Reply::error(
+                400,
+                "bad_request",
+                "give ?id=<id>&from=<address>, or ?before=<ms>",
+            )
+        }
+    };
+    let (done, wait) = crossbeam::channel::bounded(1);
+    if !core
+        .commit
+        .submit(Request::DeleteMessages { user, filter, done })
+    {
+        return Reply::error(503, "overloaded", "the store is not accepting work");
+    }
+    #[derive(Serialize)]
+    struct Deleted {
+        deleted: usize,
+    }
+    match wait.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(deleted) => Reply::json(200, &Deleted { deleted }),
+        Err(_) => Reply::error(503, "overloaded", "the delete did not finish in time"),
     }
 }

@@ -30,10 +30,12 @@ use std::sync::Arc;
 
 use crate::core::{ConnRef, Core, Inflight, User, SEQ_BOOT_SHIFT};
 use crate::mailbox::Mailbox;
-use crate::store::commit::{GroupSendRequest, SendRequest};
+pub use crate::router::Dest;
+use crate::router::{self, Outcome};
+use crate::store::commit::ReplyTo;
 use crate::store::keys::PRIORITIES;
-use crate::store::record::{encode_msg, encode_status};
-use crate::store::{Item, ItemView, MsgView, Request, StatusView};
+use crate::store::record::encode_status;
+use crate::store::{Item, ItemView, Request, StatusView};
 use crate::wire::{self, flags, ErrorCode, Frame, StatusCode};
 
 /// SENDs of one connection waiting for the commit thread before the
@@ -43,13 +45,6 @@ pub const MAX_PENDING_SENDS: usize = 4096;
 const STAGE_MAX: usize = 512;
 /// Longest CLIENT and REASON strings.
 const MAX_TEXT: usize = 1024;
-
-/// Where a SEND went: a user or a group (echoed in its STATUS).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dest<'a> {
-    To(&'a str),
-    Group(&'a str),
-}
 
 /// What the event loop should do after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,142 +261,11 @@ impl Session {
         let Some(active) = self.active.as_deref() else {
             return Flow::Continue;
         };
-        let core = ctx.core;
-        let id = send.id.unwrap_or(0);
-        let dest = match (send.to, send.group) {
-            (Some(to), None) => Dest::To(to),
-            (None, Some(group)) => Dest::Group(group),
-            (to, group) => {
-                let echo = to.map(Dest::To).or(group.map(Dest::Group));
-                ctx.status(id, echo.unwrap_or(Dest::To("")), StatusCode::BAD_REQUEST);
-                return Flow::Continue;
-            }
-        };
-        let priority = send.priority.unwrap_or(0);
-        if usize::from(priority) >= PRIORITIES {
-            ctx.status(id, dest, StatusCode::BAD_REQUEST);
-            return Flow::Continue;
-        }
-        let payload = send.payload.unwrap_or(&[]);
-        if payload.len() > core.config.max_payload as usize {
-            ctx.status(id, dest, StatusCode::TOO_LARGE);
-            return Flow::Continue;
-        }
-        let expiry = send
-            .expiry
-            .unwrap_or(core.config.default_expiry)
-            .min(core.config.max_expiry);
-        let msg_flags = send.flags.unwrap_or(flags::SEND_DEFAULT) & !flags::REDELIVERY;
-        let mut msg = MsgView {
-            time: ctx.now,
-            expire_at: 0,
-            id,
-            msg_type: send.msg_type.unwrap_or(0),
-            flags: msg_flags,
-            from: &active.user.address,
-            group: None,
-            payload,
-        };
-        let recipients = match dest {
-            Dest::To(to) => match core.user(to) {
-                Some(user) => vec![user],
-                None => {
-                    ctx.status(id, dest, StatusCode::INVALID_DEST);
-                    return Flow::Continue;
-                }
-            },
-            Dest::Group(name) => {
-                let Some(group) = core.group(name) else {
-                    ctx.status(id, dest, StatusCode::INVALID_DEST);
-                    return Flow::Continue;
-                };
-                if !group.member(&active.user.address).is_some_and(|m| m.send) {
-                    ctx.status(id, dest, StatusCode::NOT_MEMBER);
-                    return Flow::Continue;
-                }
-                msg.group = Some(name);
-                group
-                    .members
-                    .iter()
-                    .filter(|m| m.recv && !Arc::ptr_eq(&m.user, &active.user))
-                    .filter(|m| !m.user.deleted.load(std::sync::atomic::Ordering::Acquire))
-                    .map(|m| m.user.clone())
-                    .collect()
-            }
-        };
-        if expiry == 0 {
-            // Real time: memory only, now or never, to whoever is connected.
-            let record = encode_msg(&msg);
-            let (mut online, mut full) = (0, 0);
-            for recipient in &recipients {
-                let Some(mb) = recipient.mailbox() else {
-                    continue;
-                };
-                let item = Arc::new(Item {
-                    seq: recipient.next_seq(),
-                    priority,
-                    ephemeral: true,
-                    record: record.clone(),
-                });
-                if mb.push_live(item) {
-                    core.wake(&mb);
-                    online += 1;
-                } else {
-                    full += 1;
-                }
-            }
-            let status = if online > 0 {
-                core.metrics
-                    .accepted
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                StatusCode::SENT
-            } else if full > 0 {
-                StatusCode::OVERLOADED
-            } else {
-                StatusCode::OFFLINE
-            };
-            ctx.status(id, dest, status);
-            return Flow::Continue;
-        }
-        msg.expire_at = ctx.now + u64::from(expiry) * 1000;
-        let dedup_until = ctx.now + u64::from(core.config.dedup_window.max(expiry)) * 1000;
-        let req = match dest {
-            Dest::To(_) => {
-                let recipient = recipients.into_iter().next().expect("one recipient");
-                let queued = recipient.queued.load(std::sync::atomic::Ordering::Relaxed);
-                if queued >= core.config.max_queue {
-                    ctx.status(id, dest, StatusCode::OVERLOADED);
-                    return Flow::Continue;
-                }
-                Request::Send(SendRequest {
-                    conn: ctx.me,
-                    sender: active.user.clone(),
-                    recipient,
-                    id,
-                    priority,
-                    time: ctx.now,
-                    expire_at: msg.expire_at,
-                    dedup_until,
-                    record: encode_msg(&msg),
-                })
-            }
-            Dest::Group(name) => Request::GroupSend(GroupSendRequest {
-                conn: ctx.me,
-                sender: active.user.clone(),
-                group: name.into(),
-                recipients,
-                id,
-                priority,
-                flags: msg_flags,
-                time: ctx.now,
-                expire_at: msg.expire_at,
-                dedup_until,
-                record: encode_msg(&msg),
-            }),
-        };
-        match core.commit.try_submit(req) {
-            Ok(()) => self.pending_sends += 1,
-            Err(_) => ctx.status(id, dest, StatusCode::OVERLOADED),
+        let reply = ReplyTo::Conn(ctx.me);
+        let (dest, outcome) = router::send(ctx.core, &active.user, &send, ctx.now, reply);
+        match outcome {
+            Outcome::Now(status) => ctx.status(send.id.unwrap_or(0), dest, status),
+            Outcome::Queued => self.pending_sends += 1,
         }
         Flow::Continue
     }

@@ -36,10 +36,19 @@ pub const MAX_BATCH: usize = 4096;
 /// Requests waiting for the commit thread before senders get OVERLOADED.
 pub const QUEUE_CAPACITY: usize = 65_536;
 
+/// Where the answer to a SEND goes.
+#[derive(Clone, Debug)]
+pub enum ReplyTo {
+    /// A protocol connection (STATUS frame via its event loop).
+    Conn(ConnRef),
+    /// A waiting thread (the HTTP API's backend send).
+    Channel(Sender<Option<StatusCode>>),
+}
+
 /// A stored 1:1 message to accept.
 pub struct SendRequest {
-    /// The sending connection, for the answer.
-    pub conn: ConnRef,
+    /// Where the answer goes.
+    pub conn: ReplyTo,
     /// The sender.
     pub sender: Arc<User>,
     /// The recipient.
@@ -61,8 +70,8 @@ pub struct SendRequest {
 /// A stored group message to accept: written once, referenced from each
 /// recipient's inbox, all in one batch.
 pub struct GroupSendRequest {
-    /// The sending connection, for the answer.
-    pub conn: ConnRef,
+    /// Where the answer goes.
+    pub conn: ReplyTo,
     /// The sender (a member with `send`).
     pub sender: Arc<User>,
     /// The group's name.
@@ -108,12 +117,37 @@ pub enum Request {
         keys: Vec<Box<[u8]>>,
         done: Sender<()>,
     },
+    /// Deletes a user's queued (and retained) messages that match `filter`;
+    /// senders of undelivered ones get STATUS DELETED. `done` gets the count.
+    DeleteMessages {
+        user: Arc<User>,
+        filter: MessageFilter,
+        done: Sender<usize>,
+    },
     /// Deletes everything queued for a user (deleted by the admin API);
     /// senders of undelivered messages get STATUS DELETED. `done` fires after
     /// commit.
     Purge { user: Arc<User>, done: Sender<()> },
     /// Fires once everything submitted before it is committed.
     Barrier(Sender<()>),
+}
+
+/// Which messages an admin delete removes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageFilter {
+    /// The message `id` from `from`.
+    Id { from: String, id: u64 },
+    /// Messages accepted before this time, ms.
+    Before(u64),
+}
+
+impl MessageFilter {
+    fn matches(&self, from: &str, id: u64, time: u64) -> bool {
+        match self {
+            MessageFilter::Id { from: f, id: i } => f == from && *i == id,
+            MessageFilter::Before(t) => time < *t,
+        }
+    }
 }
 
 /// The commit queue refused a request.
@@ -163,7 +197,7 @@ impl Commit {
 pub enum Completion {
     /// Answer a SEND.
     Reply {
-        conn: ConnRef,
+        conn: ReplyTo,
         id: u64,
         to: Arc<str>,
         group: bool,
@@ -244,16 +278,21 @@ fn complete(core: &Core, completion: Completion, written: bool) {
             } else {
                 status.map(|_| StatusCode::OVERLOADED)
             };
-            core.post(
-                conn.worker,
-                Notice::SendDone {
-                    conn,
-                    id,
-                    to,
-                    group,
-                    status,
-                },
-            );
+            match conn {
+                ReplyTo::Conn(conn) => core.post(
+                    conn.worker,
+                    Notice::SendDone {
+                        conn,
+                        id,
+                        to,
+                        group,
+                        status,
+                    },
+                ),
+                ReplyTo::Channel(tx) => {
+                    let _ = tx.send(status);
+                }
+            }
         }
         Completion::Push { user, item } if written => {
             if let Some(mb) = user.mailbox() {
@@ -332,6 +371,36 @@ impl Pass<'_> {
                     self.expire(&key)?;
                 }
                 self.done.push(Completion::Done(done));
+                Ok(())
+            }
+            Request::DeleteMessages { user, filter, done } => {
+                let mut n = 0;
+                for key in self.store().inbox_keys(&user.address)? {
+                    let Some((_, priority, seq)) = parse_inbox_key(&key) else {
+                        continue;
+                    };
+                    let Some(value) = self.get_inbox(&key)? else {
+                        continue;
+                    };
+                    let hit = match crate::store::record::decode_item(&value) {
+                        Some(ItemView::Msg(m)) => filter.matches(m.from, m.id, m.time),
+                        Some(ItemView::Ref(r)) => filter.matches(r.from, r.id, r.time),
+                        _ => false,
+                    };
+                    if hit {
+                        self.settle(&user, priority, seq, Settle::Deleted)?;
+                        n += 1;
+                    }
+                }
+                for (key, value) in self.store().history_keys(&user.address)? {
+                    if let Some(ItemView::Msg(m)) = crate::store::record::decode_item(&value) {
+                        if filter.matches(m.from, m.id, m.time) {
+                            self.batch.delete(CF_HISTORY, &key)?;
+                            n += 1;
+                        }
+                    }
+                }
+                let _ = done.send(n);
                 Ok(())
             }
             Request::Purge { user, done } => {
@@ -471,6 +540,17 @@ impl Pass<'_> {
             user: user.clone(),
             seq,
         });
+        if how == Settle::Acked && self.core.config.retain_delivered {
+            let kept = match view {
+                ItemView::Msg(_) => Some(Arc::<[u8]>::from(&record[..])),
+                ItemView::Ref(r) => self.store().message(r.msgno)?,
+                ItemView::Status(_) => None,
+            };
+            if let Some(kept) = kept {
+                self.batch
+                    .put(CF_HISTORY, &history_key(&user.address, seq), &kept)?;
+            }
+        }
         if let ItemView::Msg(m) = view {
             let (new_status, wanted) = match how {
                 Settle::Acked => {
@@ -560,7 +640,7 @@ impl Pass<'_> {
                 .unwrap_or(1),
         };
         let left = refs.saturating_sub(1);
-        if left == 0 && !self.core.config.retain_delivered {
+        if left == 0 {
             self.batch.delete(CF_MESSAGES, &message_key(msgno))?;
             self.batch.delete(CF_MESSAGES, &message_refs_key(msgno))?;
         } else {

@@ -11,6 +11,7 @@
 //!           msgno:u64 0x01                                  refs:u32 (inbox items left)
 //! dedup     alen:u8 sender id:u64                           dedup record (record.rs)
 //!           alen:u8 sender id:u64 mlen:u8 member            member receipt (record.rs)
+//! history   alen:u8 address seq:u64                         MSG record (retain_delivered)
 //! groups    glen:u8 group 0x00                              created_ms:u64
 //!           glen:u8 group 0x01 mlen:u8 member               perms:u8 (1 send, 2 recv)
 //! expiry    at_ms:u64 kind:u8 key-of-that-kind              empty
@@ -29,9 +30,10 @@ pub const CF_DEDUP: &str = "dedup";
 pub const CF_EXPIRY: &str = "expiry";
 pub const CF_META: &str = "meta";
 pub const CF_GROUPS: &str = "groups";
+pub const CF_HISTORY: &str = "history";
 
 /// Every column family, in the order they are opened.
-pub const ALL_CFS: [&str; 8] = [
+pub const ALL_CFS: [&str; 9] = [
     CF_USERS,
     CF_TOKENS,
     CF_INBOX,
@@ -40,6 +42,7 @@ pub const ALL_CFS: [&str; 8] = [
     CF_EXPIRY,
     CF_META,
     CF_GROUPS,
+    CF_HISTORY,
 ];
 
 /// `groups` member permission bit: may send to the group.
@@ -91,6 +94,13 @@ pub fn parse_inbox_key(key: &[u8]) -> Option<(&str, u8, u64)> {
     let priority = rest[alen];
     let seq = u64::from_be_bytes(rest[alen + 1..].try_into().ok()?);
     Some((address, priority, seq))
+}
+
+/// `alen address seq`: a delivered message kept with `retain_delivered`.
+pub fn history_key(address: &str, seq: u64) -> Vec<u8> {
+    let mut key = inbox_prefix(address);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
 /// `alen sender id`: the duplicate-detection record of one SEND.

@@ -54,6 +54,9 @@ pub struct UserRecord {
     pub created_ms: u64,
 }
 
+/// A message listed for the admin API: (seq, priority, delivered, MSG record).
+pub type Listed = (u64, u8, bool, Arc<[u8]>);
+
 /// A stored group: its name and its (member, permission bits).
 pub type GroupRecord = (String, Vec<(String, u8)>);
 
@@ -370,6 +373,82 @@ impl Store {
         }
         it.status()?;
         Ok(n)
+    }
+
+    /// Messages of `address` for the admin API: queued MSGs (group REFs
+    /// resolved; statuses left out) and, `retained`, delivered ones kept by
+    /// `retain_delivered`; `time >= since`, at most `limit`, queued first in
+    /// delivery order. Each is (seq, priority, delivered, MSG record).
+    pub fn list_messages(
+        &self,
+        address: &str,
+        since: u64,
+        limit: usize,
+        retained: bool,
+    ) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        let prefix = inbox_prefix(address);
+        for (cf, delivered) in [(CF_INBOX, false), (CF_HISTORY, true)] {
+            if delivered && !retained {
+                break;
+            }
+            let handle = self.cf(cf)?;
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_lower_bound(prefix.clone());
+            ro.set_iterate_upper_bound(prefix_end(&prefix));
+            let mut it = self.db.raw_iterator_cf_opt(handle, ro);
+            it.seek_to_first();
+            while let (Some(key), Some(value)) = (it.key(), it.value()) {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                let (priority, seq) = if delivered {
+                    let seq = key
+                        .get(key.len().saturating_sub(8)..)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
+                    (0, seq)
+                } else {
+                    match parse_inbox_key(key) {
+                        Some((_, p, seq)) => (p, seq),
+                        None => {
+                            it.next();
+                            continue;
+                        }
+                    }
+                };
+                let record: Option<Arc<[u8]>> = match record::decode_item(value) {
+                    Some(ItemView::Msg(m)) if m.time >= since => Some(value.into()),
+                    Some(ItemView::Ref(r)) if r.time >= since => self.message(r.msgno)?,
+                    _ => None,
+                };
+                if let Some(record) = record {
+                    out.push((seq, priority, delivered, record));
+                }
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(out)
+    }
+
+    /// The keys of every delivered message kept for `address`.
+    pub fn history_keys(&self, address: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let cf = self.cf(CF_HISTORY)?;
+        let prefix = inbox_prefix(address);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(prefix.clone());
+        ro.set_iterate_upper_bound(prefix_end(&prefix));
+        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            out.push((key.to_vec(), value.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
     }
 
     /// The keys of every item queued for `address` (for a purge).

@@ -1,0 +1,172 @@
+//! Routing a SEND: the rules of protocol §2–3 for one message, shared by the
+//! protocol session and the HTTP API's backend send (admin is just another
+//! client). Checks the SEND, resolves its destination (a user, or a group's
+//! members with `recv` at the time of sending, less the sender), then either
+//! hands a real-time message to connected recipients' live rings or queues a
+//! request at the commit thread, which answers through [`ReplyTo`] once the
+//! message is durable.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::core::{Core, User};
+use crate::store::commit::{GroupSendRequest, ReplyTo, SendRequest};
+use crate::store::keys::PRIORITIES;
+use crate::store::record::encode_msg;
+use crate::store::{Item, MsgView, Request};
+use crate::wire::{self, flags, StatusCode};
+
+/// Where a SEND went: a user or a group (echoed in its STATUS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dest<'a> {
+    To(&'a str),
+    Group(&'a str),
+}
+
+/// What became of a SEND right away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered now (an error, OFFLINE, or SENT for a real-time message).
+    Now(StatusCode),
+    /// At the commit thread; the answer goes to the `ReplyTo` after commit.
+    Queued,
+}
+
+/// Applies the SEND rules to `send` from `sender` at time `now`.
+pub fn send<'s>(
+    core: &Core,
+    sender: &Arc<User>,
+    send: &wire::Send<'s>,
+    now: u64,
+    reply: ReplyTo,
+) -> (Dest<'s>, Outcome) {
+    let id = send.id.unwrap_or(0);
+    let dest = match (send.to, send.group) {
+        (Some(to), None) => Dest::To(to),
+        (None, Some(group)) => Dest::Group(group),
+        (to, group) => {
+            let echo = to.map(Dest::To).or(group.map(Dest::Group));
+            return (
+                echo.unwrap_or(Dest::To("")),
+                Outcome::Now(StatusCode::BAD_REQUEST),
+            );
+        }
+    };
+    let priority = send.priority.unwrap_or(0);
+    if usize::from(priority) >= PRIORITIES {
+        return (dest, Outcome::Now(StatusCode::BAD_REQUEST));
+    }
+    let payload = send.payload.unwrap_or(&[]);
+    if payload.len() > core.config.max_payload as usize {
+        return (dest, Outcome::Now(StatusCode::TOO_LARGE));
+    }
+    let expiry = send
+        .expiry
+        .unwrap_or(core.config.default_expiry)
+        .min(core.config.max_expiry);
+    let msg_flags = send.flags.unwrap_or(flags::SEND_DEFAULT) & !flags::REDELIVERY;
+    let mut msg = MsgView {
+        time: now,
+        expire_at: 0,
+        id,
+        msg_type: send.msg_type.unwrap_or(0),
+        flags: msg_flags,
+        from: &sender.address,
+        group: None,
+        payload,
+    };
+    let recipients = match dest {
+        Dest::To(to) => match core.user(to) {
+            Some(user) => vec![user],
+            None => {
+                return (dest, Outcome::Now(StatusCode::INVALID_DEST));
+            }
+        },
+        Dest::Group(name) => {
+            let Some(group) = core.group(name) else {
+                return (dest, Outcome::Now(StatusCode::INVALID_DEST));
+            };
+            if !group.member(&sender.address).is_some_and(|m| m.send) {
+                return (dest, Outcome::Now(StatusCode::NOT_MEMBER));
+            }
+            msg.group = Some(name);
+            group
+                .members
+                .iter()
+                .filter(|m| m.recv && !Arc::ptr_eq(&m.user, sender))
+                .filter(|m| !m.user.deleted.load(Ordering::Acquire))
+                .map(|m| m.user.clone())
+                .collect()
+        }
+    };
+    if expiry == 0 {
+        // Real time: memory only, now or never, to whoever is connected.
+        let record = encode_msg(&msg);
+        let (mut online, mut full) = (0, 0);
+        for recipient in &recipients {
+            let Some(mb) = recipient.mailbox() else {
+                continue;
+            };
+            let item = Arc::new(Item {
+                seq: recipient.next_seq(),
+                priority,
+                ephemeral: true,
+                record: record.clone(),
+            });
+            if mb.push_live(item) {
+                core.wake(&mb);
+                online += 1;
+            } else {
+                full += 1;
+            }
+        }
+        let status = if online > 0 {
+            core.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+            StatusCode::SENT
+        } else if full > 0 {
+            StatusCode::OVERLOADED
+        } else {
+            StatusCode::OFFLINE
+        };
+        return (dest, Outcome::Now(status));
+    }
+    msg.expire_at = now + u64::from(expiry) * 1000;
+    let dedup_until = now + u64::from(core.config.dedup_window.max(expiry)) * 1000;
+    let req = match dest {
+        Dest::To(_) => {
+            let recipient = recipients.into_iter().next().expect("one recipient");
+            let queued = recipient.queued.load(Ordering::Relaxed);
+            if queued >= core.config.max_queue {
+                return (dest, Outcome::Now(StatusCode::OVERLOADED));
+            }
+            Request::Send(SendRequest {
+                conn: reply.clone(),
+                sender: sender.clone(),
+                recipient,
+                id,
+                priority,
+                time: now,
+                expire_at: msg.expire_at,
+                dedup_until,
+                record: encode_msg(&msg),
+            })
+        }
+        Dest::Group(name) => Request::GroupSend(GroupSendRequest {
+            conn: reply.clone(),
+            sender: sender.clone(),
+            group: name.into(),
+            recipients,
+            id,
+            priority,
+            flags: msg_flags,
+            time: now,
+            expire_at: msg.expire_at,
+            dedup_until,
+            record: encode_msg(&msg),
+        }),
+    };
+    match core.commit.try_submit(req) {
+        Ok(()) => (dest, Outcome::Queued),
+        Err(_) => (dest, Outcome::Now(StatusCode::OVERLOADED)),
+    }
+}
