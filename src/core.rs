@@ -63,6 +63,8 @@ pub struct User {
     pub address: Arc<str>,
     /// Display name from the admin API.
     pub name: Mutex<String>,
+    /// When the user was created, ms.
+    pub created_ms: u64,
     /// Next SEQ to hand out; starts at `boot << 40 | 1`.
     next_seq: AtomicU64,
     /// Stored items in the inbox (for `max_queue` and the admin API).
@@ -84,6 +86,7 @@ impl User {
         User {
             address: address.into(),
             name: Mutex::new(name),
+            created_ms: now_ms(),
             next_seq: AtomicU64::new((boot << SEQ_BOOT_SHIFT) | 1),
             queued: AtomicU64::new(0),
             attached: ArcSwapOption::empty(),
@@ -278,7 +281,8 @@ impl Core {
         {
             let pinned = users.pin();
             for rec in store.load_users()? {
-                let user = User::new(&rec.address, rec.name, boot);
+                let mut user = User::new(&rec.address, rec.name, boot);
+                user.created_ms = rec.created_ms;
                 user.queued.store(
                     counts.get(&rec.address).copied().unwrap_or(0),
                     Ordering::Relaxed,
@@ -356,7 +360,7 @@ impl Core {
         let record = UserRecord {
             address: address.to_owned(),
             name: name.clone(),
-            created_ms: now,
+            created_ms: existing.as_ref().map_or(now, |u| u.created_ms),
         };
         self.store.put_user(&record, &hash_token(&token), expires)?;
         match existing {

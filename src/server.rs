@@ -24,20 +24,20 @@ use crate::{expiry, http, net};
 /// Why the server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("data_dir {path}: {source}")]
+    #[error("data_dir {path}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr} ({key}): {source}")]
+    #[error("cannot listen on {addr} ({key})")]
     Bind {
         key: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
-    #[error("starting threads: {0}")]
+    #[error("starting threads")]
     Thread(#[from] std::io::Error),
 }
 

@@ -24,8 +24,9 @@ use crate::core::Core;
 
 /// Handler threads.
 const HANDLERS: usize = 4;
-/// Largest JSON body accepted, bytes.
-const MAX_JSON: usize = 64 * 1024;
+/// Largest JSON body accepted, bytes: room for a PUT of a 100,000-member
+/// group, bounded so four handler threads hold at most 32 MiB of bodies.
+const MAX_JSON: usize = 8 << 20;
 
 /// A running HTTP server.
 pub struct Http {

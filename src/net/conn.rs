@@ -40,6 +40,10 @@ pub struct Conn {
     pub write_interest: bool,
     /// Open, closing or draining.
     pub phase: Phase,
+    /// When the connection started closing (ms; 0 while open): a peer that
+    /// never reads cannot hold it, or its output buffer, for more than
+    /// `DRAIN_MS` beyond that.
+    pub closing_since: u64,
     /// `conn` span for logs.
     pub span: tracing::Span,
 }

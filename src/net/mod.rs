@@ -154,8 +154,14 @@ fn accept_loop(core: &Core, mut poll: Poll, listener: TcpListener, stop: &Atomic
     let mut events = Events::with_capacity(64);
     let next = AtomicUsize::new(0);
     let workers = core.workers.get().map(|w| w.len()).unwrap_or(1);
+    // After an accept error (EMFILE, ENFILE, ENOBUFS…) connections may still
+    // be queued, and an edge-triggered listener will not say so again: retry
+    // on a timer until accept drains to WouldBlock.
+    let mut retry = false;
     while !stop.load(Ordering::Acquire) {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = retry.then(|| std::time::Duration::from_millis(100));
+        retry = false;
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -178,8 +184,8 @@ fn accept_loop(core: &Core, mut poll: Poll, listener: TcpListener, stop: &Atomic
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: log, and let the next readiness retry.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(error = %e, "accept failed; retrying in 100 ms");
+                    retry = true;
                     break;
                 }
             }

@@ -162,6 +162,7 @@ impl Worker {
             read_paused: false,
             write_interest: false,
             phase: Phase::Open,
+            closing_since: 0,
             span,
         });
     }
@@ -441,6 +442,16 @@ impl Worker {
             };
             match conn.phase {
                 Phase::Draining { until } if now >= until => self.close(t),
+                Phase::Closing if conn.closing_since == 0 => {
+                    if let Some(c) = self.conns.get_mut(t) {
+                        c.closing_since = now;
+                    }
+                }
+                Phase::Closing if now.saturating_sub(conn.closing_since) >= DRAIN_MS => {
+                    conn.span
+                        .in_scope(|| tracing::debug!("peer does not read: closed"));
+                    self.close(t);
+                }
                 Phase::Open => {
                     self.with_session(t, |s, ctx| s.on_tick(ctx));
                     if self.conns.get(t).is_some_and(|c| c.phase != Phase::Open) {

@@ -96,6 +96,14 @@ impl Ctx<'_> {
     }
 
     fn fatal(&mut self, code: ErrorCode, reason: &str) -> Flow {
+        match code {
+            ErrorCode::AUTH_FAILED
+            | ErrorCode::UNSUPPORTED_VERSION
+            | ErrorCode::NOT_AUTHENTICATED => {
+                tracing::info!(?code, reason, "login refused")
+            }
+            _ => tracing::debug!(?code, reason, "closing with error"),
+        }
         self.write(&Frame::Error(wire::Error {
             code: Some(code),
             reason: Some(reason),

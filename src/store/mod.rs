@@ -31,7 +31,7 @@ use keys::*;
 /// server logs them and refuses the operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("rocksdb: {0}")]
+    #[error("rocksdb")]
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt record in {cf}: {what}")]
     Corrupt { cf: &'static str, what: String },

@@ -273,3 +273,41 @@ fn client_sees_auth_failure() {
         Ok(_) => panic!("logged in with a wrong token"),
     }
 }
+
+/// Regression: a peer that stops reading and goes silent had its ERROR
+/// IDLE_TIMEOUT queued behind a full output buffer and was never closed,
+/// holding the connection and its buffer. Now a closing connection gets at
+/// most two seconds to take its last frames.
+#[test]
+fn a_peer_that_never_reads_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let _bob = server.connect_keepalive(&tb, 1); // never reads, never sends
+    let mut alice = server.connect(&ta);
+    let payload = vec![1u8; 16 * 1024];
+    let msgs: Vec<Outgoing> = (1..=400)
+        .map(|i| Outgoing::to("bob", &payload).id(i).flags(0))
+        .collect();
+    alice.send_many(&msgs).unwrap();
+    for _ in 0..400 {
+        let Event::Status(s) = next(&mut alice, 30) else {
+            panic!("no SENT")
+        };
+        assert_eq!(s.status, StatusCode::SENT);
+    }
+    let connections = || -> u64 {
+        let (_, body) = crate::util::http(server.http, "GET", "/metrics", None, "");
+        body.lines()
+            .find_map(|l| l.strip_prefix("tern_connections "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while connections() != 1 {
+        assert!(Instant::now() < deadline, "bob's connection still open");
+        alice.ping(None).unwrap();
+        assert_eq!(next(&mut alice, 5), Event::Pong(None));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -97,7 +97,7 @@ fn user_api_errors() {
         404,
         "not_found",
     );
-    let huge = format!(r#"{{"address":"{}"}}"#, "a".repeat(200_000));
+    let huge = format!(r#"{{"address":"{}"}}"#, "a".repeat(9 << 20));
     check(post(Some(ADMIN), &huge), 413, "payload_too_large");
 }
 
