@@ -10,6 +10,7 @@
 //!
 //! - [`wire`]: protocol v1 frames and codec; no I/O (builds without `server`).
 //! - [`client`]: a blocking client library (used by the CLI, tests, benches).
+//! - `cli`: the `tern user/group/send/listen/upload/download` commands.
 //! - `config`: configuration keys, sources and validation.
 //! - `net`: the only user of mio: acceptor, event loops, connection buffers.
 //! - `session`: the per-connection protocol state machine.
@@ -24,6 +25,8 @@
 pub mod client;
 pub mod wire;
 
+#[cfg(feature = "server")]
+pub mod cli;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]

@@ -1,10 +1,12 @@
 //! The `tern` binary: `tern serve` runs the server; `tern generate-config`
-//! prints the commented default configuration.
+//! prints the commented default configuration; the other subcommands talk to
+//! a running server (see `tern::cli`).
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tern::cli;
 use tern::config::{generate_config, Config, LogFormat, ServeArgs};
 use tern::server::Server;
 
@@ -22,6 +24,48 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print the commented default configuration file.
     GenerateConfig,
+    /// Manage users (admin).
+    User {
+        #[command(flatten)]
+        target: cli::Target,
+        #[command(subcommand)]
+        cmd: cli::UserCmd,
+    },
+    /// Manage groups (admin).
+    Group {
+        #[command(flatten)]
+        target: cli::Target,
+        #[command(subcommand)]
+        cmd: cli::GroupCmd,
+    },
+    /// Send a message (as a user with --token, or --from through the admin API).
+    Send {
+        #[command(flatten)]
+        target: cli::Target,
+        #[command(flatten)]
+        args: cli::SendArgs,
+    },
+    /// Print deliveries as JSON lines and ACK them.
+    Listen {
+        #[command(flatten)]
+        target: cli::Target,
+        #[command(flatten)]
+        args: cli::ListenArgs,
+    },
+    /// Upload a file; prints its id and signed URL.
+    Upload {
+        #[command(flatten)]
+        target: cli::Target,
+        #[command(flatten)]
+        args: cli::UploadArgs,
+    },
+    /// Download a file by id or URL.
+    Download {
+        #[command(flatten)]
+        target: cli::Target,
+        #[command(flatten)]
+        args: cli::DownloadArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -32,6 +76,12 @@ fn main() -> ExitCode {
             print!("{}", generate_config());
             Ok(())
         }
+        Command::User { target, cmd } => cli::user(&target, cmd),
+        Command::Group { target, cmd } => cli::group(&target, cmd),
+        Command::Send { target, args } => cli::send(&target, args),
+        Command::Listen { target, args } => cli::listen(&target, args),
+        Command::Upload { target, args } => cli::upload(&target, args),
+        Command::Download { target, args } => cli::download(&target, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,4 +123,15 @@ fn init_tracing(config: &Config) -> anyhow::Result<()> {
         LogFormat::Text => builder.init(),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Regression: `serve`'s `--data-dir` once clashed with the client
+    /// commands' global `--data-dir`, and clap panicked at run time.
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
