@@ -1,9 +1,12 @@
 //! The only user of tiny_http: the admin/backend API and the operational
 //! endpoints, on `http_listen`.
 //!
-//! A few handler threads take requests from one tiny_http server. Handlers
-//! ask the core through the same calls the protocol side uses (`Core::
-//! create_user`, the commit queue); they never touch RocksDB directly.
+//! One dispatcher thread takes requests from the tiny_http server and runs
+//! each on a thread of its own, at most [`MAX_IN_FLIGHT`] at once (503
+//! beyond): a slow upload or a client that never sends its body holds one
+//! thread, not the API. Handlers ask the core through the same calls the
+//! protocol side uses (`Core::create_user`, the commit queue); they never
+//! touch RocksDB directly.
 //! Every error is JSON: `{"error": "<snake_case>", "message": "<text>"}`.
 
 mod api;
@@ -11,8 +14,8 @@ pub mod files;
 mod metrics;
 
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use serde::Serialize;
@@ -22,11 +25,14 @@ use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::core::Core;
 
-/// Handler threads.
-const HANDLERS: usize = 4;
+/// Requests handled at once; more are answered 503 at once.
+pub const MAX_IN_FLIGHT: usize = 512;
 /// Largest JSON body accepted, bytes: room for a PUT of a 100,000-member
-/// group, bounded so four handler threads hold at most 32 MiB of bodies.
+/// group. JSON bodies are read whole; at most [`MAX_JSON_IN_FLIGHT`] of them
+/// at once, so they hold at most 128 MiB.
 const MAX_JSON: usize = 8 << 20;
+/// JSON bodies read at once (more wait for a slot).
+const MAX_JSON_IN_FLIGHT: usize = 16;
 
 /// A running HTTP server.
 pub struct Http {
@@ -49,32 +55,92 @@ pub fn start(
         .map_err(std::io::Error::other)?;
     let admin = Arc::new(Sha256::digest(admin_token.as_bytes()).to_vec());
     let stopping = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::with_capacity(HANDLERS);
-    for i in 0..HANDLERS {
-        let (server, core, admin, files) =
-            (server.clone(), core.clone(), admin.clone(), files.clone());
-        let stopping = stopping.clone();
-        threads.push(
-            thread::Builder::new()
-                .name(format!("tern-http-{i}"))
-                .spawn(move || loop {
-                    match server.recv() {
-                        Ok(request) => handle(&core, &files, &admin, request),
-                        Err(_) if stopping.load(Ordering::Acquire) => return,
-                        Err(e) => tracing::debug!(error = %e, "http accept failed"),
+    let dispatcher = {
+        let (server, stopping) = (server.clone(), stopping.clone());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Shared {
+            core,
+            files,
+            admin,
+            json_slots: Mutex::new(0),
+            json_free: Condvar::new(),
+        });
+        thread::Builder::new()
+            .name("tern-http".into())
+            .spawn(move || loop {
+                let request = match server.recv() {
+                    Ok(r) => r,
+                    Err(_) if stopping.load(Ordering::Acquire) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "http accept failed");
+                        continue;
                     }
-                })?,
-        );
-    }
+                };
+                if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    respond(
+                        request,
+                        Reply::error(503, "overloaded", "too many requests in progress"),
+                    );
+                    continue;
+                }
+                let (shared, in_flight) = (shared.clone(), in_flight.clone());
+                let spawned =
+                    thread::Builder::new()
+                        .name("tern-http-req".into())
+                        .spawn(move || {
+                            handle(&shared, request);
+                            in_flight.fetch_sub(1, Ordering::AcqRel);
+                        });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start an http handler thread");
+                }
+            })?
+    };
     Ok(Http {
         server,
         stopping,
-        threads,
+        threads: vec![dispatcher],
     })
 }
 
+/// What every handler thread shares.
+struct Shared {
+    core: Arc<Core>,
+    files: Arc<files::Files>,
+    /// SHA-256 of the admin token.
+    admin: Arc<Vec<u8>>,
+    /// JSON bodies being read, bounded by [`MAX_JSON_IN_FLIGHT`].
+    json_slots: Mutex<usize>,
+    json_free: Condvar,
+}
+
+impl Shared {
+    /// Reads a JSON body (at most `MAX_JSON + 1` bytes) under a slot.
+    fn read_body(&self, request: &mut Request) -> Result<Vec<u8>, ()> {
+        {
+            let mut n = self.json_slots.lock().unwrap_or_else(|e| e.into_inner());
+            while *n >= MAX_JSON_IN_FLIGHT {
+                n = self.json_free.wait(n).unwrap_or_else(|e| e.into_inner());
+            }
+            *n += 1;
+        }
+        let mut body = Vec::new();
+        let result = request
+            .as_reader()
+            .take(MAX_JSON as u64 + 1)
+            .read_to_end(&mut body)
+            .map(|_| body)
+            .map_err(|_| ());
+        *self.json_slots.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.json_free.notify_one();
+        result
+    }
+}
+
 impl Http {
-    /// Stops taking requests and waits for the handlers.
+    /// Stops taking requests and waits for the dispatcher (requests in
+    /// progress finish on their own threads).
     pub fn shutdown(self) {
         self.stopping.store(true, Ordering::Release);
         for _ in 0..self.threads.len() {
@@ -154,7 +220,8 @@ pub struct Req<'r> {
     pub body: Vec<u8>,
 }
 
-fn handle(core: &Core, files: &files::Files, admin_hash: &[u8], mut request: Request) {
+fn handle(shared: &Shared, mut request: Request) {
+    let (core, files, admin_hash) = (&*shared.core, &*shared.files, &shared.admin[..]);
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let admin = bearer(&request)
@@ -167,10 +234,12 @@ fn handle(core: &Core, files: &files::Files, admin_hash: &[u8], mut request: Req
     }
     let mut body = Vec::new();
     let too_large = matches!(request.method(), Method::Post | Method::Put) && {
-        let reader = request.as_reader();
-        match reader.take(MAX_JSON as u64 + 1).read_to_end(&mut body) {
-            Ok(_) => body.len() > MAX_JSON,
-            Err(_) => true,
+        match shared.read_body(&mut request) {
+            Ok(b) => {
+                body = b;
+                body.len() > MAX_JSON
+            }
+            Err(()) => true,
         }
     };
     let method = request.method().clone();
