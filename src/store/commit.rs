@@ -209,6 +209,8 @@ pub enum Completion {
     Settled { user: Arc<User>, seq: u64 },
     /// Fire a barrier.
     Done(Sender<()>),
+    /// Answer a count (deleted messages).
+    Count(Sender<usize>, usize),
 }
 
 /// Starts the commit thread. It exits when every [`Commit`] is dropped and
@@ -309,6 +311,10 @@ fn complete(core: &Core, completion: Completion, written: bool) {
         Completion::Done(tx) => {
             let _ = tx.send(());
         }
+        Completion::Count(tx, n) => {
+            // A failed write deleted nothing.
+            let _ = tx.send(if written { n } else { 0 });
+        }
         Completion::Settled { user, seq } => {
             // Nothing was written: the item is still queued; let a later ACK retry.
             if let Some(entry) = user.inflight().get_mut(&seq) {
@@ -400,7 +406,7 @@ impl Pass<'_> {
                         }
                     }
                 }
-                let _ = done.send(n);
+                self.done.push(Completion::Count(done, n));
                 Ok(())
             }
             Request::Purge { user, done } => {
