@@ -4,6 +4,9 @@
 mod bad_input;
 mod crash;
 mod delivery;
+mod files;
 mod groups;
 mod http_api;
+mod messages_api;
+mod tour;
 mod util;
