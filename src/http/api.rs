@@ -81,8 +81,13 @@ fn not_allowed() -> Reply {
 }
 
 /// `Some(401)` unless the admin token was presented.
+/// `None` with the admin token; 403 with a user token; 401 otherwise.
 fn admin(req: &Req<'_>) -> Option<Reply> {
-    (!req.admin).then(|| Reply::error(401, "unauthorized", "admin token required"))
+    match (req.admin, req.user) {
+        (true, _) => None,
+        (false, true) => Some(Reply::error(403, "forbidden", "a user token cannot use the admin API")),
+        (false, false) => Some(Reply::error(401, "unauthorized", "admin token required")),
+    }
 }
 
 fn parse<'a, T: Deserialize<'a>>(req: &'a Req<'_>) -> Result<T, Reply> {

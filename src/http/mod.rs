@@ -216,6 +216,9 @@ pub struct Req<'r> {
     pub query: &'r str,
     /// Whether the admin bearer token was presented.
     pub admin: bool,
+    /// Whether a valid *user* token was presented instead (403 on admin
+    /// routes, where no token or a bad one is 401).
+    pub user: bool,
     /// The body, for methods that carry one (bounded by [`MAX_JSON`]).
     pub body: Vec<u8>,
 }
@@ -224,9 +227,15 @@ fn handle(shared: &Shared, mut request: Request) {
     let (core, files, admin_hash) = (&*shared.core, &*shared.files, &shared.admin[..]);
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let admin = bearer(&request)
+    let token = bearer(&request);
+    let admin = token
+        .as_ref()
         .map(|t| Sha256::digest(t.as_bytes()).ct_eq(admin_hash).into())
         .unwrap_or(false);
+    let user = !admin
+        && token
+            .as_ref()
+            .is_some_and(|t| matches!(core.authenticate(t, crate::core::now_ms()), Ok(Some(_))));
     if path == "/v1/files" || path.starts_with("/v1/files/") {
         // Files stream their bodies: they never go through the JSON reader.
         files.handle(core, admin, request);
@@ -251,6 +260,7 @@ fn handle(shared: &Shared, mut request: Request) {
             path: path.trim_start_matches('/').split('/').collect(),
             query,
             admin,
+            user,
             body,
         };
         api::route(core, &req)

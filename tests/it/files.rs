@@ -745,7 +745,9 @@ fn hostile_ids_never_reach_the_file_system() {
     // A file next to the store that traversal would reach.
     std::fs::write(dir.path().join("target"), b"not yours").unwrap();
 
-    let long = "a".repeat(64 * 1024);
+    // Under the 64 KiB request-line limit of the vendored tiny_http; a
+    // longer line is refused by closing (tested in hostile.rs).
+    let long = "a".repeat(60 * 1024);
     let paths = [
         "/v1/files/../../etc/passwd".to_owned(),
         "/v1/files/..%2f..%2fetc%2fpasswd".to_owned(),

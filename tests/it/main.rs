@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod files;
 mod groups;
+mod hostile;
 mod http_api;
 mod messages_api;
 mod tour;

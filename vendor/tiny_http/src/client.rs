@@ -78,6 +78,8 @@ impl ClientConnection {
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
     fn read_next_line(&mut self) -> IoResult<AsciiString> {
+        // tern patch (see vendor/README.md).
+        const MAX_LINE: usize = 64 * 1024;
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -97,6 +99,10 @@ impl ClientConnection {
 
             prev_byte_was_cr = byte == b'\r';
 
+            // tern patch (see vendor/README.md): bound a header line.
+            if buf.len() >= MAX_LINE {
+                return Err(IoError::new(ErrorKind::InvalidData, "header line too long"));
+            }
             buf.push(byte);
         }
     }
@@ -104,6 +110,8 @@ impl ClientConnection {
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        // tern patch (see vendor/README.md).
+        const MAX_HEADERS: usize = 128;
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
@@ -123,6 +131,10 @@ impl ClientConnection {
                     if line.is_empty() {
                         break;
                     };
+                    // tern patch (see vendor/README.md): bound the header count.
+                    if headers.len() >= MAX_HEADERS {
+                        return Err(ReadError::WrongHeader(version));
+                    }
                     headers.push(match FromStr::from_str(line.as_str().trim()) {
                         // TODO: remove this conversion
                         Ok(h) => h,

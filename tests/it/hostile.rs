@@ -1,0 +1,133 @@
+//! Hostile HTTP input: slow uploads in parallel, huge URLs and headers,
+//! path tricks. Nothing may get a 5xx, stall the API, or touch a file
+//! outside `<data_dir>/files/`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::util::{http, TestServer, ADMIN};
+
+/// Sends raw bytes, returns the status code (0 if the server closed first).
+fn raw(server: &TestServer, request: &[u8]) -> u16 {
+    let mut s = TcpStream::connect(server.http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let _ = s.write_all(request);
+    // The request is all there is: a server waiting for more sees EOF.
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    String::from_utf8_lossy(&resp)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn slow_uploads_do_not_stall_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let token = server.user("alice");
+    let rss_before = server.rss_kib();
+    let started = Instant::now();
+    let uploads: Vec<_> = (0..100)
+        .map(|_| {
+            let (addr, token) = (server.http, token.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                let head = format!(
+                    "POST /v1/files HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: 100000\r\n\r\n"
+                );
+                s.write_all(head.as_bytes()).unwrap();
+                for _ in 0..10 {
+                    if s.write_all(&[b'x'; 100]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                // Then give up without finishing the body.
+            })
+        })
+        .collect();
+    // Meanwhile the API answers, promptly.
+    let mut checks = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        let t = Instant::now();
+        assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
+        assert_eq!(http(server.http, "GET", "/v1/users/alice", Some(ADMIN), "").0, 200);
+        // A liveness bound, not a speed claim: a stall would never end.
+        assert!(t.elapsed() < Duration::from_secs(10), "API stalled: {:?}", t.elapsed());
+        checks += 1;
+    }
+    assert!(checks > 0);
+    let rss_during = server.rss_kib();
+    for u in uploads {
+        u.join().unwrap();
+    }
+    eprintln!("100 slow uploads: RSS {rss_before} KiB before, {rss_during} KiB during");
+    // Every cut-off upload is removed: nothing stays in files/ or files/tmp/.
+    let files = dir.path().join("files");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<_> = walk(&files);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
+}
+
+/// Every regular file under `dir` that is not the signing key.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn long_urls_headers_and_path_tricks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let long_path = format!("GET /v1/users/{} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", "a".repeat(100_000));
+    let long_header = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Junk: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(16 << 20)
+    );
+    let many_headers = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\n{}Connection: close\r\n\r\n",
+        "X-A: b\r\n".repeat(100_000)
+    );
+    let cases: Vec<Vec<u8>> = vec![
+        long_path.into_bytes(),
+        long_header.into_bytes(),
+        many_headers.into_bytes(),
+        b"GET /v1/users/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /v1/users/../../etc/passwd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /v1/groups/%00 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /v1/users/a\x00b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        b"POST /v1/users HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999999\r\n\r\n{".to_vec(),
+        b"NONSENSE\r\n\r\n".to_vec(),
+        vec![0xff; 4096],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let t = Instant::now();
+        let code = raw(&server, case);
+        eprintln!("case {i}: {code} in {:?}", t.elapsed());
+        assert!(code < 500, "case {i}: {code}");
+        assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200, "after case {i}");
+    }
+    // Nothing was created outside the data directory's own layout.
+    assert!(!dir.path().join("etc").exists());
+}
