@@ -85,7 +85,11 @@ fn not_allowed() -> Reply {
 fn admin(req: &Req<'_>) -> Option<Reply> {
     match (req.admin, req.user) {
         (true, _) => None,
-        (false, true) => Some(Reply::error(403, "forbidden", "a user token cannot use the admin API")),
+        (false, true) => Some(Reply::error(
+            403,
+            "forbidden",
+            "a user token cannot use the admin API",
+        )),
         (false, false) => Some(Reply::error(401, "unauthorized", "admin token required")),
     }
 }

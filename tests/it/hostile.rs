@@ -55,9 +55,16 @@ fn slow_uploads_do_not_stall_the_api() {
     while started.elapsed() < Duration::from_secs(2) {
         let t = Instant::now();
         assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
-        assert_eq!(http(server.http, "GET", "/v1/users/alice", Some(ADMIN), "").0, 200);
+        assert_eq!(
+            http(server.http, "GET", "/v1/users/alice", Some(ADMIN), "").0,
+            200
+        );
         // A liveness bound, not a speed claim: a stall would never end.
-        assert!(t.elapsed() < Duration::from_secs(10), "API stalled: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "API stalled: {:?}",
+            t.elapsed()
+        );
         checks += 1;
     }
     assert!(checks > 0);
@@ -100,7 +107,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn long_urls_headers_and_path_tricks() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir);
-    let long_path = format!("GET /v1/users/{} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", "a".repeat(100_000));
+    let long_path = format!(
+        "GET /v1/users/{} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        "a".repeat(100_000)
+    );
     let long_header = format!(
         "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Junk: {}\r\nConnection: close\r\n\r\n",
         "b".repeat(16 << 20)
@@ -113,7 +123,8 @@ fn long_urls_headers_and_path_tricks() {
         long_path.into_bytes(),
         long_header.into_bytes(),
         many_headers.into_bytes(),
-        b"GET /v1/users/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /v1/users/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            .to_vec(),
         b"GET /v1/users/../../etc/passwd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
         b"GET /v1/groups/%00 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
         b"GET /v1/users/a\x00b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
@@ -126,7 +137,11 @@ fn long_urls_headers_and_path_tricks() {
         let code = raw(&server, case);
         eprintln!("case {i}: {code} in {:?}", t.elapsed());
         assert!(code < 500, "case {i}: {code}");
-        assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200, "after case {i}");
+        assert_eq!(
+            http(server.http, "GET", "/healthz", None, "").0,
+            200,
+            "after case {i}"
+        );
     }
     // Nothing was created outside the data directory's own layout.
     assert!(!dir.path().join("etc").exists());

@@ -68,7 +68,11 @@ fn user_api_errors() {
     check(post(None, r#"{"address":"a"}"#), 401, "unauthorized");
     let user = server.user("someone");
     check(post(Some(&user), r#"{"address":"a"}"#), 403, "forbidden");
-    check(http(server.http, "GET", "/v1/users/someone", Some(&user), ""), 403, "forbidden");
+    check(
+        http(server.http, "GET", "/v1/users/someone", Some(&user), ""),
+        403,
+        "forbidden",
+    );
     check(
         post(Some("wrong"), r#"{"address":"a"}"#),
         401,
