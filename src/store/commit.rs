@@ -448,25 +448,44 @@ impl Pass<'_> {
         self.store().get(CF_INBOX, key)
     }
 
+    /// Duplicate detection for a SEND with `id` from `sender`: a repeat is
+    /// answered with the latest status and gives `None`; a first SEND gives
+    /// `Some(key)`, the dedup key to record (`None` inside for ID 0, which is
+    /// never deduplicated).
+    fn first_time(
+        &mut self,
+        sender: &User,
+        id: u64,
+        conn: &ReplyTo,
+        to: &Arc<str>,
+        group: bool,
+    ) -> Result<Option<Option<Vec<u8>>>> {
+        if id == 0 {
+            return Ok(Some(None));
+        }
+        let key = dedup_key(&sender.address, id);
+        let Some(d) = self.get_dedup(&key)? else {
+            return Ok(Some(Some(key)));
+        };
+        self.core
+            .metrics
+            .deduplicated
+            .fetch_add(1, Ordering::Relaxed);
+        self.done.push(Completion::Reply {
+            conn: conn.clone(),
+            id,
+            to: to.clone(),
+            group,
+            status: Some(d.status),
+        });
+        Ok(None)
+    }
+
     fn send(&mut self, req: SendRequest) -> Result<()> {
         let to: Arc<str> = req.recipient.address.clone();
-        let dedup_key = (req.id != 0).then(|| dedup_key(&req.sender.address, req.id));
-        if let Some(key) = &dedup_key {
-            if let Some(d) = self.get_dedup(key)? {
-                self.core
-                    .metrics
-                    .deduplicated
-                    .fetch_add(1, Ordering::Relaxed);
-                self.done.push(Completion::Reply {
-                    conn: req.conn,
-                    id: req.id,
-                    to,
-                    group: false,
-                    status: Some(d.status),
-                });
-                return Ok(());
-            }
-        }
+        let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, &to, false)? else {
+            return Ok(());
+        };
         let seq = req.recipient.next_seq();
         let inbox = inbox_key(&req.recipient.address, req.priority, seq);
         self.batch.put(CF_INBOX, &inbox, &req.record)?;
@@ -475,7 +494,7 @@ impl Pass<'_> {
             &expiry_key(req.expire_at, EXPIRE_ITEM, &inbox),
             &[],
         )?;
-        if let Some(key) = dedup_key {
+        if let Some(key) = dedup {
             let flags = match crate::store::record::decode_item(&req.record) {
                 Some(ItemView::Msg(m)) => m.flags,
                 _ => 0,
@@ -675,23 +694,9 @@ impl Pass<'_> {
     }
 
     fn group_send(&mut self, req: GroupSendRequest) -> Result<()> {
-        let dedup = (req.id != 0).then(|| dedup_key(&req.sender.address, req.id));
-        if let Some(key) = &dedup {
-            if let Some(d) = self.get_dedup(key)? {
-                self.core
-                    .metrics
-                    .deduplicated
-                    .fetch_add(1, Ordering::Relaxed);
-                self.done.push(Completion::Reply {
-                    conn: req.conn,
-                    id: req.id,
-                    to: req.group,
-                    group: true,
-                    status: Some(d.status),
-                });
-                return Ok(());
-            }
-        }
+        let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, &req.group, true)? else {
+            return Ok(());
+        };
         let msgno = self.core.next_msgno();
         let count = u32::try_from(req.recipients.len()).unwrap_or(u32::MAX);
         if count > 0 {
