@@ -323,3 +323,64 @@ fn try_get(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
     s.read_to_string(&mut resp).ok()?;
     resp.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// docs/openapi.yaml describes exactly the routes the server serves, and
+/// each documented route answers something other than 404 "no such endpoint".
+#[test]
+fn openapi_document_matches_the_routes() {
+    use std::collections::BTreeSet;
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
+    let mut documented = BTreeSet::new();
+    let mut path = String::new();
+    for line in text.lines() {
+        if let Some(p) = line.strip_prefix("  /") {
+            path = format!("/{}", p.trim_end_matches(':'));
+        } else if let Some(m) = ["get", "post", "put", "delete", "head", "patch"]
+            .iter()
+            .find(|m| line == format!("    {m}:"))
+        {
+            documented.insert((path.clone(), m.to_uppercase()));
+        }
+    }
+    let served: BTreeSet<(String, String)> = [
+        ("/healthz", "GET"),
+        ("/readyz", "GET"),
+        ("/metrics", "GET"),
+        ("/v1/users", "POST"),
+        ("/v1/users/{address}", "GET"),
+        ("/v1/users/{address}", "DELETE"),
+        ("/v1/users/{address}/tokens", "POST"),
+        ("/v1/users/{address}/tokens", "DELETE"),
+        ("/v1/users/{address}/messages", "GET"),
+        ("/v1/users/{address}/messages", "DELETE"),
+        ("/v1/messages", "POST"),
+        ("/v1/groups/{name}", "PUT"),
+        ("/v1/groups/{name}", "GET"),
+        ("/v1/groups/{name}", "DELETE"),
+        ("/v1/groups/{name}/members", "POST"),
+        ("/v1/files", "POST"),
+        ("/v1/files/{id}", "GET"),
+        ("/v1/files/{id}", "HEAD"),
+        ("/v1/files/{id}", "DELETE"),
+    ]
+    .iter()
+    .map(|(p, m)| (p.to_string(), m.to_string()))
+    .collect();
+    assert_eq!(documented, served);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    for (path, method) in &served {
+        let concrete = path
+            .replace("{address}", "nobody")
+            .replace("{name}", "nogroup")
+            .replace("{id}", "0123456789abcdef0123456789abcdef");
+        let (code, body) = http(server.http, method, &concrete, Some(ADMIN), "{}");
+        assert!(code < 500, "{method} {path}: {code}");
+        assert!(
+            !body.contains("no such endpoint"),
+            "{method} {path} is not routed"
+        );
+    }
+}
