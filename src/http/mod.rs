@@ -31,6 +31,8 @@ pub const MAX_IN_FLIGHT: usize = 512;
 /// group. JSON bodies are read whole; at most [`MAX_JSON_IN_FLIGHT`] of them
 /// at once, so they hold at most 128 MiB.
 const MAX_JSON: usize = 8 << 20;
+/// Threads answering 503 at once; beyond that the dispatcher answers itself.
+const MAX_REFUSING: usize = 256;
 /// JSON bodies read at once (more wait for a slot).
 const MAX_JSON_IN_FLIGHT: usize = 16;
 
@@ -58,6 +60,7 @@ pub fn start(
     let dispatcher = {
         let (server, stopping) = (server.clone(), stopping.clone());
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let refusing = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             core,
             files,
@@ -78,10 +81,26 @@ pub fn start(
                 };
                 if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
                     in_flight.fetch_sub(1, Ordering::AcqRel);
-                    respond(
-                        request,
-                        Reply::error(503, "overloaded", "too many requests in progress"),
-                    );
+                    // Answering may wait on the client (tiny_http drains a
+                    // little of an unread body): not on this thread, which
+                    // must keep taking requests.
+                    let busy = Reply::error(503, "overloaded", "too many requests in progress");
+                    if refusing.fetch_add(1, Ordering::AcqRel) < MAX_REFUSING {
+                        let refusing = refusing.clone();
+                        let spawned =
+                            thread::Builder::new()
+                                .name("tern-http-503".into())
+                                .spawn(move || {
+                                    respond(request, busy);
+                                    refusing.fetch_sub(1, Ordering::AcqRel);
+                                });
+                        if spawned.is_err() {
+                            tracing::warn!("cannot start an http refusal thread");
+                        }
+                    } else {
+                        refusing.fetch_sub(1, Ordering::AcqRel);
+                        respond(request, busy);
+                    }
                     continue;
                 }
                 let (shared, in_flight) = (shared.clone(), in_flight.clone());
@@ -242,7 +261,10 @@ fn handle(shared: &Shared, mut request: Request) {
         return;
     }
     let mut body = Vec::new();
-    let too_large = matches!(request.method(), Method::Post | Method::Put) && {
+    // Every JSON route needs the admin token: without it the body is not
+    // read at all (the route answers 401/403), so unauthenticated clients
+    // cannot hold the JSON body slots.
+    let too_large = admin && matches!(request.method(), Method::Post | Method::Put) && {
         match shared.read_body(&mut request) {
             Ok(b) => {
                 body = b;

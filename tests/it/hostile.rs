@@ -146,3 +146,113 @@ fn long_urls_headers_and_path_tricks() {
     // Nothing was created outside the data directory's own layout.
     assert!(!dir.path().join("etc").exists());
 }
+
+/// Regression: connections that announce a body and never send it held
+/// their handler threads forever (no socket timeout), so 513 of them stalled
+/// every HTTP request, /healthz included; and 16 unauthenticated ones
+/// blocked every JSON write (the body was read before the token was
+/// checked). Now bodies are read only after authentication and sockets time
+/// out, so the API answers while such connections are held open.
+#[test]
+fn held_open_bodies_do_not_stall_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let mut held = Vec::new();
+    for i in 0..520 {
+        let mut s = TcpStream::connect(server.http).expect("connect");
+        let path = if i % 2 == 0 {
+            "/v1/files"
+        } else {
+            "/v1/groups/x"
+        };
+        let method = if i % 2 == 0 { "POST" } else { "PUT" };
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        held.push(s);
+    }
+    // With all of them still open: health and an authenticated JSON write
+    // are answered (within the socket timeout, not never).
+    let started = Instant::now();
+    let code = loop {
+        match http_with_timeout(&server, "GET", "/healthz", None, "") {
+            Some(code) if code == 200 => break code,
+            _ => assert!(
+                started.elapsed() < Duration::from_secs(40),
+                "/healthz never answered"
+            ),
+        }
+    };
+    assert_eq!(code, 200);
+    let (code, body) = http(
+        server.http,
+        "PUT",
+        "/v1/groups/g",
+        Some(ADMIN),
+        r#"{"members":[]}"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    eprintln!(
+        "API answered {:?} after 520 held-open bodies",
+        started.elapsed()
+    );
+    drop(held);
+}
+
+/// A request with a bounded wait; `None` on timeout or a closed connection.
+fn http_with_timeout(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> Option<u16> {
+    let mut s = TcpStream::connect(server.http).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    String::from_utf8_lossy(&resp)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Regression: an invalid or conflicting Content-Length was ignored and the
+/// body read as a second request (smuggling behind a proxy).
+#[test]
+fn content_length_tricks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let smuggled = "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n";
+    for lengths in [vec!["-1"], vec!["99999999999999999999999"], vec!["0", "36"]] {
+        let headers: String = lengths
+            .iter()
+            .map(|l| format!("Content-Length: {l}\r\n"))
+            .collect();
+        let req = format!("POST /v1/users HTTP/1.1\r\nHost: t\r\n{headers}\r\n{smuggled}");
+        let mut s = TcpStream::connect(server.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut resp = Vec::new();
+        let _ = s.read_to_end(&mut resp);
+        let text = String::from_utf8_lossy(&resp);
+        assert!(
+            !text.contains("tern_connections"),
+            "{lengths:?}: the body was served as a request:\n{text}"
+        );
+        assert!(
+            text.matches("HTTP/1.1").count() <= 1,
+            "{lengths:?}: two answers:\n{text}"
+        );
+    }
+    assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
+}

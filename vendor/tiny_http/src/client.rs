@@ -271,6 +271,17 @@ impl Iterator for ClientConnection {
                 _ => (),
             };
 
+            // tern patch (see vendor/README.md): a request with a body is the
+            // last on its connection, so a body left unread is never parsed
+            // as a request.
+            let has_body = rq.headers().iter().any(|h| {
+                (h.field.equiv("Content-Length") && h.value.as_str().trim() != "0")
+                    || h.field.equiv("Transfer-Encoding")
+            });
+            if has_body {
+                self.no_more_requests = true;
+            }
+
             // returning the request
             return Some(rq);
         }

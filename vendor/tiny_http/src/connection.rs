@@ -78,6 +78,21 @@ impl std::io::Write for Connection {
     }
 }
 impl Connection {
+    /// tern patch (see vendor/README.md): read and write timeouts.
+    pub(crate) fn set_timeouts(&self, read: std::time::Duration, write: std::time::Duration) {
+        match self {
+            Self::Tcp(s) => {
+                s.set_read_timeout(Some(read)).ok();
+                s.set_write_timeout(Some(write)).ok();
+            }
+            #[cfg(unix)]
+            Self::Unix(s) => {
+                s.set_read_timeout(Some(read)).ok();
+                s.set_write_timeout(Some(write)).ok();
+            }
+        }
+    }
+
     /// Gets the peer's address. Some for TCP, None for Unix sockets.
     pub(crate) fn peer_addr(&mut self) -> std::io::Result<Option<SocketAddr>> {
         match self {

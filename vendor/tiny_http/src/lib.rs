@@ -294,6 +294,13 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
+                        // tern patch (see vendor/README.md): a client that
+                        // stops sending or reading holds its thread 10 s / 30 s
+                        // at most, not forever.
+                        sock.set_timeouts(
+                            std::time::Duration::from_secs(10),
+                            std::time::Duration::from_secs(30),
+                        );
                         let (read_closable, write_closable) = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]

@@ -152,11 +152,27 @@ where
         // header must be ignored (RFC2616 #4.4)
         None
     } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
+        // tern patch (see vendor/README.md): a Content-Length that is not a
+        // number, or two that differ, is refused instead of ignored (the
+        // body would otherwise be read as the next request).
+        let mut length: Option<usize> = None;
+        for h in headers.iter().filter(|h| h.field.equiv("Content-Length")) {
+            let parsed = usize::from_str(h.value.as_str().trim()).ok();
+            match (parsed, length) {
+                (None, _) => return Err(bad_length()),
+                (Some(n), Some(m)) if n != m => return Err(bad_length()),
+                (Some(n), _) => length = Some(n),
+            }
+        }
+        length
     };
+
+    fn bad_length() -> RequestCreationError {
+        RequestCreationError::CreationIoError(IoError::new(
+            ErrorKind::InvalidData,
+            "invalid or conflicting Content-Length",
+        ))
+    }
 
     // true if the client sent a `Expect: 100-continue` header
     let expects_continue = {

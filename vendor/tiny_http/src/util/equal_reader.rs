@@ -67,9 +67,11 @@ where
         // tern patch (see vendor/README.md): the original allocated
         // `vec![0; remaining_to_read]`, the whole unread rest of the body at
         // once, so a request announcing a huge Content-Length aborted the
-        // process on a failed allocation. Drain through a fixed buffer, and
-        // give up (which closes the connection) after DRAIN_LIMIT bytes.
-        const DRAIN_LIMIT: usize = 1 << 20;
+        // process on a failed allocation. Drain through a fixed buffer, at
+        // most DRAIN_LIMIT bytes (each read bounded by the socket's read
+        // timeout); a request with a body is the last on its connection, so
+        // what is left is never read as a request.
+        const DRAIN_LIMIT: usize = 64 * 1024;
         let mut remaining_to_read = self.size;
         let mut drained = 0;
         let mut buf = [0u8; 8192];
