@@ -95,6 +95,14 @@ fn admin(req: &Req<'_>) -> Option<Reply> {
 }
 
 fn parse<'a, T: Deserialize<'a>>(req: &'a Req<'_>) -> Result<T, Reply> {
+    // serde would also map a JSON array onto a struct, field by field.
+    if req.body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Reply::error(
+            400,
+            "bad_request",
+            "the body must be a JSON object",
+        ));
+    }
     serde_json::from_slice(&req.body)
         .map_err(|e| Reply::error(400, "bad_request", format!("bad JSON: {e}")))
 }
@@ -350,8 +358,7 @@ struct NewMessage {
     from: String,
     to: Option<String>,
     group: Option<String>,
-    #[serde(default)]
-    id: u64,
+    id: Option<u64>,
     payload: Option<String>,
     payload_b64: Option<String>,
     expiry: Option<u32>,
@@ -398,7 +405,7 @@ fn post_message(core: &Core, req: &Req<'_>) -> Reply {
         return Reply::error(404, "not_found", format!("no user {:?}", body.from));
     };
     let send = crate::wire::Send {
-        id: (body.id != 0).then_some(body.id),
+        id: body.id.filter(|&i| i != 0),
         to: body.to.as_deref(),
         group: body.group.as_deref(),
         expiry: body.expiry,
@@ -438,7 +445,7 @@ fn post_message(core: &Core, req: &Req<'_>) -> Reply {
                 202,
                 &Sent {
                     status: status_name(status),
-                    id: body.id,
+                    id: body.id.unwrap_or(0),
                 },
             )
         }

@@ -80,6 +80,11 @@ fn user_api_errors() {
     );
     check(post(Some(ADMIN), "{not json"), 400, "bad_request");
     check(
+        post(Some(ADMIN), r#"["carol", null, 5]"#),
+        400,
+        "bad_request",
+    );
+    check(
         post(Some(ADMIN), r#"{"name":"no address"}"#),
         400,
         "bad_request",
