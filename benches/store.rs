@@ -56,6 +56,7 @@ fn group_commit(c: &mut Criterion) {
                                     recipient: bob.clone(),
                                     id: next_id,
                                     priority: 0,
+                                    flags: 3,
                                     time: 1,
                                     expire_at: u64::MAX / 2,
                                     dedup_until: u64::MAX / 2,

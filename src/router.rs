@@ -145,6 +145,7 @@ pub fn send<'s>(
                 recipient,
                 id,
                 priority,
+                flags: msg_flags,
                 time: now,
                 expire_at: msg.expire_at,
                 dedup_until,

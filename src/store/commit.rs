@@ -57,6 +57,8 @@ pub struct SendRequest {
     pub id: u64,
     /// 0 … 15.
     pub priority: u8,
+    /// The SEND's FLAGS.
+    pub flags: u32,
     /// Server time of acceptance, ms.
     pub time: u64,
     /// When the queued item expires, ms.
@@ -441,6 +443,13 @@ impl Pass<'_> {
         Ok(())
     }
 
+    /// Records an accepted SEND for duplicate detection until `until` (ms).
+    fn remember(&mut self, key: Vec<u8>, until: u64, record: Dedup) -> Result<()> {
+        self.batch
+            .put(CF_EXPIRY, &expiry_key(until, EXPIRE_DEDUP, &key), &[])?;
+        self.put_dedup(key, record)
+    }
+
     fn get_inbox(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if self.deleted.contains(key) {
             return Ok(None);
@@ -495,27 +504,16 @@ impl Pass<'_> {
             &[],
         )?;
         if let Some(key) = dedup {
-            let flags = match crate::store::record::decode_item(&req.record) {
-                Some(ItemView::Msg(m)) => m.flags,
-                _ => 0,
+            let record = Dedup {
+                status: StatusCode::SENT,
+                flags: req.flags,
+                priority: req.priority,
+                seq,
+                time: req.time,
+                expire_at: req.expire_at,
+                recipient: req.recipient.address.to_string(),
             };
-            self.batch.put(
-                CF_EXPIRY,
-                &expiry_key(req.dedup_until, EXPIRE_DEDUP, &key),
-                &[],
-            )?;
-            self.put_dedup(
-                key,
-                Dedup {
-                    status: StatusCode::SENT,
-                    flags,
-                    priority: req.priority,
-                    seq,
-                    time: req.time,
-                    expire_at: req.expire_at,
-                    recipient: req.recipient.address.to_string(),
-                },
-            )?;
+            self.remember(key, req.dedup_until, record)?;
         }
         req.recipient.queued.fetch_add(1, Ordering::Relaxed);
         self.core.metrics.accepted.fetch_add(1, Ordering::Relaxed);
@@ -741,23 +739,16 @@ impl Pass<'_> {
             });
         }
         if let Some(key) = dedup {
-            self.batch.put(
-                CF_EXPIRY,
-                &expiry_key(req.dedup_until, EXPIRE_DEDUP, &key),
-                &[],
-            )?;
-            self.put_dedup(
-                key,
-                Dedup {
-                    status: StatusCode::SENT,
-                    flags: req.flags,
-                    priority: req.priority,
-                    seq: 0,
-                    time: req.time,
-                    expire_at: req.expire_at,
-                    recipient: req.group.to_string(),
-                },
-            )?;
+            let record = Dedup {
+                status: StatusCode::SENT,
+                flags: req.flags,
+                priority: req.priority,
+                seq: 0,
+                time: req.time,
+                expire_at: req.expire_at,
+                recipient: req.group.to_string(),
+            };
+            self.remember(key, req.dedup_until, record)?;
         }
         self.core.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         self.done.push(Completion::Reply {
