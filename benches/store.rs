@@ -10,15 +10,40 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tern::config::Config;
 use tern::core::{ConnRef, Core, User};
-use tern::store::commit::{self, GroupSendRequest, ReplyTo, Request, SendRequest};
+use tern::store::commit::{self, Accept, GroupSendRequest, ReplyTo, Request, SendRequest};
 use tern::store::record::encode_msg;
 use tern::store::{MsgView, Store};
 
-fn group_commit(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A core over a fresh store in `dir`, with no commit thread: the bench
+/// calls `commit_batch` itself.
+fn core(dir: &tempfile::TempDir) -> Core {
     let store = Store::open(dir.path()).expect("open");
     let (commit_tx, _queue) = commit::queue();
-    let core = Core::new(Config::default(), store, commit_tx, 1).expect("core");
+    Core::new(Config::default(), store, commit_tx, 1).expect("core")
+}
+
+/// A stored SEND from `sender`, answered nowhere.
+fn accept(sender: &Arc<User>, id: u64, record: Arc<[u8]>) -> Accept {
+    Accept {
+        conn: ReplyTo::Conn(ConnRef {
+            worker: 0,
+            token: 0,
+            generation: 0,
+        }),
+        sender: sender.clone(),
+        id,
+        priority: 0,
+        flags: 3,
+        time: 1,
+        expire_at: u64::MAX / 2,
+        dedup_until: u64::MAX / 2,
+        record,
+    }
+}
+
+fn group_commit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let core = core(&dir);
     let alice = Arc::new(User::new("alice", String::new(), 1));
     let bob = Arc::new(User::new("bob", String::new(), 1));
     let payload = [0x5au8; 256];
@@ -47,20 +72,8 @@ fn group_commit(c: &mut Criterion) {
                                     payload: &payload,
                                 });
                                 Request::Send(SendRequest {
-                                    conn: ReplyTo::Conn(ConnRef {
-                                        worker: 0,
-                                        token: 0,
-                                        generation: 0,
-                                    }),
-                                    sender: alice.clone(),
+                                    accept: accept(&alice, next_id, record),
                                     recipient: bob.clone(),
-                                    id: next_id,
-                                    priority: 0,
-                                    flags: 3,
-                                    time: 1,
-                                    expire_at: u64::MAX / 2,
-                                    dedup_until: u64::MAX / 2,
-                                    record,
                                 })
                             })
                             .collect::<Vec<_>>()
@@ -79,9 +92,7 @@ fn group_commit(c: &mut Criterion) {
 /// one such send.
 fn group_fanout(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
-    let (commit_tx, _queue) = commit::queue();
-    let core = Core::new(Config::default(), store, commit_tx, 1).expect("core");
+    let core = core(&dir);
     let sender = Arc::new(User::new("boss", String::new(), 1));
     let mut group = c.benchmark_group("store_group_fanout");
     group.sample_size(20);
@@ -110,21 +121,9 @@ fn group_fanout(c: &mut Criterion) {
                     || {
                         next_id += 1;
                         vec![Request::GroupSend(GroupSendRequest {
-                            conn: ReplyTo::Conn(ConnRef {
-                                worker: 0,
-                                token: 0,
-                                generation: 0,
-                            }),
-                            sender: sender.clone(),
+                            accept: accept(&sender, next_id, record.clone()),
                             group: "big".into(),
                             recipients: recipients.clone(),
-                            id: next_id,
-                            priority: 0,
-                            flags: 3,
-                            time: 1,
-                            expire_at: u64::MAX / 2,
-                            dedup_until: u64::MAX / 2,
-                            record: record.clone(),
                         })]
                     },
                     |mut requests| commit::commit_batch(&core, &mut requests),

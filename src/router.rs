@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::core::{Core, User};
-use crate::store::commit::{GroupSendRequest, ReplyTo, SendRequest};
+use crate::store::commit::{Accept, GroupSendRequest, ReplyTo, SendRequest};
 use crate::store::keys::PRIORITIES;
 use crate::store::record::encode_msg;
 use crate::store::{Item, MsgView, Request};
@@ -132,38 +132,31 @@ pub fn send<'s>(
     }
     msg.expire_at = now + u64::from(expiry) * 1000;
     let dedup_until = now + u64::from(core.config.dedup_window.max(expiry)) * 1000;
-    let req = match dest {
-        Dest::To(_) => {
-            let recipient = recipients.into_iter().next().expect("one recipient");
-            let queued = recipient.queued.load(Ordering::Relaxed);
-            if queued >= core.config.max_queue {
-                return (dest, Outcome::Now(StatusCode::OVERLOADED));
-            }
-            Request::Send(SendRequest {
-                conn: reply.clone(),
-                sender: sender.clone(),
-                recipient,
-                id,
-                priority,
-                flags: msg_flags,
-                time: now,
-                expire_at: msg.expire_at,
-                dedup_until,
-                record: encode_msg(&msg),
-            })
+    if let (Dest::To(_), Some(recipient)) = (dest, recipients.first()) {
+        if recipient.queued.load(Ordering::Relaxed) >= core.config.max_queue {
+            return (dest, Outcome::Now(StatusCode::OVERLOADED));
         }
+    }
+    let accept = Accept {
+        conn: reply,
+        sender: sender.clone(),
+        id,
+        priority,
+        flags: msg_flags,
+        time: now,
+        expire_at: msg.expire_at,
+        dedup_until,
+        record: encode_msg(&msg),
+    };
+    let req = match dest {
+        Dest::To(_) => Request::Send(SendRequest {
+            accept,
+            recipient: recipients.into_iter().next().expect("one recipient"),
+        }),
         Dest::Group(name) => Request::GroupSend(GroupSendRequest {
-            conn: reply.clone(),
-            sender: sender.clone(),
+            accept,
             group: name.into(),
             recipients,
-            id,
-            priority,
-            flags: msg_flags,
-            time: now,
-            expire_at: msg.expire_at,
-            dedup_until,
-            record: encode_msg(&msg),
         }),
     };
     match core.commit.try_submit(req) {

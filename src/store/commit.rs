@@ -45,14 +45,12 @@ pub enum ReplyTo {
     Channel(Sender<Option<StatusCode>>),
 }
 
-/// A stored 1:1 message to accept.
-pub struct SendRequest {
+/// What every stored SEND carries, whatever its destination.
+pub struct Accept {
     /// Where the answer goes.
     pub conn: ReplyTo,
-    /// The sender.
+    /// The sender (for a group, a member with `send`).
     pub sender: Arc<User>,
-    /// The recipient.
-    pub recipient: Arc<User>,
     /// The sender's message ID (0 = fire-and-forget: no dedup, no statuses).
     pub id: u64,
     /// 0 … 15.
@@ -61,39 +59,31 @@ pub struct SendRequest {
     pub flags: u32,
     /// Server time of acceptance, ms.
     pub time: u64,
-    /// When the queued item expires, ms.
+    /// When the queued item(s) expire, ms.
     pub expire_at: u64,
     /// When the duplicate-detection record may be forgotten, ms.
     pub dedup_until: u64,
-    /// The encoded MSG record (`record::encode_msg`).
+    /// The encoded MSG record (`record::encode_msg`), GROUP set for a group.
     pub record: Arc<[u8]>,
+}
+
+/// A stored 1:1 message to accept.
+pub struct SendRequest {
+    /// The message.
+    pub accept: Accept,
+    /// The recipient.
+    pub recipient: Arc<User>,
 }
 
 /// A stored group message to accept: written once, referenced from each
 /// recipient's inbox, all in one batch.
 pub struct GroupSendRequest {
-    /// Where the answer goes.
-    pub conn: ReplyTo,
-    /// The sender (a member with `send`).
-    pub sender: Arc<User>,
+    /// The message.
+    pub accept: Accept,
     /// The group's name.
     pub group: Arc<str>,
     /// The members with `recv` at the time of sending, less the sender.
     pub recipients: Vec<Arc<User>>,
-    /// The sender's message ID (0 = fire-and-forget).
-    pub id: u64,
-    /// 0 … 15.
-    pub priority: u8,
-    /// The SEND's FLAGS.
-    pub flags: u32,
-    /// Server time of acceptance, ms.
-    pub time: u64,
-    /// When the queued items expire, ms.
-    pub expire_at: u64,
-    /// When the duplicate-detection record may be forgotten, ms.
-    pub dedup_until: u64,
-    /// The encoded MSG record, GROUP set (`record::encode_msg`).
-    pub record: Arc<[u8]>,
 }
 
 /// A change to queued state.
@@ -490,13 +480,17 @@ impl Pass<'_> {
         Ok(None)
     }
 
-    fn send(&mut self, req: SendRequest) -> Result<()> {
-        let to: Arc<str> = req.recipient.address.clone();
+    fn send(&mut self, send: SendRequest) -> Result<()> {
+        let SendRequest {
+            accept: req,
+            recipient,
+        } = send;
+        let to: Arc<str> = recipient.address.clone();
         let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, &to, false)? else {
             return Ok(());
         };
-        let seq = req.recipient.next_seq();
-        let inbox = inbox_key(&req.recipient.address, req.priority, seq);
+        let seq = recipient.next_seq();
+        let inbox = inbox_key(&recipient.address, req.priority, seq);
         self.batch.put(CF_INBOX, &inbox, &req.record)?;
         self.batch.put(
             CF_EXPIRY,
@@ -511,11 +505,11 @@ impl Pass<'_> {
                 seq,
                 time: req.time,
                 expire_at: req.expire_at,
-                recipient: req.recipient.address.to_string(),
+                recipient: recipient.address.to_string(),
             };
             self.remember(key, req.dedup_until, record)?;
         }
-        req.recipient.queued.fetch_add(1, Ordering::Relaxed);
+        recipient.queued.fetch_add(1, Ordering::Relaxed);
         self.core.metrics.accepted.fetch_add(1, Ordering::Relaxed);
         self.done.push(Completion::Reply {
             conn: req.conn,
@@ -525,7 +519,7 @@ impl Pass<'_> {
             status: (req.id != 0).then_some(StatusCode::SENT),
         });
         self.done.push(Completion::Push {
-            user: req.recipient,
+            user: recipient,
             item: Arc::new(Item {
                 seq,
                 priority: req.priority,
@@ -691,12 +685,17 @@ impl Pass<'_> {
         Ok(())
     }
 
-    fn group_send(&mut self, req: GroupSendRequest) -> Result<()> {
-        let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, &req.group, true)? else {
+    fn group_send(&mut self, send: GroupSendRequest) -> Result<()> {
+        let GroupSendRequest {
+            accept: req,
+            group,
+            recipients,
+        } = send;
+        let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, &group, true)? else {
             return Ok(());
         };
         let msgno = self.core.next_msgno();
-        let count = u32::try_from(req.recipients.len()).unwrap_or(u32::MAX);
+        let count = u32::try_from(recipients.len()).unwrap_or(u32::MAX);
         if count > 0 {
             self.batch
                 .put(CF_MESSAGES, &message_key(msgno), &req.record)?;
@@ -711,10 +710,10 @@ impl Pass<'_> {
             flags: req.flags,
             msgno,
             from: &req.sender.address,
-            group: &req.group,
+            group: &group,
         });
         let receipts = req.id != 0 && req.flags & flags::READ_RECEIPT != 0;
-        for user in req.recipients {
+        for user in recipients {
             let seq = user.next_seq();
             let inbox = inbox_key(&user.address, req.priority, seq);
             self.batch.put(CF_INBOX, &inbox, &reference)?;
@@ -746,7 +745,7 @@ impl Pass<'_> {
                 seq: 0,
                 time: req.time,
                 expire_at: req.expire_at,
-                recipient: req.group.to_string(),
+                recipient: group.to_string(),
             };
             self.remember(key, req.dedup_until, record)?;
         }
@@ -754,7 +753,7 @@ impl Pass<'_> {
         self.done.push(Completion::Reply {
             conn: req.conn,
             id: req.id,
-            to: req.group,
+            to: group,
             group: true,
             status: (req.id != 0).then_some(StatusCode::SENT),
         });
