@@ -183,14 +183,26 @@ fn held_open_bodies_do_not_stall_the_api() {
         }
     };
     assert_eq!(code, 200);
-    let (code, body) = http(
-        server.http,
-        "PUT",
-        "/v1/groups/g",
-        Some(ADMIN),
-        r#"{"members":[]}"#,
-    );
-    assert_eq!(code, 201, "{body}");
+    // 503 (512 requests in progress, "retry later") is a fair answer while
+    // the held connections still occupy the slots; a stall is not.
+    let code = loop {
+        match http_with_timeout(
+            &server,
+            "PUT",
+            "/v1/groups/g",
+            Some(ADMIN),
+            r#"{"members":[]}"#,
+        ) {
+            Some(503) | None => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(40),
+                    "PUT never answered"
+                )
+            }
+            Some(code) => break code,
+        }
+    };
+    assert_eq!(code, 201);
     eprintln!(
         "API answered {:?} after 520 held-open bodies",
         started.elapsed()
