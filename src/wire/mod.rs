@@ -6,8 +6,11 @@
 //! - [`tags`]: frame kinds, field tags, status and error codes, FLAGS bits.
 //! - [`frame`]: typed frames that borrow from the buffer they came from.
 //! - [`codec`]: `check` (header only), `decode`, `encode`.
+//! - [`deframe`]: a byte stream arriving in chunks, cut into frames; whole
+//!   frames are decoded in place from the chunk, only a partial one is copied.
 
 pub mod codec;
+pub mod deframe;
 pub mod frame;
 pub mod tags;
 
@@ -15,6 +18,7 @@ pub use codec::{
     check, decode, decode_frame, encode, CheckError, DecodeError, EncodeError, FrameError,
     HEADER_LEN,
 };
+pub use deframe::{DeframeError, Deframer};
 pub use frame::*;
 pub use tags::{flags, ErrorCode, Kind, StatusCode, Tag};
 
