@@ -6,18 +6,27 @@
 //! - [`decode_round_trip`]: decoding never panics, and every frame that decodes
 //!   survives decode → encode → decode unchanged, in no more bytes.
 //! - [`read_whole`] / [`read_chunked`]: a byte stream cut into arbitrary chunks
-//!   and read with `check` then `decode` yields the same frames and the same
-//!   final error as the whole stream read at once.
+//!   and fed to `tern::wire::Deframer` (the production deframer, not a model)
+//!   yields the same frames and the same first error as `decode_frame` walking
+//!   the whole stream at once.
 //! - [`seed_frames`] / [`seed_streams`]: the valid frames the fuzz corpora and
 //!   the stress test's mutations start from.
 
+use std::ops::ControlFlow;
+
 use tern::wire::{
-    check, decode, decode_frame, encode, flags, Ack, CheckError, ErrorCode, Frame, FrameError,
-    Hello, Kind, Msg, Ping, Pong, Read, Send, Seqs, Status, StatusCode, Tag, Welcome, HEADER_LEN,
+    check, decode_frame, encode, flags, Ack, CheckError, DeframeError, Deframer, ErrorCode, Frame,
+    FrameError, Hello, Kind, Msg, Ping, Pong, Read, Send, Seqs, Status, StatusCode, Tag, Welcome,
+    HEADER_LEN,
 };
 
 /// The `max_frame` the properties run with: the server's default, 1 MiB.
 pub const MAX_FRAME: u32 = 1 << 20;
+
+/// A limit the chunked property also runs with, so that inputs of a few KiB
+/// reach `TooLarge` around real frames: the 200-byte-payload seeds are just
+/// under it.
+pub const SMALL_MAX_FRAME: u32 = 256;
 
 /// Decodes frame after frame from the front of `data` and checks the round trip
 /// of each one that decodes. A frame whose body is malformed is skipped (its
@@ -84,31 +93,47 @@ fn assert_round_trip(frame: &Frame<'_>, raw_len: usize, max_frame: u32, out: &mu
     assert_eq!(&second, out, "encoding is not canonical for {frame:?}");
 }
 
-/// What a reader makes of a byte stream, in order: the frames that decoded and
-/// at most one final error, after which it reads nothing more.
+/// What reading a byte stream gives, in order: the frames that decoded, then at
+/// most one event that ends it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A frame that decoded, as its raw bytes (header included): decoding is a
-    /// function of these bytes, so equal bytes mean equal frames.
+    /// A frame that decoded, as the bytes it encodes to. Frames are compared by
+    /// their encoding because the deframer hands out a `Frame` and not its raw
+    /// bytes; equal frames encode equally, and the `decode` target holds the
+    /// encoding to decoding back to an equal frame.
     Frame(Vec<u8>),
-    /// The error that ends the stream; `Incomplete` when the input ends inside
-    /// a frame.
-    Error(FrameError),
+    /// The first error; nothing after it is read.
+    Error(DeframeError),
+    /// The stream ended inside a frame, of which this many bytes had arrived.
+    Partial(usize),
 }
 
 /// The reference reading: the whole stream is in memory, and `decode_frame`
-/// walks it until the end or the first error.
+/// walks it until the end or the first error. It shares no code with the
+/// [`Deframer`] beyond `check` and `decode`.
 pub fn read_whole(data: &[u8], max_frame: u32) -> Vec<Event> {
     let mut events = Vec::new();
     let mut rest = data;
     while !rest.is_empty() {
         match decode_frame(rest, max_frame) {
-            Ok((_, total)) => {
-                events.push(Event::Frame(rest[..total].to_vec()));
+            Ok((frame, total)) => {
+                events.push(Event::Frame(encoded(&frame)));
                 rest = &rest[total..];
             }
             Err(e) => {
-                events.push(Event::Error(e));
+                events.push(match e {
+                    FrameError::Check(CheckError::Incomplete { .. }) => Event::Partial(rest.len()),
+                    FrameError::Check(CheckError::TooLarge { len }) => {
+                        Event::Error(DeframeError::TooLarge {
+                            len,
+                            max: max_frame,
+                        })
+                    }
+                    FrameError::Check(CheckError::UnknownKind(kind)) => {
+                        Event::Error(DeframeError::UnknownKind(kind))
+                    }
+                    FrameError::Decode(e) => Event::Error(DeframeError::Decode(Kind(rest[0]), e)),
+                });
                 break;
             }
         }
@@ -116,96 +141,39 @@ pub fn read_whole(data: &[u8], max_frame: u32) -> Vec<Event> {
     events
 }
 
-/// Reads the stream that `chunks` make up, one chunk at a time, the way a
-/// connection does; must give what [`read_whole`] gives for their concatenation.
+/// Reads the stream that `chunks` make up with `tern::wire::Deframer`, one
+/// chunk at a time, as a connection does; must give what [`read_whole`] gives
+/// for their concatenation.
+///
+/// Panics if the deframer ever holds more than one frame's worth of bytes, or
+/// if after an error a later chunk yields a frame or a different error.
 pub fn read_chunked<'c>(chunks: impl IntoIterator<Item = &'c [u8]>, max_frame: u32) -> Vec<Event> {
-    let mut reader = ChunkedReader::new(max_frame);
+    let mut deframer = Deframer::new(max_frame);
+    let mut events = Vec::new();
+    let mut failed = None;
     for chunk in chunks {
-        reader.feed(chunk);
+        let fed = deframer.feed(chunk, |frame| {
+            assert!(failed.is_none(), "a frame after the error {failed:?}");
+            events.push(Event::Frame(encoded(&frame)));
+            ControlFlow::Continue(())
+        });
+        match (fed, failed) {
+            (Ok(_), None) => {}
+            (Err(e), None) => failed = Some(e),
+            (fed, Some(first)) => assert_eq!(fed, Err(first), "not poisoned by the first error"),
+        }
+        assert!(
+            deframer.buffered() <= HEADER_LEN + max_frame as usize,
+            "{} bytes buffered, max_frame {max_frame}",
+            deframer.buffered()
+        );
     }
-    reader.finish()
-}
-
-/// An incremental reader like a connection's: it buffers what arrives, runs
-/// `check` on the header, and `decode`s a body only once `check` says the whole
-/// frame is there. It trusts `Incomplete { needed }` and does not look again
-/// until that many more bytes have arrived, so an overstated `needed` shows up
-/// as a difference from [`read_whole`].
-pub struct ChunkedReader {
-    /// Bytes received and not yet consumed; starts at a frame boundary.
-    buf: Vec<u8>,
-    /// `buf.len()` at which `check` may next change its answer: the last
-    /// `Incomplete` said so. 0 when `check` has not been asked.
-    awaiting: usize,
-    /// The limit passed to `check`.
-    max_frame: u32,
-    /// What has been read so far.
-    events: Vec<Event>,
-    /// Set by the first error: a real connection is closed then.
-    failed: bool,
-}
-
-impl ChunkedReader {
-    /// A reader that has received nothing.
-    pub fn new(max_frame: u32) -> Self {
-        ChunkedReader {
-            buf: Vec::new(),
-            awaiting: 0,
-            max_frame,
-            events: Vec::new(),
-            failed: false,
-        }
+    match failed {
+        Some(e) => events.push(Event::Error(e)),
+        None if deframer.buffered() > 0 => events.push(Event::Partial(deframer.buffered())),
+        None => {}
     }
-
-    /// Takes the next chunk of the stream and reads every frame it completes.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        if self.failed {
-            return;
-        }
-        self.buf.extend_from_slice(chunk);
-        if self.buf.len() < self.awaiting {
-            return;
-        }
-        let mut start = 0;
-        while start < self.buf.len() {
-            let rest = &self.buf[start..];
-            match check(rest, self.max_frame) {
-                Ok(total) => match decode(Kind(rest[0]), &rest[HEADER_LEN..total]) {
-                    Ok(_) => {
-                        self.events.push(Event::Frame(rest[..total].to_vec()));
-                        start += total;
-                    }
-                    Err(e) => return self.fail(e.into()),
-                },
-                Err(CheckError::Incomplete { needed }) => {
-                    self.awaiting = rest.len() + needed;
-                    break;
-                }
-                Err(e) => return self.fail(e.into()),
-            }
-        }
-        self.buf.drain(..start);
-        if self.buf.is_empty() {
-            self.awaiting = 0;
-        }
-    }
-
-    /// The end of the stream: a frame left half-received is reported as the
-    /// `Incomplete` the last `check` gave.
-    pub fn finish(mut self) -> Vec<Event> {
-        if !self.failed && !self.buf.is_empty() {
-            let needed = self.awaiting - self.buf.len();
-            self.events
-                .push(Event::Error(CheckError::Incomplete { needed }.into()));
-        }
-        self.events
-    }
-
-    fn fail(&mut self, e: FrameError) {
-        self.events.push(Event::Error(e));
-        self.failed = true;
-        self.buf.clear();
-    }
+    events
 }
 
 /// Splits `stream` into chunks of the sizes `sizes` gives, cycled, each byte
@@ -261,7 +229,7 @@ fn encoded(frame: &Frame<'_>) -> Vec<u8> {
     let mut out = Vec::new();
     match encode(frame, &mut out) {
         Ok(_) => out,
-        Err(e) => panic!("seed {frame:?} does not encode: {e}"),
+        Err(e) => panic!("{frame:?} does not encode: {e}"),
     }
 }
 
