@@ -19,13 +19,19 @@
 //! ACKed; [`Client::recv_new`] ACKs and skips a delivery whose SEQ it has
 //! already processed (a redelivery after a reconnect or a server restart).
 //! Carry that memory across connections with [`Client::reconnect`].
+//!
+//! Frames are cut from the socket's reads by [`wire::Deframer`], pulled one at a
+//! time. This is the deframer that the `chunked` fuzz target runs.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::wire::{self, flags, CheckError, ErrorCode, Frame, Kind, StatusCode, HEADER_LEN};
+use crate::wire::{self, flags, DeframeError, Deframer, ErrorCode, Frame, StatusCode};
+
+/// Bytes asked of the socket per `read`.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// What went wrong talking to the server.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +44,9 @@ pub enum ClientError {
     Server { code: ErrorCode, reason: String },
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The server's byte stream does not cut into valid frames.
+    #[error("framing: {0}")]
+    Framing(#[from] DeframeError),
     #[error("timed out")]
     Timeout,
 }
@@ -198,8 +207,17 @@ impl Default for Options {
 /// A connected, authenticated client.
 pub struct Client {
     stream: TcpStream,
-    /// Bytes read but not yet decoded.
-    rbuf: Vec<u8>,
+    /// What the last `read` returned. `rbuf[rpos..rend]` has not been given
+    /// to the deframer yet. The frames that are whole in it are decoded in place.
+    rbuf: Box<[u8]>,
+    /// Start of the bytes in `rbuf` not yet deframed.
+    rpos: usize,
+    /// End of the bytes the last `read` put in `rbuf`.
+    rend: usize,
+    /// Cuts the stream into frames, and holds a frame that is split across reads.
+    /// It sets no size limit (`u32::MAX`): WELCOME's MAX_FRAME bounds what the
+    /// server accepts, not what it sends.
+    deframer: Deframer,
     /// Events read while waiting for something else.
     queued: VecDeque<Event>,
     /// SEQs this client has processed (ACKed).
@@ -242,7 +260,10 @@ impl Client {
         stream.set_nodelay(true)?;
         let mut c = Client {
             stream,
-            rbuf: Vec::with_capacity(64 * 1024),
+            rbuf: vec![0; READ_CHUNK].into_boxed_slice(),
+            rpos: 0,
+            rend: 0,
+            deframer: Deframer::new(u32::MAX),
             queued: VecDeque::new(),
             seen,
             address: String::new(),
@@ -464,32 +485,29 @@ impl Client {
         }
     }
 
-    /// Reads until one whole frame is buffered, maps it with `f`, and removes
-    /// it. `Ok(None)` on timeout. An ERROR frame becomes `ClientError::Server`.
+    /// Returns the next frame, mapped with `f`, and reads from the socket only
+    /// when every byte read so far has been deframed. Returns `Ok(None)` on
+    /// timeout. An ERROR frame becomes `ClientError::Server`.
     fn next_frame<T>(
         &mut self,
         deadline: Option<Instant>,
         f: impl FnOnce(Frame<'_>) -> Result<T>,
     ) -> Result<Option<T>> {
         loop {
-            match wire::check(&self.rbuf, u32::MAX) {
-                Ok(total) => {
-                    let frame = wire::decode(Kind(self.rbuf[0]), &self.rbuf[HEADER_LEN..total])
-                        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                    let result = if let Frame::Error(e) = &frame {
-                        Err(ClientError::Server {
-                            code: e.code.unwrap_or(ErrorCode(0)),
-                            reason: e.reason.unwrap_or("").to_owned(),
-                        })
-                    } else {
-                        f(frame)
-                    };
-                    self.rbuf.drain(..total);
-                    return result.map(Some);
+            let mut unread = &self.rbuf[self.rpos..self.rend];
+            let before = unread.len();
+            let next = self.deframer.next_frame(&mut unread);
+            self.rpos += before - unread.len();
+            if let Some(frame) = next? {
+                if let Frame::Error(e) = &frame {
+                    return Err(ClientError::Server {
+                        code: e.code.unwrap_or(ErrorCode(0)),
+                        reason: e.reason.unwrap_or("").to_owned(),
+                    });
                 }
-                Err(CheckError::Incomplete { .. }) => {}
-                Err(e) => return Err(ClientError::Protocol(format!("{e:?}"))),
+                return f(frame).map(Some);
             }
+            // No whole frame yet, and the deframer has taken every byte read.
             let timeout = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
@@ -501,10 +519,12 @@ impl Client {
                 None => None,
             };
             self.stream.set_read_timeout(timeout)?;
-            let mut chunk = [0u8; 64 * 1024];
-            match self.stream.read(&mut chunk) {
+            match self.stream.read(&mut self.rbuf) {
                 Ok(0) => return Err(ClientError::Closed),
-                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.rpos = 0;
+                    self.rend = n;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -543,4 +563,131 @@ pub fn send_with_retry(
         std::thread::sleep(Duration::from_millis(100));
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against a scripted fake server on 127.0.0.1, so that the
+    //! deframing of real socket reads is tested without the `server` feature.
+
+    use super::*;
+    use std::net::{SocketAddr, TcpListener};
+    use std::thread::{self, JoinHandle};
+
+    fn enc(frames: &[Frame<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for frame in frames {
+            wire::encode(frame, &mut out).unwrap();
+        }
+        out
+    }
+
+    fn welcome() -> Vec<u8> {
+        enc(&[Frame::Welcome(wire::Welcome {
+            version: Some(1),
+            address: Some("alice"),
+            time: Some(1),
+            max_frame: Some(1 << 20),
+            keepalive: Some(60),
+        })])
+    }
+
+    fn msg(seq: u64, payload: &[u8]) -> Vec<u8> {
+        enc(&[Frame::Msg(wire::Msg {
+            seq: Some(seq),
+            from: Some("bob"),
+            payload: Some(payload),
+            ..Default::default()
+        })])
+    }
+
+    /// Accepts one connection, waits for a whole HELLO, then makes each of
+    /// `writes` one `write` call, with a pause between them so that they
+    /// arrive as separate reads. Then waits for the client to hang up.
+    fn fake_server(writes: Vec<Vec<u8>>) -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut hello = Vec::new();
+            let mut buf = [0u8; 256];
+            while wire::decode_frame(&hello, u32::MAX).is_err() {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "closed before HELLO");
+                hello.extend_from_slice(&buf[..n]);
+            }
+            for bytes in writes {
+                s.write_all(&bytes).unwrap();
+                thread::sleep(Duration::from_millis(10));
+            }
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        (addr, server)
+    }
+
+    #[test]
+    fn frames_split_across_reads_and_packed_into_one() {
+        let welcome = welcome();
+        let big = vec![0x5a; 3 * READ_CHUNK + 17];
+        let (m1, m2, m3) = (msg(1, b"one"), msg(2, &big), msg(3, b"three"));
+        let pong = enc(&[Frame::Pong(wire::Pong { time: Some(9) })]);
+        let writes = vec![
+            // The header of WELCOME one byte, then three bytes.
+            welcome[..1].to_vec(),
+            welcome[1..4].to_vec(),
+            // The rest of WELCOME, all of MSG 1 and the start of MSG 2.
+            [&welcome[4..], &m1, &m2[..100]].concat(),
+            // MSG 2, larger than a read, then MSG 3 and PONG behind it.
+            [&m2[100..], &m3, &pong].concat(),
+        ];
+        let (addr, server) = fake_server(writes);
+        let mut c = Client::connect(addr, "token").unwrap();
+        assert_eq!(c.address, "alice");
+        let payloads: Vec<Vec<u8>> = (0..3)
+            .map(|_| match c.recv().unwrap() {
+                Event::Msg(m) => m.payload,
+                other => panic!("expected MSG, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(payloads, [b"one".to_vec(), big, b"three".to_vec()]);
+        assert_eq!(c.recv().unwrap(), Event::Pong(Some(9)));
+        assert_eq!(c.deframer.buffered(), 0);
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_stream_that_does_not_frame_is_a_framing_error() {
+        let writes = vec![[&welcome()[..], &msg(1, b"ok"), &[0x42, 0, 0, 0, 0]].concat()];
+        let (addr, server) = fake_server(writes);
+        let mut c = Client::connect(addr, "token").unwrap();
+        assert!(matches!(c.recv(), Ok(Event::Msg(m)) if m.seq == 1));
+        for _ in 0..2 {
+            assert!(matches!(
+                c.recv(),
+                Err(ClientError::Framing(DeframeError::UnknownKind(0x42)))
+            ));
+        }
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_error_frame_is_a_server_error() {
+        let error = enc(&[Frame::Error(wire::Error {
+            code: Some(ErrorCode::SHUTDOWN),
+            reason: Some("bye"),
+        })]);
+        let (addr, server) = fake_server(vec![[welcome(), error].concat()]);
+        let mut c = Client::connect(addr, "token").unwrap();
+        match c.recv() {
+            Err(ClientError::Server { code, reason }) => {
+                assert_eq!((code, reason.as_str()), (ErrorCode::SHUTDOWN, "bye"))
+            }
+            other => panic!("expected a server error, got {other:?}"),
+        }
+        drop(c);
+        server.join().unwrap();
+    }
 }
