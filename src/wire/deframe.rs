@@ -71,7 +71,9 @@ impl DeframeError {
 pub struct Deframer {
     /// The bytes of one partial frame, starting at its header. It is filled
     /// only up to the end of that frame, and only after `check` has accepted the
-    /// header, so it never holds more than `HEADER_LEN + max_frame` bytes.
+    /// header, so it never holds more than `HEADER_LEN + max_frame` bytes. Its
+    /// capacity does not grow past the end of the frame either (see `hold`);
+    /// between frames it keeps at most [`KEEP_CAPACITY`].
     held: Vec<u8>,
     /// `held` is a whole frame that `next_frame` already returned (the frame
     /// borrowed it, so it could not be cleared then). It is cleared on the
@@ -178,10 +180,10 @@ impl Deframer {
                 *chunk = rest;
                 decode_whole(frame, &mut self.state).map(Some)
             }
-            Ok(Header::Partial { .. }) => {
-                // `header` accepted the header if all 5 bytes are here, so this is
-                // at most one frame.
-                self.held.extend_from_slice(bytes);
+            Ok(Header::Partial { needed }) => {
+                // If all 5 header bytes are here, `header` accepted them, so
+                // this is at most one frame.
+                self.hold(bytes, bytes.len() + needed);
                 *chunk = &[];
                 Ok(None)
             }
@@ -219,12 +221,26 @@ impl Deframer {
                         return Ok(None);
                     }
                     let (head, tail) = chunk.split_at(needed.min(chunk.len()));
-                    self.held.extend_from_slice(head);
+                    self.hold(head, self.held.len() + needed);
                     *chunk = tail;
                 }
                 Err(e) => return Err(self.fail(e)),
             }
         }
+    }
+
+    /// Appends `bytes` to `held`. `end` is the length `held` will have once
+    /// the frame (or, before its header is whole, the header) is complete.
+    /// The capacity doubles as a `Vec`'s does, but it grows no further than
+    /// `end`. So a frame of `max_frame` bytes does not leave a buffer of twice
+    /// that size behind.
+    fn hold(&mut self, bytes: &[u8], end: usize) {
+        let len = self.held.len() + bytes.len();
+        if len > self.held.capacity() {
+            let capacity = (2 * self.held.capacity()).max(len).min(end);
+            self.held.reserve_exact(capacity - self.held.len());
+        }
+        self.held.extend_from_slice(bytes);
     }
 
     /// Empties `held`, and frees it if it grew past [`KEEP_CAPACITY`].
@@ -605,6 +621,7 @@ mod tests {
             })
             .unwrap();
             assert!(d.held.len() <= big.len());
+            assert!(d.held.capacity() <= big.len(), "{}", d.held.capacity());
         }
         assert_eq!(frames, 4);
         // The last chunk ended with BYE, whole: the big buffer was freed.
