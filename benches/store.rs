@@ -8,18 +8,32 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use tern::config::Config;
-use tern::core::{ConnRef, Core, User};
-use tern::store::commit::{self, Accept, GroupSendRequest, ReplyTo, Request, SendRequest};
+use tern::commit::{self, Accept, Committer, GroupSendRequest, ReplyTo, Request, SendRequest};
+use tern::directory::{Directory, User};
+use tern::mailbox::{Answer, ConnRef, Notify};
+use tern::metrics::Metrics;
 use tern::store::record::encode_msg;
 use tern::store::{MsgView, Store};
 
-/// A core over a fresh store in `dir`, with no commit thread: the bench
-/// calls `commit_batch` itself.
-fn core(dir: &tempfile::TempDir) -> Core {
-    let store = Store::open(dir.path()).expect("open");
-    let (commit_tx, _queue) = commit::queue();
-    Core::new(Config::default(), store, commit_tx, 1).expect("core")
+/// Answers go nowhere.
+struct Nowhere;
+
+impl Notify for Nowhere {
+    fn mailbox(&self, _: ConnRef) {}
+    fn answer(&self, _: ConnRef, _: Answer) {}
+}
+
+/// The commit thread's parts over a fresh store in `dir`, with no thread:
+/// the bench calls `commit_batch` itself.
+fn core(dir: &tempfile::TempDir) -> Committer {
+    Committer {
+        dir: Arc::new(Directory::new(1)),
+        store: Arc::new(Store::open(dir.path()).expect("open")),
+        notify: Arc::new(Nowhere),
+        metrics: Arc::new(Metrics::default()),
+        retain_delivered: false,
+        max_expiry: 3600,
+    }
 }
 
 /// A stored SEND from `sender`, answered nowhere.

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use crossbeam::channel;
 
-use crate::core::{now_ms, Core};
-use crate::store::Request;
+use crate::clock::now_ms;
+use crate::commit::{Commit, Request};
+use crate::store::Store;
 
 /// Due keys handed to the commit thread per request.
 const SWEEP_BATCH: usize = 1024;
@@ -27,12 +28,12 @@ pub struct Sweeper {
 }
 
 /// Starts the sweeper thread.
-pub fn start(core: Arc<Core>) -> std::io::Result<Sweeper> {
+pub fn start(store: Arc<Store>, commit: Commit) -> std::io::Result<Sweeper> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let thread = thread::Builder::new()
         .name("tern-expiry".into())
-        .spawn(move || run(&core, &flag))?;
+        .spawn(move || run(&store, &commit, &flag))?;
     Ok(Sweeper { stop, thread })
 }
 
@@ -45,9 +46,9 @@ impl Sweeper {
     }
 }
 
-fn run(core: &Core, stop: &AtomicBool) {
+fn run(store: &Store, commit: &Commit, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
-        match sweep_once(core) {
+        match sweep_once(store, commit) {
             Ok(n) if n == SWEEP_BATCH => continue, // more may be due
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
@@ -58,14 +59,14 @@ fn run(core: &Core, stop: &AtomicBool) {
 
 /// One pass: hands up to [`SWEEP_BATCH`] due keys to the commit thread and
 /// waits until they are committed (so they are not handed over twice).
-pub fn sweep_once(core: &Core) -> crate::store::Result<usize> {
-    let keys = core.store.due_expiries(now_ms(), SWEEP_BATCH)?;
+pub fn sweep_once(store: &Store, commit: &Commit) -> crate::store::Result<usize> {
+    let keys = store.due_expiries(now_ms(), SWEEP_BATCH)?;
     let n = keys.len();
     if n == 0 {
         return Ok(0);
     }
     let (done, wait) = channel::bounded(1);
-    if core.commit.submit(Request::Expire { keys, done }) {
+    if commit.submit(Request::Expire { keys, done }) {
         let _ = wait.recv();
     }
     Ok(n)

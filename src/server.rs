@@ -16,10 +16,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::admin::{new_token, Admin};
+use crate::commit::{self, Commit, Committer};
 use crate::config::Config;
-use crate::core::{new_token, Core, Phase};
-use crate::store::{self, Store, StoreError};
+use crate::directory::Directory;
+use crate::http::{Backend, Phase};
+use crate::metrics::Metrics;
+use crate::net::Glue;
+use crate::store::{Store, StoreError};
 use crate::{expiry, http, net};
+
+/// File descriptors kept for everything but protocol connections: HTTP
+/// requests (512 at once), RocksDB's files, listeners, wake-up pipes.
+const FD_RESERVE: u64 = 4096;
 
 /// Why the server did not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,16 +44,24 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("store")]
+    #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("starting threads")]
+    #[error("starting threads: {0}")]
     Thread(#[from] std::io::Error),
 }
 
 /// A running server.
 pub struct Server {
-    /// Shared state.
-    pub core: Arc<Core>,
+    /// What the HTTP API reaches (admin operations, metrics, phase).
+    pub backend: Arc<Backend>,
+    /// Users and groups.
+    pub dir: Arc<Directory>,
+    /// The database.
+    pub store: Arc<Store>,
+    /// The commit queue.
+    pub commit: Commit,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
     /// Bound protocol address.
     pub listen: SocketAddr,
     /// Bound HTTP address.
@@ -59,7 +76,8 @@ pub struct Server {
 
 impl Server {
     /// Starts every part; returns once the server is ready.
-    pub fn start(config: Config) -> Result<Server, StartError> {
+    pub fn start(mut config: Config) -> Result<Server, StartError> {
+        fit_connections(&mut config);
         let dir = config.data_dir.clone();
         fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
             path: dir.clone(),
@@ -84,21 +102,58 @@ impl Server {
         let listen = listener.local_addr()?;
         let http_listen = http_listener.local_addr()?;
 
-        let store = Store::open(&dir.join("db"))?;
+        let store = Arc::new(Store::open(&dir.join("db"))?);
         let boot = store.next_boot()?;
-        let (commit, queue) = store::commit::queue();
-        let core = Arc::new(Core::new(config, store, commit, boot)?);
-        let commit_thread = store::commit::spawn(core.clone(), queue)?;
-        let net = net::start(core.clone(), listener)?;
-        let http = http::start(core.clone(), http_listener, admin_token)?;
-        let sweeper = expiry::start(core.clone())?;
-        core.set_phase(Phase::Ready);
+        let directory = Arc::new(Directory::load(&store, boot)?);
+        let metrics = Arc::new(Metrics::default());
+        let (commit, queue) = commit::queue();
+        let (loops, polls) = net::loops(config.workers)?;
+        let commit_thread = commit::spawn(
+            Committer {
+                dir: directory.clone(),
+                store: store.clone(),
+                notify: loops.clone(),
+                metrics: metrics.clone(),
+                retain_delivered: config.retain_delivered,
+                max_expiry: config.max_expiry,
+            },
+            queue,
+        )?;
+        let glue = Arc::new(Glue {
+            config: config.clone(),
+            dir: directory.clone(),
+            store: store.clone(),
+            commit: commit.clone(),
+            metrics: metrics.clone(),
+            notify: loops.clone(),
+        });
+        let net = net::start(glue.clone(), loops, polls, listener)?;
+        let admin = Admin::new(
+            directory.clone(),
+            store.clone(),
+            commit.clone(),
+            config.max_group_size,
+        );
+        let backend = Arc::new(Backend::new(
+            config,
+            admin,
+            commit.clone(),
+            metrics.clone(),
+            glue,
+        ));
+        let http = http::start(backend.clone(), http_listener, admin_token)?;
+        let sweeper = expiry::start(store.clone(), commit.clone())?;
+        backend.set_phase(Phase::Ready);
         tracing::info!(%listen, %http_listen, boot, data_dir = %dir.display(), "tern ready");
         if let Some(path) = &admin_token_file {
             tracing::info!(path = %path.display(), "admin token file");
         }
         Ok(Server {
-            core,
+            backend,
+            dir: directory,
+            store,
+            commit,
+            metrics,
             listen,
             http_listen,
             admin_token_file,
@@ -111,17 +166,39 @@ impl Server {
 
     /// Shuts down in order (see the module doc).
     pub fn shutdown(self) {
-        let core = self.core;
-        core.set_phase(Phase::ShuttingDown);
+        self.backend.set_phase(Phase::ShuttingDown);
         tracing::info!("shutting down");
-        self.net.shutdown(&core);
+        self.net.shutdown();
         self.sweeper.stop();
-        core.commit.barrier();
-        if let Err(e) = core.store.flush() {
+        self.commit.barrier();
+        if let Err(e) = self.store.flush() {
             tracing::error!(error = %e, "final flush failed");
         }
         self.http.shutdown();
         tracing::info!("stopped");
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to what `max_connections` needs (up to the
+/// hard limit). If the hard limit is lower, `max_connections` is clamped to
+/// it, with a warning: a server that runs out of descriptors refuses its
+/// admin API and health checks too, so the cap must bite first.
+fn fit_connections(config: &mut Config) {
+    let want = config.max_connections as u64 + FD_RESERVE;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got >= want => {}
+        Ok(got) => {
+            let max = usize::try_from(got.saturating_sub(FD_RESERVE).max(1)).unwrap_or(usize::MAX);
+            tracing::warn!(
+                max_connections = config.max_connections,
+                nofile = got,
+                clamped_to = max,
+                "the file-descriptor limit is too low for max_connections: clamped \
+                 (raise LimitNOFILE, or lower max_connections)"
+            );
+            config.max_connections = max;
+        }
+        Err(e) => tracing::warn!(error = %e, "RLIMIT_NOFILE could not be raised"),
     }
 }
 

@@ -6,14 +6,16 @@ use tiny_http::Method;
 use super::{Reply, Req};
 use base64::Engine;
 
-use crate::core::{Core, Group, GroupError, MemberSpec, Phase, UserError};
-use crate::router::Outcome;
-use crate::store::commit::{MessageFilter, ReplyTo};
-use crate::store::{ItemView, Request};
+use super::{Backend, Phase};
+use crate::admin::{GroupError, MemberSpec, UserError};
+use crate::commit::{MessageFilter, ReplyTo, Request};
+use crate::directory::Group;
+use crate::session::Outcome;
+use crate::store::ItemView;
 use crate::wire::StatusCode;
 
 /// Dispatches a request to its handler.
-pub fn route(core: &Core, req: &Req<'_>) -> Reply {
+pub fn route(core: &Backend, req: &Req<'_>) -> Reply {
     match (req.method, req.path.as_slice()) {
         (Method::Get, ["healthz"]) => Reply::text(200, "ok"),
         (_, ["healthz"]) => not_allowed(),
@@ -31,7 +33,7 @@ pub fn route(core: &Core, req: &Req<'_>) -> Reply {
         }
         (method, ["v1", "users", address]) => admin(req).unwrap_or_else(|| match method {
             Method::Get => get_user(core, address),
-            Method::Delete => match core.delete_user(address) {
+            Method::Delete => match core.admin.delete_user(address) {
                 Ok(true) => Reply::empty(204),
                 Ok(false) => no_user(),
                 Err(e) => internal(&e),
@@ -41,7 +43,7 @@ pub fn route(core: &Core, req: &Req<'_>) -> Reply {
         (method, ["v1", "users", address, "tokens"]) => {
             admin(req).unwrap_or_else(|| match method {
                 Method::Post => add_token(core, req, address),
-                Method::Delete => match core.revoke_tokens(address) {
+                Method::Delete => match core.admin.revoke_tokens(address) {
                     Ok(true) => Reply::empty(204),
                     Ok(false) => no_user(),
                     Err(e) => internal(&e),
@@ -120,12 +122,15 @@ struct Created<'a> {
     token: &'a str,
 }
 
-fn create_user(core: &Core, req: &Req<'_>) -> Reply {
+fn create_user(core: &Backend, req: &Req<'_>) -> Reply {
     let body: NewUser = match parse(req) {
         Ok(b) => b,
         Err(reply) => return reply,
     };
-    match core.create_user(&body.address, body.name.as_deref(), body.token_ttl_secs) {
+    match core
+        .admin
+        .create_user(&body.address, body.name.as_deref(), body.token_ttl_secs)
+    {
         Ok((created, token)) => Reply::json(
             if created { 201 } else { 200 },
             &Created {
@@ -251,13 +256,13 @@ fn group_error(e: GroupError) -> Reply {
     }
 }
 
-fn put_group(core: &Core, req: &Req<'_>, name: &str) -> Reply {
+fn put_group(core: &Backend, req: &Req<'_>, name: &str) -> Reply {
     let body: PutGroup = match parse(req) {
         Ok(b) => b,
         Err(reply) => return reply,
     };
     let members = body.members.into_iter().map(MemberSpec::from).collect();
-    match core.put_group(name, members) {
+    match core.admin.put_group(name, members) {
         Ok(created) => match core.group(name) {
             Some(g) => group_json(if created { 201 } else { 200 }, &g),
             None => Reply::error(404, "not_found", "group deleted meanwhile"),
@@ -266,28 +271,28 @@ fn put_group(core: &Core, req: &Req<'_>, name: &str) -> Reply {
     }
 }
 
-fn get_group(core: &Core, name: &str) -> Reply {
+fn get_group(core: &Backend, name: &str) -> Reply {
     match core.group(name) {
         Some(g) => group_json(200, &g),
         None => group_error(GroupError::NotFound),
     }
 }
 
-fn delete_group(core: &Core, name: &str) -> Reply {
-    match core.delete_group(name) {
+fn delete_group(core: &Backend, name: &str) -> Reply {
+    match core.admin.delete_group(name) {
         Ok(true) => Reply::empty(204),
         Ok(false) => group_error(GroupError::NotFound),
         Err(e) => group_error(e),
     }
 }
 
-fn change_members(core: &Core, req: &Req<'_>, name: &str) -> Reply {
+fn change_members(core: &Backend, req: &Req<'_>, name: &str) -> Reply {
     let body: ChangeMembers = match parse(req) {
         Ok(b) => b,
         Err(reply) => return reply,
     };
     let add = body.add.into_iter().map(MemberSpec::from).collect();
-    match core.change_members(name, add, &body.remove) {
+    match core.admin.change_members(name, add, &body.remove) {
         Ok(g) => group_json(200, &g),
         Err(e) => group_error(e),
     }
@@ -310,7 +315,7 @@ struct UserOut<'a> {
     pending: u64,
 }
 
-fn get_user(core: &Core, address: &str) -> Reply {
+fn get_user(core: &Backend, address: &str) -> Reply {
     let Some(user) = core.user(address) else {
         return no_user();
     };
@@ -331,7 +336,7 @@ struct NewToken {
     token_ttl_secs: Option<u64>,
 }
 
-fn add_token(core: &Core, req: &Req<'_>, address: &str) -> Reply {
+fn add_token(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
     let body: NewToken = if req.body.iter().all(u8::is_ascii_whitespace) {
         NewToken::default()
     } else {
@@ -344,7 +349,7 @@ fn add_token(core: &Core, req: &Req<'_>, address: &str) -> Reply {
     struct TokenOut<'a> {
         token: &'a str,
     }
-    match core.add_token(address, body.token_ttl_secs) {
+    match core.admin.add_token(address, body.token_ttl_secs) {
         Ok(Some(token)) => Reply::json(201, &TokenOut { token: &token }),
         Ok(None) => no_user(),
         Err(e) => internal(&e),
@@ -373,7 +378,7 @@ fn status_name(status: StatusCode) -> String {
     status.name().unwrap_or("unknown").to_ascii_lowercase()
 }
 
-fn post_message(core: &Core, req: &Req<'_>) -> Reply {
+fn post_message(core: &Backend, req: &Req<'_>) -> Reply {
     let body: NewMessage = match parse(req) {
         Ok(b) => b,
         Err(reply) => return reply,
@@ -415,11 +420,11 @@ fn post_message(core: &Core, req: &Req<'_>) -> Reply {
         payload: Some(&payload),
     };
     let (tx, rx) = crossbeam::channel::bounded(1);
-    let (_, outcome) = crate::router::send(
-        core,
+    let (_, outcome) = crate::session::accept::send(
+        &*core.env,
         &sender,
         &send,
-        crate::core::now_ms(),
+        crate::clock::now_ms(),
         ReplyTo::Channel(tx),
     );
     let status = match outcome {
@@ -502,7 +507,7 @@ struct MessageOut<'a> {
     payload_b64: Option<String>,
 }
 
-fn list_messages(core: &Core, req: &Req<'_>, address: &str) -> Reply {
+fn list_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
     if core.user(address).is_none() {
         return no_user();
     }
@@ -511,7 +516,7 @@ fn list_messages(core: &Core, req: &Req<'_>, address: &str) -> Reply {
         (Err(r), _) | (_, Err(r)) => return r,
     };
     let retained = core.config.retain_delivered;
-    let rows = match core.store.list_messages(address, since, limit, retained) {
+    let rows = match core.store().list_messages(address, since, limit, retained) {
         Ok(rows) => rows,
         Err(e) => return internal(&e),
     };
@@ -547,7 +552,7 @@ fn list_messages(core: &Core, req: &Req<'_>, address: &str) -> Reply {
     Reply::json(200, &List { messages })
 }
 
-fn delete_messages(core: &Core, req: &Req<'_>, address: &str) -> Reply {
+fn delete_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
     let Some(user) = core.user(address) else {
         return no_user();
     };

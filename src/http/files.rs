@@ -5,7 +5,7 @@
 //! - [`Files::handle`]: method and path → upload, download or delete; every
 //!   other method is 405 and any `{id}` that is not 32 lowercase hex
 //!   characters is 404 before the file system is touched.
-//! - credentials: the admin token, a user token (`Core::authenticate`), or
+//! - credentials: the admin token, a user token (`Backend::authenticate`), or
 //!   for downloads a signed URL ([`sign`]).
 //! - [`disk`]: the directory of files, the upload pipeline (stream → hash →
 //!   fsync → rename) and the byte count behind `max_files_bytes`.
@@ -31,9 +31,10 @@ use tiny_http::{Header, Method, Request, Response, StatusCode};
 use self::disk::{Disk, Meta, UploadError, Uploader};
 use self::range::Range;
 use self::sign::{Signer, Verdict};
+use super::Backend;
 use super::{bearer, Reply};
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::core::{now_ms, Core};
 
 /// Lifetime of the signed URL returned by an upload, seconds (7 days).
 const URL_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -143,7 +144,7 @@ impl Files {
 
     /// Serves one request under `/v1/files`; `admin` says whether the admin
     /// token was presented. The body has not been read.
-    pub fn handle(&self, core: &Core, admin: bool, request: Request) {
+    pub fn handle(&self, core: &Backend, admin: bool, request: Request) {
         let url = request.url().to_owned();
         let (path, query) = url.split_once('?').unwrap_or((&url, ""));
         let method = request.method().clone();
@@ -173,7 +174,7 @@ impl Files {
     }
 
     /// `POST /v1/files`.
-    fn upload(&self, core: &Core, admin: bool, mut request: Request) {
+    fn upload(&self, core: &Backend, admin: bool, mut request: Request) {
         let caller = match caller(core, admin, &request) {
             Ok(Some(caller)) => caller,
             Ok(None) => {
@@ -224,7 +225,7 @@ impl Files {
     /// `GET` and `HEAD /v1/files/{id}`.
     fn download(
         &self,
-        core: &Core,
+        core: &Backend,
         admin: bool,
         request: &Request,
         id: &str,
@@ -312,7 +313,7 @@ impl Files {
     /// `DELETE /v1/files/{id}`: the uploader or the admin.
     fn delete(
         &self,
-        core: &Core,
+        core: &Backend,
         admin: bool,
         request: &Request,
         id: &str,
@@ -410,14 +411,14 @@ fn send<R: Read>(request: Request, status: u16, headers: Vec<Header>, body: R, l
 
 /// The caller named by the request's token: `Ok(None)` without one, 401 for
 /// a token that is unknown or expired.
-fn caller(core: &Core, admin: bool, request: &Request) -> Result<Option<Caller>, Fail> {
+fn caller(core: &Backend, admin: bool, request: &Request) -> Result<Option<Caller>, Fail> {
     if admin {
         return Ok(Some(Caller::Admin));
     }
     let Some(token) = bearer(request) else {
         return Ok(None);
     };
-    match core.authenticate(&token, now_ms()) {
+    match core.authenticate(&token) {
         Ok(Some(user)) => Ok(Some(Caller::User(user.address.clone()))),
         Ok(None) => Err(Fail::unauthorized("unknown or expired token")),
         Err(e) => Err(Fail::internal("token lookup failed", &e)),

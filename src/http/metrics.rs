@@ -7,11 +7,11 @@ use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
 
+use super::Backend;
 use super::Reply;
-use crate::core::Core;
 
 /// Renders every metric.
-pub fn render(core: &Core) -> Reply {
+pub fn render(core: &Backend) -> Reply {
     let m = &core.metrics;
     let mut out = String::with_capacity(4096);
     let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
@@ -90,12 +90,7 @@ pub fn render(core: &Core) -> Reply {
         "Requests applied in synced batches.",
         &m.committed_requests,
     );
-    let depth: u64 = core
-        .users
-        .pin()
-        .iter()
-        .map(|(_, u)| u.queued.load(Ordering::Relaxed))
-        .sum();
+    let depth = core.admin.dir.queued_total();
     metric(
         &mut out,
         "tern_queue_depth",

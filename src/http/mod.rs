@@ -4,9 +4,9 @@
 //! One dispatcher thread takes requests from the tiny_http server and runs
 //! each on a thread of its own, at most [`MAX_IN_FLIGHT`] at once (503
 //! beyond): a slow upload or a client that never sends its body holds one
-//! thread, not the API. Handlers ask the core through the same calls the
-//! protocol side uses (`Core::create_user`, the commit queue); they never
-//! touch RocksDB directly.
+//! thread, not the API. Handlers reach the server through [`Backend`]: the
+//! admin operations, the directory, the commit queue, and the session's own
+//! SEND rules through the same [`Env`] port a connection uses.
 //! Every error is JSON: `{"error": "<snake_case>", "message": "<text>"}`.
 
 mod api;
@@ -23,7 +23,94 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use crate::core::Core;
+use crate::admin::Admin;
+use crate::clock::now_ms;
+use crate::commit::Commit;
+use crate::config::Config;
+use crate::directory::{Group, User};
+use crate::metrics::Metrics;
+use crate::session::Env;
+use crate::store::{Store, StoreError};
+
+/// Where the server is in its life (`/readyz`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Starting: not ready yet.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Shutting down: not ready any more.
+    ShuttingDown,
+}
+
+/// What the handlers reach: everything the HTTP API may ask of the server.
+pub struct Backend {
+    /// The validated configuration.
+    pub config: Config,
+    /// Users, tokens and groups.
+    pub admin: Admin,
+    /// The commit queue (message deletion).
+    pub commit: Commit,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The port a session uses: a backend SEND goes through the very same
+    /// rules as a SEND frame.
+    pub env: Arc<dyn Env + Send + Sync>,
+    /// Starting, ready, shutting down.
+    phase: Mutex<Phase>,
+}
+
+impl Backend {
+    /// The handlers' view of the server, starting.
+    pub fn new(
+        config: Config,
+        admin: Admin,
+        commit: Commit,
+        metrics: Arc<Metrics>,
+        env: Arc<dyn Env + Send + Sync>,
+    ) -> Backend {
+        Backend {
+            config,
+            admin,
+            commit,
+            metrics,
+            env,
+            phase: Mutex::new(Phase::Starting),
+        }
+    }
+
+    /// The store (listing messages).
+    pub fn store(&self) -> &Store {
+        &self.admin.store
+    }
+
+    /// The user with this address, if it exists.
+    pub fn user(&self, address: &str) -> Option<Arc<User>> {
+        self.admin.dir.user(address)
+    }
+
+    /// The group with this name, if it exists.
+    pub fn group(&self, name: &str) -> Option<Arc<Group>> {
+        self.admin.dir.group(name)
+    }
+
+    /// The user a token authenticates.
+    pub fn authenticate(&self, token: &str) -> Result<Option<Arc<User>>, StoreError> {
+        self.admin
+            .dir
+            .authenticate(&self.admin.store, token, now_ms())
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves to a new phase.
+    pub fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+}
 
 /// Requests handled at once; more are answered 503 at once.
 pub const MAX_IN_FLIGHT: usize = 512;
@@ -47,7 +134,7 @@ pub struct Http {
 
 /// Starts serving on `listener` with the given admin token.
 pub fn start(
-    core: Arc<Core>,
+    core: Arc<Backend>,
     listener: std::net::TcpListener,
     admin_token: String,
 ) -> std::io::Result<Http> {
@@ -125,7 +212,7 @@ pub fn start(
 
 /// What every handler thread shares.
 struct Shared {
-    core: Arc<Core>,
+    core: Arc<Backend>,
     files: Arc<files::Files>,
     /// SHA-256 of the admin token.
     admin: Arc<Vec<u8>>,
@@ -254,7 +341,7 @@ fn handle(shared: &Shared, mut request: Request) {
     let user = !admin
         && token
             .as_ref()
-            .is_some_and(|t| matches!(core.authenticate(t, crate::core::now_ms()), Ok(Some(_))));
+            .is_some_and(|t| matches!(core.authenticate(t), Ok(Some(_))));
     if path == "/v1/files" || path.starts_with("/v1/files/") {
         // Files stream their bodies: they never go through the JSON reader.
         files.handle(core, admin, request);

@@ -14,15 +14,53 @@
 //!   re-reads the store from its cursors. Nothing is lost: the store has it.
 //! - `live`: real-time (EXPIRY = 0) items and receipts that exist only in
 //!   memory. When full, the push fails and the sender is told OVERLOADED.
+//!
+//! Waking the owner is the mailbox's own business: it holds the [`Notify`]
+//! port of the event loops (implemented by `net`), so a producer (the commit
+//! thread, another session, the admin API) needs nothing but the mailbox.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam::queue::SegQueue;
 
-use crate::core::ConnRef;
 use crate::store::Item;
-use crate::wire::ErrorCode;
+use crate::wire::{ErrorCode, StatusCode};
+
+/// Names one connection across threads. The generation makes a reference to a
+/// closed connection stale even after its slab slot is reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// Index of the event loop that owns the connection.
+    pub worker: usize,
+    /// Slab slot in that loop.
+    pub token: usize,
+    /// Unique per connection for the life of the process.
+    pub generation: u64,
+}
+
+/// The answer to a stored SEND, on its way back to the sending connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The SEND's ID.
+    pub id: u64,
+    /// The SEND's destination (a user, or a group if `group`), echoed in STATUS.
+    pub to: Arc<str>,
+    /// Whether `to` names a group.
+    pub group: bool,
+    /// SENT, the latest status of a duplicate, or OVERLOADED when the store
+    /// failed; `None` for fire-and-forget sends, which get no answer.
+    pub status: Option<StatusCode>,
+}
+
+/// The port through which other threads reach a connection's event loop
+/// (implemented by `net`; a recorder in tests).
+pub trait Notify: Send + Sync {
+    /// The mailbox of `conn` has something (or was closed).
+    fn mailbox(&self, conn: ConnRef);
+    /// A stored SEND of `conn` was answered.
+    fn answer(&self, conn: ConnRef, answer: Answer);
+}
 
 /// Stored items a mailbox holds before it overflows back to the store.
 pub const DURABLE_CAPACITY: usize = 1024;
@@ -68,6 +106,8 @@ impl Ring {
 pub struct Mailbox {
     /// The connection that drains this mailbox (for wake-ups).
     pub owner: ConnRef,
+    /// How the owner's event loop is woken.
+    notify: Arc<dyn Notify>,
     /// Stored items, in commit (= SEQ) order; pushed by the commit thread only.
     durable: Ring,
     /// Set when a durable push failed; no durable push happens until the owner
@@ -82,10 +122,11 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    /// An empty, open mailbox for `owner`.
-    pub fn new(owner: ConnRef) -> Mailbox {
+    /// An empty, open mailbox for `owner`, woken through `notify`.
+    pub fn new(owner: ConnRef, notify: Arc<dyn Notify>) -> Mailbox {
         Mailbox {
             owner,
+            notify,
             durable: Ring::new(DURABLE_CAPACITY),
             overflow: AtomicBool::new(false),
             live: Ring::new(LIVE_CAPACITY),
@@ -135,8 +176,16 @@ impl Mailbox {
     }
 
     /// Marks that a wake-up must be sent; `true` for the first caller only.
-    pub fn claim_wake(&self) -> bool {
+    fn claim_wake(&self) -> bool {
         !self.notified.swap(true, Ordering::AcqRel)
+    }
+
+    /// Wakes the owner's event loop, once per burst: a wake-up already on its
+    /// way covers this one.
+    pub fn wake(&self) {
+        if self.claim_wake() {
+            self.notify.mailbox(self.owner);
+        }
     }
 
     /// Called by the owner before it drains, so later pushes wake it again.
@@ -173,12 +222,19 @@ mod tests {
         })
     }
 
+    struct Silent;
+    impl Notify for Silent {
+        fn mailbox(&self, _: ConnRef) {}
+        fn answer(&self, _: ConnRef, _: Answer) {}
+    }
+
     fn mailbox() -> Mailbox {
-        Mailbox::new(ConnRef {
+        let owner = ConnRef {
             worker: 0,
             token: 0,
             generation: 0,
-        })
+        };
+        Mailbox::new(owner, Arc::new(Silent))
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::Shutdown;
 use mio::net::TcpStream;
 
 use crate::session::Session;
+use crate::wire::Deframer;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,8 +26,8 @@ pub struct Conn {
     pub stream: TcpStream,
     /// Unique id (see `ConnRef`).
     pub generation: u64,
-    /// Bytes of an incomplete frame; never more than one frame plus one read.
-    pub inbuf: Vec<u8>,
+    /// Splits the input into frames; holds at most one incomplete frame.
+    pub deframer: Deframer,
     /// Encoded frames not yet written; `out[out_pos..]` is pending.
     pub out: Vec<u8>,
     /// How much of `out` the socket has taken.
@@ -44,6 +45,9 @@ pub struct Conn {
     /// never reads cannot hold it, or its output buffer, for more than
     /// `DRAIN_MS` beyond that.
     pub closing_since: u64,
+    /// The deadline the loop's timer heap holds for this connection, ms
+    /// (`u64::MAX`: none).
+    pub scheduled: u64,
     /// `conn` span for logs.
     pub span: tracing::Span,
 }
@@ -81,6 +85,23 @@ impl Conn {
             self.out_pos = 0;
         }
         Ok(written)
+    }
+
+    /// Starts closing at `now`: flush what is written, then shut down.
+    pub fn start_closing(&mut self, now: u64) {
+        if self.phase == Phase::Open {
+            self.phase = Phase::Closing;
+            self.closing_since = now;
+        }
+    }
+
+    /// When the loop must look at this connection next, ms.
+    pub fn deadline(&self, drain_ms: u64) -> u64 {
+        match self.phase {
+            Phase::Open => self.session.poll_timeout(),
+            Phase::Closing => self.closing_since + drain_ms,
+            Phase::Draining { until } => until,
+        }
     }
 
     /// Shuts the write side after the last frame.

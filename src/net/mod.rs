@@ -4,15 +4,17 @@
 //!   `max_connections`, and deals sockets round-robin to the event loops.
 //! - Each event loop ([`worker`]) owns its connections outright: it reads
 //!   until `WouldBlock`, splits frames, runs the session, and writes until
-//!   `WouldBlock`. Other threads reach it only through its [`WorkerHandle`]:
-//!   a lock-free queue of [`Notice`]s and one mio `Waker`, woken once per
-//!   burst.
+//!   `WouldBlock`. Other threads reach it only through [`Loops`] (the
+//!   [`Notify`](crate::mailbox::Notify) port): a lock-free queue of
+//!   [`Notice`]s and one mio `Waker` per loop, woken once per burst.
+//! - [`glue`]: the ports the session and the commit thread are written
+//!   against, implemented over the real parts.
 
 mod conn;
+pub mod glue;
 pub mod worker;
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -21,8 +23,9 @@ use crossbeam::queue::SegQueue;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::core::{ConnRef, Core};
-use crate::wire::StatusCode;
+pub use glue::{Glue, Loops, WorkerHandle};
+
+use crate::mailbox::{Answer, ConnRef};
 
 /// What other threads tell an event loop.
 pub enum Notice {
@@ -30,64 +33,21 @@ pub enum Notice {
     Accepted(TcpStream),
     /// The connection's mailbox has something (or was closed).
     Mailbox(ConnRef),
-    /// The commit thread finished a SEND from this connection.
-    SendDone {
-        /// The sending connection.
-        conn: ConnRef,
-        /// The SEND's ID.
-        id: u64,
-        /// The SEND's destination (a user, or a group if `group`), echoed in STATUS.
-        to: Arc<str>,
-        /// Whether `to` names a group.
-        group: bool,
-        /// The answer (SENT, or the latest status of a duplicate); `None` for
-        /// fire-and-forget sends, which get no answer.
-        status: Option<StatusCode>,
-    },
+    /// The commit thread answered a SEND from this connection.
+    Answer(ConnRef, Answer),
     /// Close every connection with ERROR SHUTDOWN and leave the loop.
     Shutdown,
-}
-
-/// The way into one event loop from other threads.
-pub struct WorkerHandle {
-    /// Wakes the loop's `poll`.
-    waker: Waker,
-    /// Notices waiting for the loop.
-    queue: SegQueue<Notice>,
-    /// Whether a wake-up is already on its way (one `wake` per burst).
-    pending: AtomicBool,
-}
-
-impl WorkerHandle {
-    /// Queues a notice and wakes the loop if it is not already awake.
-    pub fn post(&self, notice: Notice) {
-        self.queue.push(notice);
-        if !self.pending.swap(true, Ordering::AcqRel) {
-            if let Err(e) = self.waker.wake() {
-                tracing::error!(error = %e, "waking an event loop failed");
-            }
-        }
-    }
 }
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER: Token = Token(0);
 
-/// Handles to the network threads, for shutdown.
-pub struct Net {
-    /// The acceptor's waker and stop flag.
-    acceptor_waker: Arc<Waker>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<thread::JoinHandle<()>>,
-    workers: Vec<thread::JoinHandle<()>>,
-}
-
-/// Starts `core.config.workers` event loops and the acceptor on `listener`.
-pub fn start(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<Net> {
-    let n = core.config.workers.max(1);
+/// The event loops' handles and their polls, made before anything that
+/// must reach them (the commit thread) starts; [`start`] runs the polls.
+pub fn loops(n: usize) -> io::Result<(Arc<Loops>, Vec<Poll>)> {
     let mut polls = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
-    for _ in 0..n {
+    for _ in 0..n.max(1) {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         handles.push(WorkerHandle {
@@ -97,16 +57,33 @@ pub fn start(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<Net
         });
         polls.push(poll);
     }
-    if core.workers.set(handles).is_err() {
-        return Err(io::Error::other("event loops already started"));
-    }
-    let mut workers = Vec::with_capacity(n);
+    Ok((Arc::new(Loops { handles }), polls))
+}
+
+/// Handles to the network threads, for shutdown.
+pub struct Net {
+    /// The acceptor's waker and stop flag.
+    acceptor_waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+    loops: Arc<Loops>,
+    threads: Vec<thread::JoinHandle<()>>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+/// Runs one event loop per poll of `loops`, and the acceptor on `listener`.
+pub fn start(
+    glue: Arc<Glue>,
+    loops: Arc<Loops>,
+    polls: Vec<Poll>,
+    listener: std::net::TcpListener,
+) -> io::Result<Net> {
+    let mut workers = Vec::with_capacity(polls.len());
     for (index, poll) in polls.into_iter().enumerate() {
-        let core = core.clone();
+        let (glue, loops) = (glue.clone(), loops.clone());
         workers.push(
             thread::Builder::new()
                 .name(format!("tern-loop-{index}"))
-                .spawn(move || worker::run(core, index, poll))?,
+                .spawn(move || worker::run(glue, loops, index, poll))?,
         );
     }
     listener.set_nonblocking(true)?;
@@ -117,14 +94,15 @@ pub fn start(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<Net
     let acceptor_waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let stop = Arc::new(AtomicBool::new(false));
     let acceptor = {
-        let (core, stop) = (core.clone(), stop.clone());
+        let (glue, loops, stop) = (glue.clone(), loops.clone(), stop.clone());
         thread::Builder::new()
             .name("tern-accept".into())
-            .spawn(move || accept_loop(&core, poll, listener, &stop))?
+            .spawn(move || accept_loop(&glue, &loops, poll, listener, &stop))?
     };
     Ok(Net {
         acceptor_waker,
         stop,
+        loops,
         threads: vec![acceptor],
         workers,
     })
@@ -133,16 +111,14 @@ pub fn start(core: Arc<Core>, listener: std::net::TcpListener) -> io::Result<Net
 impl Net {
     /// Stops accepting, closes every connection with ERROR SHUTDOWN, and
     /// waits for the network threads to finish.
-    pub fn shutdown(self, core: &Core) {
+    pub fn shutdown(self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.acceptor_waker.wake();
         for t in self.threads {
             let _ = t.join();
         }
-        if let Some(ws) = core.workers.get() {
-            for w in ws {
-                w.post(Notice::Shutdown);
-            }
+        for w in &self.loops.handles {
+            w.post(Notice::Shutdown);
         }
         for t in self.workers {
             let _ = t.join();
@@ -150,10 +126,16 @@ impl Net {
     }
 }
 
-fn accept_loop(core: &Core, mut poll: Poll, listener: TcpListener, stop: &AtomicBool) {
+fn accept_loop(
+    glue: &Glue,
+    loops: &Loops,
+    mut poll: Poll,
+    listener: TcpListener,
+    stop: &AtomicBool,
+) {
     let mut events = Events::with_capacity(64);
     let next = AtomicUsize::new(0);
-    let workers = core.workers.get().map(|w| w.len()).unwrap_or(1);
+    let metrics = &glue.metrics;
     // After an accept error (EMFILE, ENFILE, ENOBUFS…) connections may still
     // be queued, and an edge-triggered listener will not say so again: retry
     // on a timer until accept drains to WouldBlock.
@@ -171,15 +153,15 @@ fn accept_loop(core: &Core, mut poll: Poll, listener: TcpListener, stop: &Atomic
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    let open = core.metrics.connections.load(Ordering::Relaxed);
-                    if open >= core.config.max_connections as u64 {
-                        tracing::warn!(%peer, open, "max_connections reached: connection refused");
+                    let open = metrics.connections.load(Ordering::Relaxed);
+                    if open >= glue.config.max_connections as u64 {
+                        tracing::debug!(%peer, open, "max_connections reached: connection refused");
                         drop(stream);
                         continue;
                     }
-                    core.metrics.connections.fetch_add(1, Ordering::Relaxed);
-                    let worker = next.fetch_add(1, Ordering::Relaxed) % workers;
-                    core.post(worker, Notice::Accepted(stream));
+                    metrics.connections.fetch_add(1, Ordering::Relaxed);
+                    let worker = next.fetch_add(1, Ordering::Relaxed) % loops.len().max(1);
+                    loops.post(worker, Notice::Accepted(stream));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -191,9 +173,4 @@ fn accept_loop(core: &Core, mut poll: Poll, listener: TcpListener, stop: &Atomic
             }
         }
     }
-}
-
-/// The address a listener is bound to, for logs.
-pub fn local_addr(listener: &std::net::TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }

@@ -5,8 +5,17 @@
 //! `read_paused` so the loop resumes by itself); write until `WouldBlock` and
 //! keep WRITABLE interest only while output is pending; retry `Interrupted`;
 //! ignore events and notices for stale tokens or generations.
+//!
+//! Every drain is bounded: notices ([`NOTICE_BATCH`] per turn), delivery
+//! rounds per connection ([`ROUNDS`]); work left over is picked up on the
+//! next turn without blocking. Timeouts come from a heap fed by each
+//! connection's deadline (the session's `poll_timeout`, or its closing
+//! deadline), so the loop never walks every connection.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,49 +24,65 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::conn::{Conn, Phase};
-use super::{Notice, WAKER};
-use crate::core::{now_ms, ConnRef, Core};
-use crate::session::{Ctx, Dest, Flow, Session};
-use crate::wire::{self, CheckError, ErrorCode, Frame, Kind, HEADER_LEN};
+use super::{Glue, Loops, Notice, WAKER};
+use crate::clock::now_ms;
+use crate::mailbox::ConnRef;
+use crate::session::{Ctx, Flow, Session};
+use crate::wire::{Deframer, ErrorCode};
 
 /// Bytes read from a socket per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
-/// How often timeouts are checked, ms.
-const TICK_MS: u64 = 250;
 /// How long a closing connection may drain the peer's input, ms.
 const DRAIN_MS: u64 = 2_000;
+/// Notices handled per turn of the loop before sockets get their turn.
+const NOTICE_BATCH: usize = 1024;
+/// Deliver-flush rounds for one connection before others get their turn
+/// (a peer that reads as fast as we write would otherwise hold the loop).
+const ROUNDS: usize = 8;
 
 /// Connection generations, unique for the life of the process.
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 struct Worker {
-    core: Arc<Core>,
+    glue: Arc<Glue>,
+    loops: Arc<Loops>,
     index: usize,
     poll: Poll,
     conns: Slab<Conn>,
     /// Read buffer shared by all connections of this loop: complete frames are
-    /// decoded straight from it; only a partial frame is copied to the
-    /// connection's own `inbuf`.
+    /// decoded straight from it; only a partial frame is copied into the
+    /// connection's deframer.
     scratch: Box<[u8]>,
+    /// (deadline ms, slot, generation): when each connection needs a call.
+    /// An entry whose deadline is not the connection's `scheduled` is stale.
+    timers: BinaryHeap<Reverse<(u64, usize, u64)>>,
+    /// Connections with deliveries left after their [`ROUNDS`].
+    ready: VecDeque<(usize, u64)>,
 }
 
 /// Runs an event loop until it receives [`Notice::Shutdown`].
-pub fn run(core: Arc<Core>, index: usize, poll: Poll) {
+pub fn run(glue: Arc<Glue>, loops: Arc<Loops>, index: usize, poll: Poll) {
     let mut worker = Worker {
-        core,
+        glue,
+        loops,
         index,
         poll,
         conns: Slab::new(),
         scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+        timers: BinaryHeap::new(),
+        ready: VecDeque::new(),
     };
     let mut events = Events::with_capacity(1024);
-    let mut next_tick = now_ms() + TICK_MS;
+    let mut busy = false;
     loop {
-        let timeout = next_tick.saturating_sub(now_ms());
-        if let Err(e) = worker
-            .poll
-            .poll(&mut events, Some(Duration::from_millis(timeout)))
-        {
+        let timeout = match busy || !worker.ready.is_empty() {
+            true => Some(Duration::ZERO),
+            false => worker
+                .timers
+                .peek()
+                .map(|Reverse((at, _, _))| Duration::from_millis(at.saturating_sub(now_ms()))),
+        };
+        if let Err(e) = worker.poll.poll(&mut events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {
                 tracing::error!(error = %e, "poll failed; event loop stops");
                 return;
@@ -69,59 +94,47 @@ pub fn run(core: Arc<Core>, index: usize, poll: Poll) {
                 Token(t) => worker.on_event(t, event.is_readable(), event.is_writable()),
             }
         }
-        if !worker.drain_notices() {
-            worker.shutdown();
-            return;
-        }
-        let now = now_ms();
-        if now >= next_tick {
-            worker.tick(now);
-            next_tick = now + TICK_MS;
-        }
+        let more_notices = match worker.drain_notices() {
+            Some(more) => more,
+            None => return worker.shutdown(),
+        };
+        worker.run_ready();
+        busy = worker.run_timers(now_ms()) || more_notices;
     }
 }
 
 impl Worker {
-    /// Handles queued notices; `false` means shut down.
-    fn drain_notices(&mut self) -> bool {
-        let core = self.core.clone();
-        let Some(handle) = core.workers.get().and_then(|w| w.get(self.index)) else {
-            return true;
-        };
+    /// Handles up to [`NOTICE_BATCH`] queued notices. `None` means shut
+    /// down; `Some(true)` that notices are left for the next turn.
+    fn drain_notices(&mut self) -> Option<bool> {
+        let loops = self.loops.clone();
+        let handle = &loops.handles[self.index];
         handle.pending.store(false, Ordering::Release);
-        while let Some(notice) = handle.queue.pop() {
+        for _ in 0..NOTICE_BATCH {
+            let Some(notice) = handle.queue.pop() else {
+                return Some(false);
+            };
             match notice {
                 Notice::Accepted(stream) => self.accept(stream),
                 Notice::Mailbox(conn) => {
                     if let Some(t) = self.live(conn) {
-                        self.with_session(t, |s, ctx| s.on_mailbox(ctx));
+                        self.with_session(t, |s, ctx| s.handle_mailbox(ctx));
                         self.after(t);
                     }
                 }
-                Notice::SendDone {
-                    conn,
-                    id,
-                    to,
-                    group,
-                    status,
-                } => {
+                Notice::Answer(conn, answer) => {
                     if let Some(t) = self.live(conn) {
                         self.with_session(t, |s, ctx| {
-                            let dest = if group {
-                                Dest::Group(&to)
-                            } else {
-                                Dest::To(&to)
-                            };
-                            s.on_send_done(ctx, id, dest, status);
+                            s.handle_answer(ctx, &answer);
                             Flow::Continue
                         });
                         self.after(t);
                     }
                 }
-                Notice::Shutdown => return false,
+                Notice::Shutdown => return None,
             }
         }
-        true
+        Some(!handle.queue.is_empty())
     }
 
     /// The slab slot of a connection, if it is still the one referred to.
@@ -143,7 +156,7 @@ impl Worker {
             .register(&mut stream, Token(token), Interest::READABLE)
         {
             tracing::warn!(error = %e, "register failed");
-            self.core
+            self.glue
                 .metrics
                 .connections
                 .fetch_sub(1, Ordering::Relaxed);
@@ -152,19 +165,22 @@ impl Worker {
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", id = generation, peer = ?peer);
         span.in_scope(|| tracing::debug!("accepted"));
+        let config = &self.glue.config;
         entry.insert(Conn {
             stream,
             generation,
-            inbuf: Vec::new(),
+            deframer: Deframer::new(config.max_frame),
             out: Vec::new(),
             out_pos: 0,
-            session: Session::new(now_ms(), &self.core),
+            session: Session::new(now_ms(), config),
             read_paused: false,
             write_interest: false,
             phase: Phase::Open,
             closing_since: 0,
+            scheduled: u64::MAX,
             span,
         });
+        self.schedule(token);
     }
 
     /// Runs a session call with a fresh context; a `Close` starts closing.
@@ -181,14 +197,15 @@ impl Worker {
             token: t,
             generation: conn.generation,
         };
+        let now = now_ms();
         let mut ctx = Ctx {
-            core: &self.core,
+            env: &*self.glue,
             out: &mut conn.out,
-            now: now_ms(),
+            now,
             me,
         };
         if f(&mut conn.session, &mut ctx) == Flow::Close {
-            conn.phase = Phase::Closing;
+            conn.start_closing(now);
         }
     }
 
@@ -207,7 +224,7 @@ impl Worker {
 
     /// Reads until `WouldBlock`, EOF, or backpressure.
     fn read(&mut self, t: usize) {
-        let conn_buffer = self.core.config.conn_buffer;
+        let conn_buffer = self.glue.config.conn_buffer;
         loop {
             let Some(conn) = self.conns.get_mut(t) else {
                 return;
@@ -232,11 +249,11 @@ impl Worker {
             conn.read_paused = false;
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
-                    conn.phase = Phase::Closing;
+                    conn.start_closing(now_ms());
                     return;
                 }
                 Ok(n) => {
-                    let m = &self.core.metrics;
+                    let m = &self.glue.metrics;
                     m.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     conn.session.on_read(now_ms());
                     self.frames(t, n);
@@ -252,86 +269,48 @@ impl Worker {
         }
     }
 
-    /// Splits and handles the frames in `scratch[..n]` (after any partial
-    /// frame left in the connection's `inbuf`).
+    /// Runs the frames in `scratch[..n]` through the connection's deframer
+    /// and session.
     fn frames(&mut self, t: usize, n: usize) {
         let Some(conn) = self.conns.get_mut(t) else {
             return;
         };
-        let max_frame = self.core.config.max_frame;
-        let from_inbuf = !conn.inbuf.is_empty();
-        if from_inbuf {
-            conn.inbuf.extend_from_slice(&self.scratch[..n]);
-        }
-        let mut inbuf = std::mem::take(&mut conn.inbuf);
-        let buf: &[u8] = if from_inbuf {
-            &inbuf
-        } else {
-            &self.scratch[..n]
-        };
-        let mut pos = 0;
-        let mut frames = 0u64;
         let me = ConnRef {
             worker: self.index,
             token: t,
             generation: conn.generation,
         };
         let _span = conn.span.clone().entered();
-        while conn.phase == Phase::Open {
-            let mut ctx = Ctx {
-                core: &self.core,
-                out: &mut conn.out,
-                now: now_ms(),
-                me,
-            };
-            let flow = match wire::check(&buf[pos..], max_frame) {
-                Ok(total) => {
-                    frames += 1;
-                    let kind = Kind(buf[pos]);
-                    let body = &buf[pos + HEADER_LEN..pos + total];
-                    pos += total;
-                    match wire::decode(kind, body) {
-                        Ok(frame) => {
-                            if let Frame::Send(_) | Frame::Ack(_) = frame {
-                                tracing::trace!(?kind, len = total, "frame");
-                            }
-                            conn.session.handle_frame(&mut ctx, frame)
-                        }
-                        Err(e) => ctx_fatal(&mut ctx, ErrorCode::PROTOCOL_ERROR, &e.to_string()),
-                    }
-                }
-                Err(CheckError::Incomplete { .. }) => break,
-                Err(CheckError::TooLarge { len }) => ctx_fatal(
-                    &mut ctx,
-                    ErrorCode::FRAME_TOO_LARGE,
-                    &format!("frame body of {len} bytes exceeds max_frame {max_frame}"),
-                ),
-                Err(CheckError::UnknownKind(k)) => ctx_fatal(
-                    &mut ctx,
-                    ErrorCode::PROTOCOL_ERROR,
-                    &format!("unknown frame kind {k:#04x}"),
-                ),
-            };
-            if flow == Flow::Close {
-                conn.phase = Phase::Closing;
+        let Conn {
+            deframer,
+            session,
+            out,
+            ..
+        } = conn;
+        let now = now_ms();
+        let mut ctx = Ctx {
+            env: &*self.glue,
+            out,
+            now,
+            me,
+        };
+        let mut flow = Flow::Continue;
+        let mut frames = 0u64;
+        let fed = deframer.feed(&self.scratch[..n], |frame| {
+            frames += 1;
+            flow = session.handle_frame(&mut ctx, frame);
+            match flow {
+                Flow::Continue => ControlFlow::Continue(()),
+                Flow::Close => ControlFlow::Break(()),
             }
+        });
+        if let Err(e) = fed {
+            flow = ctx.fatal(e.code(), &e.to_string());
         }
-        self.core
-            .metrics
-            .frames_in
-            .fetch_add(frames, Ordering::Relaxed);
-        let len = buf.len();
-        if conn.phase == Phase::Open && pos < len {
-            if from_inbuf {
-                inbuf.drain(..pos);
-            } else {
-                inbuf.clear();
-                inbuf.extend_from_slice(&self.scratch[pos..n]);
-            }
-            conn.inbuf = inbuf;
-        } else if from_inbuf && inbuf.capacity() <= 2 * READ_CHUNK {
-            inbuf.clear();
-            conn.inbuf = inbuf;
+        let m = &self.glue.metrics;
+        m.frames_in.fetch_add(frames, Ordering::Relaxed);
+        if flow == Flow::Close {
+            conn.start_closing(now);
         }
     }
 
@@ -341,10 +320,8 @@ impl Worker {
         };
         match conn.flush() {
             Ok(n) => {
-                self.core
-                    .metrics
-                    .bytes_out
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                let m = &self.glue.metrics;
+                m.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 conn.span
@@ -355,18 +332,22 @@ impl Worker {
     }
 
     /// After anything happened to a connection: deliver, flush, fix interest,
-    /// resume paused reading, finish closing.
+    /// resume paused reading, finish closing. Delivery is driven by what the
+    /// socket accepts: when a flush empties the output, deliveries continue
+    /// at once, without waiting for the peer to send anything.
     fn after(&mut self, t: usize) {
-        for _ in 0..8 {
+        for _ in 0..ROUNDS {
             let Some(conn) = self.conns.get(t) else {
                 return;
             };
+            let before = conn.out.len();
             if conn.phase == Phase::Open {
                 self.with_session(t, |s, ctx| {
                     s.pump(ctx);
                     Flow::Continue
                 });
             }
+            let wrote = self.conns.get(t).is_some_and(|c| c.out.len() > before);
             self.flush(t);
             let Some(conn) = self.conns.get_mut(t) else {
                 return;
@@ -379,21 +360,97 @@ impl Worker {
                         until: now_ms() + DRAIN_MS,
                     };
                     self.read(t);
+                    self.schedule(t);
                     return self.set_interest(t);
                 }
                 Phase::Open
                     if conn.read_paused
                         && conn
                             .session
-                            .wants_read(conn.pending_out(), self.core.config.conn_buffer) =>
+                            .wants_read(conn.pending_out(), self.glue.config.conn_buffer) =>
                 {
                     self.read(t);
-                    continue;
                 }
-                _ => return self.set_interest(t),
+                Phase::Open if wrote && !pending => {}
+                _ => {
+                    self.schedule(t);
+                    return self.set_interest(t);
+                }
             }
         }
+        if let Some(conn) = self.conns.get(t) {
+            self.ready.push_back((t, conn.generation));
+        }
+        self.schedule(t);
         self.set_interest(t);
+    }
+
+    /// Continues connections that used up their rounds on the last turn.
+    fn run_ready(&mut self) {
+        for _ in 0..self.ready.len() {
+            let Some((t, generation)) = self.ready.pop_front() else {
+                break;
+            };
+            let conn = ConnRef {
+                worker: self.index,
+                token: t,
+                generation,
+            };
+            if self.live(conn).is_some() {
+                self.after(t);
+            }
+        }
+    }
+
+    /// Makes sure the timer heap wakes the loop by the connection's deadline.
+    fn schedule(&mut self, t: usize) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        let at = conn.deadline(DRAIN_MS);
+        if at < conn.scheduled {
+            conn.scheduled = at;
+            self.timers.push(Reverse((at, t, conn.generation)));
+        }
+    }
+
+    /// Handles the connections whose deadline has come, at most
+    /// [`NOTICE_BATCH`] of them; `true` if more are due.
+    fn run_timers(&mut self, now: u64) -> bool {
+        for _ in 0..NOTICE_BATCH {
+            let Some(&Reverse((at, t, generation))) = self.timers.peek() else {
+                return false;
+            };
+            if at > now {
+                return false;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(t) else {
+                continue;
+            };
+            if conn.generation != generation || conn.scheduled != at {
+                continue; // stale entry
+            }
+            conn.scheduled = u64::MAX;
+            if conn.deadline(DRAIN_MS) > now {
+                // The deadline moved later (input arrived): sleep again.
+                self.schedule(t);
+                continue;
+            }
+            match conn.phase {
+                Phase::Draining { .. } => self.close(t),
+                Phase::Closing => {
+                    conn.span
+                        .in_scope(|| tracing::debug!("peer does not read: closed"));
+                    self.close(t);
+                }
+                Phase::Open => {
+                    self.with_session(t, |s, ctx| s.handle_timeout(ctx));
+                    self.after(t);
+                }
+            }
+        }
+        true
     }
 
     fn set_interest(&mut self, t: usize) {
@@ -427,40 +484,11 @@ impl Worker {
         let mut conn = self.conns.remove(t);
         conn.session.on_close();
         let _ = self.poll.registry().deregister(&mut conn.stream);
-        self.core
+        self.glue
             .metrics
             .connections
             .fetch_sub(1, Ordering::Relaxed);
         conn.span.in_scope(|| tracing::debug!("closed"));
-    }
-
-    fn tick(&mut self, now: u64) {
-        let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
-        for t in tokens {
-            let Some(conn) = self.conns.get(t) else {
-                continue;
-            };
-            match conn.phase {
-                Phase::Draining { until } if now >= until => self.close(t),
-                Phase::Closing if conn.closing_since == 0 => {
-                    if let Some(c) = self.conns.get_mut(t) {
-                        c.closing_since = now;
-                    }
-                }
-                Phase::Closing if now.saturating_sub(conn.closing_since) >= DRAIN_MS => {
-                    conn.span
-                        .in_scope(|| tracing::debug!("peer does not read: closed"));
-                    self.close(t);
-                }
-                Phase::Open => {
-                    self.with_session(t, |s, ctx| s.on_tick(ctx));
-                    if self.conns.get(t).is_some_and(|c| c.phase != Phase::Open) {
-                        self.after(t);
-                    }
-                }
-                _ => {}
-            }
-        }
     }
 
     /// Closes every connection with ERROR SHUTDOWN (best effort flush).
@@ -468,24 +496,13 @@ impl Worker {
         let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
         for t in tokens {
             self.with_session(t, |_, ctx| {
-                ctx_fatal(ctx, ErrorCode::SHUTDOWN, "the server is shutting down")
+                ctx.fatal(ErrorCode::SHUTDOWN, "the server is shutting down")
             });
             if let Some(conn) = self.conns.get_mut(t) {
-                let _ = conn.stream.set_nodelay(true);
                 let _ = conn.flush();
                 conn.shutdown_write();
             }
             self.close(t);
         }
     }
-}
-
-fn ctx_fatal(ctx: &mut Ctx<'_>, code: ErrorCode, reason: &str) -> Flow {
-    let frame = Frame::Error(wire::Error {
-        code: Some(code),
-        reason: Some(reason),
-    });
-    let _ = wire::encode(&frame, ctx.out);
-    tracing::debug!(?code, reason, "closing with error");
-    Flow::Close
 }

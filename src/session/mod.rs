@@ -1,7 +1,15 @@
-//! The per-connection protocol state machine. It owns no socket and reads no
-//! clock: the event loop hands it decoded frames, the time and notices, and it
-//! appends the frames to send to the connection's output buffer (through
-//! [`Ctx`]). It answers with a [`Flow`]: keep going, or flush and close.
+//! The per-connection protocol state machine, sans I/O: the event loop hands
+//! it decoded frames, notices and the time; it appends the frames to send to
+//! an output buffer and says when it next needs to be called
+//! ([`Session::poll_timeout`]). It owns no socket, reads no clock and never
+//! blocks. Everything else it needs — token look-ups, inbox scans, the commit
+//! queue, the directory, counters — comes through the [`Env`] port, which
+//! `net` implements over RocksDB and the commit thread, and the unit tests
+//! implement in memory.
+//!
+//! - [`accept`]: the SEND rules (shared with the HTTP API's backend send).
+//! - `deliver`: merging the mailbox with inbox scans; writing deliveries.
+//! - `receipts`: ACK and READ.
 //!
 //! # Delivery: merging the mailbox with the store
 //!
@@ -24,19 +32,23 @@
 //! connection's output is under `conn_buffer` and the user has fewer than
 //! `max_inflight` un-ACKed items.
 
-use std::collections::hash_map::Entry;
+pub mod accept;
+mod deliver;
+mod receipts;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::core::{ConnRef, Core, Inflight, User, SEQ_BOOT_SHIFT};
-use crate::mailbox::Mailbox;
-pub use crate::router::Dest;
-use crate::router::{self, Outcome};
-use crate::store::commit::ReplyTo;
+pub use accept::{Dest, Outcome};
+
+use crate::commit::{Full, Request};
+use crate::config::Config;
+use crate::directory::{Directory, User};
+use crate::mailbox::{Answer, ConnRef, Mailbox, Notify};
+use crate::metrics::Metrics;
 use crate::store::keys::PRIORITIES;
-use crate::store::record::encode_status;
-use crate::store::{Item, ItemView, Request, StatusView};
-use crate::wire::{self, flags, ErrorCode, Frame, StatusCode};
+use crate::store::{Item, StoreError};
+use crate::wire::{self, ErrorCode, Frame, StatusCode};
 
 /// SENDs of one connection waiting for the commit thread before the
 /// connection stops being read.
@@ -45,6 +57,33 @@ pub const MAX_PENDING_SENDS: usize = 4096;
 const STAGE_MAX: usize = 512;
 /// Longest CLIENT and REASON strings.
 const MAX_TEXT: usize = 1024;
+/// How soon ACKs refused by a full commit queue are offered again, ms.
+const RETRY_MS: u64 = 10;
+
+/// The port through which a session reaches the rest of the server.
+pub trait Env {
+    /// The validated configuration.
+    fn config(&self) -> &Config;
+    /// Users and groups.
+    fn directory(&self) -> &Directory;
+    /// Counters.
+    fn metrics(&self) -> &Metrics;
+    /// How mailboxes wake their event loops.
+    fn notify(&self) -> &Arc<dyn Notify>;
+    /// The user a token authenticates (a store read).
+    fn authenticate(&self, token: &str, now: u64) -> Result<Option<Arc<User>>, StoreError>;
+    /// Up to `budget` stored items of `user` past `cursors`, in (priority,
+    /// SEQ) order, and whether the scan reached the end (a store read).
+    fn scan_inbox(
+        &self,
+        user: &str,
+        cursors: &[u64; PRIORITIES],
+        budget: usize,
+    ) -> Result<(Vec<Arc<Item>>, bool), StoreError>;
+    /// Queues a request at the commit thread without blocking; a full queue
+    /// gives the request back.
+    fn submit(&self, req: Request) -> Result<(), Full>;
+}
 
 /// What the event loop should do after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,12 +94,16 @@ pub enum Flow {
     Close,
 }
 
-/// What a session call may touch: the shared core, the connection's output
-/// buffer, the time, and its own name (for wake-ups and answers).
+/// What a session call may touch: the environment, the connection's output
+/// buffer, the time, and its own name (for its mailbox and SEND answers).
 pub struct Ctx<'a> {
-    pub core: &'a Core,
+    /// The rest of the server.
+    pub env: &'a dyn Env,
+    /// Encoded frames to write to the peer are appended here.
     pub out: &'a mut Vec<u8>,
+    /// The time of this call, ms since the epoch.
     pub now: u64,
+    /// This connection.
     pub me: ConnRef,
 }
 
@@ -69,7 +112,7 @@ impl Ctx<'_> {
         // Frames built here are bounded by max_frame; encoding cannot fail.
         match wire::encode(frame, self.out) {
             Ok(_) => {
-                let m = &self.core.metrics;
+                let m = self.env.metrics();
                 m.frames_out
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -95,12 +138,13 @@ impl Ctx<'_> {
         }));
     }
 
-    fn fatal(&mut self, code: ErrorCode, reason: &str) -> Flow {
+    /// Writes ERROR `code` and asks for the connection to be closed.
+    pub fn fatal(&mut self, code: ErrorCode, reason: &str) -> Flow {
         match code {
             ErrorCode::AUTH_FAILED
             | ErrorCode::UNSUPPORTED_VERSION
             | ErrorCode::NOT_AUTHENTICATED => {
-                tracing::info!(?code, reason, "login refused")
+                tracing::debug!(?code, reason, "login refused")
             }
             _ => tracing::debug!(?code, reason, "closing with error"),
         }
@@ -144,23 +188,30 @@ struct Active {
     /// (sender, ID) of real-time messages written with READ_RECEIPT, so a
     /// READ for one is answered live (bounded; forgotten on reconnect).
     ephemeral_reads: HashSet<(Arc<str>, u64)>,
+    /// ACKed (SEQ, priority) pairs the commit queue refused (it was full):
+    /// offered again at the next call, never dropped. Bounded by
+    /// `max_inflight`, since each inflight item is ACKed to the commit
+    /// thread once.
+    unsent_acks: Vec<(u64, u8)>,
+    /// When `unsent_acks` are offered again, ms.
+    retry_at: u64,
 }
 
 impl Session {
     /// A fresh connection at time `now`.
-    pub fn new(now: u64, core: &Core) -> Session {
+    pub fn new(now: u64, config: &Config) -> Session {
         Session {
             active: None,
             last_read: now,
-            hello_deadline: now + u64::from(core.config.hello_timeout) * 1000,
-            keepalive: core.config.keepalive,
+            hello_deadline: now + u64::from(config.hello_timeout) * 1000,
+            keepalive: config.keepalive,
             pending_sends: 0,
         }
     }
 
-    /// The authenticated address, for logs.
-    pub fn address(&self) -> Option<&str> {
-        self.active.as_ref().map(|a| &*a.user.address)
+    /// Whether HELLO has been accepted.
+    pub fn is_authenticated(&self) -> bool {
+        self.active.is_some()
     }
 
     /// Bytes arrived at `now`.
@@ -171,6 +222,20 @@ impl Session {
     /// Whether the event loop should read more from the socket.
     pub fn wants_read(&self, out_len: usize, conn_buffer: usize) -> bool {
         self.pending_sends < MAX_PENDING_SENDS && out_len < conn_buffer
+    }
+
+    /// When [`Session::handle_timeout`] must be called next, ms.
+    pub fn poll_timeout(&self) -> u64 {
+        match &self.active {
+            None => self.hello_deadline,
+            Some(a) => {
+                let idle = self.last_read + u64::from(self.keepalive) * 1500;
+                match a.unsent_acks.is_empty() {
+                    true => idle,
+                    false => idle.min(a.retry_at),
+                }
+            }
+        }
     }
 
     /// Handles one decoded frame.
@@ -186,20 +251,18 @@ impl Session {
         };
         match frame {
             Frame::Send(send) => {
-                let flow = self.send(ctx, send);
-                if flow == Flow::Continue {
-                    self.pump(ctx);
-                }
-                flow
+                self.send(ctx, send);
+                self.pump(ctx);
+                Flow::Continue
             }
             Frame::Ack(ack) => {
-                ack_items(ctx, active, ack.seqs.iter());
+                receipts::ack(ctx, active, ack.seqs.iter());
                 self.pump(ctx);
                 Flow::Continue
             }
             Frame::Read(read) => {
                 if let (Some(from), Some(id)) = (read.from, read.id) {
-                    read_receipt(ctx, active, from, id, read.group);
+                    receipts::read(ctx, active, from, id, read.group);
                 }
                 Flow::Continue
             }
@@ -226,7 +289,7 @@ impl Session {
         if hello.client.is_some_and(|c| c.len() > MAX_TEXT) {
             return ctx.fatal(ErrorCode::PROTOCOL_ERROR, "CLIENT longer than 1024 bytes");
         }
-        let user = match hello.token.map(|t| ctx.core.authenticate(t, ctx.now)) {
+        let user = match hello.token.map(|t| ctx.env.authenticate(t, ctx.now)) {
             Some(Ok(Some(user))) => user,
             Some(Err(e)) => {
                 tracing::error!(error = %e, "token look-up failed");
@@ -234,22 +297,22 @@ impl Session {
             }
             _ => return ctx.fatal(ErrorCode::AUTH_FAILED, "unknown, expired or revoked token"),
         };
-        let max = ctx.core.config.keepalive;
+        let max = ctx.env.config().keepalive;
         self.keepalive = match hello.keepalive {
             None | Some(0) => max,
             Some(k) => k.min(max),
         };
-        let mailbox = Arc::new(Mailbox::new(ctx.me));
+        let mailbox = Arc::new(Mailbox::new(ctx.me, ctx.env.notify().clone()));
         if let Some(old) = user.attached.swap(Some(mailbox.clone())) {
             old.close(ErrorCode::REPLACED);
-            ctx.core.wake(&old);
+            old.wake();
         }
         tracing::info!(user = %user.address, client = hello.client.unwrap_or(""), "logged in");
         ctx.write(&Frame::Welcome(wire::Welcome {
             version: Some(wire::VERSION),
             address: Some(&user.address),
             time: Some(ctx.now),
-            max_frame: Some(ctx.core.config.max_frame),
+            max_frame: Some(ctx.env.config().max_frame),
             keepalive: Some(self.keepalive),
         }));
         self.active = Some(Box::new(Active {
@@ -260,40 +323,39 @@ impl Session {
             staged: BTreeMap::new(),
             ephemeral: HashMap::new(),
             ephemeral_reads: HashSet::new(),
+            unsent_acks: Vec::new(),
+            retry_at: 0,
         }));
         self.pump(ctx);
         Flow::Continue
     }
 
-    fn send(&mut self, ctx: &mut Ctx<'_>, send: wire::Send<'_>) -> Flow {
+    fn send(&mut self, ctx: &mut Ctx<'_>, send: wire::Send<'_>) {
         let Some(active) = self.active.as_deref() else {
-            return Flow::Continue;
+            return;
         };
-        let reply = ReplyTo::Conn(ctx.me);
-        let (dest, outcome) = router::send(ctx.core, &active.user, &send, ctx.now, reply);
+        let reply = crate::commit::ReplyTo::Conn(ctx.me);
+        let (dest, outcome) = accept::send(ctx.env, &active.user, &send, ctx.now, reply);
         match outcome {
             Outcome::Now(status) => ctx.status(send.id.unwrap_or(0), dest, status),
             Outcome::Queued => self.pending_sends += 1,
         }
-        Flow::Continue
     }
 
     /// The commit thread answered a SEND of this connection.
-    pub fn on_send_done(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        id: u64,
-        dest: Dest<'_>,
-        status: Option<StatusCode>,
-    ) {
+    pub fn handle_answer(&mut self, ctx: &mut Ctx<'_>, answer: &Answer) {
         self.pending_sends = self.pending_sends.saturating_sub(1);
-        if let Some(status) = status {
-            ctx.status(id, dest, status);
+        if let Some(status) = answer.status {
+            let dest = match answer.group {
+                true => Dest::Group(&answer.to),
+                false => Dest::To(&answer.to),
+            };
+            ctx.status(answer.id, dest, status);
         }
     }
 
     /// The mailbox was woken: close if asked to, else deliver.
-    pub fn on_mailbox(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+    pub fn handle_mailbox(&mut self, ctx: &mut Ctx<'_>) -> Flow {
         let Some(active) = self.active.as_deref() else {
             return Flow::Continue;
         };
@@ -309,21 +371,29 @@ impl Session {
         Flow::Continue
     }
 
-    /// Periodic check of the HELLO deadline and the keepalive.
-    pub fn on_tick(&mut self, ctx: &mut Ctx<'_>) -> Flow {
-        match self.active {
+    /// The time from [`Session::poll_timeout`] has come (or passed): the
+    /// HELLO deadline, the keepalive, a retry of refused ACKs.
+    pub fn handle_timeout(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+        match self.active.as_deref_mut() {
             None if ctx.now >= self.hello_deadline => {
                 ctx.fatal(ErrorCode::NOT_AUTHENTICATED, "no HELLO in time")
             }
             Some(_)
-                if ctx.now.saturating_sub(self.last_read) > u64::from(self.keepalive) * 1500 =>
+                if ctx.now.saturating_sub(self.last_read) >= u64::from(self.keepalive) * 1500 =>
             {
                 ctx.fatal(
                     ErrorCode::IDLE_TIMEOUT,
                     "nothing received within 1.5 x KEEPALIVE",
                 )
             }
-            _ => Flow::Continue,
+            Some(active) => {
+                if !active.unsent_acks.is_empty() && ctx.now >= active.retry_at {
+                    receipts::ack(ctx, active, std::iter::empty());
+                    self.pump(ctx);
+                }
+                Flow::Continue
+            }
+            None => Flow::Continue,
         }
     }
 
@@ -340,263 +410,15 @@ impl Session {
 
     /// Writes as many deliveries as the output buffer and the window allow.
     pub fn pump(&mut self, ctx: &mut Ctx<'_>) {
-        // A sample of this call's end-to-end latencies, recorded under one lock.
-        let mut latencies = Vec::new();
-        self.pump_into(ctx, &mut latencies);
-        ctx.core.metrics.record_deliveries(&latencies);
-    }
-
-    fn pump_into(&mut self, ctx: &mut Ctx<'_>, latencies: &mut Vec<u64>) {
         let Some(a) = self.active.as_deref_mut() else {
             return;
         };
-        let conn_buffer = ctx.core.config.conn_buffer;
-        let window = ctx.core.config.max_inflight as usize;
-        loop {
-            if ctx.out.len() >= conn_buffer {
-                return;
-            }
-            let more = a.take(ctx);
-            let mut inflight = a.user.inflight();
-            let mut wrote = false;
-            while ctx.out.len() < conn_buffer {
-                let Some(entry) = a.staged.first_entry() else {
-                    break;
-                };
-                let item = entry.get().clone();
-                if item.ephemeral {
-                    if a.ephemeral.len() >= window.min(crate::mailbox::LIVE_CAPACITY) {
-                        break;
-                    }
-                    entry.remove();
-                    write_item(ctx, &item, false);
-                    if let Some(ItemView::Msg(m)) = item.view() {
-                        if m.id != 0 && m.flags & flags::READ_RECEIPT != 0 {
-                            if a.ephemeral_reads.len() >= crate::mailbox::LIVE_CAPACITY {
-                                a.ephemeral_reads.clear();
-                            }
-                            a.ephemeral_reads.insert((m.from.into(), m.id));
-                        }
-                    }
-                    if item.seq != 0 {
-                        a.ephemeral.insert(item.seq, item);
-                    }
-                    wrote = true;
-                    continue;
-                }
-                if inflight.len() >= window {
-                    break;
-                }
-                entry.remove();
-                let Some(view) = item.view() else { continue };
-                if view.expire_at() <= ctx.now {
-                    continue; // the sweeper settles it
-                }
-                let written_before = match inflight.entry(item.seq) {
-                    Entry::Occupied(_) => true,
-                    Entry::Vacant(v) => {
-                        v.insert(Inflight {
-                            priority: item.priority,
-                            acking: false,
-                        });
-                        false
-                    }
-                };
-                let seen = written_before || item.seq >> SEQ_BOOT_SHIFT < ctx.core.boot;
-                if let ItemView::Msg(m) = view {
-                    if latencies.len() < 256 {
-                        latencies.push(ctx.now.saturating_sub(m.time) * 1000);
-                    }
-                }
-                write_item(ctx, &item, seen);
-                wrote = true;
-            }
-            drop(inflight);
-            if !wrote || !more && a.staged.is_empty() {
-                return;
-            }
-        }
+        // A sample of this call's end-to-end latencies, recorded under one lock.
+        let mut latencies = Vec::new();
+        a.pump(ctx, &mut latencies);
+        ctx.env.metrics().record_deliveries(&latencies);
     }
 }
 
-impl Active {
-    /// Moves items from the mailbox (and, when catching up, the store) into
-    /// the staging area. Returns whether more may be available right away.
-    fn take(&mut self, ctx: &mut Ctx<'_>) -> bool {
-        while let Some(item) = self.mailbox.pop_live() {
-            self.staged.insert((item.priority, item.seq), item);
-        }
-        if self.live && self.mailbox.overflowed() {
-            self.live = false;
-        }
-        if !self.live {
-            self.mailbox.reset_durable();
-        }
-        if self.live {
-            while self.staged.len() < STAGE_MAX {
-                let Some(item) = self.mailbox.pop_durable() else {
-                    break;
-                };
-                let cursor = &mut self.cursors[usize::from(item.priority) % PRIORITIES];
-                if item.seq > *cursor {
-                    *cursor = item.seq;
-                    self.staged.insert((item.priority, item.seq), item);
-                }
-            }
-            return self.staged.len() >= STAGE_MAX;
-        }
-        let budget = STAGE_MAX.saturating_sub(self.staged.len());
-        if budget == 0 {
-            return true;
-        }
-        match ctx
-            .core
-            .store
-            .scan_inbox(&self.user.address, &self.cursors, budget)
-        {
-            Ok((items, exhausted)) => {
-                for item in items {
-                    let cursor = &mut self.cursors[usize::from(item.priority) % PRIORITIES];
-                    *cursor = (*cursor).max(item.seq);
-                    self.staged.insert((item.priority, item.seq), item);
-                }
-                self.live = exhausted;
-                !exhausted
-            }
-            Err(e) => {
-                tracing::error!(user = %self.user.address, error = %e, "inbox scan failed");
-                false
-            }
-        }
-    }
-}
-
-/// Handles an ACK: stored items go to the commit thread; real-time ones are
-/// settled here, with a live DELIVERED for a connected sender that asked.
-fn ack_items(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>) {
-    let mut stored = Vec::new();
-    {
-        let mut inflight = a.user.inflight();
-        for seq in seqs {
-            if let Some(entry) = inflight.get_mut(&seq) {
-                // A repeated ACK while the first is at the commit thread is
-                // not sent again: a flood of ACKs costs no commit work.
-                if !entry.acking {
-                    entry.acking = true;
-                    stored.push((seq, entry.priority));
-                }
-            } else if let Some(item) = a.ephemeral.remove(&seq) {
-                if let Some(ItemView::Msg(m)) = item.view() {
-                    if m.flags & flags::DELIVERY_RECEIPT != 0 {
-                        live_receipt(ctx, &a.user, m.from, m.id, m.group, StatusCode::DELIVERED);
-                    }
-                }
-            }
-        }
-    }
-    if !stored.is_empty() {
-        ctx.core.commit.submit(Request::Ack {
-            user: a.user.clone(),
-            items: stored,
-        });
-    }
-}
-
-/// Handles a READ: live for a real-time message delivered on this
-/// connection, else through the commit thread (dropped if it is full: a READ
-/// receipt is best effort, and the server never blocks a loop for one).
-fn read_receipt(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64, group: Option<&str>) {
-    if a.ephemeral_reads.remove(&(Arc::from(from), id)) {
-        live_receipt(ctx, &a.user, from, id, group, StatusCode::READ);
-        return;
-    }
-    let req = Request::Read {
-        reader: a.user.clone(),
-        from: from.to_owned(),
-        id,
-        group: group.map(str::to_owned),
-    };
-    if ctx.core.commit.try_submit(req).is_err() {
-        tracing::warn!(user = %a.user.address, "commit queue full: READ receipt dropped");
-    }
-}
-
-/// Sends a memory-only STATUS (no SEQ) about message `id` (to `group`, if
-/// set) to its sender, if the sender is connected.
-fn live_receipt(
-    ctx: &mut Ctx<'_>,
-    recipient: &User,
-    sender: &str,
-    id: u64,
-    group: Option<&str>,
-    status: StatusCode,
-) {
-    if id == 0 {
-        return;
-    }
-    let Some(sender) = ctx.core.user(sender) else {
-        return;
-    };
-    let Some(mb) = sender.mailbox() else { return };
-    let status = Arc::new(Item {
-        seq: 0,
-        priority: 0,
-        ephemeral: true,
-        record: encode_status(&StatusView {
-            time: ctx.now,
-            expire_at: 0,
-            id,
-            status,
-            to: if group.is_some() {
-                ""
-            } else {
-                &recipient.address
-            },
-            group,
-            member: group.map(|_| &*recipient.address),
-        }),
-    });
-    if mb.push_live(status) {
-        ctx.core.wake(&mb);
-    }
-}
-
-/// Encodes one delivery into the output buffer.
-fn write_item(ctx: &mut Ctx<'_>, item: &Item, redelivery: bool) {
-    let Some(view) = item.view() else {
-        tracing::error!(seq = item.seq, "corrupt item not delivered");
-        return;
-    };
-    let frame = match view {
-        ItemView::Ref(_) => {
-            // Scans and the commit thread resolve REFs to the shared MSG record.
-            tracing::error!(seq = item.seq, "unresolved group item not delivered");
-            return;
-        }
-        ItemView::Msg(m) => Frame::Msg(wire::Msg {
-            seq: Some(item.seq),
-            from: Some(m.from),
-            group: m.group,
-            id: Some(m.id),
-            time: Some(m.time),
-            msg_type: Some(m.msg_type),
-            priority: Some(item.priority),
-            flags: Some(if redelivery {
-                m.flags | flags::REDELIVERY
-            } else {
-                m.flags
-            }),
-            payload: Some(m.payload),
-        }),
-        ItemView::Status(s) => Frame::Status(wire::Status {
-            seq: (item.seq != 0).then_some(item.seq),
-            id: Some(s.id),
-            to: if s.group.is_some() { None } else { Some(s.to) },
-            group: s.group,
-            member: s.member,
-            status: Some(s.status),
-            time: Some(s.time),
-        }),
-    };
-    ctx.write(&frame);
-}
+#[cfg(test)]
+mod tests;

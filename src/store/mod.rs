@@ -1,15 +1,13 @@
 //! The only user of RocksDB: column families, keys, records, reads, and the
-//! commit thread that turns concurrent writes into one synced WriteBatch.
+//! [`Batch`] the commit thread turns into one synced write.
 //!
 //! - [`keys`]: column families and key layouts (byte order = numeric order).
 //! - [`record`]: value layouts and [`Item`], the in-memory form of a delivery.
-//! - [`commit`]: the group-commit thread: dedup, SEQ assignment, ACK, READ and
-//!   expiry are all decided there, in one order, so they never race.
 //!
 //! Reads that need no ordering (token look-ups at HELLO, inbox scans for a
-//! connected user) go straight to RocksDB from the calling thread.
+//! connected user) go straight to RocksDB from the calling thread. The store
+//! imports nothing from the crate but `wire`.
 
-pub mod commit;
 pub mod keys;
 pub mod record;
 
@@ -22,7 +20,6 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
-pub use commit::{Commit, Completion, Request};
 pub use record::{Dedup, Item, ItemView, MsgView, RefView, StatusView};
 
 use keys::*;
@@ -30,13 +27,18 @@ use keys::*;
 /// A storage failure. RocksDB errors are not recoverable by the caller; the
 /// server logs them and refuses the operation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
-    #[error("rocksdb")]
+    #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt record in {cf}: {what}")]
     Corrupt { cf: &'static str, what: String },
     #[error("column family {0} missing")]
     MissingCf(&'static str),
+    /// A fault injected by a test (see `commit`'s tests).
+    #[cfg(test)]
+    #[error("injected fault")]
+    Injected,
 }
 
 /// Result of a store operation.
@@ -102,7 +104,7 @@ impl Store {
     }
 
     /// Writes a batch; with `sync`, returns only once it is on stable storage.
-    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         Ok(self.db.write_opt(batch, &wo)?)
@@ -501,6 +503,7 @@ impl Store {
         Batch {
             store: self,
             batch: WriteBatch::default(),
+            staged: Vec::new(),
         }
     }
 
@@ -515,45 +518,77 @@ impl Store {
     }
 }
 
-/// A WriteBatch that takes column families by name.
-pub struct Batch<'s> {
-    store: &'s Store,
-    batch: WriteBatch,
+/// One change staged for the batch.
+enum Op<'s> {
+    Put(&'s ColumnFamily, Vec<u8>, Vec<u8>),
+    Delete(&'s ColumnFamily, Vec<u8>),
+    DeleteRange(&'s ColumnFamily, Vec<u8>, Vec<u8>),
 }
 
-impl Batch<'_> {
-    /// Puts `key = value` in column family `cf`.
+/// A WriteBatch that takes column families by name, built one request at a
+/// time: changes are staged until [`Batch::seal`] moves them into the batch,
+/// or [`Batch::rollback`] drops them. So a request that fails part-way leaves
+/// nothing behind, and the requests before and after it still commit
+/// (rust-rocksdb exposes no WriteBatch save points; staging is the same
+/// thing).
+pub struct Batch<'s> {
+    store: &'s Store,
+    /// Sealed changes: what [`Batch::commit`] writes.
+    batch: WriteBatch,
+    /// The current request's changes.
+    staged: Vec<Op<'s>>,
+}
+
+impl<'s> Batch<'s> {
+    /// Stages `key = value` in column family `cf`.
     pub fn put(&mut self, cf: &'static str, key: &[u8], value: &[u8]) -> Result<()> {
-        let handle = self.store.cf(cf)?;
-        self.batch.put_cf(handle, key, value);
+        let cf = self.store.cf(cf)?;
+        self.staged.push(Op::Put(cf, key.to_vec(), value.to_vec()));
         Ok(())
     }
 
-    /// Deletes every key in `[from, to)` of column family `cf`.
+    /// Stages the deletion of every key in `[from, to)` of column family `cf`.
     pub fn delete_range(&mut self, cf: &'static str, from: &[u8], to: &[u8]) -> Result<()> {
-        let handle = self.store.cf(cf)?;
-        self.batch.delete_range_cf(handle, from, to);
+        let cf = self.store.cf(cf)?;
+        self.staged
+            .push(Op::DeleteRange(cf, from.to_vec(), to.to_vec()));
         Ok(())
     }
 
-    /// Deletes `key` from column family `cf`.
+    /// Stages the deletion of `key` from column family `cf`.
     pub fn delete(&mut self, cf: &'static str, key: &[u8]) -> Result<()> {
-        let handle = self.store.cf(cf)?;
-        self.batch.delete_cf(handle, key);
+        let cf = self.store.cf(cf)?;
+        self.staged.push(Op::Delete(cf, key.to_vec()));
         Ok(())
     }
 
-    /// Number of operations in the batch.
+    /// Keeps the staged changes: they are part of the batch from now on.
+    pub fn seal(&mut self) {
+        for op in self.staged.drain(..) {
+            match op {
+                Op::Put(cf, k, v) => self.batch.put_cf(cf, k, v),
+                Op::Delete(cf, k) => self.batch.delete_cf(cf, k),
+                Op::DeleteRange(cf, from, to) => self.batch.delete_range_cf(cf, from, to),
+            }
+        }
+    }
+
+    /// Drops the staged changes.
+    pub fn rollback(&mut self) {
+        self.staged.clear();
+    }
+
+    /// Number of sealed operations in the batch.
     pub fn len(&self) -> usize {
         self.batch.len()
     }
 
-    /// Whether the batch holds no operation.
+    /// Whether the batch holds no sealed operation.
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
     }
 
-    /// Writes the batch (synced when `sync`).
+    /// Writes the sealed changes (synced when `sync`); staged ones are dropped.
     pub fn commit(self, sync: bool) -> Result<()> {
         self.store.write(self.batch, sync)
     }

@@ -1,26 +1,46 @@
-//! Routing a SEND: the rules of protocol §2–3 for one message, shared by the
-//! protocol session and the HTTP API's backend send (admin is just another
+//! Accepting a SEND: the rules of protocol §2–3 for one message, shared by
+//! the protocol session and the HTTP API's backend send (admin is just another
 //! client). Checks the SEND, resolves its destination (a user, or a group's
 //! members with `recv` at the time of sending, less the sender), then either
 //! hands a real-time message to connected recipients' live rings or queues a
 //! request at the commit thread, which answers through [`ReplyTo`] once the
-//! message is durable.
+//! message is durable. Everything it reaches goes through [`Env`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::core::{Core, User};
-use crate::store::commit::{Accept, GroupSendRequest, ReplyTo, SendRequest};
+use super::Env;
+use crate::commit::{Accept, GroupSendRequest, ReplyTo, Request, SendRequest};
+use crate::directory::User;
 use crate::store::keys::PRIORITIES;
 use crate::store::record::encode_msg;
-use crate::store::{Item, MsgView, Request};
+use crate::store::{Item, MsgView};
 use crate::wire::{self, flags, StatusCode};
 
 /// Where a SEND went: a user or a group (echoed in its STATUS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dest<'a> {
+    /// A user's address.
     To(&'a str),
+    /// A group's name.
     Group(&'a str),
+}
+
+/// Who a SEND reaches.
+enum Recipients<'s> {
+    /// One user.
+    One(Arc<User>),
+    /// The named group's members with `recv`, less the sender.
+    Group(&'s str, Vec<Arc<User>>),
+}
+
+impl Recipients<'_> {
+    fn iter(&self) -> std::slice::Iter<'_, Arc<User>> {
+        match self {
+            Recipients::One(u) => std::slice::from_ref(u).iter(),
+            Recipients::Group(_, us) => us.iter(),
+        }
+    }
 }
 
 /// What became of a SEND right away.
@@ -34,7 +54,7 @@ pub enum Outcome {
 
 /// Applies the SEND rules to `send` from `sender` at time `now`.
 pub fn send<'s>(
-    core: &Core,
+    env: &dyn Env,
     sender: &Arc<User>,
     send: &wire::Send<'s>,
     now: u64,
@@ -57,13 +77,15 @@ pub fn send<'s>(
         return (dest, Outcome::Now(StatusCode::BAD_REQUEST));
     }
     let payload = send.payload.unwrap_or(&[]);
-    if payload.len() > core.config.max_payload as usize {
+    let config = env.config();
+    let dir = env.directory();
+    if payload.len() > config.max_payload as usize {
         return (dest, Outcome::Now(StatusCode::TOO_LARGE));
     }
     let expiry = send
         .expiry
-        .unwrap_or(core.config.default_expiry)
-        .min(core.config.max_expiry);
+        .unwrap_or(config.default_expiry)
+        .min(config.max_expiry);
     let msg_flags = send.flags.unwrap_or(flags::SEND_DEFAULT) & !flags::REDELIVERY;
     let mut msg = MsgView {
         time: now,
@@ -76,34 +98,37 @@ pub fn send<'s>(
         payload,
     };
     let recipients = match dest {
-        Dest::To(to) => match core.user(to) {
-            Some(user) => vec![user],
+        Dest::To(to) => match dir.user(to) {
+            Some(user) => Recipients::One(user),
             None => {
                 return (dest, Outcome::Now(StatusCode::INVALID_DEST));
             }
         },
         Dest::Group(name) => {
-            let Some(group) = core.group(name) else {
+            let Some(group) = dir.group(name) else {
                 return (dest, Outcome::Now(StatusCode::INVALID_DEST));
             };
             if !group.member(&sender.address).is_some_and(|m| m.send) {
                 return (dest, Outcome::Now(StatusCode::NOT_MEMBER));
             }
             msg.group = Some(name);
-            group
-                .members
-                .iter()
-                .filter(|m| m.recv && !Arc::ptr_eq(&m.user, sender))
-                .filter(|m| !m.user.deleted.load(Ordering::Acquire))
-                .map(|m| m.user.clone())
-                .collect()
+            Recipients::Group(
+                name,
+                group
+                    .members
+                    .iter()
+                    .filter(|m| m.recv && !Arc::ptr_eq(&m.user, sender))
+                    .filter(|m| !m.user.deleted.load(Ordering::Acquire))
+                    .map(|m| m.user.clone())
+                    .collect(),
+            )
         }
     };
     if expiry == 0 {
         // Real time: memory only, now or never, to whoever is connected.
         let record = encode_msg(&msg);
         let (mut online, mut full) = (0, 0);
-        for recipient in &recipients {
+        for recipient in recipients.iter() {
             let Some(mb) = recipient.mailbox() else {
                 continue;
             };
@@ -114,14 +139,14 @@ pub fn send<'s>(
                 record: record.clone(),
             });
             if mb.push_live(item) {
-                core.wake(&mb);
+                mb.wake();
                 online += 1;
             } else {
                 full += 1;
             }
         }
         let status = if online > 0 {
-            core.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+            env.metrics().accepted.fetch_add(1, Ordering::Relaxed);
             StatusCode::SENT
         } else if full > 0 {
             StatusCode::OVERLOADED
@@ -131,9 +156,9 @@ pub fn send<'s>(
         return (dest, Outcome::Now(status));
     }
     msg.expire_at = now + u64::from(expiry) * 1000;
-    let dedup_until = now + u64::from(core.config.dedup_window.max(expiry)) * 1000;
-    if let (Dest::To(_), Some(recipient)) = (dest, recipients.first()) {
-        if recipient.queued.load(Ordering::Relaxed) >= core.config.max_queue {
+    let dedup_until = now + u64::from(config.dedup_window.max(expiry)) * 1000;
+    if let Recipients::One(recipient) = &recipients {
+        if recipient.queued.load(Ordering::Relaxed) >= config.max_queue {
             return (dest, Outcome::Now(StatusCode::OVERLOADED));
         }
     }
@@ -148,18 +173,15 @@ pub fn send<'s>(
         dedup_until,
         record: encode_msg(&msg),
     };
-    let req = match dest {
-        Dest::To(_) => Request::Send(SendRequest {
-            accept,
-            recipient: recipients.into_iter().next().expect("one recipient"),
-        }),
-        Dest::Group(name) => Request::GroupSend(GroupSendRequest {
+    let req = match recipients {
+        Recipients::One(recipient) => Request::Send(SendRequest { accept, recipient }),
+        Recipients::Group(name, recipients) => Request::GroupSend(GroupSendRequest {
             accept,
             group: name.into(),
             recipients,
         }),
     };
-    match core.commit.try_submit(req) {
+    match env.submit(req) {
         Ok(()) => (dest, Outcome::Queued),
         Err(_) => (dest, Outcome::Now(StatusCode::OVERLOADED)),
     }

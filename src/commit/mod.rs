@@ -1,0 +1,338 @@
+//! The commit thread: group commit for every change to queued state.
+//!
+//! Event loops, the expiry sweeper and the admin API send [`Request`]s over a
+//! bounded channel. The thread blocks only when idle; otherwise it drains up to
+//! [`MAX_BATCH`] requests, applies them one by one to one batch, writes it with
+//! `sync = true` (one fsync for the lot), and only then runs their effects
+//! ([`Completion`]s): STATUS SENT to senders, items to connected recipients'
+//! mailboxes, inflight bookkeeping, counters. This is the durability point of
+//! the server: nothing is acknowledged before the write returns.
+//!
+//! Each request is applied under its own save point ([`pass`]): a store
+//! error part-way through one request rolls back only that request's keys and
+//! answers its sender (OVERLOADED, retry with the same ID); the requests
+//! before and after it in the batch still commit.
+//!
+//! Because one thread decides every change in one order, the rules need no
+//! locks: a duplicate SEND is seen by the dedup check (the batch overlay or
+//! the store), an ACK and an expiry of the same item cannot both win, and a
+//! user's stored items get SEQs in the order they become visible, which is
+//! what lets a session merge its mailbox with a store scan (see `session`).
+//!
+//! - [`pass`]: one batch being built: overlays, save points, completions.
+//! - [`send`]: SEND and group SEND (dedup, SEQ, fan-out).
+//! - [`settle`]: ACK, expiry and deletion of queued items, and the statuses
+//!   their senders are owed.
+//! - [`receipts`]: READ receipts, 1:1 and per group member.
+
+mod pass;
+mod receipts;
+mod send;
+mod settle;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+
+use crate::clock::now_ms;
+use crate::directory::{Directory, User};
+use crate::mailbox::{Answer, ConnRef, Notify};
+use crate::metrics::Metrics;
+use crate::store::{Item, Store};
+use crate::wire::StatusCode;
+
+pub use pass::Tally;
+
+/// Requests drained into one synced batch at most.
+pub const MAX_BATCH: usize = 4096;
+/// Requests waiting for the commit thread before senders get OVERLOADED.
+pub const QUEUE_CAPACITY: usize = 65_536;
+
+/// Where the answer to a SEND goes.
+#[derive(Clone, Debug)]
+pub enum ReplyTo {
+    /// A protocol connection (STATUS frame via its event loop).
+    Conn(ConnRef),
+    /// A waiting thread (the HTTP API's backend send).
+    Channel(Sender<Option<StatusCode>>),
+}
+
+/// What every stored SEND carries, whatever its destination.
+pub struct Accept {
+    /// Where the answer goes.
+    pub conn: ReplyTo,
+    /// The sender (for a group, a member with `send`).
+    pub sender: Arc<User>,
+    /// The sender's message ID (0 = fire-and-forget: no dedup, no statuses).
+    pub id: u64,
+    /// 0 … 15.
+    pub priority: u8,
+    /// The SEND's FLAGS.
+    pub flags: u32,
+    /// Server time of acceptance, ms.
+    pub time: u64,
+    /// When the queued item(s) expire, ms.
+    pub expire_at: u64,
+    /// When the duplicate-detection record may be forgotten, ms.
+    pub dedup_until: u64,
+    /// The encoded MSG record (`record::encode_msg`), GROUP set for a group.
+    pub record: Arc<[u8]>,
+}
+
+/// A stored 1:1 message to accept.
+pub struct SendRequest {
+    /// The message.
+    pub accept: Accept,
+    /// The recipient.
+    pub recipient: Arc<User>,
+}
+
+/// A stored group message to accept: written once, referenced from each
+/// recipient's inbox, all in one batch.
+pub struct GroupSendRequest {
+    /// The message.
+    pub accept: Accept,
+    /// The group's name.
+    pub group: Arc<str>,
+    /// The members with `recv` at the time of sending, less the sender.
+    pub recipients: Vec<Arc<User>>,
+}
+
+/// A change to queued state.
+pub enum Request {
+    /// Store a message.
+    Send(SendRequest),
+    /// Store a group message.
+    GroupSend(GroupSendRequest),
+    /// The user's application processed these (SEQ, priority) items.
+    Ack {
+        user: Arc<User>,
+        items: Vec<(u64, u8)>,
+    },
+    /// The user read message `id` from `from` (sent to `group`, if set).
+    Read {
+        reader: Arc<User>,
+        from: String,
+        id: u64,
+        group: Option<String>,
+    },
+    /// Expiry-index keys found due by the sweeper; `done` fires after commit.
+    Expire {
+        keys: Vec<Box<[u8]>>,
+        done: Sender<()>,
+    },
+    /// Deletes a user's queued (and retained) messages that match `filter`;
+    /// senders of undelivered ones get STATUS DELETED. `done` gets the count.
+    DeleteMessages {
+        user: Arc<User>,
+        filter: MessageFilter,
+        done: Sender<usize>,
+    },
+    /// Deletes everything queued for a user (deleted by the admin API);
+    /// senders of undelivered messages get STATUS DELETED. `done` fires after
+    /// commit.
+    Purge { user: Arc<User>, done: Sender<()> },
+    /// Fires once everything submitted before it is committed.
+    Barrier(Sender<()>),
+}
+
+/// Which messages an admin delete removes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageFilter {
+    /// The message `id` from `from`.
+    Id { from: String, id: u64 },
+    /// Messages accepted before this time, ms.
+    Before(u64),
+}
+
+impl MessageFilter {
+    fn matches(&self, from: &str, id: u64, time: u64) -> bool {
+        match self {
+            MessageFilter::Id { from: f, id: i } => f == from && *i == id,
+            MessageFilter::Before(t) => time < *t,
+        }
+    }
+}
+
+/// The commit queue refused a request: it is full (the store cannot keep up)
+/// or the thread is gone. The request comes back, so the caller can retry it.
+pub struct Full(pub Box<Request>);
+
+/// The submitting side of the commit queue.
+#[derive(Clone)]
+pub struct Commit {
+    /// Bounded: a full queue means the store cannot keep up.
+    tx: Sender<Request>,
+}
+
+/// The receiving side, handed to [`spawn`].
+pub struct CommitQueue {
+    rx: Receiver<Request>,
+}
+
+/// A new commit queue.
+pub fn queue() -> (Commit, CommitQueue) {
+    let (tx, rx) = channel::bounded(QUEUE_CAPACITY);
+    (Commit { tx }, CommitQueue { rx })
+}
+
+impl Commit {
+    /// Queues a request without blocking.
+    pub fn try_submit(&self, req: Request) -> Result<(), Full> {
+        self.tx.try_send(req).map_err(|e| match e {
+            TrySendError::Full(r) | TrySendError::Disconnected(r) => Full(Box::new(r)),
+        })
+    }
+
+    /// Queues a request, waiting for room. Never call it from an event loop.
+    pub fn submit(&self, req: Request) -> bool {
+        self.tx.send(req).is_ok()
+    }
+
+    /// Waits until everything submitted so far is committed.
+    pub fn barrier(&self) {
+        let (tx, rx) = channel::bounded(1);
+        if self.submit(Request::Barrier(tx)) {
+            let _ = rx.recv();
+        }
+    }
+}
+
+/// What the commit thread works with.
+pub struct Committer {
+    /// Users and groups (SEQs, inflight maps, mailboxes).
+    pub dir: Arc<Directory>,
+    /// Where batches are written.
+    pub store: Arc<Store>,
+    /// How SEND answers reach event loops.
+    pub notify: Arc<dyn Notify>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Keep ACKed messages in the `history` column family.
+    pub retain_delivered: bool,
+    /// Longest expiry, seconds (stored statuses live this long).
+    pub max_expiry: u32,
+}
+
+/// Completion of a request, run after its batch is written.
+pub enum Completion {
+    /// Answer a SEND.
+    Reply { conn: ReplyTo, answer: Answer },
+    /// Offer a new stored item to its recipient, if connected.
+    Push { user: Arc<User>, item: Arc<Item> },
+    /// The item is gone from the store: forget it as inflight.
+    Settled { user: Arc<User>, seq: u64 },
+    /// A request with these items was rolled back: a later ACK may retry.
+    Unsettled { user: Arc<User>, seq: u64 },
+    /// Items were added to (positive) or removed from a user's queue.
+    Queued { user: Arc<User>, delta: i64 },
+    /// Fire a barrier.
+    Done(Sender<()>),
+    /// Answer a count (deleted messages).
+    Count(Sender<usize>, usize),
+}
+
+/// Starts the commit thread. It exits when every [`Commit`] is dropped and
+/// the queue is drained.
+pub fn spawn(c: Committer, queue: CommitQueue) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("tern-commit".into())
+        .spawn(move || run(&c, &queue.rx))
+}
+
+fn run(c: &Committer, rx: &Receiver<Request>) {
+    let mut requests = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        requests.push(first);
+        while requests.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => requests.push(r),
+                Err(_) => break,
+            }
+        }
+        commit_batch(c, &mut requests);
+    }
+}
+
+/// Applies, writes and completes one batch of requests.
+pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
+    let count = requests.len() as u64;
+    let mut pass = pass::Pass::new(c, now_ms(), requests.len());
+    for req in requests.drain(..) {
+        pass.apply(req);
+    }
+    let (batch, done, tally) = pass.finish();
+    let started = std::time::Instant::now();
+    let written = match batch.is_empty() {
+        true => true,
+        false => match batch.commit(true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "synced write failed; the batch is refused");
+                false
+            }
+        },
+    };
+    c.metrics.record_commit(started.elapsed(), count);
+    if written {
+        tally.add_to(&c.metrics);
+    }
+    for completion in done {
+        complete(c, completion, written);
+    }
+}
+
+fn complete(c: &Committer, completion: Completion, written: bool) {
+    match completion {
+        Completion::Reply { conn, mut answer } => {
+            // A failed write stored nothing: the sender may retry the same ID.
+            if !written {
+                answer.status = answer.status.map(|_| StatusCode::OVERLOADED);
+            }
+            match conn {
+                ReplyTo::Conn(conn) => c.notify.answer(conn, answer),
+                ReplyTo::Channel(tx) => {
+                    let _ = tx.send(answer.status);
+                }
+            }
+        }
+        Completion::Push { user, item } if written => {
+            if let Some(mb) = user.mailbox() {
+                mb.push_durable(item);
+                mb.wake();
+            }
+        }
+        Completion::Settled { user, seq } if written => {
+            user.inflight().remove(&seq);
+            if let Some(mb) = user.mailbox() {
+                mb.wake();
+            }
+        }
+        Completion::Settled { user, seq } | Completion::Unsettled { user, seq } => {
+            // Nothing was written: the item is still queued; let a later ACK retry.
+            if let Some(entry) = user.inflight().get_mut(&seq) {
+                entry.acking = false;
+            }
+        }
+        Completion::Queued { user, delta } if written => {
+            let _ = user
+                .queued
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add_signed(delta))
+                });
+        }
+        Completion::Done(tx) => {
+            let _ = tx.send(());
+        }
+        Completion::Count(tx, n) => {
+            // A failed write deleted nothing.
+            let _ = tx.send(if written { n } else { 0 });
+        }
+        Completion::Push { .. } | Completion::Queued { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

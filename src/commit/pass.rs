@@ -1,0 +1,313 @@
+//! One batch being built: the store batch, the overlays that let a request
+//! see what earlier requests of the same batch wrote, and the completions to
+//! run once it is durable.
+//!
+//! Every request runs under a save point. Its writes are staged in the store
+//! batch, its overlay changes in `cur`, its completions in `pending` and its
+//! counters in `cur_tally`; success seals all four into the batch, failure
+//! drops all four and queues the request's failure completions instead (the
+//! SEND is answered OVERLOADED, an ACK can be retried, a waiter is released).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Committer, Completion, Request};
+use crate::mailbox::Answer;
+use crate::metrics::Metrics;
+use crate::store::keys::{CF_DEDUP, CF_INBOX};
+use crate::store::record::{decode_receipt, encode_receipt, Dedup};
+use crate::store::{Batch, Result, Store};
+use crate::wire::StatusCode;
+
+/// Counters a batch adds to the metrics once it is written.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tally {
+    /// Messages accepted.
+    pub accepted: u64,
+    /// Items ACKed.
+    pub delivered: u64,
+    /// Items expired.
+    pub expired: u64,
+    /// SENDs answered from their dedup record.
+    pub deduplicated: u64,
+    /// Requests rolled back by a store error.
+    pub failed: u64,
+}
+
+impl Tally {
+    fn merge(&mut self, o: Tally) {
+        self.accepted += o.accepted;
+        self.delivered += o.delivered;
+        self.expired += o.expired;
+        self.deduplicated += o.deduplicated;
+        self.failed += o.failed;
+    }
+
+    /// Adds these counts to the exported metrics.
+    pub fn add_to(&self, m: &Metrics) {
+        let add = |c: &AtomicU64, n: u64| {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&m.accepted, self.accepted);
+        add(&m.delivered, self.delivered);
+        add(&m.expired, self.expired);
+        add(&m.deduplicated, self.deduplicated);
+        add(&m.failed_requests, self.failed);
+    }
+}
+
+/// What requests of this batch changed, so later ones read it before the
+/// store.
+#[derive(Default)]
+struct Overlay {
+    /// Dedup records (None = deleted).
+    dedup: HashMap<Vec<u8>, Option<Dedup>>,
+    /// Inbox keys deleted.
+    deleted: HashSet<Vec<u8>>,
+    /// Reference counts of group messages.
+    refs: HashMap<u64, u32>,
+    /// Member receipts (None = deleted).
+    receipts: HashMap<Vec<u8>, Option<(u64, u8)>>,
+}
+
+impl Overlay {
+    fn absorb(&mut self, o: &mut Overlay) {
+        self.dedup.extend(o.dedup.drain());
+        self.deleted.extend(o.deleted.drain());
+        self.refs.extend(o.refs.drain());
+        self.receipts.extend(o.receipts.drain());
+    }
+}
+
+/// The state of one batch being built.
+pub(super) struct Pass<'c> {
+    /// The commit thread's parts.
+    pub c: &'c Committer,
+    /// The synced write under construction.
+    pub batch: Batch<'c>,
+    /// What sealed requests changed.
+    base: Overlay,
+    /// What the current request changed.
+    cur: Overlay,
+    /// Completions of sealed requests, in order.
+    done: Vec<Completion>,
+    /// Completions of the current request.
+    pending: Vec<Completion>,
+    /// Counters of sealed requests.
+    tally: Tally,
+    /// Counters of the current request.
+    pub cur_tally: Tally,
+    /// One clock reading for the whole batch.
+    pub now: u64,
+}
+
+impl<'c> Pass<'c> {
+    pub fn new(c: &'c Committer, now: u64, requests: usize) -> Pass<'c> {
+        Pass {
+            c,
+            batch: c.store.batch(),
+            base: Overlay::default(),
+            cur: Overlay::default(),
+            done: Vec::with_capacity(requests * 2),
+            pending: Vec::new(),
+            tally: Tally::default(),
+            cur_tally: Tally::default(),
+            now,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.c.store
+    }
+
+    /// Applies one request under a save point.
+    pub fn apply(&mut self, req: Request) {
+        match self.dispatch(&req) {
+            Ok(()) => {
+                self.batch.seal();
+                self.base.absorb(&mut self.cur);
+                self.done.append(&mut self.pending);
+                self.tally.merge(std::mem::take(&mut self.cur_tally));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store error: one request rolled back");
+                self.batch.rollback();
+                self.cur = Overlay::default();
+                self.pending.clear();
+                self.cur_tally = Tally::default();
+                self.tally.failed += 1;
+                failed(req, &mut self.done);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, req: &Request) -> Result<()> {
+        match req {
+            Request::Send(send) => self.send(send),
+            Request::GroupSend(send) => self.group_send(send),
+            Request::Ack { user, items } => self.ack(user, items),
+            Request::Read {
+                reader,
+                from,
+                id,
+                group: None,
+            } => self.read(reader, from, *id),
+            Request::Read {
+                reader,
+                from,
+                id,
+                group: Some(group),
+            } => self.group_read(reader, from, *id, group),
+            Request::Expire { keys, done } => {
+                for key in keys {
+                    self.expire(key)?;
+                }
+                self.then(Completion::Done(done.clone()));
+                Ok(())
+            }
+            Request::DeleteMessages { user, filter, done } => {
+                let n = self.delete_messages(user, filter)?;
+                self.then(Completion::Count(done.clone(), n));
+                Ok(())
+            }
+            Request::Purge { user, done } => {
+                self.purge(user)?;
+                self.then(Completion::Done(done.clone()));
+                Ok(())
+            }
+            Request::Barrier(tx) => {
+                self.then(Completion::Done(tx.clone()));
+                Ok(())
+            }
+        }
+    }
+
+    /// The batch to write, the completions to run after it, and its counters.
+    pub fn finish(self) -> (Batch<'c>, Vec<Completion>, Tally) {
+        (self.batch, self.done, self.tally)
+    }
+
+    /// Queues a completion of the current request.
+    pub fn then(&mut self, completion: Completion) {
+        self.pending.push(completion);
+    }
+
+    pub fn get_dedup(&self, key: &[u8]) -> Result<Option<Dedup>> {
+        if let Some(d) = self.cur.dedup.get(key).or_else(|| self.base.dedup.get(key)) {
+            return Ok(d.clone());
+        }
+        Ok(self
+            .store()
+            .get(CF_DEDUP, key)?
+            .and_then(|v| Dedup::decode(&v)))
+    }
+
+    pub fn put_dedup(&mut self, key: Vec<u8>, d: Dedup) -> Result<()> {
+        self.batch.put(CF_DEDUP, &key, &d.encode())?;
+        self.cur.dedup.insert(key, Some(d));
+        Ok(())
+    }
+
+    /// Forgets a dedup record and everything under its prefix.
+    pub fn forget_dedup(&mut self, key: &[u8], end: &[u8]) -> Result<()> {
+        self.batch.delete_range(CF_DEDUP, key, end)?;
+        self.cur.dedup.insert(key.to_vec(), None);
+        Ok(())
+    }
+
+    pub fn get_inbox(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if self.cur.deleted.contains(key) || self.base.deleted.contains(key) {
+            return Ok(None);
+        }
+        self.store().get(CF_INBOX, key)
+    }
+
+    /// Deletes an inbox item (the caller deletes its expiry entry).
+    pub fn delete_inbox(&mut self, key: Vec<u8>) -> Result<()> {
+        self.batch.delete(CF_INBOX, &key)?;
+        self.cur.deleted.insert(key);
+        Ok(())
+    }
+
+    /// A group message's reference count as this batch sees it.
+    pub fn refs(&self, msgno: u64) -> Option<u32> {
+        self.cur
+            .refs
+            .get(&msgno)
+            .or_else(|| self.base.refs.get(&msgno))
+            .copied()
+    }
+
+    pub fn set_refs(&mut self, msgno: u64, n: u32) {
+        self.cur.refs.insert(msgno, n);
+    }
+
+    pub fn get_receipt(&self, key: &[u8]) -> Result<Option<(u64, u8)>> {
+        if let Some(r) = self
+            .cur
+            .receipts
+            .get(key)
+            .or_else(|| self.base.receipts.get(key))
+        {
+            return Ok(*r);
+        }
+        Ok(self
+            .store()
+            .get(CF_DEDUP, key)?
+            .and_then(|v| decode_receipt(&v)))
+    }
+
+    pub fn put_receipt(&mut self, key: Vec<u8>, seq: u64, state: u8) -> Result<()> {
+        self.batch
+            .put(CF_DEDUP, &key, &encode_receipt(seq, state))?;
+        self.cur.receipts.insert(key, Some((seq, state)));
+        Ok(())
+    }
+
+    pub fn delete_receipt(&mut self, key: Vec<u8>) -> Result<()> {
+        self.batch.delete(CF_DEDUP, &key)?;
+        self.cur.receipts.insert(key, None);
+        Ok(())
+    }
+}
+
+/// What a request that was rolled back still owes: an answer to its sender,
+/// a retry chance for its ACKs, a release for its waiter.
+fn failed(req: Request, done: &mut Vec<Completion>) {
+    let overloaded = |id: u64| (id != 0).then_some(StatusCode::OVERLOADED);
+    match req {
+        Request::Send(s) => done.push(Completion::Reply {
+            answer: Answer {
+                id: s.accept.id,
+                to: s.recipient.address.clone(),
+                group: false,
+                status: overloaded(s.accept.id),
+            },
+            conn: s.accept.conn,
+        }),
+        Request::GroupSend(s) => done.push(Completion::Reply {
+            answer: Answer {
+                id: s.accept.id,
+                to: s.group,
+                group: true,
+                status: overloaded(s.accept.id),
+            },
+            conn: s.accept.conn,
+        }),
+        Request::Ack { user, items } => {
+            for (seq, _) in items {
+                done.push(Completion::Unsettled {
+                    user: user.clone(),
+                    seq,
+                });
+            }
+        }
+        Request::Read { .. } => {}
+        Request::Expire { done: tx, .. }
+        | Request::Purge { done: tx, .. }
+        | Request::Barrier(tx) => done.push(Completion::Done(tx)),
+        Request::DeleteMessages { done: tx, .. } => done.push(Completion::Count(tx, 0)),
+    }
+}

@@ -1,0 +1,168 @@
+//! SEND and group SEND: duplicate detection, SEQ assignment, the inbox
+//! item(s), the expiry entries and the dedup record, in one request.
+
+use std::sync::Arc;
+
+use super::pass::Pass;
+use super::{Accept, Completion, GroupSendRequest, ReplyTo, SendRequest};
+use crate::directory::User;
+use crate::mailbox::Answer;
+use crate::store::keys::*;
+use crate::store::record::{encode_ref, Dedup, Item, RefView, RECEIPT_QUEUED};
+use crate::store::Result;
+use crate::wire::{flags, StatusCode};
+
+impl Pass<'_> {
+    /// Records an accepted SEND for duplicate detection until `until` (ms).
+    fn remember(&mut self, key: Vec<u8>, until: u64, record: Dedup) -> Result<()> {
+        self.batch
+            .put(CF_EXPIRY, &expiry_key(until, EXPIRE_DEDUP, &key), &[])?;
+        self.put_dedup(key, record)
+    }
+
+    /// Duplicate detection for a SEND with `id` from `sender`: a repeat is
+    /// answered with the latest status and gives `None`; a first SEND gives
+    /// `Some(key)`, the dedup key to record (`None` inside for ID 0, which is
+    /// never deduplicated).
+    fn first_time(
+        &mut self,
+        sender: &User,
+        id: u64,
+        conn: &ReplyTo,
+        to: &Arc<str>,
+        group: bool,
+    ) -> Result<Option<Option<Vec<u8>>>> {
+        if id == 0 {
+            return Ok(Some(None));
+        }
+        let key = dedup_key(&sender.address, id);
+        let Some(d) = self.get_dedup(&key)? else {
+            return Ok(Some(Some(key)));
+        };
+        self.cur_tally.deduplicated += 1;
+        self.then(Completion::Reply {
+            conn: conn.clone(),
+            answer: Answer {
+                id,
+                to: to.clone(),
+                group,
+                status: Some(d.status),
+            },
+        });
+        Ok(None)
+    }
+
+    /// The end of an accepted SEND: its dedup record (`seq` of the 1:1 item,
+    /// 0 for a group), the count, and SENT for the sender (nothing for ID 0).
+    fn accepted(
+        &mut self,
+        req: &Accept,
+        dedup: Option<Vec<u8>>,
+        seq: u64,
+        to: Arc<str>,
+        group: bool,
+    ) -> Result<()> {
+        #[cfg(test)]
+        super::tests::fault_point(req.id)?;
+        if let Some(key) = dedup {
+            let record = Dedup {
+                status: StatusCode::SENT,
+                flags: req.flags,
+                priority: req.priority,
+                seq,
+                time: req.time,
+                expire_at: req.expire_at,
+                recipient: to.to_string(),
+            };
+            self.remember(key, req.dedup_until, record)?;
+        }
+        self.cur_tally.accepted += 1;
+        self.then(Completion::Reply {
+            conn: req.conn.clone(),
+            answer: Answer {
+                id: req.id,
+                to,
+                group,
+                status: (req.id != 0).then_some(StatusCode::SENT),
+            },
+        });
+        Ok(())
+    }
+
+    /// Gives `user` the next SEQ and queues `stored` (the MSG record, or a
+    /// group's REF) under it with its expiry entry; once the batch is
+    /// written, the user's queue grows by one and a connected session gets
+    /// the MSG record itself. Returns the SEQ.
+    fn enqueue(&mut self, user: &Arc<User>, req: &Accept, stored: &[u8]) -> Result<u64> {
+        let seq = user.next_seq();
+        let inbox = inbox_key(&user.address, req.priority, seq);
+        self.batch.put(CF_INBOX, &inbox, stored)?;
+        let expiry = expiry_key(req.expire_at, EXPIRE_ITEM, &inbox);
+        self.batch.put(CF_EXPIRY, &expiry, &[])?;
+        self.then(Completion::Queued {
+            user: user.clone(),
+            delta: 1,
+        });
+        self.then(Completion::Push {
+            user: user.clone(),
+            item: Arc::new(Item {
+                seq,
+                priority: req.priority,
+                ephemeral: false,
+                record: req.record.clone(),
+            }),
+        });
+        Ok(seq)
+    }
+
+    pub(super) fn send(&mut self, send: &SendRequest) -> Result<()> {
+        let SendRequest {
+            accept: req,
+            recipient,
+        } = send;
+        let to: Arc<str> = recipient.address.clone();
+        let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, &to, false)? else {
+            return Ok(());
+        };
+        let seq = self.enqueue(recipient, req, &req.record)?;
+        self.accepted(req, dedup, seq, to, false)
+    }
+
+    pub(super) fn group_send(&mut self, send: &GroupSendRequest) -> Result<()> {
+        let GroupSendRequest {
+            accept: req,
+            group,
+            recipients,
+        } = send;
+        let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, group, true)? else {
+            return Ok(());
+        };
+        let msgno = self.c.dir.next_msgno();
+        let count = u32::try_from(recipients.len()).unwrap_or(u32::MAX);
+        if count > 0 {
+            self.batch
+                .put(CF_MESSAGES, &message_key(msgno), &req.record)?;
+            self.batch
+                .put(CF_MESSAGES, &message_refs_key(msgno), &count.to_be_bytes())?;
+            self.set_refs(msgno, count);
+        }
+        let reference = encode_ref(&RefView {
+            time: req.time,
+            expire_at: req.expire_at,
+            id: req.id,
+            flags: req.flags,
+            msgno,
+            from: &req.sender.address,
+            group,
+        });
+        let receipts = req.id != 0 && req.flags & flags::READ_RECEIPT != 0;
+        for user in recipients {
+            let seq = self.enqueue(user, req, &reference)?;
+            if receipts {
+                let key = member_receipt_key(&req.sender.address, req.id, &user.address);
+                self.put_receipt(key, seq, RECEIPT_QUEUED)?;
+            }
+        }
+        self.accepted(req, dedup, 0, group.clone(), true)
+    }
+}

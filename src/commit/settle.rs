@@ -1,0 +1,276 @@
+//! Queued items leaving the store: ACKed, expired, or deleted by an operator,
+//! and the status each one owes its sender.
+//!
+//! | item  | Acked                                 | Expired / Deleted                  |
+//! |-------|---------------------------------------|------------------------------------|
+//! | MSG   | dedup → DELIVERED; STATUS if asked     | dedup → EXPIRED/DELETED; STATUS    |
+//! | REF   | receipt → delivered; STATUS if asked   | receipt dropped; STATUS w/ MEMBER  |
+//! | STATUS| —                                     | —                                  |
+//!
+//! A dedup record that already moved on (READ stays READ) owes nothing more,
+//! except that an ACK of a redelivered message still owes DELIVERED.
+
+use std::sync::Arc;
+
+use super::pass::Pass;
+use super::{Completion, MessageFilter};
+use crate::directory::User;
+use crate::store::keys::*;
+use crate::store::record::{
+    decode_item, encode_status, Item, ItemView, StatusView, RECEIPT_DELIVERED, RECEIPT_QUEUED,
+};
+use crate::store::Result;
+use crate::wire::{flags, StatusCode};
+
+/// Why a queued item leaves the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Settle {
+    /// The recipient ACKed it: DELIVERED.
+    Acked,
+    /// Its EXPIRY passed: EXPIRED.
+    Expired,
+    /// An operator removed it: DELETED.
+    Deleted,
+}
+
+impl Settle {
+    /// The status the sender is owed.
+    fn status(self) -> StatusCode {
+        match self {
+            Settle::Acked => StatusCode::DELIVERED,
+            Settle::Expired => StatusCode::EXPIRED,
+            Settle::Deleted => StatusCode::DELETED,
+        }
+    }
+
+    /// Whether the sender gets that status without having asked for it
+    /// (only DELIVERED is opt-in, with DELIVERY_RECEIPT).
+    fn unasked(self) -> bool {
+        self != Settle::Acked
+    }
+}
+
+impl Pass<'_> {
+    pub(super) fn ack(&mut self, user: &Arc<User>, items: &[(u64, u8)]) -> Result<()> {
+        for &(seq, priority) in items {
+            self.settle(user, priority, seq, Settle::Acked)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a queued item and stores the status its sender is owed.
+    fn settle(&mut self, user: &Arc<User>, priority: u8, seq: u64, how: Settle) -> Result<()> {
+        let key = inbox_key(&user.address, priority, seq);
+        self.then(Completion::Settled {
+            user: user.clone(),
+            seq,
+        });
+        let Some(record) = self.get_inbox(&key)? else {
+            return Ok(()); // already gone (an expiry or an earlier ACK won)
+        };
+        let Some(view) = decode_item(&record) else {
+            tracing::error!(user = %user.address, seq, "corrupt inbox record dropped");
+            return self.delete_inbox(key);
+        };
+        self.batch
+            .delete(CF_EXPIRY, &expiry_key(view.expire_at(), EXPIRE_ITEM, &key))?;
+        self.then(Completion::Queued {
+            user: user.clone(),
+            delta: -1,
+        });
+        match how {
+            Settle::Acked if !matches!(view, ItemView::Status(_)) => self.cur_tally.delivered += 1,
+            Settle::Expired => self.cur_tally.expired += 1,
+            Settle::Acked | Settle::Deleted => {}
+        }
+        if how == Settle::Acked && self.c.retain_delivered {
+            let kept = match view {
+                ItemView::Msg(_) => Some(Arc::<[u8]>::from(&record[..])),
+                ItemView::Ref(r) => self.store().message(r.msgno)?,
+                ItemView::Status(_) => None,
+            };
+            if let Some(kept) = kept {
+                self.batch
+                    .put(CF_HISTORY, &history_key(&user.address, seq), &kept)?;
+            }
+        }
+        match view {
+            ItemView::Msg(m) if m.id != 0 => {
+                let dkey = dedup_key(m.from, m.id);
+                let owed = match self.get_dedup(&dkey)? {
+                    // Only a message still queued moves on; READ stays READ.
+                    Some(mut d) if d.status == StatusCode::SENT => {
+                        d.status = how.status();
+                        self.put_dedup(dkey, d)?;
+                        true
+                    }
+                    Some(_) => how == Settle::Acked,
+                    None => false,
+                };
+                let asked = how.unasked() || m.flags & flags::DELIVERY_RECEIPT != 0;
+                if owed && asked {
+                    let to = Some(&*user.address);
+                    self.store_status(m.from, m.id, to, None, None, how.status())?;
+                }
+            }
+            ItemView::Msg(_) | ItemView::Status(_) => {}
+            ItemView::Ref(r) => {
+                self.release_message(r.msgno)?;
+                let receipt = member_receipt_key(r.from, r.id, &user.address);
+                let member = Some(&*user.address);
+                let group = Some(r.group);
+                let asked = how.unasked() || r.flags & flags::DELIVERY_RECEIPT != 0;
+                if r.id != 0 && how == Settle::Acked {
+                    if r.flags & flags::READ_RECEIPT != 0 {
+                        if let Some((seq, RECEIPT_QUEUED)) = self.get_receipt(&receipt)? {
+                            self.put_receipt(receipt, seq, RECEIPT_DELIVERED)?;
+                        }
+                    }
+                } else if r.id != 0 {
+                    self.delete_receipt(receipt)?;
+                }
+                if r.id != 0 && asked {
+                    self.store_status(r.from, r.id, None, group, member, how.status())?;
+                }
+            }
+        }
+        self.delete_inbox(key)
+    }
+
+    /// One inbox item fewer refers to a group message; the last one deletes it.
+    fn release_message(&mut self, msgno: u64) -> Result<()> {
+        let refs = match self.refs(msgno) {
+            Some(n) => n,
+            None => self
+                .store()
+                .get(CF_MESSAGES, &message_refs_key(msgno))?
+                .and_then(|v| v.as_slice().try_into().ok().map(u32::from_be_bytes))
+                .unwrap_or(1),
+        };
+        let left = refs.saturating_sub(1);
+        if left == 0 {
+            self.batch.delete(CF_MESSAGES, &message_key(msgno))?;
+            self.batch.delete(CF_MESSAGES, &message_refs_key(msgno))?;
+        } else {
+            self.batch
+                .put(CF_MESSAGES, &message_refs_key(msgno), &left.to_be_bytes())?;
+        }
+        self.set_refs(msgno, left);
+        Ok(())
+    }
+
+    /// One expiry-index entry found due by the sweeper.
+    pub(super) fn expire(&mut self, expiry: &[u8]) -> Result<()> {
+        self.batch.delete(CF_EXPIRY, expiry)?;
+        let Some((_, kind, key)) = parse_expiry_key(expiry) else {
+            return Ok(());
+        };
+        match kind {
+            EXPIRE_ITEM => {
+                let Some((address, priority, seq)) = parse_inbox_key(key) else {
+                    return Ok(());
+                };
+                match self.c.dir.any_user(address) {
+                    Some(user) => self.settle(&user, priority, seq, Settle::Expired)?,
+                    None => self.delete_inbox(key.to_vec())?,
+                }
+            }
+            EXPIRE_DEDUP => {
+                // The send's record and, for a group send, its member receipts.
+                self.forget_dedup(key, &prefix_end(key))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Deletes a user's queued and retained messages that match `filter`.
+    pub(super) fn delete_messages(
+        &mut self,
+        user: &Arc<User>,
+        filter: &MessageFilter,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for key in self.store().inbox_keys(&user.address)? {
+            let Some((_, priority, seq)) = parse_inbox_key(&key) else {
+                continue;
+            };
+            let Some(value) = self.get_inbox(&key)? else {
+                continue;
+            };
+            let hit = match decode_item(&value) {
+                Some(ItemView::Msg(m)) => filter.matches(m.from, m.id, m.time),
+                Some(ItemView::Ref(r)) => filter.matches(r.from, r.id, r.time),
+                _ => false,
+            };
+            if hit {
+                self.settle(user, priority, seq, Settle::Deleted)?;
+                n += 1;
+            }
+        }
+        for (key, value) in self.store().history_keys(&user.address)? {
+            if let Some(ItemView::Msg(m)) = decode_item(&value) {
+                if filter.matches(m.from, m.id, m.time) {
+                    self.batch.delete(CF_HISTORY, &key)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes everything queued for a user.
+    pub(super) fn purge(&mut self, user: &Arc<User>) -> Result<()> {
+        for key in self.store().inbox_keys(&user.address)? {
+            if let Some((_, priority, seq)) = parse_inbox_key(&key) {
+                self.settle(user, priority, seq, Settle::Deleted)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a STATUS for the sender `owner` of message `id`, about the
+    /// recipient `to` or the `member` of `group`.
+    pub(super) fn store_status(
+        &mut self,
+        owner: &str,
+        id: u64,
+        to: Option<&str>,
+        group: Option<&str>,
+        member: Option<&str>,
+        status: StatusCode,
+    ) -> Result<()> {
+        let Some(owner) = self.c.dir.user(owner) else {
+            return Ok(());
+        };
+        let seq = owner.next_seq();
+        let expire_at = self.now.saturating_add(u64::from(self.c.max_expiry) * 1000);
+        let record = encode_status(&StatusView {
+            time: self.now,
+            expire_at,
+            id,
+            status,
+            to: to.unwrap_or(""),
+            group,
+            member,
+        });
+        let key = inbox_key(&owner.address, 0, seq);
+        self.batch.put(CF_INBOX, &key, &record)?;
+        self.batch
+            .put(CF_EXPIRY, &expiry_key(expire_at, EXPIRE_ITEM, &key), &[])?;
+        self.then(Completion::Queued {
+            user: owner.clone(),
+            delta: 1,
+        });
+        self.then(Completion::Push {
+            user: owner,
+            item: Arc::new(Item {
+                seq,
+                priority: 0,
+                ephemeral: false,
+                record,
+            }),
+        });
+        Ok(())
+    }
+}

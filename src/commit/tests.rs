@@ -1,0 +1,237 @@
+//! The commit thread's rules against a real RocksDB in a temporary
+//! directory, one batch at a time (`commit_batch` called directly: no
+//! thread, no sockets).
+
+use std::cell::Cell;
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::directory::Directory;
+use crate::mailbox::Mailbox;
+use crate::store::keys::{dedup_key, CF_DEDUP, CF_INBOX};
+use crate::store::record::encode_msg;
+use crate::store::{MsgView, StoreError};
+use crate::wire::flags;
+
+thread_local! {
+    /// A SEND with this ID fails with a store error after its first write.
+    static FAIL_ID: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Where `send` and `group_send` fail when a test asks (between the inbox
+/// item and the dedup record: half a request is staged).
+pub(super) fn fault_point(id: u64) -> crate::store::Result<()> {
+    match FAIL_ID.with(Cell::get) {
+        0 => Ok(()),
+        f if f == id => Err(StoreError::Injected),
+        _ => Ok(()),
+    }
+}
+
+/// Records what the commit thread tells the event loops.
+#[derive(Default)]
+struct Recorder {
+    answers: Mutex<Vec<(ConnRef, Answer)>>,
+    wakes: Mutex<Vec<ConnRef>>,
+}
+
+impl Notify for Recorder {
+    fn mailbox(&self, conn: ConnRef) {
+        self.wakes.lock().unwrap().push(conn);
+    }
+    fn answer(&self, conn: ConnRef, answer: Answer) {
+        self.answers.lock().unwrap().push((conn, answer));
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    c: Committer,
+    rec: Arc<Recorder>,
+}
+
+fn fixture(users: &[&str]) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(tmp.path()).unwrap());
+    let dir = Arc::new(Directory::new(1));
+    for u in users {
+        dir.insert_user(Arc::new(User::new(u, String::new(), 1)));
+    }
+    let rec = Arc::new(Recorder::default());
+    let c = Committer {
+        dir,
+        store,
+        notify: rec.clone(),
+        metrics: Arc::new(Metrics::default()),
+        retain_delivered: false,
+        max_expiry: 3600,
+    };
+    Fixture { _dir: tmp, c, rec }
+}
+
+const CONN: ConnRef = ConnRef {
+    worker: 0,
+    token: 7,
+    generation: 9,
+};
+
+fn send(f: &Fixture, from: &str, to: &str, id: u64) -> Request {
+    let sender = f.c.dir.user(from).unwrap();
+    let now = now_ms();
+    let record = encode_msg(&MsgView {
+        time: now,
+        expire_at: now + 60_000,
+        id,
+        msg_type: 0,
+        flags: flags::SEND_DEFAULT,
+        from,
+        group: None,
+        payload: b"hi",
+    });
+    Request::Send(SendRequest {
+        accept: Accept {
+            conn: ReplyTo::Conn(CONN),
+            sender,
+            id,
+            priority: 0,
+            flags: flags::SEND_DEFAULT,
+            time: now,
+            expire_at: now + 60_000,
+            dedup_until: now + 60_000,
+            record,
+        },
+        recipient: f.c.dir.user(to).unwrap(),
+    })
+}
+
+fn answers(f: &Fixture) -> Vec<(u64, Option<StatusCode>)> {
+    let mut a = f.rec.answers.lock().unwrap();
+    a.drain(..).map(|(_, a)| (a.id, a.status)).collect()
+}
+
+fn stored(f: &Fixture, from: &str, id: u64) -> bool {
+    f.c.store
+        .get(CF_DEDUP, &dedup_key(from, id))
+        .unwrap()
+        .is_some()
+}
+
+#[test]
+fn a_store_error_rolls_back_only_its_own_request() {
+    let f = fixture(&["alice", "bob"]);
+    FAIL_ID.with(|c| c.set(2));
+    let mut batch = vec![
+        send(&f, "alice", "bob", 1),
+        send(&f, "alice", "bob", 2),
+        send(&f, "alice", "bob", 3),
+    ];
+    commit_batch(&f.c, &mut batch);
+    FAIL_ID.with(|c| c.set(0));
+    assert_eq!(
+        answers(&f),
+        [
+            (1, Some(StatusCode::SENT)),
+            (2, Some(StatusCode::OVERLOADED)),
+            (3, Some(StatusCode::SENT)),
+        ]
+    );
+    assert!(stored(&f, "alice", 1) && stored(&f, "alice", 3));
+    assert!(
+        !stored(&f, "alice", 2),
+        "the failed request's keys were written"
+    );
+    // Only two inbox items (+ nothing half-written from the failed one).
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 2);
+    let bob = f.c.dir.user("bob").unwrap();
+    assert_eq!(bob.queued.load(Ordering::Relaxed), 2);
+    assert_eq!(f.c.metrics.failed_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(f.c.metrics.accepted.load(Ordering::Relaxed), 2);
+    // The sender retries the same ID: now it is stored, once.
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 2)]);
+    assert_eq!(answers(&f), [(2, Some(StatusCode::SENT))]);
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 3);
+}
+
+#[test]
+fn a_rolled_back_send_is_not_seen_by_the_rest_of_its_batch() {
+    let f = fixture(&["alice", "bob"]);
+    FAIL_ID.with(|c| c.set(5));
+    let mut batch = vec![send(&f, "alice", "bob", 5)];
+    commit_batch(&f.c, &mut batch);
+    FAIL_ID.with(|c| c.set(0));
+    // The same ID again within one batch: the first is stored, the second
+    // is a duplicate answered from the batch overlay.
+    let mut batch = vec![send(&f, "alice", "bob", 5), send(&f, "alice", "bob", 5)];
+    commit_batch(&f.c, &mut batch);
+    assert_eq!(
+        answers(&f),
+        [
+            (5, Some(StatusCode::OVERLOADED)),
+            (5, Some(StatusCode::SENT)),
+            (5, Some(StatusCode::SENT)),
+        ]
+    );
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
+    assert_eq!(f.c.metrics.deduplicated.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn ack_settles_once_and_owes_delivered() {
+    let f = fixture(&["alice", "bob"]);
+    let bob = f.c.dir.user("bob").unwrap();
+    let alice = f.c.dir.user("alice").unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    bob.attached.store(Some(mb.clone()));
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let item = mb.pop_durable().expect("pushed after commit");
+    bob.inflight().insert(
+        item.seq,
+        crate::directory::Inflight {
+            priority: 0,
+            acking: true,
+        },
+    );
+    let ack = || Request::Ack {
+        user: bob.clone(),
+        items: vec![(item.seq, 0)],
+    };
+    // Two ACKs of the same item in one batch and one more later: one settlement.
+    commit_batch(&f.c, &mut vec![ack(), ack()]);
+    commit_batch(&f.c, &mut vec![ack()]);
+    assert!(bob.inflight().is_empty());
+    assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
+    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 1);
+    // Alice's DELIVERED is stored in her inbox (SEND_DEFAULT asks for it).
+    assert_eq!(alice.queued.load(Ordering::Relaxed), 1);
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
+}
+
+#[test]
+fn requests_before_a_failure_still_commit() {
+    let f = fixture(&["alice", "bob"]);
+    let bob = f.c.dir.user("bob").unwrap();
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let (seq, _) = {
+        let scan = f.c.store.scan_inbox("bob", &[0; 16], 10).unwrap();
+        (scan.0[0].seq, scan.1)
+    };
+    let inflight = crate::directory::Inflight {
+        priority: 0,
+        acking: true,
+    };
+    bob.inflight().insert(seq, inflight);
+    // Fail the ACK's request by making the batch's request list contain a
+    // failing SEND after it; the ACK itself commits.
+    FAIL_ID.with(|c| c.set(9));
+    let ack = Request::Ack {
+        user: bob.clone(),
+        items: vec![(seq, 0)],
+    };
+    commit_batch(&f.c, &mut vec![ack, send(&f, "alice", "bob", 9)]);
+    FAIL_ID.with(|c| c.set(0));
+    assert!(
+        bob.inflight().is_empty(),
+        "the ACK before the failure committed"
+    );
+    assert_eq!(answers(&f).last(), Some(&(9, Some(StatusCode::OVERLOADED))));
+}

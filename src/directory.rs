@@ -1,0 +1,313 @@
+//! The directory: every user and group the server knows, in memory, and
+//! the per-user delivery state shared by the threads that deliver to them.
+//!
+//! The routing path (a SEND naming a user) reads a lock-free `papaya` map from
+//! address to [`User`], and the user's `attached` mailbox (an `ArcSwap`): no
+//! lock is taken between a sender's event loop and the recipient's. Groups
+//! are immutable snapshots, replaced whole by the admin API.
+//!
+//! The directory is pure memory: loading it from the store and writing
+//! changes back is the caller's business (`server` at start-up, `admin`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use sha2::{Digest, Sha256};
+
+use crate::clock::now_ms;
+use crate::mailbox::Mailbox;
+use crate::store::keys::{PERM_RECV, PERM_SEND};
+use crate::store::{Store, StoreError};
+
+/// Bits of a SEQ below the boot counter: each boot owns `boot << 40 ..`.
+pub const SEQ_BOOT_SHIFT: u32 = 40;
+
+/// SHA-256 of a token: the only form in which tokens are stored.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A stored item written to the user and not yet ACKed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inflight {
+    /// Where the item sits in the inbox (the key needs it).
+    pub priority: u8,
+    /// An ACK for it is at the commit thread: repeated ACKs are not resent.
+    pub acking: bool,
+}
+
+/// One user, shared by everything that delivers to or from them.
+pub struct User {
+    /// The address, shared with every item and status that names it.
+    pub address: Arc<str>,
+    /// Display name from the admin API.
+    pub name: Mutex<String>,
+    /// When the user was created, ms.
+    pub created_ms: u64,
+    /// Next SEQ to hand out; starts at `boot << 40 | 1`.
+    next_seq: AtomicU64,
+    /// Stored items in the inbox (for `max_queue` and the admin API).
+    pub queued: AtomicU64,
+    /// The mailbox of the connection the user is logged in on, if any.
+    pub attached: ArcSwapOption<Mailbox>,
+    /// Items written to a connection of this user and not yet ACKed, this
+    /// boot, by SEQ. Survives reconnects: an item found here when it is
+    /// written again carries REDELIVERY. Taken by the user's own session and
+    /// by the commit thread, never by anyone else.
+    pub inflight: Mutex<HashMap<u64, Inflight>>,
+    /// Set when the user is deleted; sessions and sends stop seeing it.
+    pub deleted: AtomicBool,
+}
+
+impl User {
+    /// A user with nothing queued.
+    pub fn new(address: &str, name: String, boot: u64) -> User {
+        User {
+            address: address.into(),
+            name: Mutex::new(name),
+            created_ms: now_ms(),
+            next_seq: AtomicU64::new((boot << SEQ_BOOT_SHIFT) | 1),
+            queued: AtomicU64::new(0),
+            attached: ArcSwapOption::empty(),
+            inflight: Mutex::new(HashMap::new()),
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// Hands out the next SEQ of this user.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The inflight map; a poisoned lock (a panic elsewhere) is still usable
+    /// because every update to it is a single insert or remove.
+    pub fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Inflight>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connected session's mailbox, if the user is online.
+    pub fn mailbox(&self) -> Option<Arc<Mailbox>> {
+        self.attached.load_full().filter(|mb| mb.closed().is_none())
+    }
+}
+
+/// One member of a group.
+#[derive(Clone)]
+pub struct Member {
+    /// The member.
+    pub user: Arc<User>,
+    /// May send to the group.
+    pub send: bool,
+    /// Receives the group's messages.
+    pub recv: bool,
+}
+
+/// A group: an immutable snapshot, replaced as a whole when the admin API
+/// changes it, so a SEND sees one consistent membership ("the members at the
+/// time of sending") without a lock.
+pub struct Group {
+    /// The group's name.
+    pub name: Arc<str>,
+    /// The members, in address order.
+    pub members: Vec<Member>,
+}
+
+impl Group {
+    /// The membership of `address`, if any.
+    pub fn member(&self, address: &str) -> Option<&Member> {
+        self.members
+            .binary_search_by(|m| (*m.user.address).cmp(address))
+            .ok()
+            .map(|i| &self.members[i])
+    }
+}
+
+/// Every user and group, and the counters that must be unique per boot.
+pub struct Directory {
+    /// address → user; every stored user is here.
+    users: papaya::HashMap<Arc<str>, Arc<User>>,
+    /// name → group; every stored group is here.
+    groups: papaya::HashMap<Arc<str>, Arc<Group>>,
+    /// Next key of a shared group message record; starts at `boot << 40`.
+    next_msgno: AtomicU64,
+    /// This boot's number (see [`SEQ_BOOT_SHIFT`]).
+    pub boot: u64,
+}
+
+impl Directory {
+    /// An empty directory for boot `boot`.
+    pub fn new(boot: u64) -> Directory {
+        Directory {
+            users: papaya::HashMap::new(),
+            groups: papaya::HashMap::new(),
+            next_msgno: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
+            boot,
+        }
+    }
+
+    /// Loads every user (with its queued count) and group from the store.
+    pub fn load(store: &Store, boot: u64) -> Result<Directory, StoreError> {
+        let dir = Directory::new(boot);
+        let counts = store.count_inbox()?;
+        for rec in store.load_users()? {
+            let mut user = User::new(&rec.address, rec.name, boot);
+            user.created_ms = rec.created_ms;
+            let queued = counts.get(&rec.address).copied().unwrap_or(0);
+            user.queued.store(queued, Ordering::Relaxed);
+            dir.insert_user(Arc::new(user));
+        }
+        for (name, members) in store.load_groups()? {
+            let members = members
+                .into_iter()
+                .filter_map(|(address, perms)| {
+                    Some(Member {
+                        user: dir.user(&address)?,
+                        send: perms & PERM_SEND != 0,
+                        recv: perms & PERM_RECV != 0,
+                    })
+                })
+                .collect();
+            dir.publish_group(name.into(), members);
+        }
+        Ok(dir)
+    }
+
+    /// The user with this address, if it exists and is not deleted.
+    pub fn user(&self, address: &str) -> Option<Arc<User>> {
+        self.users
+            .pin()
+            .get(address)
+            .filter(|u| !u.deleted.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    /// The user with this address, even one being deleted (the commit
+    /// thread settles a deleted user's items).
+    pub fn any_user(&self, address: &str) -> Option<Arc<User>> {
+        self.users.pin().get(address).cloned()
+    }
+
+    /// Adds (or replaces) a user.
+    pub fn insert_user(&self, user: Arc<User>) {
+        self.users.pin().insert(user.address.clone(), user);
+    }
+
+    /// Items queued in the store for all users.
+    pub fn queued_total(&self) -> u64 {
+        let users = self.users.pin();
+        users
+            .iter()
+            .map(|(_, u)| u.queued.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Forgets a user.
+    pub fn remove_user(&self, address: &str) {
+        self.users.pin().remove(address);
+    }
+
+    /// The group with this name, if it exists.
+    pub fn group(&self, name: &str) -> Option<Arc<Group>> {
+        self.groups.pin().get(name).cloned()
+    }
+
+    /// The names of the groups `address` is a member of.
+    pub fn groups_of(&self, address: &str) -> Vec<Arc<str>> {
+        self.groups
+            .pin()
+            .iter()
+            .filter(|(_, g)| g.member(address).is_some())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Publishes a group snapshot (members normalized by [`normalize`]).
+    pub fn publish_group(&self, name: Arc<str>, members: Vec<Member>) -> Arc<Group> {
+        let group = Arc::new(Group {
+            name: name.clone(),
+            members: normalize(members),
+        });
+        self.groups.pin().insert(name, group.clone());
+        group
+    }
+
+    /// Forgets a group.
+    pub fn remove_group(&self, name: &str) {
+        self.groups.pin().remove(name);
+    }
+
+    /// A new key for a shared group message record.
+    pub fn next_msgno(&self) -> u64 {
+        self.next_msgno.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The user a token authenticates, if it is known and unexpired.
+    pub fn authenticate(
+        &self,
+        store: &Store,
+        token: &str,
+        now: u64,
+    ) -> Result<Option<Arc<User>>, StoreError> {
+        let Some((address, expires)) = store.lookup_token(&hash_token(token))? else {
+            return Ok(None);
+        };
+        if expires != 0 && expires <= now {
+            return Ok(None);
+        }
+        Ok(self.user(&address))
+    }
+}
+
+/// Members in address order (what [`Group::member`] searches), a member
+/// named twice keeping its last mention.
+pub fn normalize(mut members: Vec<Member>) -> Vec<Member> {
+    members.reverse();
+    // A stable sort keeps the last mention first among equals.
+    members.sort_by(|a, b| a.user.address.cmp(&b.user.address));
+    members.dedup_by(|a, b| a.user.address == b.user.address);
+    members
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(dir: &Directory, address: &str, send: bool) -> Member {
+        Member {
+            user: dir.user(address).unwrap(),
+            send,
+            recv: true,
+        }
+    }
+
+    #[test]
+    fn groups_are_in_address_order_and_the_last_mention_wins() {
+        let dir = Directory::new(1);
+        for a in ["bb", "a", "c"] {
+            dir.insert_user(Arc::new(User::new(a, String::new(), 1)));
+        }
+        let members = vec![
+            member(&dir, "c", true),
+            member(&dir, "a", true),
+            member(&dir, "bb", true),
+            member(&dir, "a", false),
+        ];
+        let g = dir.publish_group("g".into(), members);
+        let order: Vec<&str> = g.members.iter().map(|m| &*m.user.address).collect();
+        assert_eq!(order, ["a", "bb", "c"]);
+        assert!(!g.member("a").unwrap().send);
+        assert!(g.member("bb").is_some() && g.member("b").is_none());
+        assert_eq!(dir.groups_of("a"), vec![Arc::<str>::from("g")]);
+    }
+
+    #[test]
+    fn seqs_and_msgnos_start_at_the_boot() {
+        let dir = Directory::new(3);
+        let u = User::new("a", String::new(), 3);
+        assert_eq!(u.next_seq(), (3 << SEQ_BOOT_SHIFT) | 1);
+        assert_eq!(u.next_seq(), (3 << SEQ_BOOT_SHIFT) | 2);
+        assert_eq!(dir.next_msgno(), 3 << SEQ_BOOT_SHIFT);
+    }
+}

@@ -1,0 +1,66 @@
+//! Counters and latency histograms, shared by every thread and exported by
+//! `GET /metrics`. A leaf: it imports nothing from the crate.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Counters exported by the metrics endpoint.
+#[derive(Default)]
+pub struct Metrics {
+    /// Open protocol connections.
+    pub connections: AtomicU64,
+    /// Frames and bytes read from clients.
+    pub frames_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// Frames and bytes written to clients.
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Messages accepted (stored or handed to a live recipient).
+    pub accepted: AtomicU64,
+    /// Messages ACKed by their recipient.
+    pub delivered: AtomicU64,
+    /// Items expired by the sweeper.
+    pub expired: AtomicU64,
+    /// SENDs answered from the duplicate-detection record.
+    pub deduplicated: AtomicU64,
+    /// Requests rolled back by a store error (their senders got OVERLOADED).
+    pub failed_requests: AtomicU64,
+    /// Synced batches written and requests in them.
+    pub commits: AtomicU64,
+    pub committed_requests: AtomicU64,
+    /// Latency of synced batch writes, microseconds.
+    pub commit_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// From a message's TIME to its MSG being written, microseconds.
+    pub delivery_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Files uploaded.
+    pub files_stored: AtomicU64,
+}
+
+impl Metrics {
+    /// Records one synced batch of `requests` requests.
+    pub fn record_commit(&self, took: std::time::Duration, requests: u64) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.committed_requests
+            .fetch_add(requests, Ordering::Relaxed);
+        record(&self.commit_latency, &[took.as_micros() as u64]);
+    }
+
+    /// Records end-to-end delivery latencies, microseconds.
+    pub fn record_deliveries(&self, micros: &[u64]) {
+        if !micros.is_empty() {
+            record(&self.delivery_latency, micros);
+        }
+    }
+}
+
+fn record(h: &Mutex<Option<hdrhistogram::Histogram<u64>>>, values: &[u64]) {
+    let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+    let h = h.get_or_insert_with(|| {
+        // 1 µs .. 1 h, 3 significant digits.
+        hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+            .expect("static histogram bounds are valid")
+    });
+    for &v in values {
+        h.saturating_record(v.max(1));
+    }
+}

@@ -1,0 +1,181 @@
+//! Deliveries: taking items from the mailbox and the store (see the module
+//! doc of `session`), and writing them as MSG and STATUS frames within the
+//! output buffer and the window.
+
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use super::{Active, Ctx, STAGE_MAX};
+use crate::directory::{Inflight, SEQ_BOOT_SHIFT};
+use crate::mailbox::LIVE_CAPACITY;
+use crate::store::keys::PRIORITIES;
+use crate::store::{Item, ItemView};
+use crate::wire::{self, flags, Frame};
+
+impl Active {
+    /// Writes as many deliveries as the output buffer and the window allow,
+    /// recording a sample of end-to-end latencies (µs).
+    pub(super) fn pump(&mut self, ctx: &mut Ctx<'_>, latencies: &mut Vec<u64>) {
+        let config = ctx.env.config();
+        let conn_buffer = config.conn_buffer;
+        let window = config.max_inflight as usize;
+        let boot = ctx.env.directory().boot;
+        loop {
+            if ctx.out.len() >= conn_buffer {
+                return;
+            }
+            let more = self.take(ctx);
+            let mut inflight = self.user.inflight();
+            let mut wrote = false;
+            while ctx.out.len() < conn_buffer {
+                let Some(entry) = self.staged.first_entry() else {
+                    break;
+                };
+                let item = entry.get().clone();
+                if item.ephemeral {
+                    if self.ephemeral.len() >= window.min(LIVE_CAPACITY) {
+                        break;
+                    }
+                    entry.remove();
+                    write_item(ctx, &item, false);
+                    if let Some(ItemView::Msg(m)) = item.view() {
+                        if m.id != 0 && m.flags & flags::READ_RECEIPT != 0 {
+                            if self.ephemeral_reads.len() >= LIVE_CAPACITY {
+                                self.ephemeral_reads.clear();
+                            }
+                            self.ephemeral_reads.insert((m.from.into(), m.id));
+                        }
+                    }
+                    if item.seq != 0 {
+                        self.ephemeral.insert(item.seq, item);
+                    }
+                    wrote = true;
+                    continue;
+                }
+                if inflight.len() >= window {
+                    break;
+                }
+                entry.remove();
+                let Some(view) = item.view() else { continue };
+                if view.expire_at() <= ctx.now {
+                    continue; // the sweeper settles it
+                }
+                let written_before = match inflight.entry(item.seq) {
+                    Entry::Occupied(_) => true,
+                    Entry::Vacant(v) => {
+                        v.insert(Inflight {
+                            priority: item.priority,
+                            acking: false,
+                        });
+                        false
+                    }
+                };
+                let seen = written_before || item.seq >> SEQ_BOOT_SHIFT < boot;
+                if let ItemView::Msg(m) = view {
+                    if latencies.len() < 256 {
+                        latencies.push(ctx.now.saturating_sub(m.time) * 1000);
+                    }
+                }
+                write_item(ctx, &item, seen);
+                wrote = true;
+            }
+            drop(inflight);
+            if !wrote || !more && self.staged.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Moves items from the mailbox (and, when catching up, the store) into
+    /// the staging area. Returns whether more may be available right away.
+    fn take(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        while let Some(item) = self.mailbox.pop_live() {
+            self.staged.insert((item.priority, item.seq), item);
+        }
+        if self.live && self.mailbox.overflowed() {
+            self.live = false;
+        }
+        if !self.live {
+            self.mailbox.reset_durable();
+        }
+        if self.live {
+            while self.staged.len() < STAGE_MAX {
+                let Some(item) = self.mailbox.pop_durable() else {
+                    break;
+                };
+                let cursor = &mut self.cursors[usize::from(item.priority) % PRIORITIES];
+                if item.seq > *cursor {
+                    *cursor = item.seq;
+                    self.staged.insert((item.priority, item.seq), item);
+                }
+            }
+            return self.staged.len() >= STAGE_MAX;
+        }
+        let budget = STAGE_MAX.saturating_sub(self.staged.len());
+        if budget == 0 {
+            return true;
+        }
+        match ctx
+            .env
+            .scan_inbox(&self.user.address, &self.cursors, budget)
+        {
+            Ok((items, exhausted)) => {
+                for item in items {
+                    self.stage_scanned(item);
+                }
+                self.live = exhausted;
+                !exhausted
+            }
+            Err(e) => {
+                tracing::error!(user = %self.user.address, error = %e, "inbox scan failed");
+                false
+            }
+        }
+    }
+
+    fn stage_scanned(&mut self, item: Arc<Item>) {
+        let cursor = &mut self.cursors[usize::from(item.priority) % PRIORITIES];
+        *cursor = (*cursor).max(item.seq);
+        self.staged.insert((item.priority, item.seq), item);
+    }
+}
+
+/// Encodes one delivery into the output buffer.
+fn write_item(ctx: &mut Ctx<'_>, item: &Item, redelivery: bool) {
+    let Some(view) = item.view() else {
+        tracing::error!(seq = item.seq, "corrupt item not delivered");
+        return;
+    };
+    let frame = match view {
+        ItemView::Ref(_) => {
+            // Scans and the commit thread resolve REFs to the shared MSG record.
+            tracing::error!(seq = item.seq, "unresolved group item not delivered");
+            return;
+        }
+        ItemView::Msg(m) => Frame::Msg(wire::Msg {
+            seq: Some(item.seq),
+            from: Some(m.from),
+            group: m.group,
+            id: Some(m.id),
+            time: Some(m.time),
+            msg_type: Some(m.msg_type),
+            priority: Some(item.priority),
+            flags: Some(if redelivery {
+                m.flags | flags::REDELIVERY
+            } else {
+                m.flags
+            }),
+            payload: Some(m.payload),
+        }),
+        ItemView::Status(s) => Frame::Status(wire::Status {
+            seq: (item.seq != 0).then_some(item.seq),
+            id: Some(s.id),
+            to: if s.group.is_some() { None } else { Some(s.to) },
+            group: s.group,
+            member: s.member,
+            status: Some(s.status),
+            time: Some(s.time),
+        }),
+    };
+    ctx.write(&frame);
+}

@@ -1,0 +1,108 @@
+//! ACK and READ from the client: stored items go to the commit thread;
+//! real-time ones are settled here, with live receipts to a connected sender.
+
+use std::sync::Arc;
+
+use super::{Active, Ctx, RETRY_MS};
+use crate::commit::{Full, Request};
+use crate::directory::User;
+use crate::store::record::encode_status;
+use crate::store::{Item, ItemView, StatusView};
+use crate::wire::{flags, StatusCode};
+
+/// Handles an ACK (and offers ACKs the commit queue refused earlier again).
+/// A repeated ACK while the first is at the commit thread is not sent again:
+/// a flood of ACKs costs no commit work. ACKs are never dropped: a full
+/// commit queue keeps them for a retry (the event loop never blocks).
+pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>) {
+    let mut stored = std::mem::take(&mut a.unsent_acks);
+    {
+        let mut inflight = a.user.inflight();
+        for seq in seqs {
+            if let Some(entry) = inflight.get_mut(&seq) {
+                if !entry.acking {
+                    entry.acking = true;
+                    stored.push((seq, entry.priority));
+                }
+            } else if let Some(item) = a.ephemeral.remove(&seq) {
+                if let Some(ItemView::Msg(m)) = item.view() {
+                    if m.flags & flags::DELIVERY_RECEIPT != 0 {
+                        live_receipt(ctx, &a.user, m.from, m.id, m.group, StatusCode::DELIVERED);
+                    }
+                }
+            }
+        }
+    }
+    if stored.is_empty() {
+        return;
+    }
+    let req = Request::Ack {
+        user: a.user.clone(),
+        items: stored,
+    };
+    if let Err(Full(req)) = ctx.env.submit(req) {
+        if let Request::Ack { items, .. } = *req {
+            a.unsent_acks = items;
+            a.retry_at = ctx.now + RETRY_MS;
+        }
+    }
+}
+
+/// Handles a READ: live for a real-time message delivered on this
+/// connection, else through the commit thread (dropped if it is full: a READ
+/// receipt is best effort, and the server never blocks a loop for one).
+pub(super) fn read(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64, group: Option<&str>) {
+    if a.ephemeral_reads.remove(&(Arc::from(from), id)) {
+        live_receipt(ctx, &a.user, from, id, group, StatusCode::READ);
+        return;
+    }
+    let req = Request::Read {
+        reader: a.user.clone(),
+        from: from.to_owned(),
+        id,
+        group: group.map(str::to_owned),
+    };
+    if ctx.env.submit(req).is_err() {
+        tracing::warn!(user = %a.user.address, "commit queue full: READ receipt dropped");
+    }
+}
+
+/// Sends a memory-only STATUS (no SEQ) about message `id` (to `group`, if
+/// set) to its sender, if the sender is connected.
+fn live_receipt(
+    ctx: &mut Ctx<'_>,
+    recipient: &User,
+    sender: &str,
+    id: u64,
+    group: Option<&str>,
+    status: StatusCode,
+) {
+    if id == 0 {
+        return;
+    }
+    let Some(sender) = ctx.env.directory().user(sender) else {
+        return;
+    };
+    let Some(mb) = sender.mailbox() else { return };
+    let status = Arc::new(Item {
+        seq: 0,
+        priority: 0,
+        ephemeral: true,
+        record: encode_status(&StatusView {
+            time: ctx.now,
+            expire_at: 0,
+            id,
+            status,
+            to: if group.is_some() {
+                ""
+            } else {
+                &recipient.address
+            },
+            group,
+            member: group.map(|_| &*recipient.address),
+        }),
+    });
+    if mb.push_live(status) {
+        mb.wake();
+    }
+}
