@@ -9,5 +9,6 @@ mod groups;
 mod hostile;
 mod http_api;
 mod messages_api;
+mod reliability;
 mod tour;
 mod util;
