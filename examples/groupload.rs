@@ -161,7 +161,7 @@ fn main() {
         sent_latency.value_at_quantile(0.99),
         sent_latency.max()
     );
-    server.shutdown();
+    server.shutdown().expect("clean shutdown");
 }
 
 /// Reads every socket until `total` deliveries were seen by all readers,

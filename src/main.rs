@@ -108,15 +108,19 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         server.listen, server.http_listen
     );
     let _ = stop_rx.recv();
-    server.shutdown();
+    server
+        .shutdown()
+        .context("the final flush failed (the WAL still holds everything acknowledged)")?;
     Ok(())
 }
 
 fn init_tracing(config: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
         .with_context(|| format!("log: invalid filter {:?}", config.log))?;
+    // Colour only on a terminal: a log file or journald gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),

@@ -164,18 +164,22 @@ impl Server {
         })
     }
 
-    /// Shuts down in order (see the module doc).
-    pub fn shutdown(self) {
+    /// Shuts down in order (see the module doc). An error means the final
+    /// flush failed: everything acknowledged is still in the WAL, but the
+    /// exit must not look clean.
+    pub fn shutdown(self) -> Result<(), StoreError> {
         self.backend.set_phase(Phase::ShuttingDown);
         tracing::info!("shutting down");
         self.net.shutdown();
         self.sweeper.stop();
         self.commit.barrier();
-        if let Err(e) = self.store.flush() {
+        let flushed = self.store.flush();
+        if let Err(e) = &flushed {
             tracing::error!(error = %e, "final flush failed");
         }
         self.http.shutdown();
         tracing::info!("stopped");
+        flushed
     }
 }
 
