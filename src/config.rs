@@ -488,7 +488,7 @@ config_keys! {
     max_frame: u32 = 1_048_576, env "TERN_MAX_FRAME";
 
     /// Largest PAYLOAD, in bytes; a larger one gets STATUS TOO_LARGE.
-    /// Must be smaller than max_frame.
+    /// At most max_frame - 1024, so that the frame around it fits.
     max_payload: u32 = 65_536, env "TERN_MAX_PAYLOAD";
 
     /// Seconds a message lives when its SEND carries no EXPIRY.
@@ -689,11 +689,13 @@ impl Config {
             );
         }
         at_least("max_payload", self.max_payload, 1)?;
-        if self.max_payload >= self.max_frame {
+        let envelope = crate::wire::MAX_ENVELOPE;
+        if self.max_payload > self.max_frame.saturating_sub(envelope) {
             return invalid(
                 "max_payload",
                 format!(
-                    "must be smaller than max_frame ({}) so a PAYLOAD fits in a frame, got {}",
+                    "must be at most max_frame ({}) - {envelope} (the other fields of a SEND \
+                     or MSG), so a PAYLOAD of that size fits in a frame, got {}",
                     self.max_frame, self.max_payload
                 ),
             );
@@ -982,6 +984,9 @@ mod tests {
             ("max_frame = 268435456", "max_frame"),
             ("max_payload = 0", "max_payload"),
             ("max_payload = 1048576", "max_payload"),
+            // Regression (issue 8): a PAYLOAD this size fit max_frame, but its
+            // SEND did not, and a MSG carrying it was larger than MAX_FRAME.
+            ("max_payload = 1048000", "max_payload"),
             ("max_expiry = 0", "max_expiry"),
             ("default_expiry = 0", "default_expiry"),
             ("default_expiry = 2592001", "default_expiry"),
@@ -1010,7 +1015,7 @@ mod tests {
         }
         // Edges that are fine.
         let (_f, args) = with_file(
-            "max_frame = 268435455\nmax_payload = 268435454\ndefault_expiry = 2592000\n\
+            "max_frame = 268435455\nmax_payload = 268434431\ndefault_expiry = 2592000\n\
              conn_buffer = 65536\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n",
         );
         Config::load(&args).unwrap();

@@ -88,7 +88,7 @@ mod layers {
         ("wire", &[]),
         ("clock", &[]),
         ("metrics", &[]),
-        ("config", &[]),
+        ("config", &["wire"]),
         ("store", &["wire"]),
         ("mailbox", &["store", "wire"]),
         ("directory", &["clock", "mailbox", "store", "wire"]),
