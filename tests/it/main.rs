@@ -8,6 +8,7 @@ mod files;
 mod groups;
 mod hostile;
 mod http_api;
+mod http_conn;
 mod messages_api;
 mod reliability;
 mod tour;

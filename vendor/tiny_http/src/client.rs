@@ -6,6 +6,8 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::common::{HTTPVersion, Method};
 use crate::util::RefinedTcpStream;
@@ -34,6 +36,11 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // tern patch (see vendor/README.md): raised by a request that is done
+    // with its body unread (see `Request::unread`); the connection then
+    // closes instead of reading the rest of the body as a request.
+    unread: Arc<AtomicBool>,
 }
 
 /// Error that can happen when reading a request.
@@ -65,6 +72,7 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            unread: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -186,8 +194,20 @@ impl Iterator for ClientConnection {
 
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
+    ///
+    /// tern patch (see vendor/README.md): every response after which the
+    /// connection closes carries `Connection: close`. A request whose body
+    /// was read to its end keeps the connection open; one whose body was not
+    /// closes it.
     fn next(&mut self) -> Option<Request> {
         use crate::{Response, StatusCode};
+
+        // The previous request gives the connection back when it is done
+        // with its body (at once if it had none or it was buffered).
+        self.next_header_source.wait_turn();
+        if self.unread.load(Ordering::Acquire) {
+            return None;
+        }
 
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
@@ -195,96 +215,74 @@ impl Iterator for ClientConnection {
             return None;
         }
 
-        loop {
-            let rq = match self.read() {
-                Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
+        let rq = match self.read() {
+            Ok(rq) => rq,
+            Err(e) => {
+                let (status, version) = match e {
+                    ReadError::WrongRequestLine => (400, HTTPVersion(1, 1)),
+                    ReadError::WrongHeader(ver) => (400, ver),
                     // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
-                }
-
-                Err(ReadError::ReadIoError(_)) => return None,
-
-                Ok(rq) => rq,
-            };
-
-            // checking HTTP version
-            if *rq.http_version() > (1, 1) {
+                    ReadError::ReadIoError(ref err) if err.kind() == ErrorKind::TimedOut => {
+                        (408, HTTPVersion(1, 1))
+                    }
+                    // TODO: should be recoverable, but needs handling in case of body
+                    ReadError::ExpectationFailed(ver) => (417, ver),
+                    ReadError::ReadIoError(_) => {
+                        return None;
+                    }
+                };
+                // We don't know where the next request would start: this
+                // answer is the last on the connection.
                 let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
+                Response::new_empty(StatusCode(status))
+                    .print(writer, version, &[], status == 417, None, true)
                     .ok();
-                continue;
+                return None;
             }
+        };
 
-            // updating the status of the connection
-            let connection_header = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Connection"))
-                .map(|h| h.value.as_str());
-
-            let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
-
-            match lowercase {
-                Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-                Some(ref val)
-                    if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-                {
-                    self.no_more_requests = true
-                }
-                None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-                _ => (),
-            };
-
-            // tern patch (see vendor/README.md): a request with a body is the
-            // last on its connection, so a body left unread is never parsed
-            // as a request.
-            let has_body = rq.headers().iter().any(|h| {
-                (h.field.equiv("Content-Length") && h.value.as_str().trim() != "0")
-                    || h.field.equiv("Transfer-Encoding")
-            });
-            if has_body {
-                self.no_more_requests = true;
-            }
-
-            // returning the request
-            return Some(rq);
+        // checking HTTP version; the request may have a body of unknown
+        // framing, so the answer is the last on the connection
+        if *rq.http_version() > (1, 1) {
+            // Through the request's own writer: a new one would wait for it.
+            let writer = rq.into_writer();
+            Response::from_string("This server only supports HTTP versions 1.0 and 1.1")
+                .with_status_code(StatusCode(505))
+                .print(writer, HTTPVersion(1, 1), &[], false, None, true)
+                .ok();
+            return None;
         }
+
+        Some(self.admit(rq))
+    }
+}
+
+impl ClientConnection {
+    /// Notes whether the client will send more after `rq`, and ties `rq` to
+    /// this connection.
+    fn admit(&mut self, rq: Request) -> Request {
+        // updating the status of the connection
+        let connection_header = rq
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Connection"))
+            .map(|h| h.value.as_str());
+
+        let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
+
+        match lowercase {
+            Some(ref val) if val.contains("close") => self.no_more_requests = true,
+            Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
+            Some(ref val)
+                if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
+            {
+                self.no_more_requests = true
+            }
+            None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
+            _ => (),
+        };
+
+        rq.with_connection(self.unread.clone(), self.no_more_requests)
     }
 }
 

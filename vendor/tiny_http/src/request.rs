@@ -5,7 +5,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use crate::util::{EqualReader, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
@@ -49,7 +51,7 @@ use chunked_transfer::Decoder;
 /// If you want to build fake requests to test your server, use [`TestRequest`](crate::test::TestRequest).
 pub struct Request {
     // where to read the body from
-    data_reader: Option<Box<dyn Read + Send + 'static>>,
+    data_reader: Option<Body>,
 
     // if this writer is empty, then the request has been answered
     response_writer: Option<Box<dyn Write + Send + 'static>>,
@@ -74,6 +76,53 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // tern patch (see vendor/README.md): the client asked for this request
+    // to be the last on its connection (`Connection: close`, HTTP/1.0).
+    last: bool,
+
+    // tern patch (see vendor/README.md): raised, before the body reader is
+    // given back to the connection, when the request is done with its body
+    // unread: the connection then closes instead of reading the rest of the
+    // body as the next request. `None` outside a connection (`TestRequest`).
+    unread: Option<Arc<AtomicBool>>,
+}
+
+/// tern patch (see vendor/README.md): a request body that knows whether it
+/// has been read to its end, i.e. whether its connection is at the start of
+/// the next request.
+struct Body {
+    reader: Box<dyn Read + Send + 'static>,
+    /// Bytes of a `Content-Length` body not read yet; `None` for a chunked
+    /// body, which ends where its decoder says.
+    left: Option<usize>,
+    /// Nothing of the body is left on the connection.
+    done: bool,
+}
+
+impl Body {
+    /// A body already off the connection: none, or buffered whole.
+    fn read_already(reader: Box<dyn Read + Send + 'static>) -> Body {
+        Body {
+            reader,
+            left: None,
+            done: true,
+        }
+    }
+}
+
+impl Read for Body {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        match self.left.as_mut() {
+            Some(left) => {
+                *left = left.saturating_sub(n);
+                self.done |= *left == 0;
+            }
+            None => self.done |= n == 0 && !buf.is_empty(),
+        }
+        Ok(n)
+    }
 }
 
 struct NotifyOnDrop<R> {
@@ -203,10 +252,12 @@ where
     // content-length headers
     let reader = if connection_upgrade {
         // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
+        // (tern patch: the stream is the handler's, so there is no body to
+        // wait for)
+        Body::read_already(Box::new(source_data))
     } else if let Some(content_length) = content_length {
         if content_length == 0 {
-            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
+            Body::read_already(Box::new(io::empty()))
         } else if content_length <= 1024 && !expects_continue {
             // if the content-length is small enough, we just read everything into a buffer
 
@@ -226,20 +277,28 @@ where
                 offset += read;
             }
 
-            Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
+            Body::read_already(Box::new(Cursor::new(buffer)))
         } else {
             let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
+            Body {
+                reader: Box::new(FusedReader::new(data_reader)),
+                left: Some(content_length),
+                done: false,
+            }
         }
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        Body {
+            reader: Box::new(FusedReader::new(Decoder::new(source_data))),
+            left: None,
+            done: false,
+        }
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
         // TODO: could also be multipart/byteranges
-        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
+        Body::read_already(Box::new(io::empty()))
     };
 
     Ok(Request {
@@ -254,6 +313,8 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        last: false,
+        unread: None,
     })
 }
 
@@ -324,6 +385,10 @@ impl Request {
         response: Response<R>,
     ) -> Box<dyn ReadWrite + Send> {
         use crate::util::CustomStream;
+
+        // tern patch (see vendor/README.md): what the stream leaves of an
+        // unfinished body must not be read as a request.
+        self.signal_unread();
 
         response
             .raw_print(
@@ -440,7 +505,7 @@ impl Request {
 
         let mut reader = None;
         mem::swap(&mut self.data_reader, &mut reader);
-        reader.unwrap()
+        Box::new(reader.unwrap())
     }
 
     /// Sends a response to this request.
@@ -463,13 +528,16 @@ impl Request {
         let mut writer = self.extract_writer_impl();
 
         let do_not_send_body = self.method == Method::Head;
+        // tern patch (see vendor/README.md).
+        let close = self.last || !self.body_done();
 
-        Self::ignore_client_closing_errors(response.raw_print(
+        Self::ignore_client_closing_errors(response.print(
             writer.by_ref(),
             self.http_version.clone(),
             &self.headers,
             do_not_send_body,
             None,
+            close,
         ))?;
 
         Self::ignore_client_closing_errors(writer.flush())
@@ -488,6 +556,28 @@ impl Request {
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
         self.notify_when_responded = Some(sender);
         self
+    }
+
+    /// tern patch (see vendor/README.md): ties the request to its
+    /// connection: `unread` is the connection's flag (see the field), and
+    /// `last` says the client will send nothing after it.
+    pub(crate) fn with_connection(mut self, unread: Arc<AtomicBool>, last: bool) -> Self {
+        self.unread = Some(unread);
+        self.last = last;
+        self
+    }
+
+    /// Whether nothing of the body is left on the connection.
+    fn body_done(&self) -> bool {
+        self.data_reader.as_ref().map_or(true, |body| body.done)
+    }
+
+    /// Raises the connection's `unread` flag if the body is not read to its
+    /// end. Called before the body reader goes back to the connection.
+    fn signal_unread(&self) {
+        if let (false, Some(unread)) = (self.body_done(), &self.unread) {
+            unread.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -510,6 +600,9 @@ impl Drop for Request {
                 sender.send(()).unwrap();
             }
         }
+        // tern patch (see vendor/README.md): before `data_reader` is dropped,
+        // which gives the connection back.
+        self.signal_unread();
     }
 }
 

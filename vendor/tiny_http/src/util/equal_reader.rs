@@ -69,8 +69,8 @@ where
         // once, so a request announcing a huge Content-Length aborted the
         // process on a failed allocation. Drain through a fixed buffer, at
         // most DRAIN_LIMIT bytes (each read bounded by the socket's read
-        // timeout); a request with a body is the last on its connection, so
-        // what is left is never read as a request.
+        // timeout); a request that leaves its body unread closes its
+        // connection (client.rs), so what is left is never read as a request.
         const DRAIN_LIMIT: usize = 64 * 1024;
         let mut remaining_to_read = self.size;
         let mut drained = 0;
