@@ -1,15 +1,18 @@
 //! HTTP connection handling (the vendored tiny_http, see vendor/README.md):
 //! a connection whose request body was read to its end stays open for the
-//! next request, and every answer after which the server closes says
-//! `Connection: close`.
+//! next request; every answer after which the server closes says
+//! `Connection: close`; and an answer sent before the body is read reaches
+//! a client that is still sending it (a lingering close, bounded in time).
 //!
-//! Regression: the server closed every connection after a request with a
+//! Regressions: the server closed every connection after a request with a
 //! body, without `Connection: close`, so a pooling client sent its next
-//! request on a closed connection.
+//! request on a closed connection; and an early 413 or 401 was followed by a
+//! reset, so a client still writing its body never read the answer (this
+//! made `http_api::user_api_errors` fail now and then with BrokenPipe).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util::{TestServer, ADMIN};
 
@@ -32,6 +35,14 @@ impl Resp {
     fn closes(&self) -> bool {
         self.header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+
+    /// The `error` code of a JSON error body.
+    fn error(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!("{e}: {}", String::from_utf8_lossy(&self.body));
+        });
+        v["error"].as_str().unwrap_or_default().to_owned()
     }
 }
 
@@ -174,6 +185,65 @@ fn bodies_read_to_the_end_keep_the_connection() {
     }
 }
 
+/// (b) Headers announcing a JSON body over the 8 MiB limit, then the body:
+/// the server answers 413 after 8 MiB, while the client is still writing.
+/// The client writes all of it, then reads: it must get the 413, every
+/// time. The write must succeed too: the server throws the rest of the body
+/// away instead of resetting the connection, which made clients that stop
+/// at a write error (`http_api::user_api_errors`, Python's urllib) fail
+/// with BrokenPipe before they read the answer.
+///
+/// The body is the request of `user_api_errors` made longer: what the
+/// server never reads must exceed what the socket buffers absorb, or the
+/// write ends before a reset could break it. 1 MiB left over (9 MiB bodies)
+/// broke it now and then on Linux loopback, 6 MiB every time.
+#[test]
+fn early_413_reaches_a_client_still_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let body = format!(r#"{{"address":"{}"}}"#, "a".repeat(14 << 20));
+    let head = post_users_head(Some(ADMIN), body.len(), "");
+    for i in 0..20 {
+        let mut c = Conn::open(server.http);
+        c.stream.write_all(head.as_bytes()).expect("write head");
+        let written = c.stream.write_all(body.as_bytes());
+        let r = c
+            .read_resp()
+            .unwrap_or_else(|e| panic!("attempt {i}: no answer ({e}); body write: {written:?}"));
+        assert_eq!(r.status, 413, "attempt {i}");
+        assert_eq!(r.error(), "payload_too_large", "attempt {i}");
+        if let Err(e) = written {
+            panic!("attempt {i}: the body write failed ({e}): the server reset the connection");
+        }
+        c.assert_closed();
+        assert!(r.closes(), "attempt {i}: {:?}", r.headers);
+    }
+}
+
+/// An answer sent before any of the body is read (401: no token) reaches a
+/// client still writing a 4 MiB body, and its write succeeds, every time.
+#[test]
+fn early_401_reaches_a_client_still_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let body = format!(r#"{{"address":"{}"}}"#, "a".repeat(4 << 20));
+    let head = post_users_head(None, body.len(), "");
+    for i in 0..20 {
+        let mut c = Conn::open(server.http);
+        c.stream.write_all(head.as_bytes()).expect("write head");
+        let written = c.stream.write_all(body.as_bytes());
+        let r = c
+            .read_resp()
+            .unwrap_or_else(|e| panic!("attempt {i}: no answer ({e}); body write: {written:?}"));
+        assert_eq!(r.status, 401, "attempt {i}");
+        if let Err(e) = written {
+            panic!("attempt {i}: the body write failed ({e}): the server reset the connection");
+        }
+        c.assert_closed();
+        assert!(r.closes(), "attempt {i}: {:?}", r.headers);
+    }
+}
+
 /// (c) Every answer after which the server closes says `Connection: close`,
 /// and the server then closes (a clean EOF).
 #[test]
@@ -224,4 +294,28 @@ fn closing_answers_say_connection_close() {
         );
         c.assert_closed();
     }
+}
+
+/// The lingering close is bounded in all, not per read: a client that
+/// trickles its unread body a byte at a time is cut off within seconds.
+#[test]
+fn trickling_client_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let mut c = Conn::open(server.http);
+    c.stream
+        .write_all(post_users_head(None, 1 << 20, "").as_bytes())
+        .expect("write head");
+    let r = c.read_resp().expect("answer");
+    assert_eq!(r.status, 401);
+    let started = Instant::now();
+    // Trickle until a write fails: the server has closed the socket.
+    while c.stream.write_all(b"x").is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a trickling client held its connection for 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("trickling client cut off after {:?}", started.elapsed());
 }

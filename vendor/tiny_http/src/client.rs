@@ -2,12 +2,13 @@ use ascii::AsciiString;
 
 use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::common::{HTTPVersion, Method};
 use crate::util::RefinedTcpStream;
@@ -42,6 +43,13 @@ pub struct ClientConnection {
     // closes instead of reading the rest of the body as a request.
     unread: Arc<AtomicBool>,
 }
+
+/// tern patch (see vendor/README.md): the lingering close waits at most this
+/// long in all for the client to stop sending...
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// ...and throws away at most this many bytes: as many as tern's largest
+/// JSON body, so that one refused unread (401, 503) is taken whole.
+const LINGER_BYTES: usize = 8 << 20;
 
 /// Error that can happen when reading a request.
 #[derive(Debug)]
@@ -196,9 +204,10 @@ impl Iterator for ClientConnection {
     /// Returns None when no new Requests will come from the client.
     ///
     /// tern patch (see vendor/README.md): every response after which the
-    /// connection closes carries `Connection: close`. A request whose body
-    /// was read to its end keeps the connection open; one whose body was not
-    /// closes it.
+    /// connection closes carries `Connection: close`, and where the client
+    /// may still be sending, the close is a lingering one
+    /// (`close_lingering`). A request whose body was read to its end keeps
+    /// the connection open; one whose body was not closes it.
     fn next(&mut self) -> Option<Request> {
         use crate::{Response, StatusCode};
 
@@ -206,6 +215,7 @@ impl Iterator for ClientConnection {
         // with its body (at once if it had none or it was buffered).
         self.next_header_source.wait_turn();
         if self.unread.load(Ordering::Acquire) {
+            self.close_lingering();
             return None;
         }
 
@@ -213,6 +223,19 @@ impl Iterator for ClientConnection {
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
             return None;
+        }
+
+        // Idle between requests: a client that closes, or sends nothing
+        // within the read timeout, is closed at once, with no answer (a 408
+        // would be read as the answer to the request it sends next) and no
+        // lingering (nothing of a request is left unread).
+        loop {
+            match self.next_header_source.wait_turn().fill_buf() {
+                Ok([]) => return None,
+                Ok(_) => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return None,
+            }
         }
 
         let rq = match self.read() {
@@ -228,6 +251,7 @@ impl Iterator for ClientConnection {
                     // TODO: should be recoverable, but needs handling in case of body
                     ReadError::ExpectationFailed(ver) => (417, ver),
                     ReadError::ReadIoError(_) => {
+                        self.close_lingering();
                         return None;
                     }
                 };
@@ -237,6 +261,7 @@ impl Iterator for ClientConnection {
                 Response::new_empty(StatusCode(status))
                     .print(writer, version, &[], status == 417, None, true)
                     .ok();
+                self.close_lingering();
                 return None;
             }
         };
@@ -250,6 +275,7 @@ impl Iterator for ClientConnection {
                 .with_status_code(StatusCode(505))
                 .print(writer, HTTPVersion(1, 1), &[], false, None, true)
                 .ok();
+            self.close_lingering();
             return None;
         }
 
@@ -283,6 +309,42 @@ impl ClientConnection {
         };
 
         rq.with_connection(self.unread.clone(), self.no_more_requests)
+    }
+
+    /// tern patch (see vendor/README.md): closes the connection so that a
+    /// client still sending (a body the server did not read, or the rest of
+    /// a refused request) still reads the answer. Closing a socket with
+    /// unread input sends a reset, and a reset makes the client fail its
+    /// write and discard the answer before reading it. So, as nginx does:
+    /// write every answer, send the FIN, then read and discard what comes,
+    /// until the client closes, for at most `LINGER_TIME` and
+    /// `LINGER_BYTES` in all (a client trickling bytes cannot hold the
+    /// thread longer), and only then close.
+    fn close_lingering(&mut self) {
+        // Waits for every response to be written, then the FIN.
+        let mut writer = self.sink.next().unwrap();
+        writer.with_inner(|w| {
+            w.flush().ok();
+            w.get_mut().shutdown_write();
+        });
+
+        let deadline = Instant::now() + LINGER_TIME;
+        let reader = self.next_header_source.wait_turn();
+        let mut buf = [0u8; 8192];
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Over TLS the timeout cannot be set: no lingering there.
+            if left.is_zero() || reader.get_ref().set_read_timeout(left).is_err() {
+                break;
+            }
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => discarded += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
     }
 }
 

@@ -93,6 +93,16 @@ impl Connection {
         }
     }
 
+    /// tern patch (see vendor/README.md): the read timeout alone, for the
+    /// lingering close, whose reads share one deadline.
+    pub(crate) fn set_read_timeout(&self, read: std::time::Duration) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(Some(read)),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_read_timeout(Some(read)),
+        }
+    }
+
     /// Gets the peer's address. Some for TCP, None for Unix sockets.
     pub(crate) fn peer_addr(&mut self) -> std::io::Result<Option<SocketAddr>> {
         match self {

@@ -279,7 +279,7 @@ where
 
             Body::read_already(Box::new(Cursor::new(buffer)))
         } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
+            let data_reader = EqualReader::new(source_data, content_length);
             Body {
                 reader: Box::new(FusedReader::new(data_reader)),
                 left: Some(content_length),

@@ -1,6 +1,7 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::time::Duration;
 
 use crate::connection::Connection;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -42,6 +43,17 @@ impl Stream {
             Stream::Http(tcp_stream) => tcp_stream.peer_addr(),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.peer_addr(),
+        }
+    }
+
+    /// tern patch (see vendor/README.md): the lingering close bounds its
+    /// reads by one deadline. Over TLS it is not supported (an error): the
+    /// connection is then closed without lingering.
+    fn set_read_timeout(&self, timeout: Duration) -> IoResult<()> {
+        match self {
+            Stream::Http(tcp_stream) => tcp_stream.set_read_timeout(timeout),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Err(std::io::ErrorKind::Unsupported.into()),
         }
     }
 
@@ -120,6 +132,18 @@ impl RefinedTcpStream {
 
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
+    }
+
+    /// tern patch (see vendor/README.md): sets the socket's read timeout
+    /// (both halves share the socket).
+    pub(crate) fn set_read_timeout(&self, timeout: Duration) -> IoResult<()> {
+        self.stream.set_read_timeout(timeout)
+    }
+
+    /// tern patch (see vendor/README.md): sends the FIN now, while the read
+    /// half stays open for the lingering close.
+    pub(crate) fn shutdown_write(&mut self) {
+        self.stream.shutdown(Shutdown::Write).ok();
     }
 }
 

@@ -126,6 +126,19 @@ impl<R: Read + Send> SequentialReader<R> {
     }
 }
 
+impl<W: Write + Send> SequentialWriter<W> {
+    /// tern patch (see vendor/README.md): waits until the writers before
+    /// this one are dropped (every earlier response is written), then runs
+    /// `f` on the writer itself.
+    pub fn with_inner<T>(&mut self, f: impl FnOnce(&mut W) -> T) -> T {
+        if let Some(v) = self.trigger.take() {
+            v.recv().ok();
+        }
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut writer)
+    }
+}
+
 impl<R: Read + Send> Read for SequentialReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
         let mut reader = match self.inner {
