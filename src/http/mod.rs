@@ -168,9 +168,9 @@ pub fn start(
                 };
                 if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
                     in_flight.fetch_sub(1, Ordering::AcqRel);
-                    // Answering may wait on the client (tiny_http drains a
-                    // little of an unread body): not on this thread, which
-                    // must keep taking requests.
+                    // Answering may wait on the client (a write to a peer
+                    // that does not read blocks up to the write timeout): not
+                    // on this thread, which must keep taking requests.
                     let busy = Reply::error(503, "overloaded", "too many requests in progress");
                     if refusing.fetch_add(1, Ordering::AcqRel) < MAX_REFUSING {
                         let refusing = refusing.clone();
