@@ -14,7 +14,35 @@ use crate::session::Outcome;
 use crate::store::ItemView;
 use crate::wire::StatusCode;
 
-/// Dispatches a request to its handler.
+/// Every route the HTTP API serves, as (method, path pattern; `{..}` is one
+/// path segment): the JSON routes of [`route`] and the `/v1/files` routes
+/// that `http::handle` hands to the file server before it. Change it with
+/// the `match` below; the test at the bottom of this file checks that each
+/// one is served and every other method on these paths is 405, and
+/// docs/openapi.yaml must document exactly these (tests/it/http_api.rs).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/users"),
+    ("GET", "/v1/users/{address}"),
+    ("DELETE", "/v1/users/{address}"),
+    ("POST", "/v1/users/{address}/tokens"),
+    ("DELETE", "/v1/users/{address}/tokens"),
+    ("GET", "/v1/users/{address}/messages"),
+    ("DELETE", "/v1/users/{address}/messages"),
+    ("POST", "/v1/messages"),
+    ("PUT", "/v1/groups/{name}"),
+    ("GET", "/v1/groups/{name}"),
+    ("DELETE", "/v1/groups/{name}"),
+    ("POST", "/v1/groups/{name}/members"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/{id}"),
+    ("HEAD", "/v1/files/{id}"),
+    ("DELETE", "/v1/files/{id}"),
+];
+
+/// Dispatches a request to its handler (see [`ROUTES`]).
 pub fn route(core: &Backend, req: &Req<'_>) -> Reply {
     match (req.method, req.path.as_slice()) {
         (Method::Get, ["healthz"]) => Reply::text(200, "ok"),
@@ -589,5 +617,79 @@ fn delete_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
     match wait.recv_timeout(std::time::Duration::from_secs(60)) {
         Ok(deleted) => Reply::json(200, &Deleted { deleted }),
         Err(_) => Reply::error(503, "overloaded", "the delete did not finish in time"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+
+    use super::ROUTES;
+    use crate::config::Config;
+    use crate::server::Server;
+
+    const TOKEN: &str = "route-test-token";
+
+    /// One admin request with a `{}` body over a real connection: status
+    /// and body.
+    fn call(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        )
+        .expect("write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read");
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("{method} {path}: no status in {resp:?}"));
+        (code, resp)
+    }
+
+    /// The table and what is served agree: each listed route reaches a
+    /// handler (anything but 405 and the catch-all 404), and every other
+    /// method on a listed path is 405.
+    #[test]
+    fn routes_are_exactly_the_ones_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: ([127, 0, 0, 1], 0).into(),
+            http_listen: ([127, 0, 0, 1], 0).into(),
+            admin_token: Some(TOKEN.into()),
+            workers: 1,
+            ..Config::default()
+        };
+        let server = Server::start(config).expect("start");
+        let addr = server.http_listen;
+        let concrete = |pattern: &str| {
+            pattern
+                .replace("{address}", "nobody")
+                .replace("{name}", "nogroup")
+                .replace("{id}", "0123456789abcdef0123456789abcdef")
+        };
+        for (method, pattern) in ROUTES {
+            let (code, resp) = call(addr, method, &concrete(pattern));
+            assert!(
+                (200..500).contains(&code) && code != 405 && !resp.contains("no such endpoint"),
+                "{method} {pattern} is not served: {resp}"
+            );
+        }
+        let patterns: BTreeSet<&str> = ROUTES.iter().map(|(_, p)| *p).collect();
+        for pattern in patterns {
+            for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"] {
+                if !ROUTES.contains(&(method, pattern)) {
+                    let (code, resp) = call(addr, method, &concrete(pattern));
+                    assert_eq!(code, 405, "{method} {pattern} is served: {resp}");
+                }
+            }
+        }
+        server.shutdown().expect("clean shutdown");
     }
 }

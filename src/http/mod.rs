@@ -9,7 +9,7 @@
 //! SEND rules through the same [`Env`] port a connection uses.
 //! Every error is JSON: `{"error": "<snake_case>", "message": "<text>"}`.
 
-mod api;
+pub mod api;
 pub mod files;
 mod metrics;
 

@@ -329,8 +329,10 @@ fn try_get(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
     resp.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// docs/openapi.yaml describes exactly the routes the server serves, and
-/// each documented route answers something other than 404 "no such endpoint".
+/// docs/openapi.yaml describes exactly the routes the server serves
+/// (`tern::http::api::ROUTES`, checked against the dispatcher by a unit
+/// test there), and each of them answers the real binary with neither an
+/// error status of the server's nor 404 "no such endpoint".
 #[test]
 fn openapi_document_matches_the_routes() {
     use std::collections::BTreeSet;
@@ -348,30 +350,11 @@ fn openapi_document_matches_the_routes() {
             documented.insert((path.clone(), m.to_uppercase()));
         }
     }
-    let served: BTreeSet<(String, String)> = [
-        ("/healthz", "GET"),
-        ("/readyz", "GET"),
-        ("/metrics", "GET"),
-        ("/v1/users", "POST"),
-        ("/v1/users/{address}", "GET"),
-        ("/v1/users/{address}", "DELETE"),
-        ("/v1/users/{address}/tokens", "POST"),
-        ("/v1/users/{address}/tokens", "DELETE"),
-        ("/v1/users/{address}/messages", "GET"),
-        ("/v1/users/{address}/messages", "DELETE"),
-        ("/v1/messages", "POST"),
-        ("/v1/groups/{name}", "PUT"),
-        ("/v1/groups/{name}", "GET"),
-        ("/v1/groups/{name}", "DELETE"),
-        ("/v1/groups/{name}/members", "POST"),
-        ("/v1/files", "POST"),
-        ("/v1/files/{id}", "GET"),
-        ("/v1/files/{id}", "HEAD"),
-        ("/v1/files/{id}", "DELETE"),
-    ]
-    .iter()
-    .map(|(p, m)| (p.to_string(), m.to_string()))
-    .collect();
+    let served: BTreeSet<(String, String)> = tern::http::api::ROUTES
+        .iter()
+        .map(|(m, p)| (p.to_string(), m.to_string()))
+        .collect();
+    assert_eq!(served.len(), tern::http::api::ROUTES.len(), "no repeats");
     assert_eq!(documented, served);
 
     let dir = tempfile::tempdir().unwrap();
@@ -382,7 +365,10 @@ fn openapi_document_matches_the_routes() {
             .replace("{name}", "nogroup")
             .replace("{id}", "0123456789abcdef0123456789abcdef");
         let (code, body) = http(server.http, method, &concrete, Some(ADMIN), "{}");
-        assert!(code < 500, "{method} {path}: {code}");
+        assert!(
+            (200..500).contains(&code) && code != 405,
+            "{method} {path}: {code}"
+        );
         assert!(
             !body.contains("no such endpoint"),
             "{method} {path} is not routed"
