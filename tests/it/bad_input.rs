@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tern::client::{Client, ClientError, Event, Outgoing};
 use tern::wire::{self, ErrorCode, Frame, StatusCode};
 
-use crate::util::{next, TestServer};
+use crate::util::{next, scrape, wait_for, TestServer};
 
 fn hello(token: &str) -> Vec<u8> {
     let mut out = Vec::new();
@@ -296,18 +296,10 @@ fn a_peer_that_never_reads_is_closed() {
         };
         assert_eq!(s.status, StatusCode::SENT);
     }
-    let connections = || -> u64 {
-        let (_, body) = crate::util::http(server.http, "GET", "/metrics", None, "");
-        body.lines()
-            .find_map(|l| l.strip_prefix("tern_connections "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(u64::MAX)
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while connections() != 1 {
-        assert!(Instant::now() < deadline, "bob's connection still open");
+    wait_for(Duration::from_secs(15), "bob's connection to close", || {
+        // alice's connection is served meanwhile.
         alice.ping(None).unwrap();
         assert_eq!(next(&mut alice, 5), Event::Pong(None));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (scrape(server.http).value("tern_connections") == 1.0).then_some(())
+    });
 }

@@ -7,21 +7,7 @@ use std::time::{Duration, Instant};
 use tern::client::{Event, Outgoing};
 use tern::wire::{flags, StatusCode};
 
-use crate::util::{next, quiet, TestServer};
-
-fn status(e: Event) -> tern::client::StatusEvent {
-    match e {
-        Event::Status(s) => s,
-        other => panic!("expected STATUS, got {other:?}"),
-    }
-}
-
-fn msg(e: Event) -> tern::client::Message {
-    match e {
-        Event::Msg(m) => m,
-        other => panic!("expected MSG, got {other:?}"),
-    }
-}
+use crate::util::{msg, next, now_ms, quiet, status, TestServer};
 
 /// Acceptance 1: alice → bob online; SENT, then DELIVERED after ACK, then
 /// READ after READ; every MSG field intact.
@@ -35,7 +21,7 @@ fn online_message_with_receipts() {
     assert_eq!(bob.address, "bob");
 
     let payload: Vec<u8> = (0..=255u8).collect();
-    let before = tern_now();
+    let before = now_ms();
     let out = Outgoing::to("bob", &payload).id(42).msg_type(7).priority(3);
     assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
 
@@ -49,7 +35,7 @@ fn online_message_with_receipts() {
     assert_eq!(m.flags, flags::DELIVERY_RECEIPT | flags::READ_RECEIPT);
     assert!(m.seq > 0);
     assert!(
-        m.time >= before - 1000 && m.time <= tern_now() + 1000,
+        m.time >= before - 1000 && m.time <= now_ms() + 1000,
         "TIME {}",
         m.time
     );
@@ -74,13 +60,6 @@ fn online_message_with_receipts() {
     bob.read_receipt("alice", 42).unwrap();
     quiet(&mut alice, 300);
     quiet(&mut bob, 100);
-}
-
-fn tern_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// Acceptance 2: bob offline; SENT now, the message at login; alice gets

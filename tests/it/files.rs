@@ -3,10 +3,10 @@
 //! limit and the quota, cut-off uploads, hostile ids, and who may do what.
 //!
 //! Bodies are generated and hashed on the fly ([`Noise`]) and the HTTP client
-//! here streams both ways, so no test holds a large file in memory either.
+//! (`util::request`) streams both ways, so no test holds a large file in memory either.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::util::{http, TestServer, ADMIN};
+use crate::util::{
+    http, now_ms, raw_request, read_head, read_resp, request, vm_rss_kib, wait_for, Resp,
+    TestServer, ADMIN,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -66,122 +69,24 @@ fn sha_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// A response: status, headers (names lowercased) and body.
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("{e}: {}", String::from_utf8_lossy(&self.body));
-        })
-    }
-
-    /// Asserts the status and, for errors, the spec's JSON shape.
-    #[track_caller]
-    fn expect(&self, status: u16, code: &str) {
-        let body = String::from_utf8_lossy(&self.body);
-        assert_eq!(self.status, status, "{body}");
-        let v = self.json();
-        assert_eq!(v["error"], code, "{body}");
-        assert!(v["message"].is_string(), "{body}");
-    }
-}
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    s.set_write_timeout(Some(Duration::from_secs(60))).ok();
-    s
-}
-
-/// The request line and headers; `Connection: close` always.
-fn head(method: &str, path: &str, bearer: Option<&str>, headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut h = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-    if let Some(t) = bearer {
-        h.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    for (k, v) in headers {
-        h.push_str(&format!("{k}: {v}\r\n"));
-    }
-    h.push_str("\r\n");
-    h.into_bytes()
-}
-
-/// Reads a status line and headers.
-fn read_head(r: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)>)> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad status line {line:?}")))?;
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-        }
-    }
-    Ok((status, headers))
-}
-
-/// Reads a whole response (`head_only` for HEAD: the body must be empty).
-fn read_resp(s: TcpStream, head_only: bool) -> io::Result<Resp> {
-    let mut r = BufReader::new(s);
-    let (status, headers) = read_head(&mut r)?;
-    let mut body = Vec::new();
-    let len = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse::<u64>().ok());
-    match len {
-        Some(n) if !head_only && status != 304 => {
-            r.by_ref().take(n).read_to_end(&mut body)?;
-            assert_eq!(body.len() as u64, n, "short body");
-        }
-        _ => {
-            r.read_to_end(&mut body)?;
-        }
-    }
-    Ok(Resp {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// A request with a small body.
-fn request(
+/// A request with a small body (none, or as `headers` announce), answered.
+fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
     bearer: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Resp {
-    let mut s = connect(addr);
-    s.write_all(&head(method, path, bearer, headers)).unwrap();
-    read_resp(s, method == "HEAD").unwrap()
+    headers
+        .iter()
+        .fold(request(method, path).bearer(bearer), |r, (k, v)| {
+            r.header(k, *v)
+        })
+        .send(addr)
 }
 
 fn get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Resp {
-    request(addr, "GET", path, bearer, &[])
+    call(addr, "GET", path, bearer, &[])
 }
 
 /// Streams `len` bytes of `body` as an upload (`Content-Length`, or chunked
@@ -196,19 +101,16 @@ fn upload_from(
     mut body: impl Read,
     chunked: bool,
 ) -> (Resp, String) {
-    let mut s = connect(addr);
-    let length = len.to_string();
-    let mut headers = vec![];
-    if chunked {
-        headers.push(("Transfer-Encoding", "chunked"));
+    let mut req = request("POST", "/v1/files").bearer(bearer);
+    req = if chunked {
+        req.header("Transfer-Encoding", "chunked")
     } else {
-        headers.push(("Content-Length", length.as_str()));
-    }
+        req.header("Content-Length", len.to_string())
+    };
     if let Some(t) = content_type {
-        headers.push(("Content-Type", t));
+        req = req.header("Content-Type", t);
     }
-    s.write_all(&head("POST", "/v1/files", bearer, &headers))
-        .unwrap();
+    let mut s = req.open(addr).expect("start upload");
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -260,8 +162,10 @@ fn upload(
 /// GETs `path` and hashes the body as it arrives; returns status, headers,
 /// body length and SHA-256.
 fn download_hash(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (Resp, u64, String) {
-    let mut s = connect(addr);
-    s.write_all(&head("GET", path, bearer, &[])).unwrap();
+    let s = request("GET", path)
+        .bearer(bearer)
+        .open(addr)
+        .expect("start download");
     let mut r = BufReader::with_capacity(256 * 1024, s);
     let (status, headers) = read_head(&mut r).unwrap();
     let mut hasher = Sha256::new();
@@ -293,21 +197,12 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Waits until `cond` holds, or panics after `secs` with `what`.
-fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Asserts `<data_dir>/files/` holds no file (and `tmp/` is empty), waiting
 /// for an abandoned upload's handler to clean up.
 fn assert_store_empty(server: &TestServer) {
     let files = server.dir.join("files");
-    wait_for(10, "an empty file store", || {
-        names(&files) == ["tmp"] && names(&files.join("tmp")).is_empty()
+    wait_for(Duration::from_secs(10), "an empty file store", || {
+        (names(&files) == ["tmp"] && names(&files.join("tmp")).is_empty()).then_some(())
     });
 }
 
@@ -361,7 +256,7 @@ fn small_and_10_mib_files_round_trip() {
         }
 
         // HEAD: the same headers, no body.
-        let r = request(server.http, "HEAD", &path, Some(&bob), &[]);
+        let r = call(server.http, "HEAD", &path, Some(&bob), &[]);
         assert_eq!(r.status, 200);
         assert_eq!(r.header("content-length"), Some(len.to_string().as_str()));
         assert_eq!(r.header("etag"), Some(format!("\"{sha}\"").as_str()));
@@ -369,7 +264,7 @@ fn small_and_10_mib_files_round_trip() {
 
         // A matching ETag: 304, no body; another: the file.
         let etag = format!("\"{sha}\"");
-        let r = request(
+        let r = call(
             server.http,
             "GET",
             &path,
@@ -378,7 +273,7 @@ fn small_and_10_mib_files_round_trip() {
         );
         assert_eq!(r.status, 304);
         assert!(r.body.is_empty());
-        let r = request(
+        let r = call(
             server.http,
             "GET",
             &path,
@@ -403,7 +298,7 @@ fn range_requests() {
     let bytes = Noise::bytes(3, 10_000);
     let v = upload(server.http, &alice, None, &bytes);
     let path = format!("/v1/files/{}", v["id"].as_str().unwrap());
-    let range = |spec: &str| request(server.http, "GET", &path, Some(&alice), &[("Range", spec)]);
+    let range = |spec: &str| call(server.http, "GET", &path, Some(&alice), &[("Range", spec)]);
 
     for (spec, start, end) in [
         ("bytes=0-0", 0, 0),
@@ -457,10 +352,7 @@ fn signed_urls() {
         .split('&')
         .find_map(|kv| kv.strip_prefix("sig="))
         .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = now_ms() / 1000;
     // About seven days.
     assert!(
         exp > now + 6 * 86_400 && exp <= now + 7 * 86_400 + 60,
@@ -513,17 +405,12 @@ fn one_gib_upload_and_download_stream_with_flat_rss() {
     // Sample the server's RSS every 10 ms while the file goes up and down.
     let peak = Arc::new(AtomicU64::new(before));
     let stop = Arc::new(AtomicBool::new(false));
-    let status = format!("/proc/{}/status", server.pid());
+    let pid = server.pid();
     let sampler = {
         let (peak, stop) = (peak.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let kib = std::fs::read_to_string(&status)
-                    .unwrap_or_default()
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    .unwrap_or(0);
+                let kib = vm_rss_kib(pid).expect("the server's VmRSS");
                 peak.fetch_max(kib, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -617,7 +504,7 @@ fn uploads_need_a_content_length() {
     );
     resp.expect(411, "length_required");
     // Neither Content-Length nor Transfer-Encoding.
-    request(server.http, "POST", "/v1/files", Some(&alice), &[]).expect(411, "length_required");
+    call(server.http, "POST", "/v1/files", Some(&alice), &[]).expect(411, "length_required");
     assert_store_empty(&server);
     healthy(&server);
 }
@@ -653,7 +540,7 @@ fn quota_counts_stored_bytes() {
     over(&server, &alice, 1024);
     // ...and a delete gives the room back.
     let path = format!("/v1/files/{}", first["id"].as_str().unwrap());
-    let r = request(server.http, "DELETE", &path, Some(&alice), &[]);
+    let r = call(server.http, "DELETE", &path, Some(&alice), &[]);
     assert_eq!(r.status, 204);
     upload(server.http, &alice, None, &Noise::bytes(9, MIB));
     assert!(names(&dir.path().join("files/tmp")).is_empty());
@@ -670,20 +557,16 @@ fn concurrent_uploads_share_the_quota() {
     let tmp = dir.path().join("files/tmp");
     // Two 1 MiB uploads, each admitted on its Content-Length while the
     // store is empty; together they would not fit.
-    let len = MIB.to_string();
+    let upload = request("POST", "/v1/files")
+        .bearer(Some(&alice))
+        .header("Content-Length", MIB.to_string());
     let mut streams = Vec::new();
     for _ in 0..2 {
-        let mut s = connect(server.http);
-        let h = head(
-            "POST",
-            "/v1/files",
-            Some(&alice),
-            &[("Content-Length", &len)],
-        );
-        s.write_all(&h).unwrap();
-        streams.push(s);
+        streams.push(upload.open(server.http).unwrap());
     }
-    wait_for(10, "both uploads to start", || names(&tmp).len() == 2);
+    wait_for(Duration::from_secs(10), "both uploads to start", || {
+        (names(&tmp).len() == 2).then_some(())
+    });
     let mut statuses = Vec::new();
     for (i, mut s) in streams.into_iter().enumerate() {
         // The second one's answer may come before its body is all sent.
@@ -695,7 +578,9 @@ fn concurrent_uploads_share_the_quota() {
         }
     }
     assert_eq!(statuses, [201, 507]);
-    wait_for(10, "tmp/ to empty", || names(&tmp).is_empty());
+    wait_for(Duration::from_secs(10), "tmp/ to empty", || {
+        (names(&tmp).is_empty()).then_some(())
+    });
     assert_eq!(names(&dir.path().join("files")).len(), 3);
 }
 
@@ -707,26 +592,24 @@ fn cut_off_upload_leaves_nothing() {
     let tmp = dir.path().join("files/tmp");
 
     // Content-Length 1 MiB, half of it sent, then the socket closed.
-    let mut s = connect(server.http);
-    let len = MIB.to_string();
-    let h = head(
-        "POST",
-        "/v1/files",
-        Some(&alice),
-        &[("Content-Length", &len)],
-    );
-    s.write_all(&h).unwrap();
+    let cut_off = request("POST", "/v1/files")
+        .bearer(Some(&alice))
+        .header("Content-Length", MIB.to_string());
+    let mut s = cut_off.open(server.http).unwrap();
     s.write_all(&Noise::bytes(11, MIB / 2)).unwrap();
     // The upload is under way once its .part file appears.
-    wait_for(10, "the upload's .part file", || !names(&tmp).is_empty());
+    wait_for(Duration::from_secs(10), "the upload's .part file", || {
+        (!names(&tmp).is_empty()).then_some(())
+    });
     s.shutdown(Shutdown::Both).unwrap();
     drop(s);
     assert_store_empty(&server);
 
     // Cut off right after the headers.
-    let mut s = connect(server.http);
-    s.write_all(&h).unwrap();
-    wait_for(10, "the upload's .part file", || !names(&tmp).is_empty());
+    let s = cut_off.open(server.http).unwrap();
+    wait_for(Duration::from_secs(10), "the upload's .part file", || {
+        (!names(&tmp).is_empty()).then_some(())
+    });
     drop(s);
     assert_store_empty(&server);
 
@@ -768,7 +651,7 @@ fn hostile_ids_never_reach_the_file_system() {
     ];
     for path in &paths {
         for method in ["GET", "HEAD", "DELETE"] {
-            let r = request(server.http, method, path, Some(ADMIN), &[]);
+            let r = call(server.http, method, path, Some(ADMIN), &[]);
             assert!(
                 r.status == 404 || r.status == 400,
                 "{method} {}: {}",
@@ -781,12 +664,15 @@ fn hostile_ids_never_reach_the_file_system() {
         }
     }
     // A raw NUL byte in the request line.
-    let mut s = connect(server.http);
-    s.write_all(b"GET /v1/files/\0\0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    if let Ok(r) = read_resp(s, false) {
-        assert!(r.status < 500, "raw NUL: {}", r.status);
-    }
+    let answer = raw_request(
+        server.http,
+        b"GET /v1/files/\0\0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .map(|r| r.status);
+    assert!(
+        matches!(answer, Ok(code) if (100..500).contains(&code)),
+        "raw NUL: {answer:?}"
+    );
 
     healthy(&server);
     let r = get(server.http, &format!("/v1/files/{id}"), Some(&alice));
@@ -821,11 +707,11 @@ fn who_may_do_what() {
     // Unknown ids, well-formed.
     let unknown = format!("/v1/files/{}", "0".repeat(32));
     get(addr, &unknown, Some(&alice)).expect(404, "not_found");
-    request(addr, "DELETE", &unknown, Some(&alice), &[]).expect(404, "not_found");
+    call(addr, "DELETE", &unknown, Some(&alice), &[]).expect(404, "not_found");
     // Other methods.
     get(addr, "/v1/files", Some(&alice)).expect(405, "method_not_allowed");
     for method in ["PUT", "PATCH", "POST"] {
-        let r = request(
+        let r = call(
             addr,
             method,
             &path,
@@ -835,33 +721,33 @@ fn who_may_do_what() {
         r.expect(405, "method_not_allowed");
         assert_eq!(r.header("allow"), Some("GET, HEAD, DELETE"));
     }
-    request(addr, "DELETE", "/v1/files", Some(ADMIN), &[]).expect(405, "method_not_allowed");
+    call(addr, "DELETE", "/v1/files", Some(ADMIN), &[]).expect(405, "method_not_allowed");
 
     // Delete: not by another user, not without a token, not by signed URL.
-    request(addr, "DELETE", &path, Some(&bob), &[]).expect(403, "forbidden");
-    request(addr, "DELETE", &path, None, &[]).expect(401, "unauthorized");
+    call(addr, "DELETE", &path, Some(&bob), &[]).expect(403, "forbidden");
+    call(addr, "DELETE", &path, None, &[]).expect(401, "unauthorized");
     let url = v["url"].as_str().unwrap();
-    request(addr, "DELETE", url, None, &[]).expect(401, "unauthorized");
+    call(addr, "DELETE", url, None, &[]).expect(401, "unauthorized");
     // By the uploader: gone.
-    let r = request(addr, "DELETE", &path, Some(&alice), &[]);
+    let r = call(addr, "DELETE", &path, Some(&alice), &[]);
     assert_eq!(r.status, 204);
     get(addr, &path, Some(&alice)).expect(404, "not_found");
     get(addr, url, None).expect(404, "not_found");
-    request(addr, "DELETE", &path, Some(&alice), &[]).expect(404, "not_found");
+    call(addr, "DELETE", &path, Some(&alice), &[]).expect(404, "not_found");
 
     // The admin's uploads: only the admin deletes them, even for a user
     // called "admin".
     let v = upload(addr, ADMIN, None, b"admin's");
     let path = format!("/v1/files/{}", v["id"].as_str().unwrap());
     let admin_user = server.user("admin");
-    request(addr, "DELETE", &path, Some(&alice), &[]).expect(403, "forbidden");
-    request(addr, "DELETE", &path, Some(&admin_user), &[]).expect(403, "forbidden");
+    call(addr, "DELETE", &path, Some(&alice), &[]).expect(403, "forbidden");
+    call(addr, "DELETE", &path, Some(&admin_user), &[]).expect(403, "forbidden");
     assert_eq!(get(addr, &path, Some(&bob)).status, 200);
-    assert_eq!(request(addr, "DELETE", &path, Some(ADMIN), &[]).status, 204);
+    assert_eq!(call(addr, "DELETE", &path, Some(ADMIN), &[]).status, 204);
     // And the admin deletes anyone's.
     let v = upload(addr, &bob, None, b"bob's");
     let path = format!("/v1/files/{}", v["id"].as_str().unwrap());
-    assert_eq!(request(addr, "DELETE", &path, Some(ADMIN), &[]).status, 204);
+    assert_eq!(call(addr, "DELETE", &path, Some(ADMIN), &[]).status, 204);
     assert_store_empty(&server);
 }
 
@@ -875,14 +761,11 @@ fn huge_announced_length_does_not_kill_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir);
     let alice = server.user("alice");
-    let mut s = connect(server.http);
-    let h = head(
-        "POST",
-        "/v1/files",
-        Some(&alice),
-        &[("Content-Length", "1000000000000000")],
-    );
-    s.write_all(&h).unwrap();
+    let mut s = request("POST", "/v1/files")
+        .bearer(Some(&alice))
+        .header("Content-Length", "1000000000000000")
+        .open(server.http)
+        .unwrap();
     s.write_all(b"abc").unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     read_resp(s, false)

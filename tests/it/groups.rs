@@ -4,10 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use tern::client::{Client, Event, Message, Outgoing, StatusEvent};
+use tern::client::{Client, Event, Outgoing};
 use tern::wire::{flags, StatusCode};
 
-use crate::util::{http, next, quiet, TestServer, ADMIN};
+use crate::util::{http, msg, next, quiet, status, TestServer, ADMIN};
 
 fn put_group(server: &TestServer, name: &str, members: &str) -> (u16, String) {
     http(
@@ -17,20 +17,6 @@ fn put_group(server: &TestServer, name: &str, members: &str) -> (u16, String) {
         Some(ADMIN),
         &format!(r#"{{"members":{members}}}"#),
     )
-}
-
-fn msg(e: Event) -> Message {
-    match e {
-        Event::Msg(m) => m,
-        other => panic!("expected MSG, got {other:?}"),
-    }
-}
-
-fn status(e: Event) -> StatusEvent {
-    match e {
-        Event::Status(s) => s,
-        other => panic!("expected STATUS, got {other:?}"),
-    }
 }
 
 /// Users `names` with their tokens.

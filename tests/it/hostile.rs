@@ -2,26 +2,15 @@
 //! path tricks. Nothing may get a 5xx, stall the API, or touch a file
 //! outside `<data_dir>/files/`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::util::{http, TestServer, ADMIN};
+use crate::util::{http, raw_exchange, raw_request, request, wait_for, TestServer, ADMIN};
 
 /// Sends raw bytes, returns the status code (0 if the server closed first).
 fn raw(server: &TestServer, request: &[u8]) -> u16 {
-    let mut s = TcpStream::connect(server.http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let _ = s.write_all(request);
-    // The request is all there is: a server waiting for more sees EOF.
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    String::from_utf8_lossy(&resp)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    raw_request(server.http, request).map_or(0, |r| r.status)
 }
 
 #[test]
@@ -75,15 +64,9 @@ fn slow_uploads_do_not_stall_the_api() {
     eprintln!("100 slow uploads: RSS {rss_before} KiB before, {rss_during} KiB during");
     // Every cut-off upload is removed: nothing stays in files/ or files/tmp/.
     let files = dir.path().join("files");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left: Vec<_> = walk(&files);
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left behind: {left:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(Duration::from_secs(20), "cut-off uploads removed", || {
+        walk(&files).is_empty().then_some(())
+    });
     assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
 }
 
@@ -173,68 +156,34 @@ fn held_open_bodies_do_not_stall_the_api() {
     // With all of them still open: health and an authenticated JSON write
     // are answered (within the socket timeout, not never).
     let started = Instant::now();
-    let code = loop {
-        match http_with_timeout(&server, "GET", "/healthz", None, "") {
-            Some(code) if code == 200 => break code,
-            _ => assert!(
-                started.elapsed() < Duration::from_secs(40),
-                "/healthz never answered"
-            ),
-        }
+    let answer = |method, path, bearer, body| {
+        request(method, path)
+            .bearer(bearer)
+            .json(body)
+            .timeout(Duration::from_secs(5))
+            .try_send(server.http)
+            .ok()
+            .map(|r| r.status)
     };
-    assert_eq!(code, 200);
+    wait_for(Duration::from_secs(40), "/healthz to answer 200", || {
+        (answer("GET", "/healthz", None, "") == Some(200)).then_some(())
+    });
     // 503 (512 requests in progress, "retry later") is a fair answer while
     // the held connections still occupy the slots; a stall is not.
-    let code = loop {
-        match http_with_timeout(
-            &server,
-            "PUT",
-            "/v1/groups/g",
-            Some(ADMIN),
-            r#"{"members":[]}"#,
-        ) {
-            Some(503) | None => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(40),
-                    "PUT never answered"
-                )
-            }
-            Some(code) => break code,
-        }
-    };
+    let code = wait_for(
+        Duration::from_secs(40),
+        "the PUT to be answered",
+        || match answer("PUT", "/v1/groups/g", Some(ADMIN), r#"{"members":[]}"#) {
+            Some(503) | None => None,
+            Some(code) => Some(code),
+        },
+    );
     assert_eq!(code, 201);
     eprintln!(
         "API answered {:?} after 520 held-open bodies",
         started.elapsed()
     );
     drop(held);
-}
-
-/// A request with a bounded wait; `None` on timeout or a closed connection.
-fn http_with_timeout(
-    server: &TestServer,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    body: &str,
-) -> Option<u16> {
-    let mut s = TcpStream::connect(server.http).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).ok()?;
-    String::from_utf8_lossy(&resp)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Regression: an invalid or conflicting Content-Length was ignored and the
@@ -250,13 +199,8 @@ fn content_length_tricks_are_refused() {
             .map(|l| format!("Content-Length: {l}\r\n"))
             .collect();
         let req = format!("POST /v1/users HTTP/1.1\r\nHost: t\r\n{headers}\r\n{smuggled}");
-        let mut s = TcpStream::connect(server.http).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut resp = Vec::new();
-        let _ = s.read_to_end(&mut resp);
-        let text = String::from_utf8_lossy(&resp);
+        let got = raw_exchange(server.http, req.as_bytes());
+        let text = String::from_utf8_lossy(&got);
         assert!(
             !text.contains("tern_connections"),
             "{lengths:?}: the body was served as a request:\n{text}"

@@ -1,20 +1,22 @@
 //! Helpers: start the real `tern` binary on 127.0.0.1:0 with a temporary
-//! data directory, talk to it over HTTP and the protocol, kill it.
+//! data directory and kill it; one HTTP client; one deadline-polling wait;
+//! the clock, VmRSS and /metrics readers.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tern::client::{Client, Event, Options};
+use tern::client::{Client, Event, Message, Options, StatusEvent};
 
 /// The admin token every test server is started with.
 pub const ADMIN: &str = "test-admin-token";
 
 /// A `tern serve` child process.
 pub struct TestServer {
+    /// `None` once the process was killed or waited for.
     child: Option<Child>,
     /// Protocol address.
     pub addr: SocketAddr,
@@ -87,39 +89,40 @@ impl TestServer {
         }
     }
 
-    /// The server's pid.
+    /// The server's pid; panics if it is not running (a pid of 0 given to
+    /// kill(2) would signal the whole process group).
+    #[track_caller]
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("the server is not running")
     }
 
-    /// SIGKILL, and wait for the process to be gone.
-    pub fn kill(&mut self) {
+    /// SIGKILL, and wait until the process is gone. Does nothing if it is
+    /// not running.
+    pub fn sigkill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            let _ = child.kill(); // SIGKILL
             let _ = child.wait();
         }
     }
 
     /// SIGTERM; returns the exit status and how long the exit took.
     pub fn terminate(&mut self) -> (ExitStatus, Duration) {
-        let mut child = self.child.take().expect("running");
         let started = Instant::now();
         let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("kill -TERM");
         assert!(status.success());
-        let deadline = started + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return (status, started.elapsed());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("server did not exit within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // Still in `self.child` while we wait: a panic here kills it on drop.
+        let exited = wait_for(Duration::from_secs(30), "exit after SIGTERM", || {
+            let child = self.child.as_mut().expect("running");
+            child.try_wait().expect("wait")
+        });
+        self.child = None;
+        (exited, started.elapsed())
     }
 
     /// Waits for a process that was already signalled to exit.
@@ -128,22 +131,20 @@ impl TestServer {
         child.wait().expect("wait")
     }
 
-    /// Starts the server again on the same data directory.
+    /// Starts the server again on the same data directory, after a SIGKILL
+    /// if it is still running.
     pub fn restart(&mut self) {
-        self.kill();
+        self.sigkill();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         *self = TestServer::start_with(&self.dir.clone(), &args);
     }
 
-    /// Resident memory of the server process, KiB.
+    /// Resident memory of the server process, KiB; panics if it cannot be
+    /// read, so that a bound on it cannot pass on a 0.
+    #[track_caller]
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        let pid = self.pid();
+        vm_rss_kib(pid).unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
     }
 
     /// Creates a user through the admin API; returns its token.
@@ -180,11 +181,236 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.kill();
+        self.sigkill();
     }
 }
 
-/// A minimal HTTP/1.1 request; returns (status, body).
+/// VmRSS of a process, KiB; `None` if /proc does not say (the process is
+/// gone). Tests go through [`TestServer::rss_kib`]; a sampler thread, which
+/// cannot borrow the server, calls this with its pid.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Milliseconds since the Unix epoch (the server's clock: `core::now_ms`).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// Polls `poll` every 20 ms until it gives a value, or panics after
+/// `within` naming `what`. For waiting on a state change the test cannot be
+/// told about; never for proving that something does *not* happen.
+#[track_caller]
+pub fn wait_for<T>(within: Duration, what: &str, mut poll: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = poll() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Protocol events
+// ---------------------------------------------------------------------------
+
+/// Receives the next event within `secs`, or panics.
+#[track_caller]
+pub fn next(c: &mut Client, secs: u64) -> Event {
+    c.recv_timeout(Duration::from_secs(secs))
+        .expect("recv")
+        .unwrap_or_else(|| panic!("no event within {secs} s"))
+}
+
+/// The MSG in `e`, or a panic.
+#[track_caller]
+pub fn msg(e: Event) -> Message {
+    match e {
+        Event::Msg(m) => m,
+        other => panic!("expected MSG, got {other:?}"),
+    }
+}
+
+/// The STATUS in `e`, or a panic.
+#[track_caller]
+pub fn status(e: Event) -> StatusEvent {
+    match e {
+        Event::Status(s) => s,
+        other => panic!("expected STATUS, got {other:?}"),
+    }
+}
+
+/// Asserts nothing arrives within `ms`.
+pub fn quiet(c: &mut Client, ms: u64) {
+    if let Some(e) = c.recv_timeout(Duration::from_millis(ms)).expect("recv") {
+        panic!("unexpected event {e:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// An HTTP response.
+pub struct Resp {
+    /// The status code.
+    pub status: u16,
+    /// Headers, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body (empty for HEAD and 304).
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    /// The first header called `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON, or a panic showing it.
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+
+    /// Asserts the status and the spec's JSON error shape with `code`.
+    #[track_caller]
+    pub fn expect(&self, status: u16, code: &str) {
+        let body = self.text();
+        assert_eq!(self.status, status, "{body}");
+        let v = self.json();
+        assert_eq!(v["error"], code, "{body}");
+        assert!(v["message"].is_string(), "{body}");
+    }
+}
+
+/// An HTTP/1.1 request, always with `Connection: close`. The one HTTP
+/// client of the tests: build with [`request`], then [`HttpRequest::send`]
+/// (panics on I/O errors), [`HttpRequest::try_send`], or
+/// [`HttpRequest::open`] to stream a body yourself.
+pub struct HttpRequest<'a> {
+    method: &'a str,
+    path: &'a str,
+    bearer: Option<&'a str>,
+    headers: Vec<(&'a str, String)>,
+    body: &'a [u8],
+    /// Read and write timeout of the socket.
+    timeout: Duration,
+}
+
+/// Starts an HTTP request (no body, no token, 60 s timeouts).
+pub fn request<'a>(method: &'a str, path: &'a str) -> HttpRequest<'a> {
+    HttpRequest {
+        method,
+        path,
+        bearer: None,
+        headers: Vec::new(),
+        body: &[],
+        timeout: Duration::from_secs(60),
+    }
+}
+
+impl<'a> HttpRequest<'a> {
+    /// `Authorization: Bearer <token>`, if given.
+    pub fn bearer(mut self, token: Option<&'a str>) -> Self {
+        self.bearer = token;
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &'a str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// A body, with its `Content-Length`.
+    pub fn body(mut self, body: &'a [u8]) -> Self {
+        self.body = body;
+        self.header("Content-Length", body.len().to_string())
+    }
+
+    /// A JSON body (`Content-Type: application/json`, `Content-Length`).
+    pub fn json(self, body: &'a str) -> Self {
+        self.header("Content-Type", "application/json")
+            .body(body.as_bytes())
+    }
+
+    /// The socket's read and write timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The request line and headers.
+    pub fn head(&self) -> Vec<u8> {
+        let mut h = format!(
+            "{} {} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n",
+            self.method, self.path
+        );
+        if let Some(t) = self.bearer {
+            h.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        for (k, v) in &self.headers {
+            h.push_str(&format!("{k}: {v}\r\n"));
+        }
+        h.push_str("\r\n");
+        h.into_bytes()
+    }
+
+    fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(self.timeout))?;
+        s.set_write_timeout(Some(self.timeout))?;
+        Ok(s)
+    }
+
+    /// Connects and writes the head; the caller writes the body and reads
+    /// the answer with [`read_resp`].
+    pub fn open(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let mut s = self.connect(addr)?;
+        s.write_all(&self.head())?;
+        Ok(s)
+    }
+
+    /// Sends the request (head and body in one write) and reads the answer.
+    pub fn try_send(&self, addr: SocketAddr) -> io::Result<Resp> {
+        let mut s = self.connect(addr)?;
+        let mut bytes = self.head();
+        bytes.extend_from_slice(self.body);
+        s.write_all(&bytes)?;
+        read_resp(s, self.method == "HEAD")
+    }
+
+    /// Sends the request and reads the answer; panics on an I/O error.
+    #[track_caller]
+    pub fn send(&self, addr: SocketAddr) -> Resp {
+        self.try_send(addr)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", self.method, self.path))
+    }
+}
+
+/// The JSON API in one call: `(status, body)`; panics on an I/O error.
+#[track_caller]
 pub fn http(
     addr: SocketAddr,
     method: &str,
@@ -192,41 +418,136 @@ pub fn http(
     bearer: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("http connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).expect("http write");
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).expect("http read");
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let status = text
+    let r = request(method, path).bearer(bearer).json(body).send(addr);
+    (r.status, r.text())
+}
+
+/// Reads a status line and headers. A connection closed before a status
+/// line is `UnexpectedEof`.
+pub fn read_head(r: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let status = line
         .split_whitespace()
         .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    Ok((status, headers))
 }
 
-/// Receives the next event within `secs`, or panics.
-pub fn next(c: &mut Client, secs: u64) -> Event {
-    c.recv_timeout(Duration::from_secs(secs))
-        .expect("recv")
-        .unwrap_or_else(|| panic!("no event within {secs} s"))
+/// Reads a whole response (`head_only` for HEAD: no body is read).
+pub fn read_resp(r: impl Read, head_only: bool) -> io::Result<Resp> {
+    let mut r = BufReader::new(r);
+    let (status, headers) = read_head(&mut r)?;
+    let mut body = Vec::new();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<u64>().ok());
+    match len {
+        _ if head_only || status == 304 => {}
+        Some(n) => {
+            r.by_ref().take(n).read_to_end(&mut body)?;
+            if body.len() as u64 != n {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short body: {} of {n} bytes", body.len()),
+                ));
+            }
+        }
+        None => {
+            r.read_to_end(&mut body)?;
+        }
+    }
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
 }
 
-/// Asserts nothing arrives within `ms`.
-pub fn quiet(c: &mut Client, ms: u64) {
-    if let Some(e) = c.recv_timeout(Duration::from_millis(ms)).expect("recv") {
-        panic!("unexpected event {e:?}");
+/// Writes `bytes` as they are, shuts the write side (a server waiting for
+/// more sees EOF) and returns all the server sends until it closes (or
+/// resets: what came before counts). Panics if it does neither within 30 s.
+#[track_caller]
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // The server may answer and close before it has read everything.
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("no answer and no close within 30 s")
+            }
+            Err(_) => return got,
+        }
+    }
+}
+
+/// [`raw_exchange`], parsed: the first response, or `Err(UnexpectedEof)`
+/// if the server closed without answering.
+#[track_caller]
+pub fn raw_request(addr: SocketAddr, bytes: &[u8]) -> io::Result<Resp> {
+    read_resp(&raw_exchange(addr, bytes)[..], false)
+}
+
+/// One scrape of `/metrics`, parsed as Prometheus text.
+pub struct Metrics(prometheus_parse::Scrape);
+
+/// Scrapes `/metrics`; panics unless it is 200 and valid Prometheus text.
+#[track_caller]
+pub fn scrape(addr: SocketAddr) -> Metrics {
+    let (code, body) = http(addr, "GET", "/metrics", None, "");
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    Metrics(prometheus_parse::Scrape::parse(lines).expect("Prometheus text"))
+}
+
+impl Metrics {
+    /// The value of a counter, gauge or untyped sample called `name`.
+    #[track_caller]
+    pub fn value(&self, name: &str) -> f64 {
+        use prometheus_parse::Value;
+        self.0
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+                _ => panic!("{name} is not a counter or gauge"),
+            })
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
+
+    /// Whether any sample is called `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.0.samples.iter().any(|s| s.metric == name)
     }
 }
