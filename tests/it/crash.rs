@@ -6,7 +6,7 @@ use std::time::Duration;
 use tern::client::{Client, ClientError, Event, Outgoing};
 use tern::wire::StatusCode;
 
-use crate::util::{next, quiet, TestServer};
+use crate::util::{barrier_self, next, TestServer};
 
 const N: u64 = 1_500;
 
@@ -176,5 +176,5 @@ fn sigterm_is_clean() {
             assert!(ids.insert(m.id));
         }
     }
-    quiet(&mut bob, 200);
+    barrier_self(&mut bob);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tern::client::{Event, Outgoing};
 use tern::wire::{flags, StatusCode};
 
-use crate::util::{msg, next, now_ms, quiet, status, TestServer};
+use crate::util::{barrier, barrier_self, msg, next, now_ms, status, TestServer};
 
 /// Acceptance 1: alice → bob online; SENT, then DELIVERED after ACK, then
 /// READ after READ; every MSG field intact.
@@ -56,10 +56,11 @@ fn online_message_with_receipts() {
     assert!(read_seq > delivered_seq);
     alice.ack(&[read_seq]).unwrap();
 
-    // A second READ is ignored; nothing else arrives.
+    // A second READ is ignored: the marker bob sends after it is the next
+    // thing alice gets; and nothing else reaches bob either.
     bob.read_receipt("alice", 42).unwrap();
-    quiet(&mut alice, 300);
-    quiet(&mut bob, 100);
+    barrier(&mut bob, &mut alice);
+    barrier_self(&mut bob);
 }
 
 /// Acceptance 2: bob offline; SENT now, the message at login; alice gets
@@ -139,7 +140,9 @@ fn duplicate_send_is_delivered_once() {
         m.is_redelivery(),
         "a message from before a restart may have been written before"
     );
-    quiet(&mut bob, 500);
+    // No second copy is queued (the barrier ACKs its marker before bob's
+    // ACK below, so the DELIVERED also means the marker's ACK is durable).
+    barrier(&mut alice, &mut bob);
     bob.ack(&[m.seq]).unwrap();
     let s = status(next(&mut alice, 10));
     assert_eq!(s.status, StatusCode::DELIVERED);
@@ -149,8 +152,10 @@ fn duplicate_send_is_delivered_once() {
     server.restart();
     let mut alice = server.connect(&ta);
     assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::DELIVERED);
+    // A new connection (no SEQ memory) gets neither the message nor the
+    // earlier marker again.
     let mut bob = server.connect(&tb);
-    quiet(&mut bob, 500);
+    barrier(&mut alice, &mut bob);
 }
 
 /// Acceptance 5: 30 messages at mixed priorities to an offline recipient
@@ -183,7 +188,7 @@ fn priority_then_send_order() {
     // The highest priority item of a later send goes ahead of queued lower
     // ones: the stored lower-priority ones were all delivered first here
     // because they were queued before login.
-    quiet(&mut bob, 200);
+    barrier(&mut alice, &mut bob);
 }
 
 /// Acceptance 6: EXPIRY=1 to an offline user expires with a stored EXPIRED
@@ -230,7 +235,8 @@ fn expiry_and_real_time() {
     );
 
     let mut bob = server.connect(&tb);
-    quiet(&mut bob, 500); // neither the expired nor the real-time message
+    // Neither the expired nor the real-time message is queued for bob.
+    barrier(&mut alice, &mut bob);
     assert_eq!(
         alice
             .send_wait(&Outgoing::to("bob", b"live").id(3).expiry(0))
@@ -246,8 +252,9 @@ fn expiry_and_real_time() {
     bob.read_receipt("alice", 3).unwrap();
     let s = status(next(&mut alice, 10));
     assert_eq!((s.id, s.status, s.seq), (3, StatusCode::READ, None));
+    // A second READ is ignored.
     bob.read_receipt("alice", 3).unwrap();
-    quiet(&mut alice, 300);
+    barrier(&mut bob, &mut alice);
 }
 
 /// A flood of repeated ACKs (and READs) for one delivery produces exactly one
@@ -276,7 +283,9 @@ fn repeated_acks_and_reads_are_idempotent() {
     let mut got = [first.status, second.status];
     got.sort();
     assert_eq!(got, [StatusCode::DELIVERED, StatusCode::READ]);
-    quiet(&mut alice, 500);
+    // Nothing more for alice: bob's marker, sent after all those frames,
+    // is the next thing she gets.
+    barrier(&mut bob, &mut alice);
     bob.ping(Some(2)).unwrap();
     assert_eq!(next(&mut bob, 10), Event::Pong(Some(2)));
 }
@@ -392,5 +401,5 @@ fn slow_consumer_is_bounded_and_loses_nothing() {
         }
     }
     bob.ack(&acks).unwrap();
-    quiet(&mut bob, 300);
+    barrier(&mut alice, &mut bob);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tern::client::{Client, Event, Outgoing};
 use tern::wire::{flags, StatusCode};
 
-use crate::util::{http, msg, next, quiet, status, TestServer, ADMIN};
+use crate::util::{barrier_self, http, msg, next, status, TestServer, ADMIN};
 
 fn put_group(server: &TestServer, name: &str, members: &str) -> (u16, String) {
     http(
@@ -60,7 +60,7 @@ fn group_of_five_online() {
         assert_eq!(m.flags, flags::DELIVERY_RECEIPT | flags::READ_RECEIPT);
         c.ack(&[m.seq]).unwrap();
         c.read_receipt_group("ann", 1, "team").unwrap();
-        quiet(c, 100);
+        barrier_self(c);
     }
     let ann = clients.get_mut("ann").unwrap();
     let mut delivered = HashSet::new();
@@ -82,7 +82,8 @@ fn group_of_five_online() {
     let others: HashSet<String> = names[1..].iter().map(|s| s.to_string()).collect();
     assert_eq!(delivered, others);
     assert_eq!(read, others);
-    quiet(ann, 300); // the sender never receives its own group message
+    // The sender never receives its own group message, nor more statuses.
+    barrier_self(ann);
 }
 
 /// Acceptance 2: offline members get the message at login; DELIVERED for
@@ -186,8 +187,8 @@ fn group_permissions() {
     let got: Vec<u64> = (0..2).map(|_| msg(next(&mut mute, 10)).id).collect();
     assert_eq!(got, [2, 3]);
     assert_eq!(msg(next(&mut ann, 10)).id, 2);
-    quiet(&mut deaf, 500);
-    quiet(&mut out, 100);
+    barrier_self(&mut deaf);
+    barrier_self(&mut out);
 }
 
 /// Acceptance 4: SIGKILL during a 1,000-message burst to a group of 50 with
@@ -281,7 +282,7 @@ fn sigkill_during_group_burst() {
         c.ack(&acks).unwrap();
         let expected: Vec<u64> = (1..=N).collect();
         assert_eq!(ids, expected, "{name}: every message once, in order");
-        quiet(&mut c, 50);
+        barrier_self(&mut c);
     }
 }
 
@@ -303,7 +304,7 @@ fn duplicate_group_send() {
     for n in ["ben", "cat"] {
         let mut c = server.connect(&tokens[n]);
         assert_eq!(msg(next(&mut c, 10)).id, 5);
-        quiet(&mut c, 300);
+        barrier_self(&mut c);
     }
 }
 
@@ -348,9 +349,9 @@ fn group_expiry_per_member() {
     assert_eq!(delivered, HashSet::from(["dan".to_string()]));
     for n in ["ben", "cat"] {
         let mut c = server.connect(&tokens[n]);
-        quiet(&mut c, 300);
+        barrier_self(&mut c);
     }
-    quiet(&mut ann, 300);
+    barrier_self(&mut ann);
 }
 
 /// Acceptance 7: a member that never reads does not hold back the others.
@@ -540,10 +541,10 @@ fn group_changes_apply_to_later_sends() {
     );
     let mut ben = server.connect(&tokens["ben"]);
     assert_eq!(msg(next(&mut ben, 10)).id, 1);
-    quiet(&mut ben, 200);
+    barrier_self(&mut ben);
     let mut cat = server.connect(&tokens["cat"]);
     assert_eq!(msg(next(&mut cat, 10)).id, 2);
-    quiet(&mut cat, 200);
+    barrier_self(&mut cat);
 }
 
 /// Payload lifetime: once every member has ACKed, the store holds no message

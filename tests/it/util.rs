@@ -1,15 +1,18 @@
 //! Helpers: start the real `tern` binary on 127.0.0.1:0 with a temporary
-//! data directory and kill it; one HTTP client; one deadline-polling wait;
+//! data directory and kill it; one HTTP client; the marker barrier that
+//! proves nothing else was queued for a client; one deadline-polling wait;
 //! the clock, VmRSS and /metrics readers.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tern::client::{Client, Event, Message, Options, StatusEvent};
+use tern::client::{Client, Event, Message, Options, Outgoing, StatusEvent};
+use tern::wire::StatusCode;
 
 /// The admin token every test server is started with.
 pub const ADMIN: &str = "test-admin-token";
@@ -252,11 +255,78 @@ pub fn status(e: Event) -> StatusEvent {
     }
 }
 
-/// Asserts nothing arrives within `ms`.
-pub fn quiet(c: &mut Client, ms: u64) {
-    if let Some(e) = c.recv_timeout(Duration::from_millis(ms)).expect("recv") {
-        panic!("unexpected event {e:?}");
+/// Marker IDs start here, far above the IDs tests give their own messages.
+static NEXT_MARKER: AtomicU64 = AtomicU64::new(1 << 60);
+
+/// A marker message for user `to`: stored (default expiry), PRIORITY 15 so
+/// that it is delivered after anything queued before it at any priority, no
+/// receipts, and an ID and payload no other message has.
+pub fn marker(to: &str) -> Outgoing {
+    let id = NEXT_MARKER.fetch_add(1, Ordering::Relaxed);
+    Outgoing::to(to, format!("marker {id}").as_bytes())
+        .id(id)
+        .priority(15)
+        .flags(0)
+}
+
+/// Whether `m` is the delivery of `marker` sent by `from`.
+pub fn is_marker(m: &Message, from: &str, marker: &Outgoing) -> bool {
+    m.id == marker.id && m.from == from && m.payload == marker.payload
+}
+
+/// The marker barrier, for proving that nothing else reaches `to`: `from`
+/// sends a [`marker`] to `to`, which must be the very next event `to` sees
+/// (it is then ACKed, and returned).
+///
+/// Why this proves it: the commit thread is one FIFO, and `to`'s session
+/// delivers in (PRIORITY, SEQ) order whatever it holds, stored or live. So
+/// every item queued for `to` before the marker was committed comes out
+/// first, and the marker's PRIORITY 15 puts it behind items of every
+/// priority. The action under test must have reached the server before the
+/// marker: a connection's frames are handled in order, so a marker from the
+/// connection that acted (or one that has seen a PONG) is enough.
+#[track_caller]
+pub fn barrier(from: &mut Client, to: &mut Client) -> Message {
+    let mark = marker(&to.address);
+    assert_eq!(
+        from.send_wait(&mark).expect("send marker"),
+        StatusCode::SENT,
+        "marker to {}",
+        to.address
+    );
+    match next(to, 10) {
+        Event::Msg(m) if is_marker(&m, &from.address, &mark) => {
+            to.ack(&[m.seq]).expect("ack");
+            m
+        }
+        other => panic!("{}: expected the marker, got {other:?}", to.address),
     }
+}
+
+/// [`barrier`] with `c` sending the marker to itself (the server lets a user
+/// send to its own address). Besides the marker's MSG, `c` gets the SENT
+/// answer for it, which travels another way (straight from the commit
+/// thread to the event loop) and may come before or after the MSG; nothing
+/// else may come before the MSG.
+#[track_caller]
+pub fn barrier_self(c: &mut Client) -> Message {
+    let mark = marker(&c.address);
+    c.send(&mark).expect("send marker");
+    let (mut answered, mut delivered) = (false, None);
+    while !answered || delivered.is_none() {
+        match next(c, 10) {
+            Event::Status(s) if !answered && s.seq.is_none() && s.id == mark.id => {
+                assert_eq!(s.status, StatusCode::SENT, "marker answer");
+                answered = true;
+            }
+            Event::Msg(m) if delivered.is_none() && is_marker(&m, &c.address, &mark) => {
+                c.ack(&[m.seq]).expect("ack");
+                delivered = Some(m);
+            }
+            other => panic!("{}: expected the marker, got {other:?}", c.address),
+        }
+    }
+    delivered.expect("marker")
 }
 
 // ---------------------------------------------------------------------------
