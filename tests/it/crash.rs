@@ -1,150 +1,171 @@
 //! Durability: SIGKILL at an arbitrary point, SIGTERM.
 
-use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use tern::client::{Client, ClientError, Event, Outgoing};
+use tern::client::{ClientError, Outgoing};
 use tern::wire::StatusCode;
 
-use crate::util::{barrier_self, next, TestServer};
+use crate::util::{barrier_self, marker, msg, next, send_burst, status, TestServer};
 
 const N: u64 = 1_500;
-
-/// Sends the ids pipelined (100 per write) until the connection breaks or all
-/// are answered; returns the ids that got SENT. With `kill`, SIGKILLs that pid
-/// once that many SENTs have arrived, with more SENDs in flight.
-fn send_until_broken(
-    client: &mut Client,
-    ids: impl Iterator<Item = u64>,
-    kill: Option<(usize, u32)>,
-) -> HashSet<u64> {
-    let mut sent = HashSet::new();
-    let mut kill = kill;
-    let msgs: Vec<Outgoing> = ids
-        .map(|i| Outgoing::to("bob", format!("m{i}").as_bytes()).id(i))
-        .collect();
-    for chunk in msgs.chunks(100) {
-        if client.send_many(chunk).is_err() {
-            break;
-        }
-        // Read what answers there are; a broken connection ends the run.
-        loop {
-            match client.recv_timeout(Duration::from_millis(1)) {
-                Ok(Some(Event::Status(s))) if s.seq.is_none() => {
-                    assert_eq!(s.status, StatusCode::SENT);
-                    sent.insert(s.id);
-                    if let Some((at, pid)) = kill {
-                        if sent.len() >= at {
-                            let pid = pid.to_string();
-                            let _ = std::process::Command::new("kill")
-                                .args(["-KILL", &pid])
-                                .status();
-                            kill = None;
-                        }
-                    }
-                }
-                Ok(Some(other)) => panic!("unexpected {other:?}"),
-                Ok(None) => break,
-                Err(_) => return sent,
-            }
-        }
-    }
-    loop {
-        match client.recv_timeout(Duration::from_secs(5)) {
-            Ok(Some(Event::Status(s))) if s.seq.is_none() => {
-                sent.insert(s.id);
-            }
-            Ok(Some(other)) => panic!("unexpected {other:?}"),
-            Ok(None) | Err(_) => return sent,
-        }
-    }
-}
+/// SENDs in flight at most during the burst. The SIGKILL comes at `N / 2`
+/// SENTs, so at most `N / 2 + WINDOW` of the `N` can ever be answered.
+const WINDOW: usize = 100;
 
 /// Acceptance 3: ≥ 1,000 messages to an offline recipient, SIGKILL part-way,
-/// restart: every message that got SENT is delivered, none twice with SEQ
-/// dedup; a message whose DELIVERED the sender received is never delivered
-/// again, even across another SIGKILL.
+/// restart.
+///
+/// - Before any retry, every message the sender saw SENT for is delivered,
+///   each once.
+/// - Retrying only the unanswered IDs then gets every message delivered
+///   exactly once (SEQ dedup makes the retry of one that was written but not
+///   answered safe).
+/// - A message whose DELIVERED the sender received is never delivered again,
+///   even across another SIGKILL; the rest are redelivered with the same SEQ.
 #[test]
 fn sigkill_loses_nothing_acknowledged_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(&dir);
     let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let msgs: Vec<Outgoing> = (1..=N)
+        .map(|i| Outgoing::to("bob", format!("m{i}").as_bytes()).id(i))
+        .collect();
 
-    // SIGKILL while alice is mid-burst: half answered, more in flight.
+    // SIGKILL once half are answered, with up to WINDOW more in flight; the
+    // burst goes on until the connection breaks.
     let mut alice = server.connect(&ta);
-    let acknowledged = send_until_broken(&mut alice, 1..=N, Some((N as usize / 2, server.pid())));
-    eprintln!("SENT before SIGKILL: {}", acknowledged.len());
+    let acknowledged = send_burst(&mut alice, &msgs, WINDOW, |sent| {
+        if sent == N as usize / 2 {
+            server.sigkill();
+        }
+    });
+    eprintln!(
+        "{} of {N} answered SENT before the SIGKILL",
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() < N as usize,
+        "the SIGKILL did not cut the burst short: all {N} answered SENT"
+    );
     server.restart();
 
-    // The sender retries everything with the same IDs: duplicate detection
-    // makes that safe. Every message is now stored exactly once.
+    // Before any retry: bob drains what survived, up to a marker alice sends
+    // now (it is delivered after everything stored before it).
     let mut alice = server.connect(&ta);
-    let retried = send_until_broken(&mut alice, 1..=N, None);
-    assert_eq!(retried.len() as u64, N, "every retry is answered");
-
-    // bob receives everything, deduplicating by SEQ; ACKs half.
+    let mark = marker("bob");
+    assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
     let mut bob = server.connect(&tb);
     let mut got: HashMap<u64, u64> = HashMap::new(); // id -> seq
-    while (got.len() as u64) < N {
-        match bob.recv_new_timeout(Duration::from_secs(10)).unwrap() {
-            Some(Event::Msg(m)) => {
-                assert!(
-                    got.insert(m.id, m.seq).is_none(),
-                    "id {} delivered twice",
-                    m.id
-                );
-                assert_eq!(m.payload, format!("m{}", m.id).into_bytes());
-            }
-            other => panic!("expected MSG, got {other:?} after {} messages", got.len()),
+    let mut marker_seqs = Vec::new();
+    loop {
+        let m = msg(next(&mut bob, 10));
+        if m.id == mark.id {
+            assert_eq!(m.payload, mark.payload);
+            marker_seqs.push(m.seq);
+            break;
         }
+        assert!(
+            got.insert(m.id, m.seq).is_none(),
+            "id {} delivered twice",
+            m.id
+        );
+        assert_eq!(m.payload, format!("m{}", m.id).into_bytes());
     }
-    for id in &acknowledged {
-        assert!(got.contains_key(id), "acknowledged message {id} lost");
-    }
-    let acked: Vec<u64> = (1..=N / 2).map(|id| got[&id]).collect();
-    bob.ack(&acked).unwrap();
+    eprintln!("{} delivered before any retry", got.len());
+    let lost: BTreeSet<u64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|id| !got.contains_key(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of the {} messages answered SENT before the SIGKILL are lost: {lost:?}",
+        lost.len(),
+        acknowledged.len()
+    );
 
-    // alice sees DELIVERED for each ACKed message.
+    // alice retries only what was not answered, under the same IDs. Those
+    // written before the SIGKILL are answered SENT as duplicates and not
+    // delivered again; bob gets exactly the others, then the next marker.
+    let retry: Vec<Outgoing> = msgs
+        .iter()
+        .filter(|m| !acknowledged.contains(&m.id))
+        .cloned()
+        .collect();
+    let answered = send_burst(&mut alice, &retry, WINDOW, |_| {});
+    assert_eq!(answered.len(), retry.len(), "every retry is answered SENT");
+    let mark = marker("bob");
+    assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
+    loop {
+        let m = msg(next(&mut bob, 10));
+        if m.id == mark.id {
+            marker_seqs.push(m.seq);
+            break;
+        }
+        assert!(
+            got.insert(m.id, m.seq).is_none(),
+            "id {} delivered twice",
+            m.id
+        );
+        assert_eq!(m.payload, format!("m{}", m.id).into_bytes());
+    }
+    let ids: BTreeSet<u64> = got.keys().copied().collect();
+    assert_eq!(
+        ids,
+        (1..=N).collect::<BTreeSet<u64>>(),
+        "every message, exactly once"
+    );
+
+    // bob ACKs the markers and the first half; alice sees DELIVERED for each
+    // of that half, so those ACKs (and the markers', sent in the same ACK)
+    // are durable.
+    let mut acks = marker_seqs;
+    acks.extend((1..=N / 2).map(|id| got[&id]));
+    bob.ack(&acks).unwrap();
     let mut delivered = HashSet::new();
     let mut status_seqs = Vec::new();
     while (delivered.len() as u64) < N / 2 {
-        match next(&mut alice, 10) {
-            Event::Status(s) if s.status == StatusCode::DELIVERED => {
-                delivered.insert(s.id);
-                status_seqs.push(s.seq.expect("stored"));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
+        let s = status(next(&mut alice, 10));
+        assert_eq!(s.status, StatusCode::DELIVERED, "{s:?}");
+        assert!(delivered.insert(s.id), "DELIVERED twice for {}", s.id);
+        status_seqs.push(s.seq.expect("stored"));
     }
+    assert_eq!(delivered, (1..=N / 2).collect::<HashSet<u64>>());
     alice.ack(&status_seqs).unwrap();
     drop(bob);
 
-    // Another SIGKILL: delivered messages stay delivered.
+    // Another SIGKILL: delivered messages stay delivered; the un-ACKed half
+    // comes back to a client with no SEQ memory, with the same SEQs, marked
+    // REDELIVERY, and nothing else before the next marker.
     server.restart();
-    let mut bob = Client::connect(server.addr, &tb).unwrap(); // no SEQ memory
-    let mut again = HashSet::new();
-    while let Some(event) = bob.recv_timeout(Duration::from_secs(2)).unwrap() {
-        let Event::Msg(m) = event else {
-            panic!("unexpected {event:?}")
-        };
+    let mut alice = server.connect(&ta);
+    let mark = marker("bob");
+    assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
+    let mut bob = server.connect(&tb);
+    let mut again = BTreeSet::new();
+    loop {
+        let m = msg(next(&mut bob, 10));
+        if m.id == mark.id {
+            break;
+        }
         assert!(
             !delivered.contains(&m.id),
             "delivered message {} came back",
             m.id
         );
-        assert!(m.is_redelivery());
-        assert_eq!(got[&m.id], m.seq, "SEQ is stable across restarts");
-        again.insert(m.id);
+        assert_eq!(got.get(&m.id), Some(&m.seq), "SEQ is stable: {m:?}");
+        assert!(m.is_redelivery(), "{m:?}");
+        assert!(again.insert(m.id), "id {} redelivered twice", m.id);
     }
     assert_eq!(
-        again.len() as u64,
-        N - N / 2,
+        again,
+        (N / 2 + 1..=N).collect::<BTreeSet<u64>>(),
         "the un-ACKed half is redelivered"
     );
 }
 
 /// Acceptance 9: SIGTERM exits 0 within 5 s and the restart serves
-/// everything that was accepted. Clients get ERROR SHUTDOWN.
+/// everything that was accepted, once. Clients get ERROR SHUTDOWN.
 #[test]
 fn sigterm_is_clean() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,17 +174,16 @@ fn sigterm_is_clean() {
     let mut alice = server.connect(&ta);
     let msgs: Vec<Outgoing> = (1..=200).map(|i| Outgoing::to("bob", b"x").id(i)).collect();
     alice.send_many(&msgs).unwrap();
-    let mut sent = 0;
-    while sent < 200 {
-        if let Event::Status(s) = next(&mut alice, 10) {
-            assert_eq!(s.status, StatusCode::SENT);
-            sent += 1;
-        }
+    for _ in 0..200 {
+        assert_eq!(status(next(&mut alice, 10)).status, StatusCode::SENT);
     }
     let (status, took) = server.terminate();
     assert!(status.success(), "exit status {status:?}");
-    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
-    match alice.recv_timeout(Duration::from_secs(5)) {
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "shutdown took {took:?}"
+    );
+    match alice.recv_timeout(std::time::Duration::from_secs(5)) {
         Err(ClientError::Server { code, .. }) => assert_eq!(code, tern::wire::ErrorCode::SHUTDOWN),
         other => panic!("expected ERROR SHUTDOWN, got {other:?}"),
     }
@@ -172,9 +192,8 @@ fn sigterm_is_clean() {
     let mut bob = server.connect(&tb);
     let mut ids = HashSet::new();
     while ids.len() < 200 {
-        if let Event::Msg(m) = next(&mut bob, 10) {
-            assert!(ids.insert(m.id));
-        }
+        let m = msg(next(&mut bob, 10));
+        assert!(ids.insert(m.id), "id {} delivered twice", m.id);
     }
     barrier_self(&mut bob);
 }

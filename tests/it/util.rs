@@ -1,8 +1,9 @@
 //! Helpers: start the real `tern` binary on 127.0.0.1:0 with a temporary
 //! data directory and kill it; one HTTP client; the marker barrier that
-//! proves nothing else was queued for a client; one deadline-polling wait;
-//! the clock, VmRSS and /metrics readers.
+//! proves nothing else was queued for a client; a pipelined send burst; one
+//! deadline-polling wait; the clock, VmRSS and /metrics readers.
 
+use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -269,6 +270,15 @@ pub fn marker(to: &str) -> Outgoing {
         .flags(0)
 }
 
+/// A marker message for every member of `group` (see [`marker`]).
+pub fn group_marker(group: &str) -> Outgoing {
+    let id = NEXT_MARKER.fetch_add(1, Ordering::Relaxed);
+    Outgoing::to_group(group, format!("marker {id}").as_bytes())
+        .id(id)
+        .priority(15)
+        .flags(0)
+}
+
 /// Whether `m` is the delivery of `marker` sent by `from`.
 pub fn is_marker(m: &Message, from: &str, marker: &Outgoing) -> bool {
     m.id == marker.id && m.from == from && m.payload == marker.payload
@@ -327,6 +337,49 @@ pub fn barrier_self(c: &mut Client) -> Message {
         }
     }
     delivered.expect("marker")
+}
+
+/// Sends `msgs` (each with an ID) pipelined, at most `window` unanswered at
+/// once, until every one is answered or the connection breaks; returns the
+/// IDs answered SENT. Any other event panics. `on_sent` runs after each SENT
+/// with the number so far (the crash tests SIGKILL the server from it: the
+/// SENDs still in flight then, and those not yet written, are cut off).
+pub fn send_burst(
+    client: &mut Client,
+    msgs: &[Outgoing],
+    window: usize,
+    mut on_sent: impl FnMut(usize),
+) -> HashSet<u64> {
+    let mut acknowledged = HashSet::new();
+    let mut written = 0;
+    loop {
+        while written < msgs.len() && written - acknowledged.len() < window {
+            let end = msgs
+                .len()
+                .min(written + window.div_ceil(4))
+                .min(acknowledged.len() + window);
+            if client.send_many(&msgs[written..end]).is_err() {
+                return acknowledged;
+            }
+            written = end;
+        }
+        if acknowledged.len() == msgs.len() {
+            return acknowledged;
+        }
+        match client.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(Event::Status(s))) if s.seq.is_none() => {
+                assert_eq!(s.status, StatusCode::SENT, "message {}", s.id);
+                assert!(acknowledged.insert(s.id), "message {} answered twice", s.id);
+                on_sent(acknowledged.len());
+            }
+            Ok(Some(other)) => panic!("unexpected {other:?} during a burst"),
+            Ok(None) => panic!(
+                "no answer within 30 s with {} SENDs in flight",
+                written - acknowledged.len()
+            ),
+            Err(_) => return acknowledged, // the connection broke
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
