@@ -185,9 +185,36 @@ fn priority_then_send_order() {
         got.push((m.priority, m.id));
     }
     assert_eq!(got, expected);
-    // The highest priority item of a later send goes ahead of queued lower
-    // ones: the stored lower-priority ones were all delivered first here
-    // because they were queued before login.
+    barrier(&mut alice, &mut bob);
+}
+
+/// A later, more urgent SEND overtakes items already queued for a connected
+/// recipient: with `max_inflight` 1, bob holds one un-ACKed message and the
+/// rest wait at the server; a PRIORITY 0 message sent then is the next one
+/// he gets after his ACK.
+#[test]
+fn a_later_urgent_send_overtakes_queued_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), &["--max-inflight", "1"]);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let mut bob = server.connect(&tb);
+    for id in 1..=5 {
+        let out = Outgoing::to("bob", b"later").id(id).priority(9).flags(0);
+        assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+    }
+    let first = msg(next(&mut bob, 10));
+    assert_eq!(first.id, 1);
+    let urgent = Outgoing::to("bob", b"now").id(6).priority(0).flags(0);
+    assert_eq!(alice.send_wait(&urgent).unwrap(), StatusCode::SENT);
+    bob.ack(&[first.seq]).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let m = msg(next(&mut bob, 10));
+        got.push(m.id);
+        bob.ack(&[m.seq]).unwrap();
+    }
+    assert_eq!(got, [6, 2, 3, 4, 5]);
     barrier(&mut alice, &mut bob);
 }
 
@@ -355,6 +382,7 @@ fn slow_consumer_is_bounded_and_loses_nothing() {
     let mut bob = server.connect(&tb);
     let mut alice = server.connect(&ta);
     let baseline = server.rss_kib();
+    assert!(baseline > 0, "VmRSS read as 0");
 
     // Pipelined: up to 2,000 SENDs outstanding.
     let payload = [0xabu8; 100];

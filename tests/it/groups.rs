@@ -1,5 +1,5 @@
 //! Group messaging: fan-out, permissions, per-member receipts, crash safety,
-//! duplicates, expiry, slow members, the admin API, payload lifetime.
+//! duplicates, expiry, stalled members, the admin API, payload lifetime.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -393,61 +393,37 @@ fn group_expiry_per_member() {
     barrier_self(&mut ann);
 }
 
-/// Acceptance 7: a member that never reads does not hold back the others.
-/// Reports the latency of a reading member with and without a stalled one.
+/// Acceptance 7: a member that stops reading does not hold back the others.
+/// "stuck" stays connected and never reads or ACKs; with `max_inflight` 64
+/// at most 64 messages can be written to it, so the server holds the rest.
+/// Meanwhile each of 2,000 messages reaches the reading member before the
+/// next one is sent. Then "stuck" reads and still gets all 2,000 exactly
+/// once, in order. Latency is not asserted (that is for the benchmarks).
 #[test]
-fn a_stalled_member_does_not_slow_the_others() {
+fn a_stalled_member_does_not_hold_back_the_others() {
+    const N: u64 = 2_000;
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = TestServer::start_with(dir.path(), &["--max-inflight", "64"]);
     let tokens = users(&server, &["ann", "fast", "stuck"]);
-    assert_eq!(put_group(&server, "g", r#"["ann","fast"]"#).0, 201);
+    assert_eq!(put_group(&server, "g", r#"["ann","fast","stuck"]"#).0, 201);
     let mut ann = server.connect(&tokens["ann"]);
     let mut fast = server.connect(&tokens["fast"]);
+    let mut stuck = server.connect(&tokens["stuck"]);
     let payload = vec![7u8; 4000];
-    let mut run = |label: &str, id0: u64| -> Vec<Duration> {
-        let mut lat = Vec::new();
-        for i in 0..2_000u64 {
-            let started = Instant::now();
-            ann.send(&Outgoing::to_group("g", &payload).id(id0 + i).flags(0))
-                .unwrap();
-            let m = loop {
-                match next(&mut fast, 10) {
-                    Event::Msg(m) => break m,
-                    _ => continue,
-                }
-            };
-            lat.push(started.elapsed());
-            fast.ack(&[m.seq]).unwrap();
-            while let Ok(Some(_)) = ann.recv_timeout(Duration::ZERO) {}
-        }
-        lat.sort();
-        eprintln!(
-            "{label}: p50 {:?} p99 {:?} max {:?}",
-            lat[lat.len() / 2],
-            lat[lat.len() * 99 / 100],
-            lat[lat.len() - 1]
-        );
-        lat
-    };
-    let alone = run("reading member alone", 1);
-    let body = r#"{"add":["stuck"]}"#;
-    assert_eq!(
-        http(
-            server.http,
-            "POST",
-            "/v1/groups/g/members",
-            Some(ADMIN),
-            body
-        )
-        .0,
-        200
-    );
-    let stuck = server.connect(&tokens["stuck"]); // connected, never reads
-    let with_stuck = run("with a stalled member", 100_000);
-    drop(stuck);
-    // Every message reached the reading member; the stalled one's backlog
-    // stays in the store. Timing is reported above, not asserted.
-    assert_eq!(alone.len(), with_stuck.len());
+    for id in 1..=N {
+        let out = Outgoing::to_group("g", &payload).id(id).flags(0);
+        assert_eq!(ann.send_wait(&out).unwrap(), StatusCode::SENT);
+        let m = msg(next(&mut fast, 10));
+        assert_eq!(m.id, id, "the reading member gets each message in turn");
+        fast.ack(&[m.seq]).unwrap();
+    }
+    for id in 1..=N {
+        let m = msg(next(&mut stuck, 10));
+        assert_eq!((m.id, m.payload.len()), (id, payload.len()));
+        stuck.ack(&[m.seq]).unwrap();
+    }
+    barrier_self(&mut stuck);
+    barrier_self(&mut fast);
 }
 
 /// Acceptance 8: the groups admin API and its errors.

@@ -1,77 +1,93 @@
 //! Hostile HTTP input: slow uploads in parallel, huge URLs and headers,
-//! path tricks. Nothing may get a 5xx, stall the API, or touch a file
-//! outside `<data_dir>/files/`.
+//! path tricks, bodies announced and never sent, Content-Length tricks.
+//! Nothing may get a 5xx, stall the API, or leave a cut-off upload behind.
+//! (Path tricks on the file routes, the ones that touch the disk, are in
+//! files.rs.)
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::util::{http, raw_exchange, raw_request, request, wait_for, TestServer, ADMIN};
 
-/// Sends raw bytes, returns the status code (0 if the server closed first).
-fn raw(server: &TestServer, request: &[u8]) -> u16 {
-    raw_request(server.http, request).map_or(0, |r| r.status)
-}
-
+/// While 100 uploads are open mid-body, the API answers and the server's
+/// memory stays bounded; once they are cut off, nothing of them stays.
 #[test]
 fn slow_uploads_do_not_stall_the_api() {
+    /// RSS growth allowed while the uploads are open: the bound files.rs
+    /// puts on a 1 GiB upload. 100 open uploads measured about 6 MiB; a
+    /// buffer of 0.64 MiB or more per connection would break it.
+    const RSS_GROWTH_KIB: u64 = 64 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir);
     let token = server.user("alice");
     let rss_before = server.rss_kib();
-    let started = Instant::now();
+    assert!(rss_before > 0, "VmRSS read as 0");
+    let give_up = Arc::new(AtomicBool::new(false));
+    let files = dir.path().join("files");
+    // One at a time, each under way (its .part file exists) before the
+    // next connects. Started all at once, some are never read: tiny_http's
+    // TaskPool queues a burst of connections behind idle threads that the
+    // first ones then hold for good (reported; not what this test is about).
     let uploads: Vec<_> = (0..100)
-        .map(|_| {
-            let (addr, token) = (server.http, token.clone());
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(addr).expect("connect");
-                let head = format!(
-                    "POST /v1/files HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Length: 100000\r\n\r\n"
-                );
-                s.write_all(head.as_bytes()).unwrap();
-                for _ in 0..10 {
+        .map(|i| {
+            let (addr, token, give_up) = (server.http, token.clone(), give_up.clone());
+            let upload = std::thread::spawn(move || {
+                let mut s = request("POST", "/v1/files")
+                    .bearer(Some(&token))
+                    .header("Content-Length", "100000")
+                    .open(addr)
+                    .expect("start upload");
+                // A slow writer: 100 bytes every 200 ms until told to give
+                // up, without finishing the body.
+                while !give_up.load(Ordering::Relaxed) {
                     if s.write_all(&[b'x'; 100]).is_err() {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
-                // Then give up without finishing the body.
-            })
+            });
+            wait_for(Duration::from_secs(10), "the upload under way", || {
+                (walk(&files.join("tmp")).len() == i + 1).then_some(())
+            });
+            upload
         })
         .collect();
-    // Meanwhile the API answers, promptly.
-    let mut checks = 0;
-    while started.elapsed() < Duration::from_secs(2) {
-        let t = Instant::now();
-        assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
-        assert_eq!(
-            http(server.http, "GET", "/v1/users/alice", Some(ADMIN), "").0,
-            200
-        );
-        // A liveness bound, not a speed claim: a stall would never end.
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "API stalled: {:?}",
-            t.elapsed()
-        );
-        checks += 1;
+    // With all of them open, the API answers. The 10 s timeout is a
+    // liveness bound, not a speed claim: a stall would never end.
+    for _ in 0..10 {
+        let get = |path, bearer| {
+            request("GET", path)
+                .bearer(bearer)
+                .timeout(Duration::from_secs(10))
+                .send(server.http)
+                .status
+        };
+        assert_eq!(get("/healthz", None), 200);
+        assert_eq!(get("/v1/users/alice", Some(ADMIN)), 200);
     }
-    assert!(checks > 0);
     let rss_during = server.rss_kib();
+    give_up.store(true, Ordering::Relaxed);
     for u in uploads {
         u.join().unwrap();
     }
     eprintln!("100 slow uploads: RSS {rss_before} KiB before, {rss_during} KiB during");
+    assert!(
+        rss_during.saturating_sub(rss_before) < RSS_GROWTH_KIB,
+        "RSS grew from {rss_before} KiB to {rss_during} KiB"
+    );
     // Every cut-off upload is removed: nothing stays in files/ or files/tmp/.
-    let files = dir.path().join("files");
     wait_for(Duration::from_secs(20), "cut-off uploads removed", || {
         walk(&files).is_empty().then_some(())
     });
     assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
 }
 
-/// Every regular file under `dir` that is not the signing key.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+/// Every regular file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -86,48 +102,72 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Oversized request lines and headers, path tricks (with the admin token,
+/// so that they reach the router) and garbage: each is refused with a 4xx or
+/// by closing the connection, exactly as listed, and the server goes on.
 #[test]
 fn long_urls_headers_and_path_tricks() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir);
-    let long_path = format!(
-        "GET /v1/users/{} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        "a".repeat(100_000)
-    );
-    let long_header = format!(
-        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Junk: {}\r\nConnection: close\r\n\r\n",
-        "b".repeat(16 << 20)
-    );
-    let many_headers = format!(
-        "GET /healthz HTTP/1.1\r\nHost: t\r\n{}Connection: close\r\n\r\n",
-        "X-A: b\r\n".repeat(100_000)
-    );
-    let cases: Vec<Vec<u8>> = vec![
-        long_path.into_bytes(),
-        long_header.into_bytes(),
-        many_headers.into_bytes(),
-        b"GET /v1/users/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-            .to_vec(),
-        b"GET /v1/users/../../etc/passwd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
-        b"GET /v1/groups/%00 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
-        b"GET /v1/users/a\x00b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
-        b"POST /v1/users HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999999\r\n\r\n{".to_vec(),
-        b"NONSENSE\r\n\r\n".to_vec(),
-        vec![0xff; 4096],
+    let admin = |line: &str| {
+        format!("{line} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ADMIN}\r\nConnection: close\r\n\r\n")
+            .into_bytes()
+    };
+    // (what, request, the status, or None: closed without an answer)
+    let cases: Vec<(&str, Vec<u8>, Option<u16>)> = vec![
+        (
+            "100 KB request line (over tiny_http's 64 KiB)",
+            admin(&format!("GET /v1/users/{}", "a".repeat(100_000))),
+            None,
+        ),
+        (
+            "16 MiB header",
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Junk: {}\r\nConnection: close\r\n\r\n",
+                "b".repeat(16 << 20)
+            )
+            .into_bytes(),
+            None,
+        ),
+        (
+            "100,000 headers",
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: t\r\n{}Connection: close\r\n\r\n",
+                "X-A: b\r\n".repeat(100_000)
+            )
+            .into_bytes(),
+            Some(400),
+        ),
+        ("encoded ../", admin("GET /v1/users/..%2f..%2fetc%2fpasswd"), Some(404)),
+        ("raw ../", admin("GET /v1/users/../../etc/passwd"), Some(404)),
+        ("encoded NUL", admin("GET /v1/groups/%00"), Some(404)),
+        ("raw NUL", admin("GET /v1/users/a\x00b"), Some(404)),
+        (
+            "huge Content-Length, 1 byte sent",
+            format!(
+                "POST /v1/users HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ADMIN}\r\nContent-Length: 99999999999999\r\n\r\n{{"
+            )
+            .into_bytes(),
+            Some(400),
+        ),
+        ("not HTTP", b"NONSENSE\r\n\r\n".to_vec(), Some(400)),
+        ("binary", vec![0xff; 4096], None),
     ];
-    for (i, case) in cases.iter().enumerate() {
+    for (what, request, expected) in &cases {
         let t = Instant::now();
-        let code = raw(&server, case);
-        eprintln!("case {i}: {code} in {:?}", t.elapsed());
-        assert!(code < 500, "case {i}: {code}");
+        let answer = match raw_request(server.http, request) {
+            Ok(r) => Some(r.status),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+            Err(e) => panic!("{what}: {e}"),
+        };
+        eprintln!("{what}: {answer:?} in {:?}", t.elapsed());
+        assert_eq!(answer, *expected, "{what}");
         assert_eq!(
             http(server.http, "GET", "/healthz", None, "").0,
             200,
-            "after case {i}"
+            "after {what}"
         );
     }
-    // Nothing was created outside the data directory's own layout.
-    assert!(!dir.path().join("etc").exists());
 }
 
 /// Regression: connections that announce a body and never send it held
@@ -154,7 +194,8 @@ fn held_open_bodies_do_not_stall_the_api() {
         held.push(s);
     }
     // With all of them still open: health and an authenticated JSON write
-    // are answered (within the socket timeout, not never).
+    // are answered (within the socket timeout, not never). A request that
+    // times out after 5 s, or finds the connection closed, is tried again.
     let started = Instant::now();
     let answer = |method, path, bearer, body| {
         request(method, path)

@@ -233,9 +233,12 @@ pub fn wait_for<T>(within: Duration, what: &str, mut poll: impl FnMut() -> Optio
 /// Receives the next event within `secs`, or panics.
 #[track_caller]
 pub fn next(c: &mut Client, secs: u64) -> Event {
-    c.recv_timeout(Duration::from_secs(secs))
-        .expect("recv")
-        .unwrap_or_else(|| panic!("no event within {secs} s"))
+    // A `match`, not a closure, so that #[track_caller] names the caller.
+    match c.recv_timeout(Duration::from_secs(secs)) {
+        Ok(Some(event)) => event,
+        Ok(None) => panic!("{}: no event within {secs} s", c.address),
+        Err(e) => panic!("{}: {e}", c.address),
+    }
 }
 
 /// The MSG in `e`, or a panic.
