@@ -1,6 +1,6 @@
 //! The HTTP endpoints of the core issue: users and health.
 
-use crate::util::{http, request, scrape, TestServer, ADMIN};
+use crate::util::{http, scrape, TestServer, ADMIN};
 
 #[test]
 fn create_users_and_tokens() {
@@ -241,15 +241,14 @@ fn user_lifecycle() {
     );
 }
 
-/// /metrics parses as Prometheus text and its counters move with traffic;
-/// /readyz answers 503 while the server shuts down.
+/// /metrics parses as Prometheus text and its counters move with traffic.
 #[test]
-fn metrics_and_readiness() {
+fn metrics_move_with_traffic() {
     use tern::client::Outgoing;
     use tern::wire::StatusCode;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start(&dir);
+    let server = TestServer::start(&dir);
     let before = scrape(server.http);
     let ta = server.user("alice");
     server.user("bob");
@@ -269,34 +268,34 @@ fn metrics_and_readiness() {
         after.has("tern_store_commit_seconds"),
         "commit latency summary present"
     );
-
-    // /readyz is 503 while shutting down: hold a connection whose client
-    // does not read so the shutdown takes a moment, and ask meanwhile.
-    assert_eq!(http(server.http, "GET", "/readyz", None, "").0, 200);
-    let pid = server.pid().to_string();
-    let http_addr = server.http;
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    let mut saw_503 = false;
-    while let Some(code) = try_get(http_addr, "/readyz") {
-        if code == 503 {
-            saw_503 = true;
-            break;
-        }
-    }
-    drop(alice);
-    assert!(server.wait_exit().success());
-    assert!(saw_503, "/readyz never answered 503 during shutdown");
 }
 
-/// GET without panicking: `None` once the server no longer answers.
-fn try_get(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
-    request("GET", path)
-        .timeout(std::time::Duration::from_secs(5))
-        .try_send(addr)
-        .ok()
-        .map(|r| r.status)
+/// /readyz answers 503 once the server is shutting down. Deterministic
+/// only in process: the shutdown sets the phase first and stops HTTP last
+/// (`Server::shutdown`), but between the two a SIGTERMed child process
+/// gives a window of no set length, so this test sets the phase itself and
+/// relies on that order, which it does not check.
+#[test]
+fn readyz_is_503_while_shutting_down() {
+    use tern::config::Config;
+    use tern::core::Phase;
+    use tern::server::Server;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        listen: ([127, 0, 0, 1], 0).into(),
+        http_listen: ([127, 0, 0, 1], 0).into(),
+        admin_token: Some(ADMIN.into()),
+        workers: 1,
+        ..Config::default()
+    };
+    let server = Server::start(config).unwrap();
+    let readyz = || http(server.http_listen, "GET", "/readyz", None, "");
+    assert_eq!(readyz(), (200, "ready".to_owned()));
+    server.core.set_phase(Phase::ShuttingDown);
+    assert_eq!(readyz(), (503, "shutting down".to_owned()));
+    server.shutdown();
 }
 
 /// docs/openapi.yaml describes exactly the routes the server serves

@@ -129,12 +129,6 @@ impl TestServer {
         (exited, started.elapsed())
     }
 
-    /// Waits for a process that was already signalled to exit.
-    pub fn wait_exit(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        child.wait().expect("wait")
-    }
-
     /// Starts the server again on the same data directory, after a SIGKILL
     /// if it is still running.
     pub fn restart(&mut self) {
