@@ -278,7 +278,7 @@ fn metrics_move_with_traffic() {
 #[test]
 fn readyz_is_503_while_shutting_down() {
     use tern::config::Config;
-    use tern::core::Phase;
+    use tern::http::Phase;
     use tern::server::Server;
 
     let dir = tempfile::tempdir().unwrap();
@@ -293,9 +293,9 @@ fn readyz_is_503_while_shutting_down() {
     let server = Server::start(config).unwrap();
     let readyz = || http(server.http_listen, "GET", "/readyz", None, "");
     assert_eq!(readyz(), (200, "ready".to_owned()));
-    server.core.set_phase(Phase::ShuttingDown);
+    server.backend.set_phase(Phase::ShuttingDown);
     assert_eq!(readyz(), (503, "shutting down".to_owned()));
-    server.shutdown();
+    server.shutdown().expect("clean shutdown");
 }
 
 /// docs/openapi.yaml describes exactly the routes the server serves
