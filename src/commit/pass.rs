@@ -8,13 +8,14 @@
 //! drops all four and queues the request's failure completions instead (the
 //! SEND is answered OVERLOADED, an ACK can be retried, a waiter is released).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::{Committer, Completion, Request};
 use crate::mailbox::Answer;
 use crate::metrics::Metrics;
-use crate::store::keys::{CF_DEDUP, CF_INBOX};
+use crate::store::keys::{inbox_prefix, prefix_end, CF_DEDUP, CF_HISTORY, CF_INBOX};
 use crate::store::record::{decode_receipt, encode_receipt, Dedup};
 use crate::store::{Batch, Result, Store};
 use crate::wire::StatusCode;
@@ -70,6 +71,8 @@ struct Overlay {
     refs: HashMap<u64, u32>,
     /// Member receipts (None = deleted).
     receipts: HashMap<Vec<u8>, Option<(u64, u8)>>,
+    /// Retained (history) records written or deleted (None).
+    history: BTreeMap<Vec<u8>, Option<Arc<[u8]>>>,
 }
 
 impl Overlay {
@@ -78,6 +81,7 @@ impl Overlay {
         self.deleted.extend(o.deleted.drain());
         self.refs.extend(o.refs.drain());
         self.receipts.extend(o.receipts.drain());
+        self.history.append(&mut o.history);
     }
 }
 
@@ -229,6 +233,40 @@ impl<'c> Pass<'c> {
         self.batch.delete(CF_INBOX, &key)?;
         self.cur.deleted.insert(key);
         Ok(())
+    }
+
+    /// Retains a delivered message's record under `key`.
+    pub fn put_history(&mut self, key: Vec<u8>, record: Arc<[u8]>) -> Result<()> {
+        self.batch.put(CF_HISTORY, &key, &record)?;
+        self.cur.history.insert(key, Some(record));
+        Ok(())
+    }
+
+    /// Forgets a retained message.
+    pub fn delete_history(&mut self, key: Vec<u8>) -> Result<()> {
+        self.batch.delete(CF_HISTORY, &key)?;
+        self.cur.history.insert(key, None);
+        Ok(())
+    }
+
+    /// A user's retained messages as this batch sees them: the store's, less
+    /// those deleted in this batch, plus those retained in it (an ACK and a
+    /// delete in the same batch must agree).
+    pub fn history(&self, address: &str) -> Result<Vec<(Vec<u8>, Arc<[u8]>)>> {
+        let prefix = inbox_prefix(address);
+        let end = prefix_end(&prefix);
+        let mut all: BTreeMap<Vec<u8>, Option<Arc<[u8]>>> = self
+            .store()
+            .history_keys(address)?
+            .into_iter()
+            .map(|(k, v)| (k, Some(Arc::from(v))))
+            .collect();
+        for overlay in [&self.base.history, &self.cur.history] {
+            for (k, v) in overlay.range(prefix.clone()..end.clone()) {
+                all.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(all.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
     }
 
     /// A group message's reference count as this batch sees it.

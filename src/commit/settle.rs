@@ -90,8 +90,7 @@ impl Pass<'_> {
                 ItemView::Status(_) => None,
             };
             if let Some(kept) = kept {
-                self.batch
-                    .put(CF_HISTORY, &history_key(&user.address, seq), &kept)?;
+                self.put_history(history_key(&user.address, seq), kept)?;
             }
         }
         match view {
@@ -208,10 +207,10 @@ impl Pass<'_> {
                 n += 1;
             }
         }
-        for (key, value) in self.store().history_keys(&user.address)? {
+        for (key, value) in self.history(&user.address)? {
             if let Some(ItemView::Msg(m)) = decode_item(&value) {
                 if filter.matches(m.from, m.id, m.time) {
-                    self.batch.delete(CF_HISTORY, &key)?;
+                    self.delete_history(key)?;
                     n += 1;
                 }
             }

@@ -235,3 +235,44 @@ fn requests_before_a_failure_still_commit() {
     );
     assert_eq!(answers(&f).last(), Some(&(9, Some(StatusCode::OVERLOADED))));
 }
+
+/// Regression: with `retain_delivered`, a delete that landed in the same
+/// batch as the ACK of its message missed it (history was read from the
+/// store only), answered 0 and left the message listed.
+#[test]
+fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
+    let mut f = fixture(&["alice", "bob"]);
+    f.c.retain_delivered = true;
+    let bob = f.c.dir.user("bob").unwrap();
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let (items, _) = f.c.store.scan_inbox("bob", &[0; 16], 10).unwrap();
+    let seq = items[0].seq;
+    bob.inflight().insert(
+        seq,
+        crate::directory::Inflight {
+            priority: 0,
+            acking: true,
+        },
+    );
+    let (done, count) = channel::bounded(1);
+    let delete = Request::DeleteMessages {
+        user: bob.clone(),
+        filter: MessageFilter::Id {
+            from: "alice".into(),
+            id: 1,
+        },
+        done,
+    };
+    let ack = Request::Ack {
+        user: bob.clone(),
+        items: vec![(seq, 0)],
+    };
+    commit_batch(&f.c, &mut vec![ack, delete]);
+    assert_eq!(count.recv().unwrap(), 1);
+    assert_eq!(
+        f.c.store
+            .count_keys(crate::store::keys::CF_HISTORY)
+            .unwrap(),
+        0
+    );
+}
