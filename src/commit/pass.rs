@@ -20,6 +20,9 @@ use crate::store::record::{decode_receipt, encode_receipt, Dedup};
 use crate::store::{Batch, Result, Store};
 use crate::wire::StatusCode;
 
+/// A retained message: its history key and its MSG record.
+pub type Retained = (Vec<u8>, Arc<[u8]>);
+
 /// Counters a batch adds to the metrics once it is written.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tally {
@@ -252,7 +255,7 @@ impl<'c> Pass<'c> {
     /// A user's retained messages as this batch sees them: the store's, less
     /// those deleted in this batch, plus those retained in it (an ACK and a
     /// delete in the same batch must agree).
-    pub fn history(&self, address: &str) -> Result<Vec<(Vec<u8>, Arc<[u8]>)>> {
+    pub fn history(&self, address: &str) -> Result<Vec<Retained>> {
         let prefix = inbox_prefix(address);
         let end = prefix_end(&prefix);
         let mut all: BTreeMap<Vec<u8>, Option<Arc<[u8]>>> = self
