@@ -5,7 +5,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use tern::client::{ClientError, Outgoing};
 use tern::wire::StatusCode;
 
-use crate::util::{barrier_self, marker, msg, next, send_burst, status, TestServer};
+use crate::util::{
+    barrier_self, kill_mid_burst, marker, msg, next, send_burst, status, TestServer,
+};
 
 const N: u64 = 1_500;
 /// SENDs in flight at most during the burst. The SIGKILL comes at `N / 2`
@@ -34,19 +36,7 @@ fn sigkill_loses_nothing_acknowledged_and_duplicates_nothing() {
     // SIGKILL once half are answered, with up to WINDOW more in flight; the
     // burst goes on until the connection breaks.
     let mut alice = server.connect(&ta);
-    let acknowledged = send_burst(&mut alice, &msgs, WINDOW, |sent| {
-        if sent == N as usize / 2 {
-            server.sigkill();
-        }
-    });
-    eprintln!(
-        "{} of {N} answered SENT before the SIGKILL",
-        acknowledged.len()
-    );
-    assert!(
-        acknowledged.len() < N as usize,
-        "the SIGKILL did not cut the burst short: all {N} answered SENT"
-    );
+    let acknowledged = kill_mid_burst(&mut server, &mut alice, &msgs, WINDOW);
     server.restart();
 
     // Before any retry: bob drains what survived, up to a marker alice sends

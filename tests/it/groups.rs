@@ -8,7 +8,8 @@ use tern::client::{Client, Event, Outgoing};
 use tern::wire::{flags, StatusCode};
 
 use crate::util::{
-    barrier_self, group_marker, http, is_marker, msg, next, send_burst, status, TestServer, ADMIN,
+    barrier_self, group_marker, http, is_marker, kill_mid_burst, msg, next, send_burst, status,
+    TestServer, ADMIN,
 };
 
 fn put_group(server: &TestServer, name: &str, members: &str) -> (u16, String) {
@@ -240,19 +241,7 @@ fn sigkill_during_group_burst() {
     let msgs: Vec<Outgoing> = (1..=N)
         .map(|i| Outgoing::to_group("big", &i.to_be_bytes()).id(i).flags(0))
         .collect();
-    let acknowledged = send_burst(&mut boss, &msgs, WINDOW, |sent| {
-        if sent == N as usize / 2 {
-            server.sigkill();
-        }
-    });
-    eprintln!(
-        "{} of {N} answered SENT before the SIGKILL",
-        acknowledged.len()
-    );
-    assert!(
-        acknowledged.len() < N as usize,
-        "the SIGKILL did not cut the burst short: all {N} answered SENT"
-    );
+    let acknowledged = kill_mid_burst(&mut server, &mut boss, &msgs, WINDOW);
     drop(online);
     server.restart();
 

@@ -10,11 +10,11 @@
 //! reset, so a client still writing its body never read the answer (this
 //! made `http_api::user_api_errors` fail now and then with BrokenPipe).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::util::{TestServer, ADMIN};
+use crate::util::{read_head, TestServer, ADMIN};
 
 /// A response: status, headers (names lowercased) and body.
 struct Resp {
@@ -64,25 +64,7 @@ impl Conn {
 
     /// Reads one response, framed by its `Content-Length`.
     fn read_resp(&mut self) -> io::Result<Resp> {
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad status line {line:?}")))?;
-        let mut headers = Vec::new();
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-            }
-        }
+        let (status, headers) = read_head(&mut self.reader)?;
         let len: u64 = headers
             .iter()
             .find(|(k, _)| k == "content-length")

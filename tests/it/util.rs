@@ -336,6 +336,32 @@ pub fn barrier_self(c: &mut Client) -> Message {
     delivered.expect("marker")
 }
 
+/// Runs [`send_burst`] and SIGKILLs `server` once half of `msgs` are
+/// answered SENT; asserts that the kill cut the burst short, and returns the
+/// IDs answered SENT before it.
+pub fn kill_mid_burst(
+    server: &mut TestServer,
+    client: &mut Client,
+    msgs: &[Outgoing],
+    window: usize,
+) -> HashSet<u64> {
+    let n = msgs.len();
+    let acknowledged = send_burst(client, msgs, window, |sent| {
+        if sent == n / 2 {
+            server.sigkill();
+        }
+    });
+    eprintln!(
+        "{} of {n} answered SENT before the SIGKILL",
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() < n,
+        "the SIGKILL did not cut the burst short: all {n} answered SENT"
+    );
+    acknowledged
+}
+
 /// Sends `msgs` (each with an ID) pipelined, at most `window` unanswered at
 /// once, until every one is answered or the connection breaks; returns the
 /// IDs answered SENT. Any other event panics. `on_sent` runs after each SENT
