@@ -301,7 +301,7 @@ impl Server {
                             std::time::Duration::from_secs(10),
                             std::time::Duration::from_secs(30),
                         );
-                        let (read_closable, write_closable) = match ssl {
+                        let pair = match ssl {
                             None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
@@ -317,8 +317,12 @@ impl Server {
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),
                         };
-
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        match pair {
+                            Ok((read_closable, write_closable)) => {
+                                Ok(ClientConnection::new(write_closable, read_closable))
+                            }
+                            Err(e) => Err(e),
+                        }
                     }
                     Err(e) => Err(e),
                 };
@@ -345,10 +349,14 @@ impl Server {
                         }));
                     }
 
+                    // tern patch (see vendor/README.md): an accept error
+                    // (EMFILE, ENFILE, ENOBUFS, a connection reset before it
+                    // was taken) is passing; the listener must outlive it.
+                    // Back off briefly so that a server out of descriptors
+                    // does not spin, then accept again.
                     Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        log::warn!("Error accepting new client: {}", e);
+                        thread::sleep(std::time::Duration::from_millis(50));
                     }
                 }
             }
