@@ -54,14 +54,10 @@ pub enum StartError {
 pub struct Server {
     /// What the HTTP API reaches (admin operations, metrics, phase).
     pub backend: Arc<Backend>,
-    /// Users and groups.
-    pub dir: Arc<Directory>,
     /// The database.
     pub store: Arc<Store>,
     /// The commit queue.
     pub commit: Commit,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
     /// Bound protocol address.
     pub listen: SocketAddr,
     /// Bound HTTP address.
@@ -150,10 +146,8 @@ impl Server {
         }
         Ok(Server {
             backend,
-            dir: directory,
             store,
             commit,
-            metrics,
             listen,
             http_listen,
             admin_token_file,

@@ -265,16 +265,14 @@ pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
     }
     let (batch, done, tally) = pass.finish();
     let started = std::time::Instant::now();
-    let written = match batch.is_empty() {
-        true => true,
-        false => match batch.commit(true) {
+    let written = batch.is_empty()
+        || match batch.commit(true) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "synced write failed; the batch is refused");
                 false
             }
-        },
-    };
+        };
     c.metrics.record_commit(started.elapsed(), count);
     if written {
         tally.add_to(&c.metrics);
