@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use tern::client::{ClientError, Outgoing};
+use tern::client::{Client, ClientError, Outgoing};
 use tern::wire::StatusCode;
 
 use crate::util::{
@@ -47,20 +47,7 @@ fn sigkill_loses_nothing_acknowledged_and_duplicates_nothing() {
     let mut bob = server.connect(&tb);
     let mut got: HashMap<u64, u64> = HashMap::new(); // id -> seq
     let mut marker_seqs = Vec::new();
-    loop {
-        let m = msg(next(&mut bob, 10));
-        if m.id == mark.id {
-            assert_eq!(m.payload, mark.payload);
-            marker_seqs.push(m.seq);
-            break;
-        }
-        assert!(
-            got.insert(m.id, m.seq).is_none(),
-            "id {} delivered twice",
-            m.id
-        );
-        assert_eq!(m.payload, format!("m{}", m.id).into_bytes());
-    }
+    marker_seqs.push(drain_to(&mut bob, &mark, &mut got));
     eprintln!("{} delivered before any retry", got.len());
     let lost: BTreeSet<u64> = acknowledged
         .iter()
@@ -86,19 +73,7 @@ fn sigkill_loses_nothing_acknowledged_and_duplicates_nothing() {
     assert_eq!(answered.len(), retry.len(), "every retry is answered SENT");
     let mark = marker("bob");
     assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
-    loop {
-        let m = msg(next(&mut bob, 10));
-        if m.id == mark.id {
-            marker_seqs.push(m.seq);
-            break;
-        }
-        assert!(
-            got.insert(m.id, m.seq).is_none(),
-            "id {} delivered twice",
-            m.id
-        );
-        assert_eq!(m.payload, format!("m{}", m.id).into_bytes());
-    }
+    marker_seqs.push(drain_to(&mut bob, &mark, &mut got));
     let ids: BTreeSet<u64> = got.keys().copied().collect();
     assert_eq!(
         ids,
@@ -152,6 +127,24 @@ fn sigkill_loses_nothing_acknowledged_and_duplicates_nothing() {
         (N / 2 + 1..=N).collect::<BTreeSet<u64>>(),
         "the un-ACKed half is redelivered"
     );
+}
+
+/// Reads bob's messages into `got` (ID → SEQ; each ID once, payload
+/// `m<ID>`) up to the marker `mark`; returns the marker's SEQ.
+fn drain_to(bob: &mut Client, mark: &Outgoing, got: &mut HashMap<u64, u64>) -> u64 {
+    loop {
+        let m = msg(next(bob, 10));
+        if m.id == mark.id {
+            assert_eq!(m.payload, mark.payload);
+            return m.seq;
+        }
+        assert!(
+            got.insert(m.id, m.seq).is_none(),
+            "id {} delivered twice",
+            m.id
+        );
+        assert_eq!(m.payload, format!("m{}", m.id).into_bytes());
+    }
 }
 
 /// Acceptance 9: SIGTERM exits 0 within 5 s and the restart serves

@@ -186,19 +186,9 @@ fn early_413_reaches_a_client_still_sending() {
     let body = format!(r#"{{"address":"{}"}}"#, "a".repeat(14 << 20));
     let head = post_users_head(Some(ADMIN), body.len(), "");
     for i in 0..20 {
-        let mut c = Conn::open(server.http);
-        c.stream.write_all(head.as_bytes()).expect("write head");
-        let written = c.stream.write_all(body.as_bytes());
-        let r = c
-            .read_resp()
-            .unwrap_or_else(|e| panic!("attempt {i}: no answer ({e}); body write: {written:?}"));
+        let r = answer_while_sending(server.http, &head, &body, i);
         assert_eq!(r.status, 413, "attempt {i}");
         assert_eq!(r.error(), "payload_too_large", "attempt {i}");
-        if let Err(e) = written {
-            panic!("attempt {i}: the body write failed ({e}): the server reset the connection");
-        }
-        c.assert_closed();
-        assert!(r.closes(), "attempt {i}: {:?}", r.headers);
     }
 }
 
@@ -211,19 +201,27 @@ fn early_401_reaches_a_client_still_sending() {
     let body = format!(r#"{{"address":"{}"}}"#, "a".repeat(4 << 20));
     let head = post_users_head(None, body.len(), "");
     for i in 0..20 {
-        let mut c = Conn::open(server.http);
-        c.stream.write_all(head.as_bytes()).expect("write head");
-        let written = c.stream.write_all(body.as_bytes());
-        let r = c
-            .read_resp()
-            .unwrap_or_else(|e| panic!("attempt {i}: no answer ({e}); body write: {written:?}"));
+        let r = answer_while_sending(server.http, &head, &body, i);
         assert_eq!(r.status, 401, "attempt {i}");
-        if let Err(e) = written {
-            panic!("attempt {i}: the body write failed ({e}): the server reset the connection");
-        }
-        c.assert_closed();
-        assert!(r.closes(), "attempt {i}: {:?}", r.headers);
     }
+}
+
+/// Writes `head` and all of `body` on a new connection, then reads the
+/// answer: the body write must succeed (the server did not reset), the
+/// answer must say `Connection: close`, and the close must be a clean EOF.
+fn answer_while_sending(addr: SocketAddr, head: &str, body: &str, i: usize) -> Resp {
+    let mut c = Conn::open(addr);
+    c.stream.write_all(head.as_bytes()).expect("write head");
+    let written = c.stream.write_all(body.as_bytes());
+    let r = c
+        .read_resp()
+        .unwrap_or_else(|e| panic!("attempt {i}: no answer ({e}); body write: {written:?}"));
+    if let Err(e) = written {
+        panic!("attempt {i}: the body write failed ({e}): the server reset the connection");
+    }
+    c.assert_closed();
+    assert!(r.closes(), "attempt {i}: {:?}", r.headers);
+    r
 }
 
 /// (c) Every answer after which the server closes says `Connection: close`,
