@@ -241,6 +241,78 @@ impl Value for LogFormat {
     }
 }
 
+/// A size in bytes: a plain integer, or a number with a `KiB`, `MiB`, `GiB`
+/// or `TiB` suffix (`64MiB`, `1 GiB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `123`, `64MiB`, `1 GiB`; `None` when it is none of these or overflows.
+    pub fn parse(raw: &str) -> Option<ByteSize> {
+        let raw = raw.trim();
+        let digits = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+        let (number, unit) = raw.split_at(digits);
+        let number: u64 = number.parse().ok()?;
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "KiB" => 10,
+            "MiB" => 20,
+            "GiB" => 30,
+            "TiB" => 40,
+            _ => return None,
+        };
+        number.checked_mul(1 << shift).map(ByteSize)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+        for (unit, shift) in UNITS {
+            if self.0 >= 1 << shift && self.0.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", self.0 >> shift);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => ByteSize::parse(&t)
+                .ok_or_else(|| serde::de::Error::custom(format!("not a size: {t:?}"))),
+        }
+    }
+}
+
+impl Value for Option<ByteSize> {
+    const VALUE_NAME: &'static str = "BYTES";
+    fn expected() -> String {
+        "a size in bytes: an integer, or a number with a KiB, MiB, GiB or TiB suffix".into()
+    }
+    fn expected_in_file() -> String {
+        "an unquoted integer (bytes), or a string such as \"64MiB\"".into()
+    }
+    fn parse_str(raw: &str) -> Option<Self> {
+        ByteSize::parse(raw).map(Some)
+    }
+    fn to_toml(&self) -> String {
+        // Unset: written commented out, with an example value.
+        toml_string(&self.unwrap_or(ByteSize(64 << 20)).to_string())
+    }
+    fn is_set(&self) -> bool {
+        self.is_some()
+    }
+}
+
 /// [`Value`] for the unsigned integer types; TOML integers stop at `i64::MAX`.
 macro_rules! unsigned_value {
     ($($t:ty),+) => {$(
@@ -525,6 +597,12 @@ config_keys! {
 
     /// Bytes of all stored files together; 0 means no quota.
     max_files_bytes: u64 = 0, env "TERN_MAX_FILES_BYTES";
+
+    /// Free space to keep on data_dir's filesystem: below it new SENDs get
+    /// OVERLOADED and /readyz answers 503, so that delivering and ACKing
+    /// (which free space) always have room. Bytes, or with a KiB/MiB/GiB
+    /// suffix; 0 turns the reserve off. Default: 1% of the disk, at least 64MiB.
+    min_free_space: Option<ByteSize> = None, env "TERN_MIN_FREE_SPACE", runtime;
 
     /// Tracing filter, e.g. "info" or "tern=debug".
     log: String = String::from("info"), env "TERN_LOG";
@@ -1064,7 +1142,9 @@ mod tests {
             let commented = format!("\n# {key} = ");
             let plain = format!("\n{key} = ");
             match *key {
-                "workers" | "admin_token" => assert!(text.contains(&commented), "{key}"),
+                "workers" | "admin_token" | "min_free_space" => {
+                    assert!(text.contains(&commented), "{key}")
+                }
                 _ => assert!(text.contains(&plain), "{key}"),
             }
         }

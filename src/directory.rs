@@ -194,6 +194,11 @@ impl Directory {
         self.users.pin().insert(user.address.clone(), user);
     }
 
+    /// Every user.
+    pub fn users(&self) -> Vec<Arc<User>> {
+        self.users.pin().values().cloned().collect()
+    }
+
     /// Items queued in the store for all users.
     pub fn queued_total(&self) -> u64 {
         let users = self.users.pin();

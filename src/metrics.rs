@@ -25,6 +25,10 @@ pub struct Metrics {
     pub deduplicated: AtomicU64,
     /// Requests rolled back by a store error (their senders got OVERLOADED).
     pub failed_requests: AtomicU64,
+    /// New messages refused because free disk space was below `min_free_space`.
+    pub refused_space: AtomicU64,
+    /// Times the store was reopened after a failed write.
+    pub store_recoveries: AtomicU64,
     /// Synced batches written and requests in them.
     pub commits: AtomicU64,
     pub committed_requests: AtomicU64,

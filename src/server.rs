@@ -23,7 +23,7 @@ use crate::directory::Directory;
 use crate::http::{Backend, Phase};
 use crate::metrics::Metrics;
 use crate::net::Glue;
-use crate::store::{Store, StoreError};
+use crate::store::{self, Store, StoreError};
 use crate::{expiry, http, net};
 
 /// File descriptors kept for everything but protocol connections: HTTP
@@ -46,8 +46,27 @@ pub enum StartError {
     },
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The database could not be opened (or its boot counter written) on a
+    /// nearly full disk.
+    #[error(
+        "store: {error}; {free} bytes free on {}: free at least \
+         min_free_space ({needed} bytes) and start again",
+        path.display()
+    )]
+    NoSpace {
+        path: PathBuf,
+        free: u64,
+        needed: u64,
+        error: StoreError,
+    },
     #[error("starting threads: {0}")]
     Thread(#[from] std::io::Error),
+}
+
+/// `min_free_space` when unset: 1% of the disk holding `dir`, at least 64 MiB.
+fn default_min_free_space(dir: &Path) -> u64 {
+    let one_percent = store::disk_size(dir).unwrap_or(0) / 100;
+    one_percent.max(64 << 20)
 }
 
 /// A running server.
@@ -98,8 +117,32 @@ impl Server {
         let listen = listener.local_addr()?;
         let http_listen = http_listener.local_addr()?;
 
-        let store = Arc::new(Store::open(&dir.join("db"))?);
-        let boot = store.next_boot()?;
+        let db_dir = dir.join("db");
+        let min_free_space = config
+            .min_free_space
+            .map(|b| b.0)
+            .unwrap_or_else(|| default_min_free_space(&dir));
+        let no_space = |error: StoreError| {
+            let free = store::free_space(&dir).unwrap_or(0);
+            if free < min_free_space {
+                StartError::NoSpace {
+                    path: dir.clone(),
+                    free,
+                    needed: min_free_space,
+                    error,
+                }
+            } else {
+                StartError::Store(error)
+            }
+        };
+        let store = Arc::new(Store::open(&db_dir).map_err(no_space)?);
+        let boot = store.next_boot().map_err(no_space)?;
+        store.set_min_free_space(min_free_space);
+        if store.check_space() {
+            if let Err(why) = store.health() {
+                tracing::warn!(%why, "starting with too little free space: new messages are refused until there is more");
+            }
+        }
         let directory = Arc::new(Directory::load(&store, boot)?);
         let metrics = Arc::new(Metrics::default());
         let (commit, queue) = commit::queue();

@@ -34,14 +34,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 
-use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::clock::now_ms;
 use crate::directory::{Directory, User};
 use crate::mailbox::{Answer, ConnRef, Notify};
 use crate::metrics::Metrics;
 use crate::store::{Item, Store};
-use crate::wire::StatusCode;
+use crate::wire::{ErrorCode, StatusCode};
 
 pub use pass::Tally;
 
@@ -244,15 +246,106 @@ pub fn spawn(c: Committer, queue: CommitQueue) -> std::io::Result<thread::JoinHa
 
 fn run(c: &Committer, rx: &Receiver<Request>) {
     let mut requests = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
-        requests.push(first);
+    let mut upkeep = Upkeep::new();
+    loop {
+        match rx.recv_timeout(UPKEEP_INTERVAL) {
+            Ok(first) => requests.push(first),
+            Err(RecvTimeoutError::Timeout) => {
+                upkeep.run(c);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
         while requests.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(r) => requests.push(r),
                 Err(_) => break,
             }
         }
+        upkeep.run(c);
         commit_batch(c, &mut requests);
+    }
+}
+
+/// How often, at least, the commit thread measures free space and, after a
+/// failed write, tries to reopen the store.
+const UPKEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// Between two reopen attempts.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The commit thread's own care of the disk: the free-space reserve, and
+/// recovery from a failed write without a restart.
+struct Upkeep {
+    last_check: Instant,
+    last_reopen: Instant,
+    /// The last health verdict, to log transitions only.
+    healthy: bool,
+}
+
+impl Upkeep {
+    fn new() -> Upkeep {
+        let long_ago = Instant::now() - REOPEN_INTERVAL;
+        Upkeep {
+            last_check: long_ago,
+            last_reopen: long_ago,
+            healthy: true,
+        }
+    }
+
+    /// At most every [`UPKEEP_INTERVAL`]: measures free space (so SENDs are
+    /// refused below the reserve) and, while a failed write is not recovered
+    /// and there is room again, reopens the store.
+    fn run(&mut self, c: &Committer) {
+        if self.last_check.elapsed() < UPKEEP_INTERVAL {
+            return;
+        }
+        self.last_check = Instant::now();
+        let low = c.store.check_space();
+        if !low && c.store.fault().is_some() && self.last_reopen.elapsed() >= REOPEN_INTERVAL {
+            self.last_reopen = Instant::now();
+            match c.store.reopen() {
+                Ok(()) => {
+                    c.metrics.store_recoveries.fetch_add(1, Ordering::Relaxed);
+                    resync(c);
+                }
+                Err(e) => tracing::debug!(error = %e, "store not recovered yet"),
+            }
+        }
+        match (self.healthy, c.store.health()) {
+            (true, Err(why)) => {
+                tracing::error!(%why, "new messages are refused (OVERLOADED) until this clears");
+                self.healthy = false;
+            }
+            (false, Ok(())) => {
+                tracing::warn!("store healthy again: new messages are accepted");
+                self.healthy = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// After a reopen: a write that failed may still have reached the WAL (it
+/// is replayed at open), with items below a session's scan cursors. So
+/// queue counts are recounted from the store, and every connected session
+/// is closed with SHUTDOWN: its client reconnects and reads its inbox from
+/// the start, as after a restart. Nothing is lost either way: the sender of
+/// such a message got OVERLOADED, and its retry is answered from the
+/// replayed dedup record.
+fn resync(c: &Committer) {
+    match c.store.count_inbox() {
+        Ok(counts) => {
+            for user in c.dir.users() {
+                let n = counts.get(&*user.address).copied().unwrap_or(0);
+                user.queued.store(n, Ordering::Relaxed);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot recount queues after recovery"),
+    }
+    for user in c.dir.users() {
+        if let Some(mb) = user.mailbox() {
+            mb.close(ErrorCode::SHUTDOWN);
+        }
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Tally {
     pub deduplicated: u64,
     /// Requests rolled back by a store error.
     pub failed: u64,
+    /// New messages refused for lack of disk space.
+    pub refused_space: u64,
 }
 
 impl Tally {
@@ -45,6 +47,7 @@ impl Tally {
         self.expired += o.expired;
         self.deduplicated += o.deduplicated;
         self.failed += o.failed;
+        self.refused_space += o.refused_space;
     }
 
     /// Adds these counts to the exported metrics.
@@ -59,6 +62,7 @@ impl Tally {
         add(&m.expired, self.expired);
         add(&m.deduplicated, self.deduplicated);
         add(&m.failed_requests, self.failed);
+        add(&m.refused_space, self.refused_space);
     }
 }
 

@@ -52,6 +52,26 @@ impl Pass<'_> {
         Ok(None)
     }
 
+    /// A new message while the disk is below `min_free_space`: OVERLOADED
+    /// (the sender retries with the same ID), nothing written. A repeat of a
+    /// stored one was answered before this, from its dedup record.
+    fn refused_for_space(&mut self, req: &Accept, to: &Arc<str>, group: bool) -> bool {
+        if !self.store().space_low() {
+            return false;
+        }
+        self.cur_tally.refused_space += 1;
+        self.then(Completion::Reply {
+            conn: req.conn.clone(),
+            answer: Answer {
+                id: req.id,
+                to: to.clone(),
+                group,
+                status: (req.id != 0).then_some(StatusCode::OVERLOADED),
+            },
+        });
+        true
+    }
+
     /// The end of an accepted SEND: its dedup record (`seq` of the 1:1 item,
     /// 0 for a group), the count, and SENT for the sender (nothing for ID 0).
     fn accepted(
@@ -124,6 +144,9 @@ impl Pass<'_> {
         let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, &to, false)? else {
             return Ok(());
         };
+        if self.refused_for_space(req, &to, false) {
+            return Ok(());
+        }
         let seq = self.enqueue(recipient, req, &req.record)?;
         self.accepted(req, dedup, seq, to, false)
     }
@@ -137,6 +160,9 @@ impl Pass<'_> {
         let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, group, true)? else {
             return Ok(());
         };
+        if self.refused_for_space(req, group, true) {
+            return Ok(());
+        }
         let msgno = self.c.dir.next_msgno();
         let count = u32::try_from(recipients.len()).unwrap_or(u32::MAX);
         if count > 0 {

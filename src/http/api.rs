@@ -48,7 +48,10 @@ pub fn route(core: &Backend, req: &Req<'_>) -> Reply {
         (Method::Get, ["healthz"]) => Reply::text(200, "ok"),
         (_, ["healthz"]) => not_allowed(),
         (Method::Get, ["readyz"]) => match core.phase() {
-            Phase::Ready => Reply::text(200, "ready"),
+            Phase::Ready => match core.store().health() {
+                Ok(()) => Reply::text(200, "ready"),
+                Err(why) => Reply::text(503, why),
+            },
             Phase::Starting => Reply::text(503, "starting"),
             Phase::ShuttingDown => Reply::text(503, "shutting down"),
         },

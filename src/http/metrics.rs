@@ -50,6 +50,31 @@ pub fn render(core: &Backend) -> Reply {
     );
     counter(
         &mut out,
+        "tern_requests_failed_total",
+        "Commit requests rolled back by a store error (senders got OVERLOADED).",
+        &m.failed_requests,
+    );
+    counter(
+        &mut out,
+        "tern_sends_refused_disk_total",
+        "New messages refused (OVERLOADED) while free disk space was below min_free_space.",
+        &m.refused_space,
+    );
+    counter(
+        &mut out,
+        "tern_store_recoveries_total",
+        "Times the store was reopened after a failed write.",
+        &m.store_recoveries,
+    );
+    metric(
+        &mut out,
+        "tern_store_healthy",
+        "gauge",
+        "1 while the store takes writes and free space is above min_free_space, else 0.",
+        u64::from(core.store().health().is_ok()),
+    );
+    counter(
+        &mut out,
         "tern_messages_accepted_total",
         "Messages accepted (stored, or handed to a connected recipient).",
         &m.accepted,

@@ -12,8 +12,9 @@ pub mod keys;
 pub mod record;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch,
@@ -29,16 +30,27 @@ use keys::*;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// (Displayed with its cause, and not also a `source`: error chains
+    /// would print the cause twice.)
     #[error("rocksdb: {0}")]
-    Rocks(#[from] rocksdb::Error),
+    Rocks(rocksdb::Error),
     #[error("corrupt record in {cf}: {what}")]
     Corrupt { cf: &'static str, what: String },
     #[error("column family {0} missing")]
     MissingCf(&'static str),
+    /// The database is being reopened after a fault, or could not be.
+    #[error("database unavailable: reopening after a write failure")]
+    Unavailable,
     /// A fault injected by a test (see `commit`'s tests).
     #[cfg(test)]
     #[error("injected fault")]
     Injected,
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        StoreError::Rocks(e)
+    }
 }
 
 /// Result of a store operation.
@@ -63,59 +75,163 @@ pub type Listed = (u64, u8, bool, Arc<[u8]>);
 pub type GroupRecord = (String, Vec<(String, u8)>);
 
 /// The open database. Cheap to share: wrap it in an `Arc`.
+///
+/// The RocksDB handle can be swapped: after a failed write RocksDB stays in
+/// its background-error state (the C API has no `DB::Resume`), so
+/// [`Store::reopen`] closes and opens it again once the fault has cleared.
+/// Every operation clones the handle out of a lock held for nanoseconds, so
+/// reopening waits only for the operations in progress.
 pub struct Store {
-    /// RocksDB with the column families of [`keys::ALL_CFS`].
-    db: DB,
+    /// Where the database lives.
+    dir: PathBuf,
+    /// RocksDB with the column families of [`keys::ALL_CFS`]; `None` while
+    /// reopening, or after a reopen failed (every operation then fails with
+    /// [`StoreError::Unavailable`] until the next attempt succeeds).
+    db: RwLock<Option<Arc<DB>>>,
+    /// Why the last synced write failed, while it is not recovered.
+    fault: Mutex<Option<String>>,
+    /// Free space below which new messages are refused (0: no reserve).
+    min_free: AtomicU64,
+    /// Free bytes at the last [`Store::check_space`].
+    free: AtomicU64,
+    /// Whether `free < min_free` at the last check.
+    low: AtomicBool,
 }
 
 impl Store {
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.increase_parallelism(2);
-        opts.set_max_background_jobs(2);
-        opts.set_keep_log_file_num(4);
-        let cfs = ALL_CFS.iter().map(|&name| {
-            let mut cf = Options::default();
-            if name == CF_DEDUP || name == CF_TOKENS || name == CF_INBOX {
-                // Point look-ups (dedup on every SEND, tokens at HELLO, inbox
-                // on ACK) of keys that reached SST files are mostly answered
-                // by the bloom filter.
-                let mut table = BlockBasedOptions::default();
-                table.set_bloom_filter(10.0, false);
-                cf.set_block_based_table_factory(&table);
-            }
-            if name == CF_INBOX || name == CF_EXPIRY || name == CF_DEDUP {
-                // Queues: most keys are deleted soon after they are written.
-                // Compact files that fill with tombstones so scans stay fast.
-                cf.add_compact_on_deletion_collector_factory(1024, 512, 0.5);
-                cf.set_write_buffer_size(32 << 20);
-            }
-            ColumnFamilyDescriptor::new(name, cf)
-        });
-        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        Ok(Store { db })
+        let db = open_db(dir)?;
+        Ok(Store {
+            dir: dir.to_owned(),
+            db: RwLock::new(Some(Arc::new(db))),
+            fault: Mutex::new(None),
+            min_free: AtomicU64::new(0),
+            free: AtomicU64::new(u64::MAX),
+            low: AtomicBool::new(false),
+        })
     }
 
-    fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
-        self.db.cf_handle(name).ok_or(StoreError::MissingCf(name))
+    /// Sets the free-space reserve (`min_free_space`), in bytes.
+    pub fn set_min_free_space(&self, bytes: u64) {
+        self.min_free.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Measures the free space and returns whether it is below the reserve.
+    /// A failed measurement keeps the last verdict.
+    pub fn check_space(&self) -> bool {
+        if let Ok(free) = self.free_space() {
+            self.free.store(free, Ordering::Relaxed);
+            let low = free < self.min_free.load(Ordering::Relaxed);
+            self.low.store(low, Ordering::Relaxed);
+        }
+        self.space_low()
+    }
+
+    /// Whether the free space was below the reserve at the last check: new
+    /// messages are refused then.
+    pub fn space_low(&self) -> bool {
+        self.low.load(Ordering::Relaxed)
+    }
+
+    /// `Ok` when the store takes writes; else why not, for `/readyz` and logs.
+    pub fn health(&self) -> std::result::Result<(), String> {
+        if let Some(fault) = self.fault() {
+            return Err(format!("store write failed: {fault}"));
+        }
+        if self.space_low() {
+            return Err(format!(
+                "disk space low: {} bytes free on {}, min_free_space is {}",
+                self.free.load(Ordering::Relaxed),
+                self.dir.display(),
+                self.min_free.load(Ordering::Relaxed)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The open handle, or [`StoreError::Unavailable`] while it is being reopened.
+    fn db(&self) -> Result<Arc<DB>> {
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::Unavailable)
     }
 
     /// Writes a batch; with `sync`, returns only once it is on stable storage.
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+    /// A failure is remembered as the store's fault (see [`Store::fault`]).
+    fn write(&self, db: &DB, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        Ok(self.db.write_opt(batch, &wo)?)
+        db.write_opt(batch, &wo).map_err(|e| {
+            let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+            if fault.is_none() {
+                *fault = Some(format!("rocksdb: {e}"));
+            }
+            StoreError::Rocks(e)
+        })
+    }
+
+    /// Why writes fail, since the first failed write and until a
+    /// [`Store::reopen`] succeeds; `None` when healthy.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Closes and reopens the database, which clears RocksDB's
+    /// background-error state, then proves it with a synced write. Waits up
+    /// to [`REOPEN_WAIT`] for operations holding the old handle; on any
+    /// failure the fault stays and the caller tries again later.
+    pub fn reopen(&self) -> Result<()> {
+        let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut old) = old {
+            let deadline = std::time::Instant::now() + REOPEN_WAIT;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if std::time::Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(still_shared) => {
+                        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
+                        return Err(StoreError::Unavailable);
+                    }
+                }
+            }
+        }
+        let db = Arc::new(open_db(&self.dir)?);
+        // The boot key rewritten as it is: a synced write that proves the
+        // WAL takes writes again.
+        let meta = cf(&db, CF_META)?;
+        let mut probe = WriteBatch::default();
+        if let Some(boot) = db.get_cf(meta, META_BOOT)? {
+            probe.put_cf(meta, META_BOOT, boot);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(probe, &wo)?;
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db);
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+
+    /// Bytes available to tern on the filesystem that holds the database.
+    pub fn free_space(&self) -> std::io::Result<u64> {
+        free_space(&self.dir)
     }
 
     /// Increments the boot counter durably and returns the new value. Each
     /// boot owns the SEQ range `boot << 40 ..`, so SEQs never repeat across
     /// restarts even for items that were never stored.
     pub fn next_boot(&self) -> Result<u64> {
-        let meta = self.cf(CF_META)?;
-        let boot = match self.db.get_cf(meta, META_BOOT)? {
+        let db = self.db()?;
+        let meta = cf(&db, CF_META)?;
+        let boot = match db.get_cf(meta, META_BOOT)? {
             Some(v) => {
                 u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
                     cf: CF_META,
@@ -126,15 +242,16 @@ impl Store {
         } + 1;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, META_BOOT, boot.to_be_bytes());
-        self.write(batch, true)?;
+        self.write(&db, batch, true)?;
         Ok(boot)
     }
 
     /// All users.
     pub fn load_users(&self) -> Result<Vec<UserRecord>> {
-        let cf = self.cf(CF_USERS)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_USERS)?;
         let mut users = Vec::new();
-        for kv in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+        for kv in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (_, v) = kv?;
             users.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 cf: CF_USERS,
@@ -151,8 +268,9 @@ impl Store {
         token_hash: &[u8; 32],
         expires_ms: u64,
     ) -> Result<()> {
-        let users = self.cf(CF_USERS)?;
-        let tokens = self.cf(CF_TOKENS)?;
+        let db = self.db()?;
+        let users = cf(&db, CF_USERS)?;
+        let tokens = cf(&db, CF_TOKENS)?;
         let mut batch = WriteBatch::default();
         let json = serde_json::to_vec(user).map_err(|e| StoreError::Corrupt {
             cf: CF_USERS,
@@ -162,27 +280,29 @@ impl Store {
         let mut value = expires_ms.to_be_bytes().to_vec();
         value.extend_from_slice(user.address.as_bytes());
         batch.put_cf(tokens, token_hash, value);
-        self.write(batch, true)
+        self.write(&db, batch, true)
     }
 
     /// Adds a token hash for an existing user, durably.
     pub fn put_token(&self, address: &str, token_hash: &[u8; 32], expires_ms: u64) -> Result<()> {
-        let tokens = self.cf(CF_TOKENS)?;
+        let db = self.db()?;
+        let tokens = cf(&db, CF_TOKENS)?;
         let mut value = expires_ms.to_be_bytes().to_vec();
         value.extend_from_slice(address.as_bytes());
         let mut batch = WriteBatch::default();
         batch.put_cf(tokens, token_hash, value);
-        self.write(batch, true)
+        self.write(&db, batch, true)
     }
 
     /// Deletes every token of a user (and, with `user`, the user record),
     /// durably. Tokens are keyed by hash, so this scans them: an admin
     /// operation, not a hot path.
     pub fn revoke_tokens(&self, address: &str, user: bool) -> Result<usize> {
-        let tokens = self.cf(CF_TOKENS)?;
+        let db = self.db()?;
+        let tokens = cf(&db, CF_TOKENS)?;
         let mut batch = WriteBatch::default();
         let mut n = 0;
-        let mut it = self.db.raw_iterator_cf(tokens);
+        let mut it = db.raw_iterator_cf(tokens);
         it.seek_to_first();
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
             if value.get(8..) == Some(address.as_bytes()) {
@@ -193,16 +313,17 @@ impl Store {
         }
         it.status()?;
         if user {
-            batch.delete_cf(self.cf(CF_USERS)?, address.as_bytes());
+            batch.delete_cf(cf(&db, CF_USERS)?, address.as_bytes());
         }
-        self.write(batch, true)?;
+        self.write(&db, batch, true)?;
         Ok(n)
     }
 
     /// The (address, expires_ms) a token hash belongs to; expires 0 = never.
     pub fn lookup_token(&self, token_hash: &[u8; 32]) -> Result<Option<(String, u64)>> {
-        let cf = self.cf(CF_TOKENS)?;
-        let Some(v) = self.db.get_pinned_cf(cf, token_hash)? else {
+        let db = self.db()?;
+        let cf = cf(&db, CF_TOKENS)?;
+        let Some(v) = db.get_pinned_cf(cf, token_hash)? else {
             return Ok(None);
         };
         if v.len() < 9 {
@@ -218,9 +339,10 @@ impl Store {
 
     /// How many items each user has queued (run once at start-up).
     pub fn count_inbox(&self) -> Result<HashMap<String, u64>> {
-        let cf = self.cf(CF_INBOX)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_INBOX)?;
         let mut counts: HashMap<String, u64> = HashMap::new();
-        let mut it = self.db.raw_iterator_cf(cf);
+        let mut it = db.raw_iterator_cf(cf);
         it.seek_to_first();
         while let Some(key) = it.key() {
             if let Some((address, _, _)) = parse_inbox_key(key) {
@@ -247,7 +369,8 @@ impl Store {
         cursors: &[u64; PRIORITIES],
         budget: usize,
     ) -> Result<(Vec<Arc<Item>>, bool)> {
-        let cf = self.cf(CF_INBOX)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_INBOX)?;
         let mut items = Vec::new();
         let mut ro = ReadOptions::default();
         let prefix = inbox_prefix(address);
@@ -255,7 +378,7 @@ impl Store {
         upper.push(PRIORITIES as u8);
         ro.set_iterate_lower_bound(prefix.clone());
         ro.set_iterate_upper_bound(upper);
-        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        let mut it = db.raw_iterator_cf_opt(cf, ro);
         for (p, &cursor) in cursors.iter().enumerate() {
             let Some(from) = cursor.checked_add(1) else {
                 continue;
@@ -304,18 +427,20 @@ impl Store {
 
     /// The shared MSG record of a group send.
     pub fn message(&self, msgno: u64) -> Result<Option<Arc<[u8]>>> {
-        let cf = self.cf(CF_MESSAGES)?;
-        Ok(self
-            .db
+        let db = self.db()?;
+        let cf = cf(&db, CF_MESSAGES)?;
+        let record = db
             .get_pinned_cf(cf, message_key(msgno))?
-            .map(|v| Arc::from(&v[..])))
+            .map(|v| Arc::from(&v[..]));
+        Ok(record)
     }
 
     /// Every group with its members and their permission bits.
     pub fn load_groups(&self) -> Result<Vec<GroupRecord>> {
-        let cf = self.cf(CF_GROUPS)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_GROUPS)?;
         let mut groups: Vec<GroupRecord> = Vec::new();
-        let mut it = self.db.raw_iterator_cf(cf);
+        let mut it = db.raw_iterator_cf(cf);
         it.seek_to_first();
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
             let Some((&glen, rest)) = key.split_first() else {
@@ -343,7 +468,8 @@ impl Store {
 
     /// Replaces a group's membership (creating the group), durably.
     pub fn put_group(&self, name: &str, members: &[(String, u8)], created_ms: u64) -> Result<()> {
-        let cf = self.cf(CF_GROUPS)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_GROUPS)?;
         let mut batch = WriteBatch::default();
         let prefix = group_prefix(name);
         batch.delete_range_cf(cf, &prefix, &prefix_end(&prefix));
@@ -351,22 +477,24 @@ impl Store {
         for (member, perms) in members {
             batch.put_cf(cf, group_member_key(name, member), [*perms]);
         }
-        self.write(batch, true)
+        self.write(&db, batch, true)
     }
 
     /// Deletes a group and its memberships, durably.
     pub fn delete_group(&self, name: &str) -> Result<()> {
-        let cf = self.cf(CF_GROUPS)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_GROUPS)?;
         let mut batch = WriteBatch::default();
         let prefix = group_prefix(name);
         batch.delete_range_cf(cf, &prefix, &prefix_end(&prefix));
-        self.write(batch, true)
+        self.write(&db, batch, true)
     }
 
     /// Number of keys in a column family (for tests and diagnostics).
     pub fn count_keys(&self, name: &'static str) -> Result<usize> {
-        let cf = self.cf(name)?;
-        let mut it = self.db.raw_iterator_cf(cf);
+        let db = self.db()?;
+        let cf = cf(&db, name)?;
+        let mut it = db.raw_iterator_cf(cf);
         it.seek_to_first();
         let mut n = 0;
         while it.valid() {
@@ -388,17 +516,18 @@ impl Store {
         limit: usize,
         retained: bool,
     ) -> Result<Vec<Listed>> {
+        let db = self.db()?;
         let mut out = Vec::new();
         let prefix = inbox_prefix(address);
-        for (cf, delivered) in [(CF_INBOX, false), (CF_HISTORY, true)] {
+        for (name, delivered) in [(CF_INBOX, false), (CF_HISTORY, true)] {
             if delivered && !retained {
                 break;
             }
-            let handle = self.cf(cf)?;
+            let handle = cf(&db, name)?;
             let mut ro = ReadOptions::default();
             ro.set_iterate_lower_bound(prefix.clone());
             ro.set_iterate_upper_bound(prefix_end(&prefix));
-            let mut it = self.db.raw_iterator_cf_opt(handle, ro);
+            let mut it = db.raw_iterator_cf_opt(handle, ro);
             it.seek_to_first();
             while let (Some(key), Some(value)) = (it.key(), it.value()) {
                 if out.len() >= limit {
@@ -437,12 +566,13 @@ impl Store {
 
     /// The keys of every delivered message kept for `address`.
     pub fn history_keys(&self, address: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let cf = self.cf(CF_HISTORY)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_HISTORY)?;
         let prefix = inbox_prefix(address);
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(prefix.clone());
         ro.set_iterate_upper_bound(prefix_end(&prefix));
-        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        let mut it = db.raw_iterator_cf_opt(cf, ro);
         it.seek_to_first();
         let mut out = Vec::new();
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
@@ -455,14 +585,15 @@ impl Store {
 
     /// The keys of every item queued for `address` (for a purge).
     pub fn inbox_keys(&self, address: &str) -> Result<Vec<Vec<u8>>> {
-        let cf = self.cf(CF_INBOX)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_INBOX)?;
         let prefix = inbox_prefix(address);
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(prefix.clone());
         let mut upper = prefix;
         upper.push(PRIORITIES as u8);
         ro.set_iterate_upper_bound(upper);
-        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        let mut it = db.raw_iterator_cf_opt(cf, ro);
         it.seek_to_first();
         let mut keys = Vec::new();
         while let Some(key) = it.key() {
@@ -475,10 +606,11 @@ impl Store {
 
     /// Up to `limit` expiry-index keys due at or before `now_ms`, oldest first.
     pub fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<Box<[u8]>>> {
-        let cf = self.cf(CF_EXPIRY)?;
+        let db = self.db()?;
+        let cf = cf(&db, CF_EXPIRY)?;
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(now_ms.saturating_add(1).to_be_bytes().to_vec());
-        let mut it = self.db.raw_iterator_cf_opt(cf, ro);
+        let mut it = db.raw_iterator_cf_opt(cf, ro);
         it.seek_to_first();
         let mut due = Vec::new();
         while let Some(key) = it.key() {
@@ -493,63 +625,120 @@ impl Store {
     }
 
     /// Point read in a column family.
-    pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let handle = self.cf(cf)?;
-        Ok(self.db.get_cf(handle, key)?)
+    pub fn get(&self, name: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let db = self.db()?;
+        let handle = cf(&db, name)?;
+        Ok(db.get_cf(handle, key)?)
     }
 
     /// A batch builder bound to this store's column families.
     pub fn batch(&self) -> Batch<'_> {
         Batch {
             store: self,
-            batch: WriteBatch::default(),
+            sealed: Vec::new(),
             staged: Vec::new(),
         }
     }
 
     /// Flushes memtables and the WAL (used at clean shutdown).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush_wal(true)?;
+        let db = self.db()?;
+        db.flush_wal(true)?;
         for name in ALL_CFS {
-            let cf = self.cf(name)?;
-            self.db.flush_cf(cf)?;
+            let cf = cf(&db, name)?;
+            db.flush_cf(cf)?;
         }
         Ok(())
     }
 }
 
-/// One change staged for the batch.
-enum Op<'s> {
-    Put(&'s ColumnFamily, Vec<u8>, Vec<u8>),
-    Delete(&'s ColumnFamily, Vec<u8>),
-    DeleteRange(&'s ColumnFamily, Vec<u8>, Vec<u8>),
+/// How long [`Store::reopen`] waits for operations holding the old handle.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens (or creates) RocksDB under `dir` with tern's column families.
+fn open_db(dir: &Path) -> Result<DB> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.increase_parallelism(2);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(4);
+    // Replaying the WAL into memtables without flushing them at open: an
+    // open then needs almost no free space, so a server stopped by a full
+    // disk starts again (and drains its queues) with little room.
+    // (rust-rocksdb has no setter for it: the options-string parser does.)
+    let opts = opts.get_options_from_string("avoid_flush_during_recovery=true")?;
+    let cfs = ALL_CFS.iter().map(|&name| {
+        let mut cf = Options::default();
+        if name == CF_DEDUP || name == CF_TOKENS || name == CF_INBOX {
+            // Point look-ups (dedup on every SEND, tokens at HELLO, inbox
+            // on ACK) of keys that reached SST files are mostly answered
+            // by the bloom filter.
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            cf.set_block_based_table_factory(&table);
+        }
+        if name == CF_INBOX || name == CF_EXPIRY || name == CF_DEDUP {
+            // Queues: most keys are deleted soon after they are written.
+            // Compact files that fill with tombstones so scans stay fast.
+            cf.add_compact_on_deletion_collector_factory(1024, 512, 0.5);
+            cf.set_write_buffer_size(32 << 20);
+        }
+        ColumnFamilyDescriptor::new(name, cf)
+    });
+    Ok(DB::open_cf_descriptors(&opts, dir, cfs)?)
 }
 
-/// A WriteBatch that takes column families by name, built one request at a
-/// time: changes are staged until [`Batch::seal`] moves them into the batch,
-/// or [`Batch::rollback`] drops them. So a request that fails part-way leaves
+/// A column family of `db` by name.
+fn cf<'d>(db: &'d DB, name: &'static str) -> Result<&'d ColumnFamily> {
+    db.cf_handle(name).ok_or(StoreError::MissingCf(name))
+}
+
+/// Bytes available to an unprivileged writer on the filesystem of `path`.
+pub fn free_space(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Total size of the filesystem of `path`, bytes.
+pub fn disk_size(path: &Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_blocks.saturating_mul(stat.f_frsize))
+}
+
+/// One change staged for the batch.
+enum Op {
+    Put(&'static str, Vec<u8>, Vec<u8>),
+    Delete(&'static str, Vec<u8>),
+    DeleteRange(&'static str, Vec<u8>, Vec<u8>),
+}
+
+/// A write batch that takes column families by name, built one request at a
+/// time: changes are staged until [`Batch::seal`] keeps them, or
+/// [`Batch::rollback`] drops them. So a request that fails part-way leaves
 /// nothing behind, and the requests before and after it still commit
 /// (rust-rocksdb exposes no WriteBatch save points; staging is the same
-/// thing).
+/// thing). The RocksDB `WriteBatch` is built at [`Batch::commit`], against
+/// the handle open at that moment.
 pub struct Batch<'s> {
     store: &'s Store,
     /// Sealed changes: what [`Batch::commit`] writes.
-    batch: WriteBatch,
+    sealed: Vec<Op>,
     /// The current request's changes.
-    staged: Vec<Op<'s>>,
+    staged: Vec<Op>,
 }
 
-impl<'s> Batch<'s> {
+impl Batch<'_> {
     /// Stages `key = value` in column family `cf`.
     pub fn put(&mut self, cf: &'static str, key: &[u8], value: &[u8]) -> Result<()> {
-        let cf = self.store.cf(cf)?;
+        known_cf(cf)?;
         self.staged.push(Op::Put(cf, key.to_vec(), value.to_vec()));
         Ok(())
     }
 
     /// Stages the deletion of every key in `[from, to)` of column family `cf`.
     pub fn delete_range(&mut self, cf: &'static str, from: &[u8], to: &[u8]) -> Result<()> {
-        let cf = self.store.cf(cf)?;
+        known_cf(cf)?;
         self.staged
             .push(Op::DeleteRange(cf, from.to_vec(), to.to_vec()));
         Ok(())
@@ -557,20 +746,14 @@ impl<'s> Batch<'s> {
 
     /// Stages the deletion of `key` from column family `cf`.
     pub fn delete(&mut self, cf: &'static str, key: &[u8]) -> Result<()> {
-        let cf = self.store.cf(cf)?;
+        known_cf(cf)?;
         self.staged.push(Op::Delete(cf, key.to_vec()));
         Ok(())
     }
 
     /// Keeps the staged changes: they are part of the batch from now on.
     pub fn seal(&mut self) {
-        for op in self.staged.drain(..) {
-            match op {
-                Op::Put(cf, k, v) => self.batch.put_cf(cf, k, v),
-                Op::Delete(cf, k) => self.batch.delete_cf(cf, k),
-                Op::DeleteRange(cf, from, to) => self.batch.delete_range_cf(cf, from, to),
-            }
-        }
+        self.sealed.append(&mut self.staged);
     }
 
     /// Drops the staged changes.
@@ -580,16 +763,34 @@ impl<'s> Batch<'s> {
 
     /// Number of sealed operations in the batch.
     pub fn len(&self) -> usize {
-        self.batch.len()
+        self.sealed.len()
     }
 
     /// Whether the batch holds no sealed operation.
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+        self.sealed.is_empty()
     }
 
     /// Writes the sealed changes (synced when `sync`); staged ones are dropped.
     pub fn commit(self, sync: bool) -> Result<()> {
-        self.store.write(self.batch, sync)
+        let db = self.store.db()?;
+        let mut batch = WriteBatch::default();
+        for op in self.sealed {
+            match op {
+                Op::Put(name, k, v) => batch.put_cf(cf(&db, name)?, k, v),
+                Op::Delete(name, k) => batch.delete_cf(cf(&db, name)?, k),
+                Op::DeleteRange(name, from, to) => batch.delete_range_cf(cf(&db, name)?, from, to),
+            }
+        }
+        self.store.write(&db, batch, sync)
+    }
+}
+
+/// `name` if it is one of tern's column families.
+fn known_cf(name: &'static str) -> Result<()> {
+    if ALL_CFS.contains(&name) {
+        Ok(())
+    } else {
+        Err(StoreError::MissingCf(name))
     }
 }

@@ -4,6 +4,7 @@
 mod bad_input;
 mod crash;
 mod delivery;
+mod disk;
 mod files;
 mod groups;
 mod hostile;
