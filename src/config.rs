@@ -552,6 +552,27 @@ config_keys! {
     /// Open client connections; further connections are closed at accept.
     max_connections: usize = 100_000, env "TERN_MAX_CONNECTIONS";
 
+    /// Open protocol connections from one client address (an IPv4 address,
+    /// or an IPv6 /64); further ones are closed at accept. 0 = no limit.
+    /// Behind a proxy every client has the proxy's address: raise it or use 0.
+    max_connections_per_ip: u32 = 1024, env "TERN_MAX_CONNECTIONS_PER_IP";
+
+    /// Protocol connections that have not completed HELLO, in all; past this
+    /// the oldest of them is closed, so silent sockets never crowd out logins.
+    max_unauthenticated: usize = 4096, env "TERN_MAX_UNAUTHENTICATED";
+
+    /// Protocol connections from one client address that have not completed
+    /// HELLO; further ones are closed at accept. 0 = no limit.
+    max_unauthenticated_per_ip: u32 = 64, env "TERN_MAX_UNAUTHENTICATED_PER_IP";
+
+    /// Open HTTP connections, in all (each holds a thread while open);
+    /// further ones are closed at accept.
+    http_max_connections: usize = 1024, env "TERN_HTTP_MAX_CONNECTIONS";
+
+    /// Open HTTP connections from one client address; further ones are
+    /// closed at accept. 0 = no limit.
+    http_max_connections_per_ip: u32 = 64, env "TERN_HTTP_MAX_CONNECTIONS_PER_IP";
+
     /// Unsent output per connection, in bytes, above which the server stops
     /// producing for and reading from that connection (at least 65536).
     conn_buffer: usize = 1_048_576, env "TERN_CONN_BUFFER";

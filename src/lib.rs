@@ -13,6 +13,8 @@
 //! - `cli`: the `tern user/group/send/listen/upload/download` commands.
 //! - `config`: configuration keys, sources and validation.
 //! - `clock`, `metrics`: the server clock; counters and histograms (leaves).
+//! - `admission`: per-address connection limits and the back-off after
+//!   failed logins, for both listeners (a leaf).
 //! - `store`: the only user of RocksDB: keys, records, reads, the batch.
 //! - `mailbox`: per-connection lock-free delivery rings, and the `Notify`
 //!   port through which other threads wake an event loop.
@@ -41,7 +43,7 @@
 //! directory
 //! mailbox
 //! store                     (the only user of RocksDB)
-//! wire, clock, metrics, config
+//! wire, clock, metrics, config, admission
 //! ```
 //!
 //! `client` imports only `wire`, and `cli` only `client`.
@@ -51,6 +53,8 @@ pub mod wire;
 
 #[cfg(feature = "server")]
 pub mod admin;
+#[cfg(feature = "server")]
+pub mod admission;
 #[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]
@@ -88,6 +92,7 @@ mod layers {
         ("wire", &[]),
         ("clock", &[]),
         ("metrics", &[]),
+        ("admission", &[]),
         ("config", &["wire"]),
         ("store", &["wire"]),
         ("mailbox", &["store", "wire"]),
@@ -99,6 +104,7 @@ mod layers {
         (
             "session",
             &[
+                "admission",
                 "commit",
                 "config",
                 "directory",
@@ -111,6 +117,7 @@ mod layers {
         (
             "net",
             &[
+                "admission",
                 "clock",
                 "commit",
                 "config",
@@ -127,6 +134,7 @@ mod layers {
         (
             "http",
             &[
+                "admission",
                 "admin",
                 "clock",
                 "commit",
@@ -141,6 +149,7 @@ mod layers {
         (
             "server",
             &[
+                "admission",
                 "admin",
                 "clock",
                 "commit",

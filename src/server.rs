@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::admin::{new_token, Admin};
+use crate::admission::{Conns, Logins};
 use crate::commit::{self, Commit, Committer};
 use crate::config::Config;
 use crate::directory::Directory;
@@ -165,6 +166,12 @@ impl Server {
             commit: commit.clone(),
             metrics: metrics.clone(),
             notify: loops.clone(),
+            conns: Conns::new(
+                config.max_connections_per_ip,
+                config.max_unauthenticated_per_ip,
+                "protocol connections refused: over max_connections_per_ip or max_unauthenticated_per_ip",
+            ),
+            logins: Arc::new(Logins::default()),
         });
         let net = net::start(glue.clone(), loops, polls, listener)?;
         let admin = Admin::new(

@@ -33,6 +33,25 @@ use crate::wire::{self, flags, DeframeError, Deframer, ErrorCode, Frame, StatusC
 /// Bytes asked of the socket per `read`.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// A TCP connection to `peer`, from local address `bind` if given.
+pub fn connect(
+    peer: std::net::SocketAddr,
+    bind: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let Some(local) = bind else {
+        return TcpStream::connect_timeout(&peer, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(peer),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&std::net::SocketAddr::new(local, 0).into())?;
+    socket.connect_timeout(&peer.into(), timeout)?;
+    Ok(socket.into())
+}
+
 /// What went wrong talking to the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -192,6 +211,9 @@ pub struct Options {
     pub client: String,
     /// Connect and HELLO timeout.
     pub timeout: Duration,
+    /// Local address to connect from (a multi-homed host; tests use other
+    /// loopback addresses); `None`: the system chooses.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Default for Options {
@@ -200,6 +222,7 @@ impl Default for Options {
             keepalive: None,
             client: concat!("tern-client/", env!("CARGO_PKG_VERSION")).into(),
             timeout: Duration::from_secs(10),
+            bind: None,
         }
     }
 }
@@ -256,7 +279,7 @@ impl Client {
         options: Options,
         seen: HashSet<u64>,
     ) -> Result<Client> {
-        let stream = TcpStream::connect_timeout(&peer, options.timeout)?;
+        let stream = connect(peer, options.bind, options.timeout)?;
         stream.set_nodelay(true)?;
         let mut c = Client {
             stream,

@@ -203,9 +203,13 @@ impl Files {
             Caller::User(address) => Uploader::User(address.to_string()),
         };
         let now = now_ms();
-        let stored = self
-            .disk
-            .upload(request.as_reader(), announced, content_type, uploader, now);
+        let stored = self.disk.upload(
+            &mut super::MinRate::new(request.as_reader()),
+            announced,
+            content_type,
+            uploader,
+            now,
+        );
         let (id, meta) = match stored {
             Ok(stored) => stored,
             Err(e) => return upload_failure(e).send(request),

@@ -139,6 +139,7 @@ pub fn render(core: &Backend) -> Reply {
         status: 200,
         body: out.into_bytes(),
         content_type: "text/plain; version=0.0.4; charset=utf-8",
+        headers: Vec::new(),
     }
 }
 

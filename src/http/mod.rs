@@ -24,6 +24,7 @@ use subtle::ConstantTimeEq;
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::admin::Admin;
+use crate::admission::{Conns, Summary, Ticket};
 use crate::clock::now_ms;
 use crate::commit::Commit;
 use crate::config::Config;
@@ -139,7 +140,7 @@ pub fn start(
     admin_token: String,
 ) -> std::io::Result<Http> {
     let files = Arc::new(files::Files::open(&core.config)?);
-    let server = Server::from_listener(listener, None)
+    let server = Server::from_listener_admitting(listener, None, admission(&core.config))
         .map(Arc::new)
         .map_err(std::io::Error::other)?;
     let admin = Arc::new(Sha256::digest(admin_token.as_bytes()).to_vec());
@@ -232,8 +233,7 @@ impl Shared {
             *n += 1;
         }
         let mut body = Vec::new();
-        let result = request
-            .as_reader()
+        let result = MinRate::new(request.as_reader())
             .take(MAX_JSON as u64 + 1)
             .read_to_end(&mut body)
             .map(|_| body)
@@ -266,6 +266,8 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// Its Content-Type.
     pub content_type: &'static str,
+    /// Further headers.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
@@ -275,6 +277,7 @@ impl Reply {
             status,
             body: serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()),
             content_type: "application/json",
+            headers: Vec::new(),
         }
     }
 
@@ -284,6 +287,7 @@ impl Reply {
             status,
             body: body.into(),
             content_type: "text/plain; charset=utf-8",
+            headers: Vec::new(),
         }
     }
 
@@ -293,6 +297,7 @@ impl Reply {
             status,
             body: Vec::new(),
             content_type: "text/plain; charset=utf-8",
+            headers: Vec::new(),
         }
     }
 
@@ -334,14 +339,37 @@ fn handle(shared: &Shared, mut request: Request) {
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let token = bearer(&request);
+    let peer = request.remote_addr().map(|a| a.ip());
+    let logins = core.env.logins();
+    if let (Some(_), Some(ip)) = (&token, peer) {
+        if let Err(wait) = logins.check(ip, now_ms()) {
+            // Refused unchecked, whatever the token: a guess made now tells nothing.
+            let mut reply = Reply::error(
+                429,
+                "too_many_requests",
+                "too many failed logins from this address: retry later",
+            );
+            reply
+                .headers
+                .push(("Retry-After", wait.div_ceil(1000).to_string()));
+            return respond(request, reply);
+        }
+    }
     let admin = token
         .as_ref()
         .map(|t| Sha256::digest(t.as_bytes()).ct_eq(admin_hash).into())
         .unwrap_or(false);
-    let user = !admin
-        && token
-            .as_ref()
-            .is_some_and(|t| matches!(core.authenticate(t), Ok(Some(_))));
+    let known = |t: &String| core.authenticate(t);
+    let user = match token.as_ref().filter(|_| !admin).map(known) {
+        Some(Ok(Some(_))) => true,
+        Some(Ok(None)) => {
+            if let Some(ip) = peer {
+                logins.failed(ip, now_ms());
+            }
+            false
+        }
+        _ => false,
+    };
     if path == "/v1/files" || path.starts_with("/v1/files/") {
         // Files stream their bodies: they never go through the JSON reader.
         files.handle(core, admin, request);
@@ -383,8 +411,103 @@ pub fn respond(request: Request, reply: Reply) {
     if let Ok(h) = Header::from_bytes("Content-Type", reply.content_type) {
         response.add_header(h);
     }
+    for (name, value) in &reply.headers {
+        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response.add_header(h);
+        }
+    }
     if let Err(e) = request.respond(response) {
         tracing::debug!(error = %e, "http response failed");
+    }
+}
+
+/// Connections the HTTP listener takes at most, in all and per address,
+/// checked on its accept thread (each open connection holds a thread).
+fn admission(config: &Config) -> tiny_http::Admit {
+    /// Refusals at `http_max_connections`, logged once per interval.
+    static AT_CAPACITY: Summary =
+        Summary::new("HTTP connections refused: http_max_connections reached");
+    let per_address = Conns::new(
+        config.http_max_connections_per_ip,
+        0,
+        "HTTP connections refused: over http_max_connections_per_ip",
+    );
+    let open = Arc::new(AtomicUsize::new(0));
+    let max = config.http_max_connections;
+    Box::new(move |peer| {
+        if open.fetch_add(1, Ordering::AcqRel) >= max {
+            open.fetch_sub(1, Ordering::AcqRel);
+            AT_CAPACITY.note(now_ms());
+            return None;
+        }
+        let mut slot = HttpSlot {
+            open: open.clone(),
+            _ticket: None,
+        };
+        match peer.map(|p| per_address.admit(p.ip())) {
+            Some(Err(_)) => {
+                per_address.refused.note(now_ms());
+                return None; // `slot` gives its place back
+            }
+            Some(Ok(ticket)) => slot._ticket = Some(ticket),
+            None => {}
+        }
+        Some(Box::new(slot))
+    })
+}
+
+/// One admitted HTTP connection.
+struct HttpSlot {
+    open: Arc<AtomicUsize>,
+    _ticket: Option<Ticket>,
+}
+
+impl Drop for HttpSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The slowest a request body may arrive, on average, after [`BODY_GRACE`]:
+/// a client that sends slower is cut off, so it cannot hold a handler
+/// thread for long (a 100 MiB upload at this rate takes under four hours;
+/// at 1 Mbit/s, 14 minutes).
+pub const MIN_BODY_RATE: u64 = 8 * 1024;
+/// Time a body may take before [`MIN_BODY_RATE`] applies.
+pub const BODY_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A body reader that fails with `TimedOut` once the body falls behind
+/// [`MIN_BODY_RATE`] (after [`BODY_GRACE`]). Each read can still wait one
+/// socket read timeout (10 s), so the bound is the rate plus 10 s.
+pub struct MinRate<R> {
+    inner: R,
+    started: std::time::Instant,
+    read: u64,
+}
+
+impl<R> MinRate<R> {
+    /// Starts the clock.
+    pub fn new(inner: R) -> MinRate<R> {
+        MinRate {
+            inner,
+            started: std::time::Instant::now(),
+            read: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for MinRate<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let allowed = BODY_GRACE + std::time::Duration::from_secs(self.read / MIN_BODY_RATE);
+        if self.started.elapsed() > allowed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request body arrives too slowly",
+            ));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
     }
 }
 

@@ -5,6 +5,7 @@ use std::net::Shutdown;
 
 use mio::net::TcpStream;
 
+use crate::admission::Ticket;
 use crate::session::Session;
 use crate::wire::Deframer;
 
@@ -50,9 +51,16 @@ pub struct Conn {
     pub scheduled: u64,
     /// `conn` span for logs.
     pub span: tracing::Span,
+    /// Its place in the per-address limits (freed when the connection is dropped).
+    pub ticket: Ticket,
 }
 
 impl Conn {
+    /// Open, and not logged in yet.
+    pub fn waiting_to_log_in(&self) -> bool {
+        self.phase == Phase::Open && !self.session.is_authenticated()
+    }
+
     /// Unsent output, bytes.
     pub fn pending_out(&self) -> usize {
         self.out.len() - self.out_pos

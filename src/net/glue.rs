@@ -9,6 +9,7 @@ use crossbeam::queue::SegQueue;
 use mio::Waker;
 
 use super::Notice;
+use crate::admission::{Conns, Logins};
 use crate::commit::{Commit, Full, Request};
 use crate::config::Config;
 use crate::directory::{Directory, User};
@@ -89,11 +90,19 @@ pub struct Glue {
     pub metrics: Arc<Metrics>,
     /// The event loops, as mailboxes see them.
     pub notify: Arc<dyn Notify>,
+    /// Per-address limits of the protocol listener.
+    pub conns: Arc<Conns>,
+    /// Failed logins per address (shared with the HTTP listener).
+    pub logins: Arc<Logins>,
 }
 
 impl Env for Glue {
     fn config(&self) -> &Config {
         &self.config
+    }
+
+    fn logins(&self) -> &Logins {
+        &self.logins
     }
 
     fn directory(&self) -> &Directory {

@@ -25,12 +25,14 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 pub use glue::{Glue, Loops, WorkerHandle};
 
+use crate::admission::{Summary, Ticket};
+use crate::clock::now_ms;
 use crate::mailbox::{Answer, ConnRef};
 
 /// What other threads tell an event loop.
 pub enum Notice {
     /// A new connection from the acceptor.
-    Accepted(TcpStream),
+    Accepted(TcpStream, Ticket),
     /// The connection's mailbox has something (or was closed).
     Mailbox(ConnRef),
     /// The commit thread answered a SEND from this connection.
@@ -126,6 +128,9 @@ impl Net {
     }
 }
 
+/// Connections refused at `max_connections`, logged once per interval.
+static AT_CAPACITY: Summary = Summary::new("protocol connections refused: max_connections reached");
+
 fn accept_loop(
     glue: &Glue,
     loops: &Loops,
@@ -156,12 +161,22 @@ fn accept_loop(
                     let open = metrics.connections.load(Ordering::Relaxed);
                     if open >= glue.config.max_connections as u64 {
                         tracing::debug!(%peer, open, "max_connections reached: connection refused");
+                        AT_CAPACITY.note(now_ms());
                         drop(stream);
                         continue;
                     }
+                    let ticket = match glue.conns.admit(peer.ip()) {
+                        Ok(ticket) => ticket,
+                        Err(why) => {
+                            tracing::debug!(%peer, ?why, "connection refused");
+                            glue.conns.refused.note(now_ms());
+                            drop(stream);
+                            continue;
+                        }
+                    };
                     metrics.connections.fetch_add(1, Ordering::Relaxed);
                     let worker = next.fetch_add(1, Ordering::Relaxed) % loops.len().max(1);
-                    loops.post(worker, Notice::Accepted(stream));
+                    loops.post(worker, Notice::Accepted(stream, ticket));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -25,6 +25,7 @@ use slab::Slab;
 
 use super::conn::{Conn, Phase};
 use super::{Glue, Loops, Notice, WAKER};
+use crate::admission::{Summary, Ticket};
 use crate::clock::now_ms;
 use crate::mailbox::ConnRef;
 use crate::session::{Ctx, Flow, Session};
@@ -39,6 +40,10 @@ const NOTICE_BATCH: usize = 1024;
 /// Deliver-flush rounds for one connection before others get their turn
 /// (a peer that reads as fast as we write would otherwise hold the loop).
 const ROUNDS: usize = 8;
+
+/// Connections closed to make room for newer ones waiting to log in.
+static EVICTED: Summary =
+    Summary::new("connections closed before HELLO: max_unauthenticated reached");
 
 /// Connection generations, unique for the life of the process.
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -58,6 +63,11 @@ struct Worker {
     timers: BinaryHeap<Reverse<(u64, usize, u64)>>,
     /// Connections with deliveries left after their [`ROUNDS`].
     ready: VecDeque<(usize, u64)>,
+    /// Connections in accept order, to find the oldest one that has not
+    /// logged in (entries for others are skipped, and pruned now and then).
+    waiting: VecDeque<(usize, u64)>,
+    /// This loop's open connections that have not logged in.
+    unauthenticated: usize,
 }
 
 /// Runs an event loop until it receives [`Notice::Shutdown`].
@@ -71,6 +81,8 @@ pub fn run(glue: Arc<Glue>, loops: Arc<Loops>, index: usize, poll: Poll) {
         scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         timers: BinaryHeap::new(),
         ready: VecDeque::new(),
+        waiting: VecDeque::new(),
+        unauthenticated: 0,
     };
     let mut events = Events::with_capacity(1024);
     let mut busy = false;
@@ -115,7 +127,7 @@ impl Worker {
                 return Some(false);
             };
             match notice {
-                Notice::Accepted(stream) => self.accept(stream),
+                Notice::Accepted(stream, ticket) => self.accept(stream, ticket),
                 Notice::Mailbox(conn) => {
                     if let Some(t) = self.live(conn) {
                         self.with_session(t, |s, ctx| s.handle_mailbox(ctx));
@@ -145,9 +157,10 @@ impl Worker {
             .map(|_| conn.token)
     }
 
-    fn accept(&mut self, mut stream: mio::net::TcpStream) {
+    fn accept(&mut self, mut stream: mio::net::TcpStream, ticket: Ticket) {
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().ok();
+        self.make_room_to_log_in();
         let entry = self.conns.vacant_entry();
         let token = entry.key();
         if let Err(e) = self
@@ -172,7 +185,8 @@ impl Worker {
             deframer: Deframer::new(config.max_frame),
             out: Vec::new(),
             out_pos: 0,
-            session: Session::new(now_ms(), config),
+            session: Session::new(now_ms(), config, peer.map(|p| p.ip())),
+            ticket,
             read_paused: false,
             write_interest: false,
             phase: Phase::Open,
@@ -180,7 +194,57 @@ impl Worker {
             scheduled: u64::MAX,
             span,
         });
+        self.waiting.push_back((token, generation));
+        self.unauthenticated += 1;
         self.schedule(token);
+    }
+
+    /// Keeps this loop's connections that have not logged in below its share
+    /// of `max_unauthenticated`, by closing the oldest of them: silent
+    /// sockets then never keep a new client from logging in, it only has to
+    /// send HELLO before newer sockets push it out.
+    fn make_room_to_log_in(&mut self) {
+        let share = (self.glue.config.max_unauthenticated / self.loops.len().max(1)).max(1);
+        while self.unauthenticated >= share {
+            let Some((t, generation)) = self.waiting.pop_front() else {
+                break;
+            };
+            let waiting = self
+                .conns
+                .get(t)
+                .is_some_and(|c| c.generation == generation && c.waiting_to_log_in());
+            if waiting {
+                EVICTED.note(now_ms());
+                self.with_session(t, |_, ctx| {
+                    ctx.fatal(
+                        ErrorCode::NOT_AUTHENTICATED,
+                        "too many connections waiting to log in: send HELLO at once",
+                    )
+                });
+                self.logged_in_or_gone(t);
+                self.after(t);
+            }
+        }
+    }
+
+    /// Takes connection `t` out of the count of those waiting to log in, if
+    /// it was in it (it logged in, or it is closing or gone).
+    fn logged_in_or_gone(&mut self, t: usize) {
+        if let Some(conn) = self.conns.get_mut(t) {
+            if conn.ticket.is_unauthenticated() {
+                conn.ticket.authenticated();
+                self.unauthenticated -= 1;
+            }
+        }
+        // `waiting` keeps the stale entry; drop such entries before they pile up.
+        if self.waiting.len() > 2 * self.unauthenticated + 64 {
+            let conns = &self.conns;
+            self.waiting.retain(|&(t, g)| {
+                conns
+                    .get(t)
+                    .is_some_and(|c| c.generation == g && c.waiting_to_log_in())
+            });
+        }
     }
 
     /// Runs a session call with a fresh context; a `Close` starts closing.
@@ -204,8 +268,12 @@ impl Worker {
             now,
             me,
         };
-        if f(&mut conn.session, &mut ctx) == Flow::Close {
+        let flow = f(&mut conn.session, &mut ctx);
+        if flow == Flow::Close {
             conn.start_closing(now);
+        }
+        if conn.ticket.is_unauthenticated() && !conn.waiting_to_log_in() {
+            self.logged_in_or_gone(t);
         }
     }
 
@@ -481,6 +549,7 @@ impl Worker {
         if !self.conns.contains(t) {
             return;
         }
+        self.logged_in_or_gone(t);
         let mut conn = self.conns.remove(t);
         conn.session.on_close();
         let _ = self.poll.registry().deregister(&mut conn.stream);

@@ -37,10 +37,12 @@ mod deliver;
 mod receipts;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 pub use accept::{Dest, Outcome};
 
+use crate::admission::Logins;
 use crate::commit::{Full, Request};
 use crate::config::Config;
 use crate::directory::{Directory, User};
@@ -70,6 +72,8 @@ pub trait Env {
     fn metrics(&self) -> &Metrics;
     /// How mailboxes wake their event loops.
     fn notify(&self) -> &Arc<dyn Notify>;
+    /// Failed logins per client address (the back-off).
+    fn logins(&self) -> &Logins;
     /// The user a token authenticates (a store read).
     fn authenticate(&self, token: &str, now: u64) -> Result<Option<Arc<User>>, StoreError>;
     /// Up to `budget` stored items of `user` past `cursors`, in (priority,
@@ -168,6 +172,9 @@ pub struct Session {
     keepalive: u32,
     /// SENDs at the commit thread, not yet answered.
     pending_sends: usize,
+    /// The client's address, for the failed-login back-off (`None`: not
+    /// known, e.g. a test).
+    peer: Option<IpAddr>,
 }
 
 /// The state of an authenticated session (boxed: an idle unauthenticated
@@ -199,8 +206,9 @@ struct Active {
 
 impl Session {
     /// A fresh connection at time `now`.
-    pub fn new(now: u64, config: &Config) -> Session {
+    pub fn new(now: u64, config: &Config, peer: Option<IpAddr>) -> Session {
         Session {
+            peer,
             active: None,
             last_read: now,
             hello_deadline: now + u64::from(config.hello_timeout) * 1000,
@@ -289,13 +297,26 @@ impl Session {
         if hello.client.is_some_and(|c| c.len() > MAX_TEXT) {
             return ctx.fatal(ErrorCode::PROTOCOL_ERROR, "CLIENT longer than 1024 bytes");
         }
+        if let Some(Err(wait)) = self.peer.map(|ip| ctx.env.logins().check(ip, ctx.now)) {
+            // Refused unchecked: a guess made now tells nothing.
+            let reason = format!(
+                "too many failed logins from this address: retry in {} s",
+                wait.div_ceil(1000)
+            );
+            return ctx.fatal(ErrorCode::AUTH_FAILED, &reason);
+        }
         let user = match hello.token.map(|t| ctx.env.authenticate(t, ctx.now)) {
             Some(Ok(Some(user))) => user,
             Some(Err(e)) => {
                 tracing::error!(error = %e, "token look-up failed");
                 return ctx.fatal(ErrorCode::AUTH_FAILED, "token could not be checked");
             }
-            _ => return ctx.fatal(ErrorCode::AUTH_FAILED, "unknown, expired or revoked token"),
+            _ => {
+                if let Some(ip) = self.peer {
+                    ctx.env.logins().failed(ip, ctx.now);
+                }
+                return ctx.fatal(ErrorCode::AUTH_FAILED, "unknown, expired or revoked token");
+            }
         };
         let max = ctx.env.config().keepalive;
         self.keepalive = match hello.keepalive {

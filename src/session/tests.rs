@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use super::*;
+use crate::admission::FREE_FAILURES;
 use crate::commit::ReplyTo;
 use crate::directory::{Member, SEQ_BOOT_SHIFT};
 use crate::mailbox::DURABLE_CAPACITY;
@@ -49,6 +50,8 @@ struct FakeEnv {
     broken: Cell<bool>,
     /// Inbox scans made.
     scans: Cell<usize>,
+    /// The failed-login back-off.
+    logins: Logins,
 }
 
 impl FakeEnv {
@@ -66,6 +69,7 @@ impl FakeEnv {
             full: Cell::new(false),
             broken: Cell::new(false),
             scans: Cell::new(0),
+            logins: Logins::default(),
         };
         env.with_users(&["alice", "bob", "carol"])
     }
@@ -102,6 +106,9 @@ impl FakeEnv {
 impl Env for FakeEnv {
     fn config(&self) -> &Config {
         &self.config
+    }
+    fn logins(&self) -> &Logins {
+        &self.logins
     }
     fn directory(&self) -> &Directory {
         &self.dir
@@ -185,7 +192,7 @@ struct Conn {
 impl Conn {
     fn new(env: &FakeEnv, token: usize) -> Conn {
         Conn {
-            session: Session::new(T0, &env.config),
+            session: Session::new(T0, &env.config, None),
             out: Vec::new(),
             backlog: Vec::new(),
             me: ConnRef {
@@ -368,6 +375,35 @@ fn a_wrong_or_missing_version_is_unsupported() {
         assert_eq!(c.frame(&env, Frame::Hello(hello)), Flow::Close);
         assert_eq!(c.error(), Some(ErrorCode::UNSUPPORTED_VERSION));
     }
+}
+
+#[test]
+fn an_address_that_keeps_failing_is_refused_unchecked_for_a_while() {
+    let env = FakeEnv::new();
+    let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let conn_from = |token: usize, ip| {
+        let mut c = Conn::new(&env, token);
+        c.session = Session::new(T0, &env.config, Some(ip));
+        c
+    };
+    for t in 0..=FREE_FAILURES as usize {
+        let mut c = conn_from(t, ip);
+        assert_eq!(c.hello(&env, "tok-mallory"), Flow::Close);
+        assert_eq!(c.error(), Some(ErrorCode::AUTH_FAILED));
+    }
+    // Backing off: even a good token is refused, without being looked at.
+    let mut c = conn_from(100, ip);
+    assert_eq!(c.hello(&env, "tok-alice"), Flow::Close);
+    assert_eq!(c.error(), Some(ErrorCode::AUTH_FAILED));
+    assert!(env.dir.user("alice").unwrap().attached.load().is_none());
+    // Another address logs in; and so does this one once the wait is over.
+    let mut c = conn_from(101, "192.0.2.8".parse().unwrap());
+    c.hello(&env, "tok-alice");
+    assert!(c.session.is_authenticated());
+    let mut c = conn_from(102, ip);
+    c.now = T0 + 1000;
+    c.hello(&env, "tok-alice");
+    assert!(c.session.is_authenticated());
 }
 
 #[test]

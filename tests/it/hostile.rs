@@ -22,7 +22,8 @@ fn slow_uploads_do_not_stall_the_api() {
     /// buffer of 0.64 MiB or more per connection would break it.
     const RSS_GROWTH_KIB: u64 = 64 * 1024;
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    // 100 uploads from one address: above the per-address default.
+    let server = TestServer::start_with(dir.path(), &["--http-max-connections-per-ip", "200"]);
     let token = server.user("alice");
     let rss_before = server.rss_kib();
     assert!(rss_before > 0, "VmRSS read as 0");
@@ -38,13 +39,14 @@ fn slow_uploads_do_not_stall_the_api() {
             let upload = std::thread::spawn(move || {
                 let mut s = request("POST", "/v1/files")
                     .bearer(Some(&token))
-                    .header("Content-Length", "100000")
+                    .header("Content-Length", "100000000")
                     .open(addr)
                     .expect("start upload");
-                // A slow writer: 100 bytes every 200 ms until told to give
-                // up, without finishing the body.
+                // A slow writer: 2 KiB every 200 ms (above the minimum
+                // body rate, 8 KiB/s) until told to give up, without
+                // finishing the body.
                 while !give_up.load(Ordering::Relaxed) {
-                    if s.write_all(&[b'x'; 100]).is_err() {
+                    if s.write_all(&[b'x'; 2048]).is_err() {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(200));

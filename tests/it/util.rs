@@ -46,7 +46,12 @@ impl TestServer {
             .arg("--data-dir")
             .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            .args(["--admin-token", ADMIN, "--log", "tern=warn"])
+            .args(["--admin-token", ADMIN])
+            .args(
+                ["--log", "tern=warn"]
+                    .iter()
+                    .filter(|_| !args.iter().any(|a| a == "--log")),
+            )
             .args(&args)
             .env_remove("TERN_CONFIG")
             .stdin(Stdio::null())
@@ -462,6 +467,8 @@ pub struct HttpRequest<'a> {
     body: &'a [u8],
     /// Read and write timeout of the socket.
     timeout: Duration,
+    /// Local address to connect from (`None`: the system's choice).
+    from: Option<std::net::IpAddr>,
 }
 
 /// Starts an HTTP request (no body, no token, 60 s timeouts).
@@ -473,6 +480,7 @@ pub fn request<'a>(method: &'a str, path: &'a str) -> HttpRequest<'a> {
         headers: Vec::new(),
         body: &[],
         timeout: Duration::from_secs(60),
+        from: None,
     }
 }
 
@@ -502,6 +510,14 @@ impl<'a> HttpRequest<'a> {
     }
 
     /// The socket's read and write timeout.
+    /// Connects from local address `ip` (another loopback address, so that
+    /// per-address limits see another client).
+    pub fn from(mut self, ip: &str) -> Self {
+        self.from = Some(ip.parse().expect("an IP address"));
+        self
+    }
+
+    /// Read and write timeout of the socket (60 s unless set).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -524,10 +540,15 @@ impl<'a> HttpRequest<'a> {
     }
 
     fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let s = TcpStream::connect(addr)?;
+        let s = tern::client::connect(addr, self.from, self.timeout)?;
         s.set_read_timeout(Some(self.timeout))?;
         s.set_write_timeout(Some(self.timeout))?;
         Ok(s)
+    }
+
+    /// Only connects (with the timeouts set): the caller writes it all.
+    pub fn connect_only(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        self.connect(addr)
     }
 
     /// Connects and writes the head; the caller writes the body and reads

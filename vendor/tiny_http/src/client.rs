@@ -51,6 +51,11 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// JSON body, so that one refused unread (401, 503) is taken whole.
 const LINGER_BYTES: usize = 8 << 20;
 
+/// tern patch (see vendor/README.md): a request's line and headers must all
+/// arrive within this time of its first byte (plus, at worst, one read
+/// timeout for the byte that comes too late), however they trickle in.
+const HEAD_TIME: Duration = Duration::from_secs(10);
+
 /// Error that can happen when reading a request.
 #[derive(Debug)]
 enum ReadError {
@@ -93,7 +98,7 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    fn read_next_line(&mut self, deadline: &mut Option<Instant>) -> IoResult<AsciiString> {
         // tern patch (see vendor/README.md).
         const MAX_LINE: usize = 64 * 1024;
         let mut buf = Vec::new();
@@ -101,6 +106,15 @@ impl ClientConnection {
 
         loop {
             let byte = self.next_header_source.by_ref().bytes().next();
+            // tern patch (see vendor/README.md): the whole head must arrive
+            // within HEAD_TIME of its first byte.
+            match deadline {
+                None => *deadline = Some(Instant::now() + HEAD_TIME),
+                Some(d) if Instant::now() > *d => {
+                    return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"))
+                }
+                Some(_) => {}
+            }
 
             let byte = match byte {
                 Some(b) => b?,
@@ -128,10 +142,13 @@ impl ClientConnection {
     fn read(&mut self) -> Result<Request, ReadError> {
         // tern patch (see vendor/README.md).
         const MAX_HEADERS: usize = 128;
+        let mut deadline = None;
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self
+                    .read_next_line(&mut deadline)
+                    .map_err(ReadError::ReadIoError)?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -142,7 +159,9 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self
+                        .read_next_line(&mut deadline)
+                        .map_err(ReadError::ReadIoError)?;
 
                     if line.is_empty() {
                         break;

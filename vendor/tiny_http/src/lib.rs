@@ -98,7 +98,7 @@ use std::error::Error;
 use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
@@ -124,6 +124,10 @@ mod response;
 mod ssl;
 mod test;
 mod util;
+
+/// tern patch (see vendor/README.md): an admission check for
+/// `Server::from_listener_admitting`.
+pub type Admit = Box<dyn Fn(Option<SocketAddr>) -> Option<Box<dyn Send>> + Send>;
 
 /// The main class of this library.
 ///
@@ -243,6 +247,18 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_admitting(listener, ssl_config, Box::new(|_| Some(Box::new(()))))
+    }
+
+    /// tern patch (see vendor/README.md): like `from_listener`, with an
+    /// admission check. The accept thread calls `admit` with each client's
+    /// address; `None` closes the connection at once, `Some(guard)` keeps
+    /// the guard until the connection is done (drop it to free the place).
+    pub fn from_listener_admitting<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        admit: Admit,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
@@ -291,8 +307,14 @@ impl Server {
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
+                let mut guard = None;
                 let new_client = match server.accept() {
-                    Ok((sock, _)) => {
+                    Ok((sock, peer)) => {
+                        // tern patch (see vendor/README.md): admission.
+                        guard = admit(peer);
+                        if guard.is_none() {
+                            continue; // `sock` is dropped: closed
+                        }
                         use util::RefinedTcpStream;
                         // tern patch (see vendor/README.md): a client that
                         // stops sending or reading holds its thread 10 s / 30 s
@@ -331,7 +353,10 @@ impl Server {
                     Ok(client) => {
                         let messages = inside_messages.clone();
                         let mut client = Some(client);
+                        let mut guard = guard.take();
                         tasks_pool.spawn(Box::new(move || {
+                            // Held while the connection lives.
+                            let _guard = guard.take();
                             if let Some(client) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
