@@ -252,6 +252,7 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
             Ok(first) => requests.push(first),
             Err(RecvTimeoutError::Timeout) => {
                 upkeep.run(c);
+                upkeep.idle(c);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return,
@@ -264,6 +265,7 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
         }
         upkeep.run(c);
         commit_batch(c, &mut requests);
+        upkeep.busy = true;
     }
 }
 
@@ -280,6 +282,8 @@ struct Upkeep {
     last_reopen: Instant,
     /// The last health verdict, to log transitions only.
     healthy: bool,
+    /// Batches were written since the last [`Upkeep::idle`].
+    busy: bool,
 }
 
 impl Upkeep {
@@ -289,6 +293,17 @@ impl Upkeep {
             last_check: long_ago,
             last_reopen: long_ago,
             healthy: true,
+            busy: false,
+        }
+    }
+
+    /// Nothing to commit for [`UPKEEP_INTERVAL`]: after a busy spell, give
+    /// the memory freed meanwhile back to the OS (once per spell).
+    fn idle(&mut self, c: &Committer) {
+        if std::mem::take(&mut self.busy) {
+            if let Err(e) = c.store.compact_memory() {
+                tracing::debug!(error = %e, "idle memtable flush failed");
+            }
         }
     }
 
