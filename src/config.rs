@@ -573,6 +573,10 @@ config_keys! {
     /// closed at accept. 0 = no limit.
     http_max_connections_per_ip: u32 = 64, env "TERN_HTTP_MAX_CONNECTIONS_PER_IP";
 
+    /// Comma-separated `Origin` values allowed to open `/v1/ws` (the
+    /// WebSocket transport on `listen`); `*` allows any.
+    ws_allowed_origins: String = String::from("*"), env "TERN_WS_ALLOWED_ORIGINS";
+
     /// Unsent output per connection, in bytes, above which the server stops
     /// producing for and reading from that connection (at least 65536).
     conn_buffer: usize = 1_048_576, env "TERN_CONN_BUFFER";

@@ -10,6 +10,7 @@
 //! Every error is JSON: `{"error": "<snake_case>", "message": "<text>"}`.
 
 pub mod api;
+mod assets;
 pub mod files;
 mod metrics;
 
@@ -338,6 +339,9 @@ fn handle(shared: &Shared, mut request: Request) {
     let (core, files, admin_hash) = (&*shared.core, &*shared.files, &shared.admin[..]);
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    if let Some(reply) = assets::serve(*request.method() == Method::Get, path) {
+        return respond(request, reply);
+    }
     let token = bearer(&request);
     let peer = request.remote_addr().map(|a| a.ip());
     let logins = core.env.logins();

@@ -5,6 +5,7 @@ use std::net::Shutdown;
 
 use mio::net::TcpStream;
 
+use super::ws::Ws;
 use crate::admission::Ticket;
 use crate::session::Session;
 use crate::wire::Deframer;
@@ -53,6 +54,14 @@ pub struct Conn {
     pub span: tracing::Span,
     /// Its place in the per-address limits (freed when the connection is dropped).
     pub ticket: Ticket,
+    /// Whether the first byte has been seen: `G` makes it a WebSocket.
+    pub sniffed: bool,
+    /// The WebSocket transport, for a connection that began with `GET`.
+    pub ws: Option<Box<Ws>>,
+    /// How much of the WebSocket's output the socket has taken.
+    pub ws_pos: usize,
+    /// Whether the WebSocket Close frame is queued.
+    pub ws_closed: bool,
 }
 
 impl Conn {
@@ -63,11 +72,30 @@ impl Conn {
 
     /// Unsent output, bytes.
     pub fn pending_out(&self) -> usize {
-        self.out.len() - self.out_pos
+        let ws = match &self.ws {
+            Some(ws) => ws.output_len() - self.ws_pos,
+            None => 0,
+        };
+        self.out.len() - self.out_pos + ws
     }
 
     /// Writes pending output until done or `WouldBlock`. Returns bytes written.
+    /// Over a WebSocket, the frames written since the last flush go out as
+    /// one binary message (and, once closing, a Close frame after them).
     pub fn flush(&mut self) -> io::Result<usize> {
+        if let Some(ws) = &mut self.ws {
+            if ws.is_open() && self.out_pos < self.out.len() {
+                ws.send(&self.out[self.out_pos..]);
+            }
+            // Nothing of the protocol goes out before the upgrade.
+            self.out.clear();
+            self.out_pos = 0;
+            if self.phase != Phase::Open && !self.ws_closed {
+                ws.close(false);
+                self.ws_closed = true;
+            }
+            return write_all_or_block(&mut self.stream, ws.output(), &mut self.ws_pos);
+        }
         let mut written = 0;
         while self.out_pos < self.out.len() {
             match self.stream.write(&self.out[self.out_pos..]) {
@@ -96,6 +124,7 @@ impl Conn {
     }
 
     /// Starts closing at `now`: flush what is written, then shut down.
+    /// (Over a WebSocket, the next flush adds the Close frame.)
     pub fn start_closing(&mut self, now: u64) {
         if self.phase == Phase::Open {
             self.phase = Phase::Closing;
@@ -116,4 +145,35 @@ impl Conn {
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(Shutdown::Write);
     }
+}
+
+/// Writes `buf[*pos..]` until done or `WouldBlock`; a buffer written to its
+/// end is emptied (and released, if it had grown past 64 KiB). Returns bytes
+/// written.
+fn write_all_or_block(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    pos: &mut usize,
+) -> io::Result<usize> {
+    let mut written = 0;
+    while *pos < buf.len() {
+        match stream.write(&buf[*pos..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                *pos += n;
+                written += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    if *pos == buf.len() {
+        buf.clear();
+        *pos = 0;
+        if buf.capacity() > 64 * 1024 {
+            *buf = Vec::new();
+        }
+    }
+    Ok(written)
 }

@@ -13,6 +13,7 @@
 mod conn;
 pub mod glue;
 pub mod worker;
+pub mod ws;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

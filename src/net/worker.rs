@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::conn::{Conn, Phase};
+use super::ws::Incoming;
 use super::{Glue, Loops, Notice, WAKER};
 use crate::admission::{Summary, Ticket};
 use crate::clock::now_ms;
@@ -68,6 +69,8 @@ struct Worker {
     waiting: VecDeque<(usize, u64)>,
     /// This loop's open connections that have not logged in.
     unauthenticated: usize,
+    /// `ws_allowed_origins`, split.
+    origins: Vec<String>,
 }
 
 /// Runs an event loop until it receives [`Notice::Shutdown`].
@@ -83,7 +86,16 @@ pub fn run(glue: Arc<Glue>, loops: Arc<Loops>, index: usize, poll: Poll) {
         ready: VecDeque::new(),
         waiting: VecDeque::new(),
         unauthenticated: 0,
+        origins: Vec::new(),
     };
+    worker.origins = worker
+        .glue
+        .config
+        .ws_allowed_origins
+        .split(',')
+        .map(|o| o.trim().to_owned())
+        .filter(|o| !o.is_empty())
+        .collect();
     let mut events = Events::with_capacity(1024);
     let mut busy = false;
     loop {
@@ -187,6 +199,10 @@ impl Worker {
             out_pos: 0,
             session: Session::new(now_ms(), config, peer.map(|p| p.ip())),
             ticket,
+            sniffed: false,
+            ws: None,
+            ws_pos: 0,
+            ws_closed: false,
             read_paused: false,
             write_interest: false,
             phase: Phase::Open,
@@ -324,7 +340,17 @@ impl Worker {
                     let m = &self.glue.metrics;
                     m.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     conn.session.on_read(now_ms());
-                    self.frames(t, n);
+                    if !conn.sniffed {
+                        conn.sniffed = true;
+                        if self.scratch[0] == b'G' {
+                            conn.ws = Some(Box::default());
+                        }
+                    }
+                    if conn.ws.is_some() {
+                        self.ws_input(t, n);
+                    } else {
+                        self.frames(t, n);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -337,49 +363,79 @@ impl Worker {
         }
     }
 
+    /// Runs the WebSocket bytes in `scratch[..n]` through the connection's
+    /// WebSocket: each binary message's frames through the deframer and the
+    /// session, as over TCP. A message must end on a frame boundary.
+    fn ws_input(&mut self, t: usize, n: usize) {
+        let mut incoming = Vec::new();
+        {
+            let Some(conn) = self.conns.get_mut(t) else {
+                return;
+            };
+            let Some(ws) = conn.ws.as_mut() else {
+                return;
+            };
+            let config = &self.glue.config;
+            ws.receive(
+                &self.scratch[..n],
+                &self.origins,
+                config.max_frame,
+                &mut incoming,
+            );
+        }
+        for item in incoming {
+            match item {
+                Incoming::Frames(data) => {
+                    self.feed(t, &data);
+                    let partial = self
+                        .conns
+                        .get(t)
+                        .is_some_and(|c| c.phase == Phase::Open && c.deframer.buffered() > 0);
+                    if partial {
+                        self.with_session(t, |_, ctx| {
+                            ctx.fatal(
+                                ErrorCode::PROTOCOL_ERROR,
+                                "a WebSocket message ended inside a frame",
+                            )
+                        });
+                    }
+                }
+                Incoming::Closed => {
+                    if let Some(conn) = self.conns.get_mut(t) {
+                        conn.start_closing(now_ms());
+                    }
+                }
+                Incoming::Violation(reason) => {
+                    let code = if reason.starts_with("message too large") {
+                        ErrorCode::FRAME_TOO_LARGE
+                    } else {
+                        ErrorCode::PROTOCOL_ERROR
+                    };
+                    self.with_session(t, |_, ctx| ctx.fatal(code, &reason));
+                }
+            }
+            if self.conns.get(t).is_none_or(|c| c.phase != Phase::Open) {
+                return;
+            }
+        }
+    }
+
     /// Runs the frames in `scratch[..n]` through the connection's deframer
     /// and session.
     fn frames(&mut self, t: usize, n: usize) {
         let Some(conn) = self.conns.get_mut(t) else {
             return;
         };
-        let me = ConnRef {
-            worker: self.index,
-            token: t,
-            generation: conn.generation,
+        feed(&self.glue, self.index, t, conn, &self.scratch[..n]);
+    }
+
+    /// Runs the frames in `bytes` (a WebSocket message) through the
+    /// connection's deframer and session.
+    fn feed(&mut self, t: usize, bytes: &[u8]) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
         };
-        let _span = conn.span.clone().entered();
-        let Conn {
-            deframer,
-            session,
-            out,
-            ..
-        } = conn;
-        let now = now_ms();
-        let mut ctx = Ctx {
-            env: &*self.glue,
-            out,
-            now,
-            me,
-        };
-        let mut flow = Flow::Continue;
-        let mut frames = 0u64;
-        let fed = deframer.feed(&self.scratch[..n], |frame| {
-            frames += 1;
-            flow = session.handle_frame(&mut ctx, frame);
-            match flow {
-                Flow::Continue => ControlFlow::Continue(()),
-                Flow::Close => ControlFlow::Break(()),
-            }
-        });
-        if let Err(e) = fed {
-            flow = ctx.fatal(e.code(), &e.to_string());
-        }
-        let m = &self.glue.metrics;
-        m.frames_in.fetch_add(frames, Ordering::Relaxed);
-        if flow == Flow::Close {
-            conn.start_closing(now);
-        }
+        feed(&self.glue, self.index, t, conn, bytes);
     }
 
     fn flush(&mut self, t: usize) {
@@ -573,5 +629,46 @@ impl Worker {
             }
             self.close(t);
         }
+    }
+}
+
+/// Runs `bytes` through a connection's deframer and session.
+fn feed(glue: &Arc<Glue>, index: usize, t: usize, conn: &mut Conn, bytes: &[u8]) {
+    let me = ConnRef {
+        worker: index,
+        token: t,
+        generation: conn.generation,
+    };
+    let _span = conn.span.clone().entered();
+    let Conn {
+        deframer,
+        session,
+        out,
+        ..
+    } = conn;
+    let now = now_ms();
+    let mut ctx = Ctx {
+        env: &**glue,
+        out,
+        now,
+        me,
+    };
+    let mut flow = Flow::Continue;
+    let mut frames = 0u64;
+    let fed = deframer.feed(bytes, |frame| {
+        frames += 1;
+        flow = session.handle_frame(&mut ctx, frame);
+        match flow {
+            Flow::Continue => ControlFlow::Continue(()),
+            Flow::Close => ControlFlow::Break(()),
+        }
+    });
+    if let Err(e) = fed {
+        flow = ctx.fatal(e.code(), &e.to_string());
+    }
+    let m = &glue.metrics;
+    m.frames_in.fetch_add(frames, Ordering::Relaxed);
+    if flow == Flow::Close {
+        conn.start_closing(now);
     }
 }

@@ -14,3 +14,4 @@ mod messages_api;
 mod reliability;
 mod tour;
 mod util;
+mod ws;

@@ -1,0 +1,314 @@
+//! The WebSocket transport (`GET /v1/ws` on the protocol port, subprotocol
+//! `tern.v1`): the same frames, session and limits as over TCP, driven here
+//! by tungstenite's blocking client over real sockets.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use tern::client::{Event, Outgoing};
+use tern::wire::{self, ErrorCode, Frame, StatusCode};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+use crate::util::{msg, next, status, TestServer};
+
+/// What a test looks at in a frame from the server.
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    Welcome(String),
+    Error(ErrorCode),
+    Status(u64, StatusCode),
+    Msg {
+        seq: u64,
+        from: String,
+        payload: Vec<u8>,
+    },
+    Pong,
+    /// The server closed the WebSocket (or the socket).
+    Closed,
+}
+
+/// A WebSocket client speaking protocol v1.
+struct WsClient {
+    ws: WebSocket<TcpStream>,
+    pending: std::collections::VecDeque<Got>,
+}
+
+/// The upgrade request for `addr`, with the subprotocol and `origin`.
+fn upgrade_request(
+    addr: SocketAddr,
+    path: &str,
+    origin: Option<&str>,
+) -> tungstenite::handshake::client::Request {
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "tern.v1".parse().unwrap());
+    if let Some(origin) = origin {
+        req.headers_mut().insert("Origin", origin.parse().unwrap());
+    }
+    req
+}
+
+impl WsClient {
+    /// Upgrades; panics unless the server answers 101 with `tern.v1`.
+    fn open(addr: SocketAddr) -> WsClient {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (ws, answer) = tungstenite::client(upgrade_request(addr, "/v1/ws", None), stream)
+            .unwrap_or_else(|e| panic!("upgrade: {e}"));
+        assert_eq!(
+            answer.headers()["Sec-WebSocket-Protocol"],
+            "tern.v1",
+            "subprotocol"
+        );
+        WsClient {
+            ws,
+            pending: Default::default(),
+        }
+    }
+
+    /// Upgrades and logs in.
+    fn login(addr: SocketAddr, token: &str) -> WsClient {
+        let mut c = WsClient::open(addr);
+        c.send(&[Frame::Hello(wire::Hello {
+            version: Some(wire::VERSION),
+            token: Some(token),
+            client: Some("ws-test"),
+            keepalive: None,
+        })]);
+        match c.next() {
+            Got::Welcome(_) => c,
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    /// Sends `frames` in one binary message.
+    fn send(&mut self, frames: &[Frame<'_>]) {
+        let mut bytes = Vec::new();
+        for f in frames {
+            wire::encode(f, &mut bytes).unwrap();
+        }
+        self.raw(Message::binary(bytes));
+    }
+
+    fn raw(&mut self, message: Message) {
+        self.ws.send(message).unwrap();
+    }
+
+    /// The next frame from the server (or `Closed`).
+    fn next(&mut self) -> Got {
+        while self.pending.is_empty() {
+            let data = match self.ws.read() {
+                Ok(Message::Binary(data)) => data,
+                Ok(Message::Close(_)) | Err(_) => return Got::Closed,
+                Ok(_) => continue,
+            };
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let (frame, used) =
+                    wire::decode_frame(rest, u32::MAX).expect("whole frames in a message");
+                self.pending.push_back(match frame {
+                    Frame::Welcome(w) => Got::Welcome(w.address.unwrap_or("").into()),
+                    Frame::Error(e) => Got::Error(e.code.unwrap()),
+                    Frame::Status(s) => Got::Status(s.id.unwrap(), s.status.unwrap()),
+                    Frame::Msg(m) => Got::Msg {
+                        seq: m.seq.unwrap(),
+                        from: m.from.unwrap_or("").into(),
+                        payload: m.payload.unwrap_or(&[]).to_vec(),
+                    },
+                    Frame::Pong(_) => Got::Pong,
+                    other => panic!("unexpected {:?} from the server", other.kind()),
+                });
+                rest = &rest[used..];
+            }
+        }
+        self.pending.pop_front().unwrap()
+    }
+}
+
+/// A TCP client and a WebSocket client talk to each other, both ways, with
+/// statuses and ACKs, and a ping over the WebSocket is answered.
+#[test]
+fn tcp_and_websocket_clients_talk_to_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = WsClient::login(server.addr, &ta);
+    let mut bob = server.connect(&tb);
+
+    alice.send(&[Frame::Send(wire::Send {
+        id: Some(1),
+        to: Some("bob"),
+        flags: Some(0),
+        payload: Some(b"from the browser"),
+        ..Default::default()
+    })]);
+    assert_eq!(alice.next(), Got::Status(1, StatusCode::SENT));
+    let m = msg(next(&mut bob, 10));
+    assert_eq!(
+        (m.from.as_str(), &m.payload[..]),
+        ("alice", &b"from the browser"[..])
+    );
+    bob.ack(&[m.seq]).unwrap();
+
+    let sent = bob
+        .send_wait(&Outgoing::to("alice", b"from tcp").id(2).flags(0))
+        .unwrap();
+    assert_eq!(sent, StatusCode::SENT);
+    let Got::Msg { seq, from, payload } = alice.next() else {
+        panic!("expected MSG");
+    };
+    assert_eq!((from.as_str(), &payload[..]), ("bob", &b"from tcp"[..]));
+    alice.send(&[
+        Frame::Ack(wire::Ack {
+            seqs: wire::Seqs::List(&[seq]),
+        }),
+        Frame::Ping(wire::Ping { time: None }),
+    ]);
+    assert_eq!(alice.next(), Got::Pong);
+    // A WebSocket ping is answered too (by a pong).
+    alice.raw(Message::Ping(b"are you there".to_vec().into()));
+    alice.send(&[Frame::Ping(wire::Ping { time: None })]);
+    assert_eq!(alice.next(), Got::Pong);
+    let _ = status; // (imported for symmetry with other tests)
+    let _ = Event::Pong(None);
+}
+
+/// The framing errors of `bad_input.rs`, over a WebSocket: the same ERROR
+/// as over TCP, then a close; other connections go on.
+#[test]
+fn framing_errors_over_websocket_get_the_same_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(
+        dir.path(),
+        &["--max-frame", "4096", "--max-payload", "1024"],
+    );
+    let tb = server.user("bob");
+    let mut bob = server.connect(&tb);
+    let cases: Vec<(&str, Message, ErrorCode)> = vec![
+        // Unknown frame kind.
+        (
+            "unknown kind",
+            Message::binary(vec![0x7f, 0, 0, 0, 0]),
+            ErrorCode::PROTOCOL_ERROR,
+        ),
+        // A field running past the end of the body.
+        (
+            "field past the end",
+            Message::binary(vec![0x01, 0, 0, 0, 3, 0x0e, 5, 1]),
+            ErrorCode::PROTOCOL_ERROR,
+        ),
+        // A frame announcing more than max_frame.
+        (
+            "over max_frame",
+            Message::binary(vec![0x01, 0, 0, 0x20, 0]),
+            ErrorCode::FRAME_TOO_LARGE,
+        ),
+        // A message far over max_frame.
+        (
+            "huge message",
+            Message::binary(vec![0u8; 200_000]),
+            ErrorCode::FRAME_TOO_LARGE,
+        ),
+        // A message that ends inside a frame.
+        (
+            "partial frame",
+            Message::binary(vec![0x01, 0, 0, 0, 10, 0x0e]),
+            ErrorCode::PROTOCOL_ERROR,
+        ),
+        // Text is not the binding.
+        (
+            "text message",
+            Message::text("HELLO"),
+            ErrorCode::PROTOCOL_ERROR,
+        ),
+    ];
+    for (what, message, code) in cases {
+        let mut c = WsClient::open(server.addr);
+        c.raw(message);
+        assert_eq!(c.next(), Got::Error(code), "{what}");
+        assert_eq!(c.next(), Got::Closed, "{what}: closed after the ERROR");
+        // Others are unaffected.
+        bob.ping(Some(9)).unwrap();
+        assert!(matches!(next(&mut bob, 10), Event::Pong(Some(9))), "{what}");
+    }
+}
+
+/// The upgrade itself: only `/v1/ws`, only with the `tern.v1` subprotocol,
+/// and only from an allowed `Origin`.
+#[test]
+fn the_upgrade_checks_path_subprotocol_and_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(
+        dir.path(),
+        &[
+            "--ws-allowed-origins",
+            "https://chat.example, https://other.example",
+        ],
+    );
+    let status_of = |req: tungstenite::handshake::client::Request| {
+        let stream = TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match tungstenite::client(req, stream) {
+            Ok(_) => 101,
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                r.status().as_u16()
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let good = Some("https://chat.example");
+    assert_eq!(status_of(upgrade_request(server.addr, "/v1/ws", good)), 101);
+    assert_eq!(
+        status_of(upgrade_request(server.addr, "/v1/other", good)),
+        404
+    );
+    assert_eq!(
+        status_of(upgrade_request(
+            server.addr,
+            "/v1/ws",
+            Some("https://evil.example")
+        )),
+        403
+    );
+    assert_eq!(status_of(upgrade_request(server.addr, "/v1/ws", None)), 403);
+    let mut no_protocol = upgrade_request(server.addr, "/v1/ws", good);
+    no_protocol.headers_mut().remove("Sec-WebSocket-Protocol");
+    assert_eq!(status_of(no_protocol), 400);
+}
+
+/// The JavaScript client and the web chat are served by tern itself.
+#[test]
+fn the_js_client_and_the_web_chat_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let get = |path| crate::util::request("GET", path).send(server.http);
+    let js = get("/client/tern.js");
+    assert_eq!(js.status, 200);
+    assert!(js
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(
+        js.text().contains("export class TernClient"),
+        "the client module"
+    );
+    let page = get("/app/");
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.header("content-security-policy").is_some());
+    for asset in ["/app/app.js", "/app/app.css", "/client/tern.d.ts"] {
+        assert_eq!(get(asset).status, 200, "{asset}");
+    }
+    let moved = get("/app");
+    assert_eq!(moved.status, 301);
+    assert_eq!(moved.header("location"), Some("/app/"));
+    assert_eq!(get("/app/nothing.js").status, 404);
+}
