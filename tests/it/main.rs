@@ -2,6 +2,7 @@
 //! data directory, driven over the real protocol and HTTP.
 
 mod bad_input;
+mod browser;
 mod crash;
 mod delivery;
 mod disk;

@@ -1,0 +1,332 @@
+//! The web chat in a real browser: headless Chromium (Debian's `chromium`,
+//! which `.ci/run` installs), driven over the DevTools protocol with
+//! tungstenite, against the real server. Two users in two windows exchange
+//! messages both ways over the WebSocket transport; the sender's page shows
+//! sent → delivered → read; a message queued while a user was offline
+//! arrives when they log in. No browser is a failure, never a skip.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tern::client::Outgoing;
+use tern::wire::StatusCode;
+use tungstenite::{Message, WebSocket};
+
+use crate::util::TestServer;
+
+/// Headless Chromium, killed when dropped.
+struct Browser {
+    child: Child,
+    cdp: WebSocket<TcpStream>,
+    next_id: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One page (a window of its own, so that it counts as visible).
+struct Page {
+    session: String,
+}
+
+impl Browser {
+    fn launch() -> Browser {
+        let exe = std::env::var("TERN_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = Command::new(&exe)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-timer-throttling",
+                "--disable-renderer-backgrounding",
+                "--disable-backgrounding-occluded-windows",
+                "--remote-debugging-port=0",
+                "--window-size=1000,700",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {exe} ({e}): install Debian's chromium (.ci/run does)")
+            });
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.split("DevTools listening on ").nth(1) {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("chromium printed no DevTools address");
+        let host = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let stream = TcpStream::connect(&host).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let (cdp, _) = tungstenite::client(url.as_str(), stream).expect("DevTools WebSocket");
+        Browser {
+            child,
+            cdp,
+            next_id: 1,
+            _profile: profile,
+        }
+    }
+
+    /// Sends a DevTools command (to a page's session, if given) and returns
+    /// its result; events in between are skipped.
+    fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        self.cdp.send(Message::text(msg.to_string())).unwrap();
+        loop {
+            let Message::Text(text) = self.cdp.read().expect("DevTools read") else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["id"] == json!(id) {
+                if let Some(e) = v.get("error") {
+                    panic!("{method}: {e}");
+                }
+                return v["result"].clone();
+            }
+        }
+    }
+
+    fn open(&mut self, url: &str) -> Page {
+        let target = self.call(
+            None,
+            "Target.createTarget",
+            json!({"url": url, "newWindow": true}),
+        );
+        let target_id = target["targetId"].as_str().unwrap().to_owned();
+        let attached = self.call(
+            None,
+            "Target.attachToTarget",
+            json!({"targetId": target_id, "flatten": true}),
+        );
+        let session = attached["sessionId"].as_str().unwrap().to_owned();
+        self.call(Some(&session), "Page.enable", json!({}));
+        self.call(Some(&session), "Runtime.enable", json!({}));
+        Page { session }
+    }
+
+    /// Evaluates `js` in the page; returns its value.
+    fn eval(&mut self, page: &Page, js: &str) -> Value {
+        let r = self.call(
+            Some(&page.session),
+            "Runtime.evaluate",
+            json!({"expression": js, "returnByValue": true, "awaitPromise": true}),
+        );
+        if let Some(e) = r.get("exceptionDetails") {
+            panic!("{js}: {e}");
+        }
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `js` every 50 ms until it is true, or panics after `within`.
+    fn wait(&mut self, page: &Page, js: &str, within: Duration, what: &str) {
+        let deadline = Instant::now() + within;
+        while self.eval(page, js) != json!(true) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn screenshot(&mut self, page: &Page) -> Vec<u8> {
+        let shot = self.call(
+            Some(&page.session),
+            "Page.captureScreenshot",
+            json!({"format": "png"}),
+        );
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap())
+            .unwrap()
+    }
+}
+
+/// JS: sets an input's value as a user would, and fires `input`.
+fn fill(selector: &str, value: &str) -> String {
+    format!(
+        "(() => {{ const e = document.querySelector({sel}); e.value = {val}; \
+         e.dispatchEvent(new Event('input', {{bubbles: true}})); e.dispatchEvent(new Event('change', {{bubbles: true}})); return true; }})()",
+        sel = json!(selector),
+        val = json!(value)
+    )
+}
+
+/// JS: submits a form the way its submit button would.
+fn submit(selector: &str) -> String {
+    format!(
+        "(() => {{ document.querySelector({}).requestSubmit(); return true; }})()",
+        json!(selector)
+    )
+}
+
+/// Logs a page in and waits until it is online.
+fn log_in(b: &mut Browser, page: &Page, token: &str) {
+    b.wait(
+        page,
+        "!!document.querySelector('#login-form')",
+        Duration::from_secs(20),
+        "the login form",
+    );
+    b.eval(page, &fill("#login-token", token));
+    b.eval(page, &submit("#login-form"));
+    b.wait(
+        page,
+        "document.body.dataset.state === 'online'",
+        Duration::from_secs(20),
+        "online",
+    );
+}
+
+/// Opens (or starts) the 1:1 conversation with `peer`.
+fn open_chat(b: &mut Browser, page: &Page, peer: &str) {
+    b.eval(page, &fill("#new-chat-kind", "user"));
+    b.eval(page, &fill("#new-chat-address", peer));
+    b.eval(page, &submit("#new-chat-form"));
+    b.wait(
+        page,
+        &format!("!!document.querySelector('[data-testid=conversation-item][data-conversation=\"u:{peer}\"]')"),
+        Duration::from_secs(10),
+        "the conversation",
+    );
+}
+
+/// Types and sends `text` in the open conversation.
+fn say(b: &mut Browser, page: &Page, text: &str) {
+    b.eval(page, &fill("#message-input", text));
+    b.eval(
+        page,
+        "(() => { document.querySelector('#send-button').click(); return true; })()",
+    );
+}
+
+/// JS: the data-status of the outgoing bubble whose text is `text`.
+fn status_of(text: &str) -> String {
+    format!(
+        "(() => {{ const m = [...document.querySelectorAll('[data-testid=message][data-direction=out]')]\
+         .find(e => e.querySelector('[data-testid=message-text]')?.textContent === {t}); \
+         return m ? m.dataset.status : null; }})()",
+        t = json!(text)
+    )
+}
+
+/// JS: whether an incoming bubble with `text` is shown.
+fn shows_incoming(text: &str) -> String {
+    format!(
+        "[...document.querySelectorAll('[data-testid=message][data-direction=in] [data-testid=message-text]')]\
+         .some(e => e.textContent === {})",
+        json!(text)
+    )
+}
+
+#[test]
+fn two_users_chat_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    // Queued for bob while he is offline.
+    let mut carol = server.connect(&server.user("carol"));
+    let queued = Outgoing::to("bob", b"sent while you were away").id(1);
+    assert_eq!(carol.send_wait(&queued).unwrap(), StatusCode::SENT);
+
+    let url = format!("http://{}/app/?ws=ws://{}/v1/ws", server.http, server.addr);
+    let mut b = Browser::launch();
+    let alice = b.open(&url);
+    let bob = b.open(&url);
+    log_in(&mut b, &alice, &ta);
+    log_in(&mut b, &bob, &tb);
+
+    // Bob gets what was queued while he was offline.
+    open_chat(&mut b, &bob, "carol");
+    b.wait(
+        &bob,
+        &shows_incoming("sent while you were away"),
+        Duration::from_secs(10),
+        "the queued message",
+    );
+
+    // Alice → bob: sent, then delivered (bob's page got it), then read
+    // (bob has the conversation open).
+    open_chat(&mut b, &alice, "bob");
+    say(&mut b, &alice, "hello bob");
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = b.eval(&alice, &status_of("hello bob"));
+        if let Some(s) = s.as_str() {
+            seen.insert(s.to_owned());
+        }
+        if s == json!("delivered") || s == json!("read") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no delivery; statuses seen: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    open_chat(&mut b, &bob, "alice");
+    b.wait(
+        &bob,
+        &shows_incoming("hello bob"),
+        Duration::from_secs(10),
+        "alice's message at bob",
+    );
+    b.wait(
+        &alice,
+        &format!("{} === 'read'", status_of("hello bob")),
+        Duration::from_secs(20),
+        "read",
+    );
+
+    // And back.
+    say(&mut b, &bob, "hi alice");
+    b.wait(
+        &alice,
+        &shows_incoming("hi alice"),
+        Duration::from_secs(10),
+        "bob's answer",
+    );
+    b.wait(
+        &bob,
+        &format!("{} === 'read'", status_of("hi alice")),
+        Duration::from_secs(20),
+        "bob's read",
+    );
+
+    let png = b.screenshot(&alice);
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let out = std::env::var_os("TERN_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("web-chat.png"));
+    std::fs::write(&out, png).unwrap();
+}
