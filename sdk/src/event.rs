@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tern::wire::StatusCode;
 
 use crate::types::{Message, Peer, Status};
@@ -106,10 +106,7 @@ impl Events {
 
     /// The next event before `deadline`.
     pub fn recv_deadline(&self, deadline: Instant) -> Option<Event> {
-        match self.rx.recv_deadline(deadline) {
-            Ok(e) => Some(e),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.rx.recv_deadline(deadline).ok()
     }
 
     /// An event if one is waiting.
