@@ -26,6 +26,8 @@ use crate::util::{http, wait_for, TestServer, ADMIN};
 const ROLE: &str = "TERN_SDK_APP";
 /// How long one app run may take at most.
 const APP_DEADLINE: Duration = Duration::from_secs(120);
+/// How long a run may go without the progress the test waits for.
+const STALL: Duration = Duration::from_secs(30);
 
 /// The app process of the crash tests (not a test of its own: without
 /// `TERN_SDK_APP` it returns at once). Roles:
@@ -148,22 +150,32 @@ impl App {
         }
     }
 
-    /// Waits for the exit, at most `within` (then SIGKILL and a panic
-    /// showing the app's log).
-    #[track_caller]
-    fn wait(&mut self, within: Duration) -> ExitStatus {
+    /// Waits for the exit, at most `within`; `None` (after a SIGKILL) if
+    /// the app was still running, so that the caller can show what its
+    /// store lacks before failing.
+    fn finish(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.try_wait() {
                 self.child = None;
-                return status;
+                return Some(status);
             }
             if Instant::now() > deadline {
                 self.kill();
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                panic!("the app did not exit within {within:?}; its log:\n{log}");
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`App::finish`], which must end in exit 0 (else a panic showing the
+    /// app's log).
+    #[track_caller]
+    fn expect_success(&mut self, within: Duration) {
+        let status = self.finish(within);
+        if !status.is_some_and(|s| s.success()) {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!("the app ended with {status:?} (None: still running after {within:?}); its log:\n{log}");
         }
     }
 }
@@ -176,8 +188,8 @@ impl Drop for App {
 
 /// Runs the app again and again, SIGKILLing it each time once `progress`
 /// (read from its store) reaches a random target a little ahead of where
-/// it started, until it was killed `kills` times while work remained;
-/// then lets a last run finish, which must exit 0.
+/// it started, until it was killed `kills` times while work remained. The
+/// caller then starts the last run and checks the outcome.
 fn crash_loop(
     app: &AppSpec,
     store: &Store,
@@ -192,15 +204,13 @@ fn crash_loop(
         runs += 1;
         assert!(runs <= kills * 3, "only {killed} kills in {runs} runs");
         let from = progress(store);
-        if from + 1 >= total {
-            break;
-        }
+        assert!(from + 1 < total, "the work ran out after {killed} kills");
         // On average the kills left share what is left evenly.
         let kills_left = (kills - killed) as u64;
         let gap = (2 * (total - from) / (kills_left + 1)).max(1);
         let target = (from + rng.random_range(1..=gap)).min(total - 1);
         let mut run = app.spawn();
-        let deadline = Instant::now() + APP_DEADLINE;
+        let deadline = Instant::now() + STALL;
         // Polls the store: the app cannot tell us about its progress.
         let reached = loop {
             if let Some(status) = run.try_wait() {
@@ -214,7 +224,12 @@ fn crash_loop(
             if progress(store) >= target {
                 break true;
             }
-            assert!(Instant::now() < deadline, "no progress to {target}");
+            assert!(
+                Instant::now() < deadline,
+                "{}: stalled at {} of {total} (target {target})",
+                app.role,
+                progress(store)
+            );
             std::thread::sleep(Duration::from_millis(2));
         };
         if reached {
@@ -227,13 +242,6 @@ fn crash_loop(
             );
         }
     }
-    assert!(killed >= kills, "the work ran out after {killed} kills");
-    let status = app.spawn().wait(APP_DEADLINE);
-    assert!(
-        status.success(),
-        "the last run failed: {status}; see {:?}",
-        app.log
-    );
 }
 
 /// Acceptance 3: the receiving app is SIGKILLed at random points while it
@@ -268,7 +276,12 @@ fn receiving_app_sigkilled_ten_times_stores_each_message_once() {
         log: dir.path().join("receiver.log"),
     };
     crash_loop(&app, &store, incoming, N, 10);
-
+    // The last run. Once alice's store says bob ACKed every message, bob's
+    // store must hold every one.
+    let mut last = app.spawn();
+    wait_for(STALL, "alice: all DELIVERED", || {
+        (outgoing(alice.store(), Status::Delivered) == N).then_some(())
+    });
     let got = texts(&store, &Peer::user("alice"));
     assert_eq!(duplicates(&got), [], "no message stored twice");
     assert_eq!(got.len(), N as usize, "every message stored");
@@ -280,6 +293,7 @@ fn receiving_app_sigkilled_ten_times_stores_each_message_once() {
         (v["pending"] == 0).then_some(v)
     });
     assert_eq!(pending["pending"], 0);
+    last.expect_success(STALL);
     alice.shutdown();
 }
 
@@ -311,16 +325,26 @@ fn sending_app_sigkilled_ten_times_delivers_each_message_once() {
     let progress =
         |s: &Store| s.count(Direction::Outgoing, None).unwrap() + outgoing(s, Status::Delivered);
     crash_loop(&app, &store, progress, 2 * N, 10);
+    // The last run ends when all are DELIVERED; if it cannot, the stores
+    // below show what is missing.
+    let ended = app.spawn().finish(STALL);
 
     let want: Vec<String> = (0..N).map(|i| format!("s{i:04}")).collect();
     assert_eq!(texts(&store, &Peer::user("bob")), want, "queued once each");
     assert_eq!(outgoing(&store, Status::Delivered), N, "all DELIVERED");
-    wait_for(Duration::from_secs(10), "bob stores all", || {
-        (incoming(bob.store()) >= N).then_some(())
-    });
+    let stored = || incoming(bob.store());
+    if ended.is_some() {
+        wait_for(Duration::from_secs(10), "bob stores all", || {
+            (stored() >= N).then_some(())
+        });
+    }
     let got = texts(bob.store(), &Peer::user("alice"));
     assert_eq!(duplicates(&got), [], "no message delivered twice");
     assert_eq!(got, want, "every message, in order");
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "the last run: {ended:?}"
+    );
     bob.shutdown();
 }
 
@@ -368,10 +392,10 @@ fn fifty_mib_attachment_survives_a_sender_killed_mid_upload() {
     });
     let mut run = app.spawn();
     pid.store(run.pid(), Ordering::Release);
-    let status = run.wait(APP_DEADLINE);
+    let status = run.finish(APP_DEADLINE);
     assert!(
-        !status.success(),
-        "the app should have been killed: {status}"
+        status.is_some_and(|s| !s.success()),
+        "the app should have been killed: {status:?}"
     );
     let cut = store.outbox().unwrap();
     assert_eq!(cut.len(), 1);
@@ -382,8 +406,7 @@ fn fifty_mib_attachment_survives_a_sender_killed_mid_upload() {
     );
 
     files.clear_hook();
-    let status = app.spawn().wait(APP_DEADLINE);
-    assert!(status.success(), "see {:?}", app.log);
+    app.spawn().expect_success(APP_DEADLINE);
     let sent = store.all_messages(&Peer::user("bob")).unwrap();
     assert_eq!(sent.len(), 1);
     assert_eq!(
