@@ -28,6 +28,8 @@ struct Inner {
     upstream: AtomicU64,
     /// The hook and the upstream count that fires it.
     on_upstream: Mutex<Option<(u64, Hook)>>,
+    /// While set, client → server bytes are read and thrown away.
+    swallow: AtomicBool,
     /// Flip (xor 0xff) the byte at this offset of every connection's
     /// server → client stream.
     corrupt_at: Mutex<Option<u64>>,
@@ -54,6 +56,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             upstream: AtomicU64::new(0),
             on_upstream: Mutex::new(None),
+            swallow: AtomicBool::new(false),
             corrupt_at: Mutex::new(None),
         });
         let shared = Arc::clone(&inner);
@@ -96,6 +99,19 @@ impl Proxy {
     /// Removes the upstream hook, if it has not fired.
     pub fn clear_hook(&self) {
         self.inner.on_upstream.lock().unwrap().take();
+    }
+
+    /// While `on`, what clients send is read and dropped (the server hears
+    /// nothing, e.g. no ACKs), while what the server sends still arrives.
+    pub fn swallow_upstream(&self, on: bool) {
+        self.inner.swallow.store(on, Ordering::Release);
+    }
+
+    /// Closes every relayed connection (both sides); new ones are relayed.
+    pub fn cut(&self) {
+        for s in self.inner.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     /// Corrupts the byte at `offset` of each later connection's server →
@@ -141,8 +157,17 @@ fn relay(inner: &Arc<Inner>, client: TcpStream) {
     }
     let corrupt = *inner.corrupt_at.lock().unwrap();
     let up = Arc::clone(inner);
-    thread::spawn(move || copy(client, server, |n| count_upstream(&up, n), None));
-    thread::spawn(move || copy(server2, client2, |_| {}, corrupt));
+    let swallow = Arc::clone(inner);
+    thread::spawn(move || {
+        copy(
+            client,
+            server,
+            |n| count_upstream(&up, n),
+            || swallow.swallow.load(Ordering::Acquire),
+            None,
+        )
+    });
+    thread::spawn(move || copy(server2, client2, |_| {}, || false, corrupt));
 }
 
 /// Adds `n` upstream bytes and fires the hook when its count is reached.
@@ -157,8 +182,15 @@ fn count_upstream(inner: &Inner, n: u64) {
     }
 }
 
-/// Copies `from` to `to` until either side ends, then shuts both.
-fn copy(mut from: TcpStream, mut to: TcpStream, on_bytes: impl Fn(u64), corrupt: Option<u64>) {
+/// Copies `from` to `to` until either side ends, then shuts both; drops
+/// what it reads while `swallow()` says so.
+fn copy(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    on_bytes: impl Fn(u64),
+    swallow: impl Fn() -> bool,
+    corrupt: Option<u64>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut offset = 0u64;
     loop {
@@ -172,6 +204,9 @@ fn copy(mut from: TcpStream, mut to: TcpStream, on_bytes: impl Fn(u64), corrupt:
             }
         }
         offset += n as u64;
+        if swallow() {
+            continue;
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }

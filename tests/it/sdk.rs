@@ -166,6 +166,53 @@ fn offline_first_queue_then_deliver_in_order_with_receipts() {
     alice.shutdown();
 }
 
+/// Inbox exactly once, deterministically: bob's SDK stores 50 messages
+/// and ACKs them, but the ACKs are lost on the way (the proxy swallows
+/// them); after the connection is cut, the server redelivers all 50 and
+/// the SDK stores none of them again, raises no second event, and ACKs
+/// them, emptying the server's queue.
+#[test]
+fn a_redelivery_after_lost_acks_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (alice_token, bob_token) = (server.user("alice"), server.user("bob"));
+    let proxy = Proxy::start(server.addr);
+    let (bob, bob_events) = open(config(proxy.addr, &bob_token, dir.path().join("b.db")));
+    wait_for(Duration::from_secs(10), "bob online", || {
+        matches!(bob.state(), ConnectionState::Online { .. }).then_some(())
+    });
+    let received = collect_received(bob_events);
+    proxy.swallow_upstream(true);
+    let (alice, _ae) = open(config(server.addr, &alice_token, dir.path().join("a.db")));
+    let want: Vec<String> = (0..50).map(|i| format!("d{i:02}")).collect();
+    for t in &want {
+        alice.send(Draft::text(Peer::user("bob"), t)).unwrap();
+    }
+    wait_for(Duration::from_secs(20), "bob stores 50", || {
+        (incoming(bob.store()) == 50).then_some(())
+    });
+    let pending = |server: &TestServer| {
+        let (code, body) = http(server.http, "GET", "/v1/users/bob", Some(ADMIN), "");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["pending"].as_u64()
+    };
+    assert_eq!(pending(&server), Some(50), "the ACKs were lost");
+
+    proxy.swallow_upstream(false);
+    proxy.cut();
+    wait_for(Duration::from_secs(20), "the redelivery ACKed", || {
+        (pending(&server) == Some(0)).then_some(())
+    });
+    assert_eq!(
+        texts(bob.store(), &Peer::user("alice")),
+        want,
+        "stored once each"
+    );
+    alice.shutdown();
+    bob.shutdown();
+    assert_eq!(received.join().unwrap(), want, "one event per message");
+}
+
 /// Acceptance 5: a group send gets per-member statuses in the sender's
 /// store; unread counts of group conversations are right, also for a
 /// member who comes online later.
