@@ -39,6 +39,7 @@ fn line(m: &Message) -> String {
             a.size,
             a.caption.map(|c| format!(": {c}")).unwrap_or_default()
         ),
+        None if m.status == Status::Uploading => "[uploading a file]".to_owned(),
         None => m.text().unwrap_or("<binary>").to_owned(),
     };
     let mark = match (m.direction, m.status) {
