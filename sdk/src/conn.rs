@@ -328,6 +328,7 @@ impl Driver {
             keepalive: Some(config.keepalive),
             client: config.client_name.clone(),
             timeout: config.connect_timeout,
+            ..Options::default()
         };
         Client::connect_with(addr, &config.token, options)
     }
