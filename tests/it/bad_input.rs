@@ -69,17 +69,10 @@ fn after_login(server: &TestServer, token: &str, bytes: &[u8]) -> TcpStream {
     s
 }
 
-#[test]
-fn framing_errors_close_only_the_offending_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(
-        dir.path(),
-        &["--max-frame", "4096", "--max-payload", "1024"],
-    );
-    let (ta, tb) = (server.user("alice"), server.user("bob"));
-    let mut bystander = server.connect(&tb);
-
-    let cases: &[(&str, Vec<u8>, ErrorCode)] = &[
+/// Malformed frames sent right after a login, and the ERROR each must get,
+/// with `--max-frame 4096`. `ws.rs` sends the same over a WebSocket.
+pub fn framing_cases() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
+    vec![
         // flen runs past the end of the body
         (
             "field past body",
@@ -133,8 +126,21 @@ fn framing_errors_close_only_the_offending_connection() {
             vec![0x02, 0, 0, 0x10, 0x01],
             ErrorCode::FRAME_TOO_LARGE,
         ),
-    ];
-    for (name, bytes, want) in cases {
+    ]
+}
+
+#[test]
+fn framing_errors_close_only_the_offending_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(
+        dir.path(),
+        &["--max-frame", "4096", "--max-payload", "1024"],
+    );
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut bystander = server.connect(&tb);
+
+    let cases = framing_cases();
+    for (name, bytes, want) in &cases {
         let mut s = after_login(&server, &ta, bytes);
         assert_eq!(expect_error_and_close(&mut s), *want, "{name}");
         // Another connection is served normally throughout.

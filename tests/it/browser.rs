@@ -153,9 +153,32 @@ impl Browser {
     fn wait(&mut self, page: &Page, js: &str, within: Duration, what: &str) {
         let deadline = Instant::now() + within;
         while self.eval(page, js) != json!(true) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            if Instant::now() >= deadline {
+                let state = self.eval(
+                    page,
+                    "document.body.dataset.state + ' / ' + (document.querySelector('#login-error')?.textContent ?? '') + ' / ' + (document.querySelector('#conn-state')?.textContent ?? '')",
+                );
+                panic!("timed out waiting for {what} (page: {state})");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Puts `path` in the page's file input `selector` (as if picked), which
+    /// fires its `change` event.
+    fn pick_file(&mut self, page: &Page, selector: &str, path: &std::path::Path) {
+        let doc = self.call(Some(&page.session), "DOM.getDocument", json!({}));
+        let root = doc["root"]["nodeId"].clone();
+        let node = self.call(
+            Some(&page.session),
+            "DOM.querySelector",
+            json!({"nodeId": root, "selector": selector}),
+        );
+        self.call(
+            Some(&page.session),
+            "DOM.setFileInputFiles",
+            json!({"files": [path.to_str().unwrap()], "nodeId": node["nodeId"]}),
+        );
     }
 
     fn screenshot(&mut self, page: &Page) -> Vec<u8> {
@@ -191,11 +214,14 @@ fn submit(selector: &str) -> String {
 
 /// Logs a page in and waits until it is online.
 fn log_in(b: &mut Browser, page: &Page, token: &str) {
+    // The module script has run: `initLogin` fills the WebSocket field in
+    // the same task in which it installs the submit handler. (Submitting
+    // before that would reload the page with the token in the URL.)
     b.wait(
         page,
-        "!!document.querySelector('#login-form')",
+        "!!document.querySelector('#login-ws') && document.querySelector('#login-ws').value !== ''",
         Duration::from_secs(20),
-        "the login form",
+        "the login form, ready",
     );
     b.eval(page, &fill("#login-token", token));
     b.eval(page, &submit("#login-form"));
@@ -323,10 +349,108 @@ fn two_users_chat_in_headless_chromium() {
         "bob's read",
     );
 
+    // A file: alice attaches it, bob's page shows it and downloads it
+    // byte for byte (its sha256, computed by the page).
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let file = dir.path().join("notes.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    b.pick_file(&alice, "#file-input", &file);
+    let link = "[...document.querySelectorAll('[data-testid=message][data-direction=in] [data-testid=attachment-link]')].pop()";
+    b.wait(
+        &bob,
+        &format!("!!{link}"),
+        Duration::from_secs(20),
+        "the attachment at bob",
+    );
+    let digest = b.eval(
+        &bob,
+        &format!(
+            "(async () => {{ const r = await fetch({link}.href); const buf = await r.arrayBuffer(); \
+             const d = await crypto.subtle.digest('SHA-256', buf); \
+             return [...new Uint8Array(d)].map(x => x.toString(16).padStart(2, '0')).join(''); }})()"
+        ),
+    );
+    use sha2::Digest;
+    let want = hex::encode(sha2::Sha256::digest(&bytes));
+    assert_eq!(digest, json!(want), "the downloaded file");
+
     let png = b.screenshot(&alice);
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     let out = std::env::var_os("TERN_SCREENSHOT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| dir.path().join("web-chat.png"));
     std::fs::write(&out, png).unwrap();
+}
+
+/// A kill -9 of the server while the page is sending: every message the
+/// page showed as sent (or further) reaches the recipient exactly once, and
+/// the page reconnects by itself when the server is back (through a proxy:
+/// the restarted server listens on a new port).
+#[test]
+fn the_page_survives_a_server_kill_and_loses_nothing_it_showed_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let proxy = crate::proxy::Proxy::start(server.addr);
+    let url = format!("http://{}/app/?ws=ws://{}/v1/ws", server.http, proxy.addr);
+    let mut b = Browser::launch();
+    let alice = b.open(&url);
+    log_in(&mut b, &alice, &ta);
+    open_chat(&mut b, &alice, "bob");
+    // 60 messages, one every 20 ms, from the page itself.
+    b.eval(
+        &alice,
+        "(() => { let i = 0; const t = setInterval(() => { \
+           const input = document.querySelector('#message-input'); input.value = 'm' + (i++); \
+           input.dispatchEvent(new Event('input', {bubbles: true})); \
+           document.querySelector('#send-button').click(); if (i === 60) clearInterval(t); }, 20); return true; })()",
+    );
+    let shown_sent = "[...document.querySelectorAll('[data-testid=message][data-direction=out]')]\
+        .filter(e => ['sent', 'delivered', 'read'].includes(e.dataset.status))\
+        .map(e => e.querySelector('[data-testid=message-text]').textContent)";
+    b.wait(
+        &alice,
+        &format!("{shown_sent}.length >= 10"),
+        Duration::from_secs(20),
+        "10 sent",
+    );
+    server.sigkill();
+    let at_kill: Vec<String> = serde_json::from_value(b.eval(&alice, shown_sent)).unwrap();
+    assert!(at_kill.len() >= 10);
+    // Down for a moment: the page goes offline and keeps what is unanswered.
+    b.wait(
+        &alice,
+        "document.body.dataset.state !== 'online'",
+        Duration::from_secs(20),
+        "offline",
+    );
+    server.restart();
+    proxy.set_target(server.addr);
+    b.wait(
+        &alice,
+        "document.body.dataset.state === 'online'",
+        Duration::from_secs(30),
+        "online again",
+    );
+    b.wait(
+        &alice,
+        &format!("{shown_sent}.length === 60"),
+        Duration::from_secs(30),
+        "all 60 sent",
+    );
+    let mut bob = server.connect(&tb);
+    let mut got = std::collections::HashSet::new();
+    while got.len() < 60 {
+        let m = crate::util::msg(crate::util::next(&mut bob, 20));
+        let text = String::from_utf8(m.payload).unwrap();
+        assert!(got.insert(text.clone()), "{text} delivered twice");
+        bob.ack(&[m.seq]).unwrap();
+    }
+    for text in &at_kill {
+        assert!(
+            got.contains(text),
+            "{text} showed sent before the kill but never arrived"
+        );
+    }
+    crate::util::barrier(&mut server.connect(&ta), &mut bob);
 }

@@ -236,6 +236,27 @@ fn framing_errors_over_websocket_get_the_same_error() {
     }
 }
 
+/// The framing errors of `bad_input.rs`, byte for byte, in a binary message
+/// after a login over a WebSocket: the same ERROR as over TCP, then a close.
+#[test]
+fn bad_input_framing_cases_over_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(
+        dir.path(),
+        &["--max-frame", "4096", "--max-payload", "1024"],
+    );
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut bob = server.connect(&tb);
+    for (name, bytes, want) in crate::bad_input::framing_cases() {
+        let mut c = WsClient::login(server.addr, &ta);
+        c.raw(Message::binary(bytes));
+        assert_eq!(c.next(), Got::Error(want), "{name}");
+        assert_eq!(c.next(), Got::Closed, "{name}: closed after the ERROR");
+        bob.ping(Some(3)).unwrap();
+        assert!(matches!(next(&mut bob, 10), Event::Pong(Some(3))), "{name}");
+    }
+}
+
 /// The upgrade itself: only `/v1/ws`, only with the `tern.v1` subprotocol,
 /// and only from an allowed `Origin`.
 #[test]
