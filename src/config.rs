@@ -204,6 +204,27 @@ impl Value for Option<String> {
     }
 }
 
+impl Value for Option<PathBuf> {
+    const VALUE_NAME: &'static str = "PATH";
+    fn expected() -> String {
+        "a path".into()
+    }
+    fn parse_str(raw: &str) -> Option<Self> {
+        Some(Some(PathBuf::from(raw)))
+    }
+    fn to_toml(&self) -> String {
+        // Unset optional keys are written commented out, with a placeholder value.
+        toml_string(
+            &self
+                .as_deref()
+                .map_or("...".into(), |p| p.to_string_lossy()),
+        )
+    }
+    fn is_set(&self) -> bool {
+        self.is_some()
+    }
+}
+
 impl Value for bool {
     const VALUE_NAME: &'static str = "BOOL";
     fn expected() -> String {
@@ -572,6 +593,14 @@ config_keys! {
     /// Open HTTP connections from one client address; further ones are
     /// closed at accept. 0 = no limit.
     http_max_connections_per_ip: u32 = 64, env "TERN_HTTP_MAX_CONNECTIONS_PER_IP";
+
+    /// PEM certificate chain. With `tls_key`, the protocol listener speaks
+    /// TLS only (TLS 1.2 and 1.3), WebSocket included. The HTTP listener does
+    /// not yet: keep it private, or behind a TLS proxy.
+    tls_cert: Option<PathBuf> = None, env "TERN_TLS_CERT", runtime;
+
+    /// PEM private key (PKCS#8, RSA or EC) of `tls_cert`.
+    tls_key: Option<PathBuf> = None, env "TERN_TLS_KEY", runtime;
 
     /// Comma-separated `Origin` values allowed to open `/v1/ws` (the
     /// WebSocket transport on `listen`); `*` allows any.
@@ -1167,7 +1196,7 @@ mod tests {
             let commented = format!("\n# {key} = ");
             let plain = format!("\n{key} = ");
             match *key {
-                "workers" | "admin_token" | "min_free_space" => {
+                "workers" | "admin_token" | "min_free_space" | "tls_cert" | "tls_key" => {
                     assert!(text.contains(&commented), "{key}")
                 }
                 _ => assert!(text.contains(&plain), "{key}"),
@@ -1189,7 +1218,7 @@ mod tests {
         assert_eq!(hint_for("max-frame"), " (did you mean \"max_frame\"?)");
         assert_eq!(hint_for("LISTEN"), " (did you mean \"listen\"?)");
         assert_eq!(hint_for("http_listn"), " (did you mean \"http_listen\"?)");
-        assert!(hint_for("tls_cert").contains("generate-config"));
+        assert!(hint_for("s3_bucket").contains("generate-config"));
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "abc"), 3);
     }

@@ -60,6 +60,10 @@ pub enum StartError {
         needed: u64,
         error: StoreError,
     },
+    #[error("tls: {0}")]
+    Tls(#[from] net::tls::TlsError),
+    #[error("tls_cert and tls_key must be set together")]
+    TlsPair,
     #[error("starting threads: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -136,6 +140,17 @@ impl Server {
                 StartError::Store(error)
             }
         };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                tracing::warn!(
+                    "TLS is on for the protocol listener only: the HTTP listener still speaks \
+                     plain HTTP (keep http_listen private, or put a TLS proxy in front)"
+                );
+                Some(net::tls::server_config(cert, key)?)
+            }
+            (None, None) => None,
+            _ => return Err(StartError::TlsPair),
+        };
         let store = Arc::new(Store::open(&db_dir).map_err(no_space)?);
         let boot = store.next_boot().map_err(no_space)?;
         store.set_min_free_space(min_free_space);
@@ -172,6 +187,7 @@ impl Server {
                 "protocol connections refused: over max_connections_per_ip or max_unauthenticated_per_ip",
             ),
             logins: Arc::new(Logins::default()),
+            tls,
         });
         let net = net::start(glue.clone(), loops, polls, listener)?;
         let admin = Admin::new(

@@ -68,6 +68,9 @@ pub enum ClientError {
     Framing(#[from] DeframeError),
     #[error("timed out")]
     Timeout,
+    /// TLS failed: a bad or untrusted certificate, a handshake error.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Result of a client call.
@@ -214,6 +217,82 @@ pub struct Options {
     /// Local address to connect from (a multi-homed host; tests use other
     /// loopback addresses); `None`: the system chooses.
     pub bind: Option<std::net::IpAddr>,
+    /// Speak TLS, with this configuration (see [`tls_config`]) and server
+    /// name (checked against the certificate); `None`: plain TCP.
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings of a client connection.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// Trust anchors and protocol versions.
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    /// The name the server's certificate must carry (a DNS name or an IP).
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// A client TLS configuration that trusts the CA certificates in the PEM
+/// file `ca` (TLS 1.2 and 1.3). Errors name the file.
+pub fn tls_config(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bad = |what: String| ClientError::Tls(format!("{}: {what}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in the file".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+/// The socket, plain or under TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
 }
 
 impl Default for Options {
@@ -223,13 +302,14 @@ impl Default for Options {
             client: concat!("tern-client/", env!("CARGO_PKG_VERSION")).into(),
             timeout: Duration::from_secs(10),
             bind: None,
+            tls: None,
         }
     }
 }
 
 /// A connected, authenticated client.
 pub struct Client {
-    stream: TcpStream,
+    stream: Stream,
     /// What the last `read` returned. `rbuf[rpos..rend]` has not been given
     /// to the deframer yet. The frames that are whole in it are decoded in place.
     rbuf: Box<[u8]>,
@@ -279,8 +359,25 @@ impl Client {
         options: Options,
         seen: HashSet<u64>,
     ) -> Result<Client> {
-        let stream = connect(peer, options.bind, options.timeout)?;
-        stream.set_nodelay(true)?;
+        let socket = connect(peer, options.bind, options.timeout)?;
+        socket.set_nodelay(true)?;
+        let stream = match &options.tls {
+            None => Stream::Plain(socket),
+            Some(tls) => {
+                let conn =
+                    rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                        .map_err(|e| ClientError::Tls(e.to_string()))?;
+                let mut s = rustls::StreamOwned::new(conn, socket);
+                // The handshake now, so that a bad certificate is a TLS error.
+                s.sock.set_read_timeout(Some(options.timeout))?;
+                while s.conn.is_handshaking() {
+                    s.conn
+                        .complete_io(&mut s.sock)
+                        .map_err(|e| ClientError::Tls(e.to_string()))?;
+                }
+                Stream::Tls(Box::new(s))
+            }
+        };
         let mut c = Client {
             stream,
             rbuf: vec![0; READ_CHUNK].into_boxed_slice(),
@@ -541,7 +638,7 @@ impl Client {
                 }
                 None => None,
             };
-            self.stream.set_read_timeout(timeout)?;
+            self.stream.socket().set_read_timeout(timeout)?;
             match self.stream.read(&mut self.rbuf) {
                 Ok(0) => return Err(ClientError::Closed),
                 Ok(n) => {
@@ -564,7 +661,7 @@ impl Client {
 
     /// The underlying socket (tests use it to shut down halves).
     pub fn stream(&self) -> &TcpStream {
-        &self.stream
+        self.stream.socket()
     }
 }
 

@@ -62,6 +62,11 @@ pub struct Conn {
     pub ws_pos: usize,
     /// Whether the WebSocket Close frame is queued.
     pub ws_closed: bool,
+    /// TLS, when the listener is configured for it: the bytes above are
+    /// plaintext, and this turns them into records for the socket.
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    /// Whether TLS close_notify is queued.
+    pub tls_closed: bool,
 }
 
 impl Conn {
@@ -76,7 +81,8 @@ impl Conn {
             Some(ws) => ws.output_len() - self.ws_pos,
             None => 0,
         };
-        self.out.len() - self.out_pos + ws
+        let tls = self.tls.as_ref().is_some_and(|t| t.wants_write());
+        self.out.len() - self.out_pos + ws + usize::from(tls)
     }
 
     /// Writes pending output until done or `WouldBlock`. Returns bytes written.
@@ -94,7 +100,43 @@ impl Conn {
                 ws.close(false);
                 self.ws_closed = true;
             }
-            return write_all_or_block(&mut self.stream, ws.output(), &mut self.ws_pos);
+            if self.tls.is_none() {
+                return write_all_or_block(&mut self.stream, ws.output(), &mut self.ws_pos);
+            }
+        }
+        if let Some(tls) = &mut self.tls {
+            let (buf, pos) = match &mut self.ws {
+                Some(ws) => (ws.output(), &mut self.ws_pos),
+                None => (&mut self.out, &mut self.out_pos),
+            };
+            // Plaintext into rustls, as far as its buffer limit allows...
+            while *pos < buf.len() {
+                match tls.writer().write(&buf[*pos..]) {
+                    Ok(0) => break,
+                    Ok(n) => *pos += n,
+                    Err(e) => return Err(e),
+                }
+            }
+            if *pos == buf.len() {
+                buf.clear();
+                *pos = 0;
+            }
+            if self.phase != Phase::Open && *pos == 0 && !self.tls_closed {
+                tls.send_close_notify();
+                self.tls_closed = true;
+            }
+            // ...and its records to the socket.
+            let mut written = 0;
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(written);
         }
         let mut written = 0;
         while self.out_pos < self.out.len() {

@@ -94,6 +94,8 @@ pub struct Glue {
     pub conns: Arc<Conns>,
     /// Failed logins per address (shared with the HTTP listener).
     pub logins: Arc<Logins>,
+    /// TLS for the protocol listener, when `tls_cert` and `tls_key` are set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Env for Glue {

@@ -12,6 +12,7 @@
 
 mod conn;
 pub mod glue;
+pub mod tls;
 pub mod worker;
 pub mod ws;
 

@@ -71,6 +71,8 @@ struct Worker {
     unauthenticated: usize,
     /// `ws_allowed_origins`, split.
     origins: Vec<String>,
+    /// Plaintext out of TLS records, before it is handled.
+    plain: Box<[u8]>,
 }
 
 /// Runs an event loop until it receives [`Notice::Shutdown`].
@@ -87,6 +89,7 @@ pub fn run(glue: Arc<Glue>, loops: Arc<Loops>, index: usize, poll: Poll) {
         waiting: VecDeque::new(),
         unauthenticated: 0,
         origins: Vec::new(),
+        plain: vec![0; READ_CHUNK].into_boxed_slice(),
     };
     worker.origins = worker
         .glue
@@ -171,6 +174,23 @@ impl Worker {
 
     fn accept(&mut self, mut stream: mio::net::TcpStream, ticket: Ticket) {
         let _ = stream.set_nodelay(true);
+        let tls = match &self.glue.tls {
+            None => None,
+            Some(config) => match rustls::ServerConnection::new(config.clone()) {
+                Ok(mut conn) => {
+                    conn.set_buffer_limit(Some(super::tls::BUFFER_LIMIT));
+                    Some(Box::new(conn))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "tls session could not start");
+                    self.glue
+                        .metrics
+                        .connections
+                        .fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+        };
         let peer = stream.peer_addr().ok();
         self.make_room_to_log_in();
         let entry = self.conns.vacant_entry();
@@ -203,6 +223,8 @@ impl Worker {
             ws: None,
             ws_pos: 0,
             ws_closed: false,
+            tls,
+            tls_closed: false,
             read_paused: false,
             write_interest: false,
             phase: Phase::Open,
@@ -340,17 +362,13 @@ impl Worker {
                     let m = &self.glue.metrics;
                     m.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     conn.session.on_read(now_ms());
-                    if !conn.sniffed {
-                        conn.sniffed = true;
-                        if self.scratch[0] == b'G' {
-                            conn.ws = Some(Box::default());
-                        }
-                    }
-                    if conn.ws.is_some() {
-                        self.ws_input(t, n);
+                    let scratch = std::mem::take(&mut self.scratch);
+                    if conn.tls.is_some() {
+                        self.tls_input(t, &scratch[..n]);
                     } else {
-                        self.frames(t, n);
+                        self.input(t, &scratch[..n]);
                     }
+                    self.scratch = scratch;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -363,10 +381,79 @@ impl Worker {
         }
     }
 
-    /// Runs the WebSocket bytes in `scratch[..n]` through the connection's
+    /// Plaintext from the peer: the first byte decides the transport (`G`:
+    /// a WebSocket upgrade), then frames or WebSocket bytes go their way.
+    fn input(&mut self, t: usize, bytes: &[u8]) {
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        if !conn.sniffed && !bytes.is_empty() {
+            conn.sniffed = true;
+            if bytes[0] == b'G' {
+                conn.ws = Some(Box::default());
+            }
+        }
+        if conn.ws.is_some() {
+            self.ws_input(t, bytes);
+        } else {
+            feed(&self.glue, self.index, t, conn, bytes);
+        }
+    }
+
+    /// TLS records from the socket: through rustls, and the plaintext they
+    /// carry on to [`Worker::input`]. A TLS error (a plaintext client on a
+    /// TLS port, a bad handshake) sends rustls's alert, then closes.
+    fn tls_input(&mut self, t: usize, mut records: &[u8]) {
+        let mut plain = std::mem::take(&mut self.plain);
+        while let Some(conn) = self.conns.get_mut(t) {
+            let Some(tls) = conn.tls.as_mut() else {
+                break;
+            };
+            let mut took = 0;
+            if !records.is_empty() {
+                match tls.read_tls(&mut records) {
+                    Ok(n) => took = n,
+                    Err(_) => {
+                        self.close(t);
+                        break;
+                    }
+                }
+                if let Err(e) = tls.process_new_packets() {
+                    conn.span
+                        .in_scope(|| tracing::debug!(error = %e, "tls error: closed"));
+                    let _ = tls.write_tls(&mut conn.stream);
+                    self.close(t);
+                    break;
+                }
+            }
+            let got = match tls.reader().read(&mut plain) {
+                Ok(0) => {
+                    conn.start_closing(now_ms());
+                    break;
+                }
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(_) => {
+                    self.close(t);
+                    break;
+                }
+            };
+            if got > 0 {
+                self.input(t, &plain[..got]);
+                if self.conns.get(t).is_none_or(|c| c.phase != Phase::Open) {
+                    break;
+                }
+            } else if records.is_empty() || took == 0 {
+                break;
+            }
+        }
+        self.plain = plain;
+    }
+
+    /// Runs the WebSocket bytes in `bytes` through the connection's
     /// WebSocket: each binary message's frames through the deframer and the
     /// session, as over TCP. A message must end on a frame boundary.
-    fn ws_input(&mut self, t: usize, n: usize) {
+    fn ws_input(&mut self, t: usize, bytes: &[u8]) {
         let mut incoming = Vec::new();
         {
             let Some(conn) = self.conns.get_mut(t) else {
@@ -376,12 +463,7 @@ impl Worker {
                 return;
             };
             let config = &self.glue.config;
-            ws.receive(
-                &self.scratch[..n],
-                &self.origins,
-                config.max_frame,
-                &mut incoming,
-            );
+            ws.receive(bytes, &self.origins, config.max_frame, &mut incoming);
         }
         for item in incoming {
             match item {
@@ -418,15 +500,6 @@ impl Worker {
                 return;
             }
         }
-    }
-
-    /// Runs the frames in `scratch[..n]` through the connection's deframer
-    /// and session.
-    fn frames(&mut self, t: usize, n: usize) {
-        let Some(conn) = self.conns.get_mut(t) else {
-            return;
-        };
-        feed(&self.glue, self.index, t, conn, &self.scratch[..n]);
     }
 
     /// Runs the frames in `bytes` (a WebSocket message) through the

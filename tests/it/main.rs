@@ -16,6 +16,7 @@ mod proxy;
 mod reliability;
 mod sdk;
 mod sdk_crash;
+mod tls;
 mod tour;
 mod util;
 mod ws;

@@ -1,0 +1,111 @@
+//! TLS on the protocol listener (`tls_cert`, `tls_key`): a CA and a server
+//! certificate made by the test with rcgen, the real client over rustls.
+
+use std::path::Path;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tern::client::{tls_config, Client, ClientError, Event, Options, Tls};
+
+use crate::util::{next, TestServer};
+
+/// Writes `ca.pem`, `cert.pem` and `key.pem` (for localhost and 127.0.0.1)
+/// under `dir`.
+fn make_certs(dir: &Path, ca_name: &str) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+fn tls_options(ca: &Path) -> Options {
+    Options {
+        tls: Some(Tls {
+            config: tls_config(ca).unwrap(),
+            server_name: "localhost".try_into().unwrap(),
+        }),
+        ..Options::default()
+    }
+}
+
+/// A client that trusts the CA talks over TLS; a plaintext client on the
+/// TLS port is closed without harming others; a client that trusts another
+/// CA fails with a TLS error.
+#[test]
+fn the_protocol_listener_speaks_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    make_certs(pki.path(), "tern test CA");
+    let (cert, key) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
+    let server = TestServer::start_with(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let token = server.user("alice");
+    let mut alice =
+        Client::connect_with(server.addr, &token, tls_options(&pki.path().join("ca.pem")))
+            .expect("login over TLS");
+    alice.ping(Some(5)).unwrap();
+    assert!(matches!(next(&mut alice, 10), Event::Pong(Some(5))));
+
+    // Plaintext on the TLS port: refused, and alice goes on.
+    let plain = Client::connect(server.addr, &token);
+    assert!(
+        plain.is_err(),
+        "a plaintext login on the TLS port succeeded"
+    );
+    alice.ping(Some(6)).unwrap();
+    assert!(matches!(next(&mut alice, 10), Event::Pong(Some(6))));
+
+    // A client that trusts another CA.
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path(), "another CA");
+    match Client::connect_with(
+        server.addr,
+        &token,
+        tls_options(&other.path().join("ca.pem")),
+    ) {
+        Err(ClientError::Tls(reason)) => assert!(reason.contains("certificate"), "{reason}"),
+        Err(e) => panic!("expected a TLS error, got {e}"),
+        Ok(_) => panic!("a client that trusts another CA logged in"),
+    }
+}
+
+/// Bad certificate settings stop the server at start-up, naming the file.
+#[test]
+fn bad_certificates_are_start_up_errors_that_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    make_certs(pki.path(), "tern test CA");
+    let junk = pki.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--tls-cert", junk.to_str().unwrap()])
+        .args(["--tls-key", pki.path().join("key.pem").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("junk.pem"), "{stderr}");
+}
