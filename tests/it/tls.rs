@@ -109,3 +109,49 @@ fn bad_certificates_are_start_up_errors_that_name_the_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("junk.pem"), "{stderr}");
 }
+
+/// `openssl s_client`: TLS 1.3 is negotiated, and TLS 1.1 and 1.0 are
+/// refused (rustls has nothing older than 1.2).
+#[test]
+fn tls_1_3_is_negotiated_and_1_0_and_1_1_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    make_certs(pki.path(), "tern test CA");
+    let (cert, key) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
+    let server = TestServer::start_with(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    // SECLEVEL=0 lets this openssl offer the old versions at all (Debian's
+    // default refuses them on the client side), so a refusal is the server's.
+    let s_client = |version: &str| {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &server.addr.to_string(), version])
+            .args(["-cipher", "DEFAULT:@SECLEVEL=0"])
+            .arg("-CAfile")
+            .arg(pki.path().join("ca.pem"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl runs (.ci/run installs it)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = s_client("-tls1_3");
+    assert!(ok && text.contains("TLSv1.3"), "{text}");
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    for old in ["-tls1_1", "-tls1"] {
+        let (ok, text) = s_client(old);
+        assert!(!ok, "{old} was accepted:\n{text}");
+        assert!(
+            text.contains("protocol version"),
+            "{old}: not refused by the server:\n{text}"
+        );
+    }
+}
