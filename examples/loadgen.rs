@@ -31,6 +31,8 @@ struct Args {
     expiry: u32,
     /// Messages per second per sender; 0 = as fast as the window allows.
     rate: u64,
+    /// Speak TLS (in-process server only): a CA and certificate made with rcgen.
+    tls: bool,
     external: Option<(SocketAddr, SocketAddr, String)>,
 }
 
@@ -43,6 +45,7 @@ fn parse_args() -> Args {
         expiry: 3_600,
         rate: 0,
         external: None,
+        tls: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let (mut addr, mut http, mut admin) = (None, None, None);
@@ -56,6 +59,7 @@ fn parse_args() -> Args {
             "--window" => a.window = v.parse().expect("--window"),
             "--expiry" => a.expiry = v.parse().expect("--expiry"),
             "--rate" => a.rate = v.parse().expect("--rate"),
+            "--tls" => a.tls = v == "1" || v == "true",
             "--addr" => addr = Some(v.parse().expect("--addr")),
             "--http" => http = Some(v.parse().expect("--http")),
             "--admin" => admin = Some(v.clone()),
@@ -67,6 +71,31 @@ fn parse_args() -> Args {
         a.external = Some((addr, http, admin));
     }
     a
+}
+
+/// A CA and a certificate for localhost under `dir`: (cert, key, ca) paths.
+fn make_certs(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".into()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    let paths = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&paths.0, cert.pem()).expect("write");
+    std::fs::write(&paths.1, key.serialize_pem()).expect("write");
+    std::fs::write(&paths.2, ca.pem()).expect("write");
+    paths
 }
 
 fn micros() -> u64 {
@@ -94,17 +123,31 @@ fn create_user(http: SocketAddr, admin: &str, address: &str) -> String {
 
 fn main() {
     let args = parse_args();
+    let mut tls = None;
     let _dir;
     let _server;
     let (addr, http, admin) = match args.external.clone() {
         Some(e) => e,
         None => {
             _dir = tempfile::tempdir().expect("tempdir");
+            let (tls_cert, tls_key) = match args.tls {
+                true => {
+                    let (cert, key, ca) = make_certs(_dir.path());
+                    tls = Some(tern::client::Tls {
+                        config: tern::client::tls_config(&ca).expect("ca"),
+                        server_name: "localhost".try_into().expect("name"),
+                    });
+                    (Some(cert), Some(key))
+                }
+                false => (None, None),
+            };
             let config = tern::config::Config {
                 data_dir: _dir.path().to_path_buf(),
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 http_listen: "127.0.0.1:0".parse().expect("addr"),
                 admin_token: Some("loadgen".into()),
+                tls_cert,
+                tls_key,
                 ..Default::default()
             };
             let server = tern::server::Server::start(config).expect("server");
@@ -133,7 +176,11 @@ fn main() {
     let overloaded = Arc::new(AtomicU64::new(0));
     for (i, (st, rt)) in tokens.into_iter().enumerate() {
         let (latency, delivered) = (latency.clone(), delivered.clone());
-        let mut receiver = Client::connect(addr, &rt).expect("receiver");
+        let options = tern::client::Options {
+            tls: tls.clone(),
+            ..Default::default()
+        };
+        let mut receiver = Client::connect_with(addr, &rt, options.clone()).expect("receiver");
         threads.push(std::thread::spawn(move || {
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut acks = Vec::with_capacity(512);
@@ -170,7 +217,7 @@ fn main() {
             (args.payload.max(8), args.window, args.expiry, args.rate);
         let accepted_at = accepted_at.clone();
         let overloaded = overloaded.clone();
-        let mut sender = Client::connect(addr, &st).expect("sender");
+        let mut sender = Client::connect_with(addr, &st, options).expect("sender");
         threads.push(std::thread::spawn(move || {
             let mut payload = vec![0u8; payload_len];
             let (mut sent, mut answered) = (0u64, 0u64);
