@@ -48,6 +48,37 @@ pub struct Target {
         global = true
     )]
     pub data_dir: PathBuf,
+    /// Speak TLS to the protocol listener, trusting the CA certificate(s)
+    /// in this PEM file.
+    #[arg(long, env = "TERN_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (with --ca).
+    #[arg(
+        long,
+        env = "TERN_TLS_NAME",
+        default_value = "localhost",
+        global = true
+    )]
+    pub tls_name: String,
+}
+
+impl Target {
+    /// Logs in as `token` on the protocol listener (over TLS with `--ca`).
+    fn connect(&self, token: &str) -> Result<Client> {
+        let mut options = crate::client::Options::default();
+        if let Some(ca) = &self.ca {
+            options.tls = Some(crate::client::Tls {
+                config: crate::client::tls_config(ca)?,
+                server_name: self
+                    .tls_name
+                    .clone()
+                    .try_into()
+                    .with_context(|| format!("--tls-name {:?}", self.tls_name))?,
+            });
+        }
+        Client::connect_with(self.server, token, options)
+            .with_context(|| format!("cannot log in at {}", self.server))
+    }
 }
 
 /// `tern user …`
@@ -318,8 +349,7 @@ pub fn send(target: &Target, args: SendArgs) -> Result<()> {
     let Some(token) = &args.token else {
         bail!("give --token (or TERN_TOKEN) to send as a user, or --from to send through the admin API");
     };
-    let mut client = Client::connect(target.server, token)
-        .with_context(|| format!("cannot log in at {}", target.server))?;
+    let mut client = target.connect(token)?;
     let mut out = if args.group {
         Outgoing::to_group(&args.to, args.message.as_bytes())
     } else {
@@ -363,8 +393,7 @@ pub fn send(target: &Target, args: SendArgs) -> Result<()> {
 
 /// Runs `tern listen`: prints each delivery as a line of JSON and ACKs it.
 pub fn listen(target: &Target, args: ListenArgs) -> Result<()> {
-    let mut client = Client::connect(target.server, &args.token)
-        .with_context(|| format!("cannot log in at {}", target.server))?;
+    let mut client = target.connect(&args.token)?;
     eprintln!("listening as {}", client.address);
     let keepalive = Duration::from_secs(u64::from(client.keepalive.max(2)) / 2);
     let mut seen = 0u64;

@@ -60,6 +60,31 @@ fn the_protocol_listener_speaks_tls() {
     alice.ping(Some(5)).unwrap();
     assert!(matches!(next(&mut alice, 10), Event::Pong(Some(5))));
 
+    // The CLI, with --ca: bob sends alice a message over TLS.
+    let bob = server.user("bob");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "send",
+            "--server",
+            &server.addr.to_string(),
+            "--token",
+            &bob,
+        ])
+        .arg("--ca")
+        .arg(pki.path().join("ca.pem"))
+        .args(["alice", "over tls"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match next(&mut alice, 10) {
+        Event::Msg(m) => assert_eq!(m.payload, b"over tls"),
+        other => panic!("expected the CLI's message, got {other:?}"),
+    }
+
     // Plaintext on the TLS port: refused, and alice goes on.
     let plain = Client::connect(server.addr, &token);
     assert!(
