@@ -83,11 +83,6 @@ impl Summary {
             tracing::warn!(count, "{} (count since the last such line)", self.what);
         }
     }
-
-    /// Events counted so far (for tests).
-    pub fn pending(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
 }
 
 /// Why [`Conns::admit`] refused a connection.

@@ -328,9 +328,6 @@ pub struct Req<'r> {
     pub query: &'r str,
     /// Whether the admin bearer token was presented.
     pub admin: bool,
-    /// Whether a valid *user* token was presented instead (403 on admin
-    /// routes, where no token or a bad one is 401).
-    pub user: bool,
     /// The body, for methods that carry one (bounded by [`MAX_JSON`]).
     pub body: Vec<u8>,
 }
@@ -363,17 +360,13 @@ fn handle(shared: &Shared, mut request: Request) {
         .as_ref()
         .map(|t| Sha256::digest(t.as_bytes()).ct_eq(admin_hash).into())
         .unwrap_or(false);
-    let known = |t: &String| core.authenticate(t);
-    let user = match token.as_ref().filter(|_| !admin).map(known) {
-        Some(Ok(Some(_))) => true,
-        Some(Ok(None)) => {
-            if let Some(ip) = peer {
-                logins.failed(ip, now_ms());
-            }
-            false
+    // A token that is neither the admin's nor a user's is a failed login
+    // (a user token is not: it is answered 401 on admin routes, like none).
+    if let (false, Some(t), Some(ip)) = (admin, &token, peer) {
+        if matches!(core.authenticate(t), Ok(None)) {
+            logins.failed(ip, now_ms());
         }
-        _ => false,
-    };
+    }
     if path == "/v1/files" || path.starts_with("/v1/files/") {
         // Files stream their bodies: they never go through the JSON reader.
         files.handle(core, admin, request);
@@ -401,7 +394,6 @@ fn handle(shared: &Shared, mut request: Request) {
             path: path.trim_start_matches('/').split('/').collect(),
             query,
             admin,
-            user,
             body,
         };
         api::route(core, &req)

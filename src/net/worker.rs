@@ -487,12 +487,7 @@ impl Worker {
                         conn.start_closing(now_ms());
                     }
                 }
-                Incoming::Violation(reason) => {
-                    let code = if reason.starts_with("message too large") {
-                        ErrorCode::FRAME_TOO_LARGE
-                    } else {
-                        ErrorCode::PROTOCOL_ERROR
-                    };
+                Incoming::Violation(code, reason) => {
                     self.with_session(t, |_, ctx| ctx.fatal(code, &reason));
                 }
             }

@@ -19,6 +19,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
+use crate::wire::ErrorCode;
+
 /// The only path served.
 pub const PATH: &str = "/v1/ws";
 /// The subprotocol a client must offer.
@@ -74,8 +76,8 @@ pub enum Incoming {
     /// The peer closed (a Close frame), or the connection cannot go on.
     Closed,
     /// A message that breaks the binding (text, too large, bad framing):
-    /// answered with ERROR, then a close.
-    Violation(String),
+    /// answered with ERROR `code` and `reason`, then a close.
+    Violation(ErrorCode, String),
 }
 
 /// A connection that began with `GET`: the upgrade, then the WebSocket.
@@ -172,6 +174,7 @@ impl Ws {
                 Ok(Message::Binary(data)) => incoming.push(Incoming::Frames(data.to_vec())),
                 Ok(Message::Text(_)) => {
                     incoming.push(Incoming::Violation(
+                        ErrorCode::PROTOCOL_ERROR,
                         "a text message: frames travel in binary messages".into(),
                     ));
                     return;
@@ -184,11 +187,17 @@ impl Ws {
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(tungstenite::Error::Capacity(e)) => {
-                    incoming.push(Incoming::Violation(format!("message too large: {e}")));
+                    incoming.push(Incoming::Violation(
+                        ErrorCode::FRAME_TOO_LARGE,
+                        format!("message too large: {e}"),
+                    ));
                     return;
                 }
                 Err(e) => {
-                    incoming.push(Incoming::Violation(format!("websocket: {e}")));
+                    incoming.push(Incoming::Violation(
+                        ErrorCode::PROTOCOL_ERROR,
+                        format!("websocket: {e}"),
+                    ));
                     return;
                 }
             }

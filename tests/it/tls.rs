@@ -25,6 +25,22 @@ fn make_certs(dir: &Path, ca_name: &str) {
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
 }
 
+/// A server on `dir` speaking TLS with a certificate made under `pki`
+/// (whose `ca.pem` clients then trust).
+fn tls_server(dir: &Path, pki: &Path) -> TestServer {
+    make_certs(pki, "tern test CA");
+    let (cert, key) = (pki.join("cert.pem"), pki.join("key.pem"));
+    TestServer::start_with(
+        dir,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+}
+
 fn tls_options(ca: &Path) -> Options {
     Options {
         tls: Some(Tls {
@@ -42,17 +58,7 @@ fn tls_options(ca: &Path) -> Options {
 fn the_protocol_listener_speaks_tls() {
     let dir = tempfile::tempdir().unwrap();
     let pki = tempfile::tempdir().unwrap();
-    make_certs(pki.path(), "tern test CA");
-    let (cert, key) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
-    let server = TestServer::start_with(
-        dir.path(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    );
+    let server = tls_server(dir.path(), pki.path());
     let token = server.user("alice");
     let mut alice =
         Client::connect_with(server.addr, &token, tls_options(&pki.path().join("ca.pem")))
@@ -141,17 +147,7 @@ fn bad_certificates_are_start_up_errors_that_name_the_file() {
 fn tls_1_3_is_negotiated_and_1_0_and_1_1_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pki = tempfile::tempdir().unwrap();
-    make_certs(pki.path(), "tern test CA");
-    let (cert, key) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
-    let server = TestServer::start_with(
-        dir.path(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    );
+    let server = tls_server(dir.path(), pki.path());
     // SECLEVEL=0 lets this openssl offer the old versions at all (Debian's
     // default refuses them on the client side), so a refusal is the server's.
     let s_client = |version: &str| {
