@@ -13,8 +13,7 @@
 //! for EXPIRY > 0), delivered messages/s, and end-to-end latency from send to
 //! receipt (hdrhistogram, µs).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -77,25 +76,15 @@ fn parse_args() -> Args {
 fn make_certs(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca =
-        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
-    let key = KeyPair::generate().expect("key");
-    let cert = CertificateParams::new(vec!["localhost".into()])
-        .expect("params")
-        .signed_by(&key, &ca)
-        .expect("cert");
-    let paths = (
+    tern::tls::Pki::generate("loadgen CA", &["localhost".into()])
+        .expect("certificate")
+        .write(dir)
+        .expect("write");
+    (
         dir.join("cert.pem"),
         dir.join("key.pem"),
         dir.join("ca.pem"),
-    );
-    std::fs::write(&paths.0, cert.pem()).expect("write");
-    std::fs::write(&paths.1, key.serialize_pem()).expect("write");
-    std::fs::write(&paths.2, ca.pem()).expect("write");
-    paths
+    )
 }
 
 fn micros() -> u64 {
@@ -105,19 +94,34 @@ fn micros() -> u64 {
         .unwrap_or(0)
 }
 
-fn create_user(http: SocketAddr, admin: &str, address: &str) -> String {
-    let body = format!(r#"{{"address":"{address}"}}"#);
-    let mut s = TcpStream::connect(http).expect("http");
-    write!(
-        s,
-        "POST /v1/users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let json = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(json).expect("json");
+/// Creates a user through the admin API (over HTTPS with `tls`, the
+/// certificate's name resolved to `http`); returns its token.
+fn create_user(
+    http: SocketAddr,
+    tls: Option<&tern::client::Tls>,
+    admin: &str,
+    address: &str,
+) -> String {
+    let (agent, url) = match tls {
+        None => (
+            ureq::AgentBuilder::new().build(),
+            format!("http://{http}/v1/users"),
+        ),
+        Some(tls) => (
+            ureq::AgentBuilder::new()
+                .tls_config(tls.config.clone())
+                .resolver(move |_: &str| Ok(vec![http]))
+                .build(),
+            format!("https://localhost:{}/v1/users", http.port()),
+        ),
+    };
+    let v: serde_json::Value = agent
+        .post(&url)
+        .set("Authorization", &format!("Bearer {admin}"))
+        .send_json(serde_json::json!({ "address": address }))
+        .expect("create a user")
+        .into_json()
+        .expect("json");
     v["token"].as_str().expect("token").to_owned()
 }
 
@@ -165,8 +169,8 @@ fn main() {
     let tokens: Vec<(String, String)> = (0..args.pairs)
         .map(|i| {
             (
-                create_user(http, &admin, &format!("s{i}")),
-                create_user(http, &admin, &format!("r{i}")),
+                create_user(http, tls.as_ref(), &admin, &format!("s{i}")),
+                create_user(http, tls.as_ref(), &admin, &format!("r{i}")),
             )
         })
         .collect();

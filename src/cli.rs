@@ -48,8 +48,8 @@ pub struct Target {
         global = true
     )]
     pub data_dir: PathBuf,
-    /// Speak TLS to the protocol listener, trusting the CA certificate(s)
-    /// in this PEM file.
+    /// Speak TLS (to the protocol and the HTTP listener), trusting the CA
+    /// certificate(s) in this PEM file.
     #[arg(long, env = "TERN_CA", global = true)]
     pub ca: Option<PathBuf>,
     /// The name the server's certificate must carry (with --ca).
@@ -208,13 +208,40 @@ impl Target {
         Ok(token.trim().to_owned())
     }
 
+    /// The URL of `path` on the HTTP listener: `https://` and the
+    /// certificate's name with `--ca` (the agent resolves that name to
+    /// `--http`).
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
+        match &self.ca {
+            None => format!("http://{}{path}", self.http),
+            Some(_) => format!("https://{}:{}{path}", self.tls_name, self.http.port()),
+        }
+    }
+
+    /// The HTTP client: over TLS trusting `--ca`, when it is given.
+    fn agent(&self) -> Result<ureq::Agent> {
+        let builder = ureq::AgentBuilder::new();
+        let Some(ca) = &self.ca else {
+            return Ok(builder.build());
+        };
+        let (http, name) = (self.http, format!("{}:{}", self.tls_name, self.http.port()));
+        Ok(builder
+            .tls_config(crate::client::tls_config(ca)?)
+            .resolver(move |netloc: &str| -> std::io::Result<Vec<SocketAddr>> {
+                if netloc == name {
+                    Ok(vec![http])
+                } else {
+                    std::net::ToSocketAddrs::to_socket_addrs(netloc).map(Iterator::collect)
+                }
+            })
+            .build())
     }
 
     /// An HTTP call with a bearer token; returns the JSON answer (or Null).
     fn call(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Result<Value> {
-        let req = ureq::request(method, &self.url(path))
+        let req = self
+            .agent()?
+            .request(method, &self.url(path))
             .set("Authorization", &format!("Bearer {token}"))
             .timeout(Duration::from_secs(60));
         let resp = match body {
@@ -450,7 +477,9 @@ pub fn upload(target: &Target, args: UploadArgs) -> Result<()> {
     let content_type = args
         .content_type
         .unwrap_or_else(|| "application/octet-stream".into());
-    let resp = ureq::post(&target.url("/v1/files"))
+    let resp = target
+        .agent()?
+        .post(&target.url("/v1/files"))
         .set("Authorization", &format!("Bearer {token}"))
         .set("Content-Type", &content_type)
         .set("Content-Length", &len.to_string())
@@ -474,7 +503,10 @@ pub fn download(target: &Target, args: DownloadArgs) -> Result<()> {
         target.url(&format!("/v1/files/{}", args.file))
     };
     let signed = path.contains("sig=");
-    let mut req = ureq::get(&path).timeout(Duration::from_secs(3600));
+    let mut req = target
+        .agent()?
+        .get(&path)
+        .timeout(Duration::from_secs(3600));
     if !signed || args.token.is_some() {
         let token = match args.token {
             Some(t) => t,
@@ -498,5 +530,49 @@ pub fn download(target: &Target, args: DownloadArgs) -> Result<()> {
             std::io::copy(&mut reader.by_ref(), &mut std::io::stdout().lock())?;
         }
     }
+    Ok(())
+}
+
+/// `tern gen-cert`
+#[derive(Args, Debug)]
+pub struct GenCertArgs {
+    /// Where to write ca.pem, cert.pem and key.pem.
+    #[arg(long, default_value = "./tern-tls")]
+    pub out: PathBuf,
+    /// A name (DNS name or IP address) the certificate is for; repeat for
+    /// more.
+    #[arg(long = "name", default_values = ["localhost", "127.0.0.1", "::1"])]
+    pub names: Vec<String>,
+    /// Replace certificate files already there.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs `tern gen-cert`: a new CA and a certificate it signed, for trying
+/// TLS (a real deployment uses a certificate from its own CA or ACME).
+pub fn gen_cert(args: &GenCertArgs) -> Result<()> {
+    let files = ["ca.pem", "cert.pem", "key.pem"].map(|f| args.out.join(f));
+    if !args.force {
+        if let Some(f) = files.iter().find(|f| f.exists()) {
+            bail!("{} exists (--force replaces it)", f.display());
+        }
+    }
+    let pki = crate::tls::Pki::generate("tern local CA", &args.names)
+        .context("making the certificate")?;
+    pki.write(&args.out)
+        .with_context(|| format!("writing under {}", args.out.display()))?;
+    let [ca, cert, key] = files;
+    println!(
+        "wrote {} (the CA: give it to clients, --ca), {} and {} (for {})",
+        ca.display(),
+        cert.display(),
+        key.display(),
+        args.names.join(", ")
+    );
+    println!(
+        "serve with: tern serve --tls-cert {} --tls-key {}",
+        cert.display(),
+        key.display()
+    );
     Ok(())
 }

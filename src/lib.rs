@@ -15,6 +15,8 @@
 //! - `clock`, `metrics`: the server clock; counters and histograms (leaves).
 //! - `admission`: per-address connection limits and the back-off after
 //!   failed logins, for both listeners (a leaf).
+//! - `tls`: the certificate of both listeners (loaded, reloaded on SIGHUP)
+//!   and `tern gen-cert`'s CA (a leaf).
 //! - `store`: the only user of RocksDB: keys, records, reads, the batch.
 //! - `mailbox`: per-connection lock-free delivery rings, and the `Notify`
 //!   port through which other threads wake an event loop.
@@ -43,10 +45,10 @@
 //! directory
 //! mailbox
 //! store                     (the only user of RocksDB)
-//! wire, clock, metrics, config, admission
+//! wire, clock, metrics, config, admission, tls
 //! ```
 //!
-//! `client` imports only `wire`, and `cli` only `client`.
+//! `client` imports only `wire`, and `cli` only `client` and `tls`.
 
 pub mod client;
 pub mod wire;
@@ -81,6 +83,8 @@ pub mod server;
 pub mod session;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod tls;
 
 /// The import layers of the module doc, checked over the source files.
 #[cfg(all(test, feature = "server"))]
@@ -93,6 +97,7 @@ mod layers {
         ("clock", &[]),
         ("metrics", &[]),
         ("admission", &[]),
+        ("tls", &[]),
         ("config", &["wire"]),
         ("store", &["wire"]),
         ("mailbox", &["store", "wire"]),
@@ -126,6 +131,7 @@ mod layers {
                 "metrics",
                 "session",
                 "store",
+                "tls",
                 "wire",
             ],
         ),
@@ -143,6 +149,7 @@ mod layers {
                 "metrics",
                 "session",
                 "store",
+                "tls",
                 "wire",
             ],
         ),
@@ -161,11 +168,12 @@ mod layers {
                 "net",
                 "session",
                 "store",
+                "tls",
                 "wire",
             ],
         ),
         ("client", &["wire"]),
-        ("cli", &["client"]),
+        ("cli", &["client", "tls"]),
     ];
 
     /// The `crate::x` names a file mentions (unit tests aside).

@@ -24,6 +24,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print the commented default configuration file.
     GenerateConfig,
+    /// Make a CA and a server certificate signed by it, for trying TLS.
+    GenCert(cli::GenCertArgs),
     /// Manage users (admin).
     User {
         #[command(flatten)]
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
             print!("{}", generate_config());
             Ok(())
         }
+        Command::GenCert(args) => cli::gen_cert(&args),
         Command::User { target, cmd } => cli::user(&target, cmd),
         Command::Group { target, cmd } => cli::group(&target, cmd),
         Command::Send { target, args } => cli::send(&target, args),
@@ -93,21 +96,34 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let config = Config::load(args)?;
     init_tracing(&config)?;
-    let (stop_tx, stop_rx) = crossbeam::channel::bounded::<()>(1);
-    ctrlc::set_handler(move || {
-        let _ = stop_tx.try_send(());
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing the SIGINT/SIGTERM/SIGHUP handlers")?;
     let server = Server::start(config)?;
     // One machine-readable line on stdout, for scripts and tests that start
-    // the server on port 0.
+    // the server on port 0 (and one per certificate reload).
     println!(
         "tern ready listen={} http_listen={}",
         server.listen, server.http_listen
     );
-    let _ = stop_rx.recv();
+    for signal in signals.forever() {
+        if signal != SIGHUP {
+            break;
+        }
+        match server.reload_tls() {
+            Ok(true) => {
+                tracing::info!("SIGHUP: certificate reloaded; new connections use it");
+                println!("tern tls-reloaded");
+            }
+            Ok(false) => tracing::info!("SIGHUP: nothing to reload (TLS is off)"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: certificate reload failed; the one in use stays");
+                println!("tern tls-reload-failed");
+            }
+        }
+    }
     server
         .shutdown()
         .context("the final flush failed (the WAL still holds everything acknowledged)")?;

@@ -25,7 +25,7 @@ use crate::http::{Backend, Phase};
 use crate::metrics::Metrics;
 use crate::net::Glue;
 use crate::store::{self, Store, StoreError};
-use crate::{expiry, http, net};
+use crate::{expiry, http, net, tls};
 
 /// File descriptors kept for everything but protocol connections: HTTP
 /// requests (512 at once), RocksDB's files, listeners, wake-up pipes.
@@ -61,7 +61,7 @@ pub enum StartError {
         error: StoreError,
     },
     #[error("tls: {0}")]
-    Tls(#[from] net::tls::TlsError),
+    Tls(#[from] tls::TlsError),
     #[error("tls_cert and tls_key must be set together")]
     TlsPair,
     #[error("starting threads: {0}")]
@@ -91,6 +91,8 @@ pub struct Server {
     net: net::Net,
     http: http::Http,
     sweeper: expiry::Sweeper,
+    /// The certificate of both listeners, when TLS is on.
+    tls: Option<Arc<tls::Certs>>,
     _commit: JoinHandle<()>,
 }
 
@@ -141,13 +143,7 @@ impl Server {
             }
         };
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => {
-                tracing::warn!(
-                    "TLS is on for the protocol listener only: the HTTP listener still speaks \
-                     plain HTTP (keep http_listen private, or put a TLS proxy in front)"
-                );
-                Some(net::tls::server_config(cert, key)?)
-            }
+            (Some(cert), Some(key)) => Some(Arc::new(tls::Certs::load(cert, key)?)),
             (None, None) => None,
             _ => return Err(StartError::TlsPair),
         };
@@ -187,7 +183,7 @@ impl Server {
                 "protocol connections refused: over max_connections_per_ip or max_unauthenticated_per_ip",
             ),
             logins: Arc::new(Logins::default()),
-            tls,
+            tls: tls.clone(),
         });
         let net = net::start(glue.clone(), loops, polls, listener)?;
         let admin = Admin::new(
@@ -203,10 +199,10 @@ impl Server {
             metrics.clone(),
             glue,
         ));
-        let http = http::start(backend.clone(), http_listener, admin_token)?;
+        let http = http::start(backend.clone(), http_listener, admin_token, tls.clone())?;
         let sweeper = expiry::start(store.clone(), commit.clone())?;
         backend.set_phase(Phase::Ready);
-        tracing::info!(%listen, %http_listen, boot, data_dir = %dir.display(), "tern ready");
+        tracing::info!(%listen, %http_listen, boot, data_dir = %dir.display(), tls = tls.is_some(), "tern ready");
         if let Some(path) = &admin_token_file {
             tracing::info!(path = %path.display(), "admin token file");
         }
@@ -220,8 +216,19 @@ impl Server {
             net,
             http,
             sweeper,
+            tls,
             _commit: commit_thread,
         })
+    }
+
+    /// Reads `tls_cert` and `tls_key` again; the connections that come next
+    /// on both listeners use them, the open ones keep theirs. `Ok(false)`:
+    /// TLS is off. On an error the certificate in use stays.
+    pub fn reload_tls(&self) -> Result<bool, tls::TlsError> {
+        match &self.tls {
+            None => Ok(false),
+            Some(certs) => certs.reload().map(|()| true),
+        }
     }
 
     /// Shuts down in order (see the module doc). An error means the final

@@ -139,9 +139,11 @@ pub fn start(
     core: Arc<Backend>,
     listener: std::net::TcpListener,
     admin_token: String,
+    tls: Option<Arc<crate::tls::Certs>>,
 ) -> std::io::Result<Http> {
     let files = Arc::new(files::Files::open(&core.config)?);
-    let server = Server::from_listener_admitting(listener, None, admission(&core.config))
+    let tls = tls.map(|certs| -> tiny_http::TlsSource { Arc::new(move || certs.current()) });
+    let server = Server::from_listener_admitting(listener, tls, admission(&core.config))
         .map(Arc::new)
         .map_err(std::io::Error::other)?;
     let admin = Arc::new(Sha256::digest(admin_token.as_bytes()).to_vec());

@@ -95,7 +95,7 @@ pub struct Glue {
     /// Failed logins per address (shared with the HTTP listener).
     pub logins: Arc<Logins>,
     /// TLS for the protocol listener, when `tls_cert` and `tls_key` are set.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<crate::tls::Certs>>,
 }
 
 impl Env for Glue {

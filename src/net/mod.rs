@@ -12,7 +12,6 @@
 
 mod conn;
 pub mod glue;
-pub mod tls;
 pub mod worker;
 pub mod ws;
 

@@ -176,9 +176,9 @@ impl Worker {
         let _ = stream.set_nodelay(true);
         let tls = match &self.glue.tls {
             None => None,
-            Some(config) => match rustls::ServerConnection::new(config.clone()) {
+            Some(certs) => match rustls::ServerConnection::new(certs.current()) {
                 Ok(mut conn) => {
-                    conn.set_buffer_limit(Some(super::tls::BUFFER_LIMIT));
+                    conn.set_buffer_limit(Some(crate::tls::BUFFER_LIMIT));
                     Some(Box::new(conn))
                 }
                 Err(e) => {

@@ -1,44 +1,30 @@
-//! TLS on the protocol listener (`tls_cert`, `tls_key`): a CA and a server
-//! certificate made by the test with rcgen, the real client over rustls.
+//! TLS on both listeners (`tls_cert`, `tls_key`): a CA and a server
+//! certificate made by `Pki::generate` (what `tern gen-cert` writes), the
+//! real client over rustls, the CLI, ureq and curl over HTTPS, openssl's
+//! s_client, and a certificate renewed under a running server (SIGHUP).
 
 use std::path::Path;
+use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tern::client::{tls_config, Client, ClientError, Event, Options, Tls};
+use tern::tls::Pki;
 
-use crate::util::{next, TestServer};
+use crate::util::{https_agent, https_url, next, TestServer, ADMIN};
 
 /// Writes `ca.pem`, `cert.pem` and `key.pem` (for localhost and 127.0.0.1)
 /// under `dir`.
 fn make_certs(dir: &Path, ca_name: &str) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, ca_name);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    Pki::generate(ca_name, &["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .write(dir)
+        .unwrap();
 }
 
 /// A server on `dir` speaking TLS with a certificate made under `pki`
 /// (whose `ca.pem` clients then trust).
 fn tls_server(dir: &Path, pki: &Path) -> TestServer {
     make_certs(pki, "tern test CA");
-    let (cert, key) = (pki.join("cert.pem"), pki.join("key.pem"));
-    TestServer::start_with(
-        dir,
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    )
+    TestServer::start_tls(dir, pki, &[])
 }
 
 fn tls_options(ca: &Path) -> Options {
@@ -177,5 +163,229 @@ fn tls_1_3_is_negotiated_and_1_0_and_1_1_are_refused() {
                 && text.contains("SSL handshake has read"),
             "{old}: not refused by the server:\n{text}"
         );
+    }
+}
+
+/// `tern` with `--ca`, against the server's HTTP listener.
+fn cli(server: &TestServer, ca: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .args(["--http", &server.http.to_string()])
+        .args(["--admin-token", ADMIN])
+        .arg("--ca")
+        .arg(ca)
+        .output()
+        .unwrap()
+}
+
+/// The HTTP API and the files API over HTTPS: ureq with a pooled
+/// connection (several requests on one TLS session), the CLI with `--ca`
+/// (admin call, upload, download), curl with `--cacert` and a range on the
+/// signed link. Plain HTTP on the HTTPS port gets no answer and harms no one.
+#[test]
+fn the_http_listener_speaks_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), pki.path());
+    let ca = pki.path().join("ca.pem");
+    let agent = https_agent(&ca, server.http);
+    for _ in 0..5 {
+        let r = agent
+            .get(&https_url(server.http, "/readyz"))
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.into_string().unwrap(), "ready");
+    }
+    let token = server.user("alice");
+
+    // The CLI: an admin call, then a 3 MB upload and its download.
+    let out = cli(&server, &ca, &["user", "add", "bob"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let work = tempfile::tempdir().unwrap();
+    let original: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let file = work.path().join("big.bin");
+    std::fs::write(&file, &original).unwrap();
+    let out = cli(
+        &server,
+        &ca,
+        &["upload", file.to_str().unwrap(), "--token", &token],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, url) = (
+        answer["id"].as_str().unwrap(),
+        answer["url"].as_str().unwrap(),
+    );
+    let copy = work.path().join("copy.bin");
+    let out = cli(
+        &server,
+        &ca,
+        &[
+            "download",
+            id,
+            "--token",
+            &token,
+            "-o",
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == original,
+        "download differs"
+    );
+
+    // curl, on the signed link, with a range.
+    let port = server.http.port();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-H", "Range: bytes=1000-1999"])
+        .arg(https_url(server.http, url))
+        .output()
+        .expect("curl runs (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == original[1000..2000], "range differs");
+
+    // Plain HTTP on the HTTPS port: no HTTP answer; HTTPS goes on.
+    let answer = crate::util::raw_exchange(server.http, b"GET /readyz HTTP/1.1\r\n\r\n");
+    assert!(!answer.starts_with(b"HTTP/"), "plain HTTP was answered");
+    let r = agent
+        .get(&https_url(server.http, "/readyz"))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A renewed certificate (from `tern gen-cert`, another CA) is taken on
+/// SIGHUP by the connections that come next, on both listeners; the open
+/// ones go on; a broken renewal leaves the certificate in use.
+#[test]
+fn sighup_reloads_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), pki.path());
+    let old_ca = tempfile::tempdir().unwrap();
+    std::fs::copy(pki.path().join("ca.pem"), old_ca.path().join("ca.pem")).unwrap();
+    let old_ca = old_ca.path().join("ca.pem");
+    let token = server.user("alice");
+    let mut alice = Client::connect_with(server.addr, &token, tls_options(&old_ca)).unwrap();
+
+    // gen-cert will not overwrite without --force; with it, a new CA.
+    let gen = |force: bool| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["gen-cert", "--out"])
+            .arg(pki.path())
+            .args(["--name", "localhost"])
+            .args(force.then_some("--force"))
+            .output()
+            .unwrap()
+    };
+    let out = gen(false);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = gen(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_ca = pki.path().join("ca.pem");
+
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    hup();
+    server.wait_stdout("tern tls-reloaded", Duration::from_secs(10));
+
+    // New connections: the new CA is trusted, the old one is not.
+    let bob = server.user("bob");
+    let mut fresh = Client::connect_with(server.addr, &bob, tls_options(&new_ca)).unwrap();
+    fresh.ping(Some(1)).unwrap();
+    assert!(matches!(next(&mut fresh, 10), Event::Pong(Some(1))));
+    assert!(matches!(
+        Client::connect_with(server.addr, &bob, tls_options(&old_ca)),
+        Err(ClientError::Tls(_))
+    ));
+    // The status of /readyz over HTTPS trusting `ca`, or the error.
+    let https = |ca: &Path| -> Result<u16, String> {
+        https_agent(ca, server.http)
+            .get(&https_url(server.http, "/readyz"))
+            .call()
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(https(&new_ca), Ok(200));
+    let refused = https(&old_ca).expect_err("HTTPS still shows the old certificate");
+    assert!(refused.contains("certificate"), "{refused}");
+    // The connection opened before the reload goes on.
+    alice.ping(Some(2)).unwrap();
+    assert!(matches!(next(&mut alice, 10), Event::Pong(Some(2))));
+
+    // A broken renewal: the reload fails, the certificate in use stays.
+    std::fs::write(pki.path().join("cert.pem"), "half a certificate").unwrap();
+    hup();
+    server.wait_stdout("tern tls-reload-failed", Duration::from_secs(10));
+    assert_eq!(https(&new_ca), Ok(200));
+    assert!(Client::connect_with(server.addr, &bob, tls_options(&new_ca)).is_ok());
+}
+
+/// `wss://`: the WebSocket transport under TLS on the protocol port, to a
+/// TCP client under TLS.
+#[test]
+fn websocket_over_tls() {
+    use crate::ws::{Got, WsClient};
+    use tern::wire::{self, Frame, StatusCode};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), pki.path());
+    let ca = pki.path().join("ca.pem");
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let socket = std::net::TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let session =
+        rustls::ClientConnection::new(tls_config(&ca).unwrap(), "localhost".try_into().unwrap())
+            .unwrap();
+    let stream = rustls::StreamOwned::new(session, socket);
+    let mut alice = WsClient::open_over(server.addr, Box::new(stream)).hello(&ta);
+    let mut bob = Client::connect_with(server.addr, &tb, tls_options(&ca)).unwrap();
+    alice.send(&[Frame::Send(wire::Send {
+        id: Some(1),
+        to: Some("bob"),
+        flags: Some(0),
+        payload: Some(b"over wss"),
+        ..Default::default()
+    })]);
+    assert_eq!(alice.next(), Got::Status(1, StatusCode::SENT));
+    match next(&mut bob, 10) {
+        Event::Msg(m) => assert_eq!(
+            (m.from.as_str(), &m.payload[..]),
+            ("alice", &b"over wss"[..])
+        ),
+        other => panic!("expected alice's message, got {other:?}"),
     }
 }

@@ -30,6 +30,11 @@ pub struct TestServer {
     pub dir: PathBuf,
     /// Extra flags, reused on restart.
     args: Vec<String>,
+    /// The CA the server's certificate comes from, when it speaks TLS
+    /// (then [`TestServer::user`] goes over HTTPS).
+    ca: Option<PathBuf>,
+    /// The lines the server printed on stdout after `tern ready`.
+    stdout: mpsc::Receiver<String>,
 }
 
 impl TestServer {
@@ -70,18 +75,19 @@ impl TestServer {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if line.starts_with("tern ready") {
-                    let _ = tx.send(line);
-                }
+                let _ = tx.send(line);
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                panic!("server did not become ready; log:\n{log}");
+        let ready = Instant::now() + Duration::from_secs(60);
+        let line = loop {
+            match rx.recv_timeout(ready.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.starts_with("tern ready") => break line,
+                Ok(_) => continue,
+                Err(_) => {}
             }
+            let _ = child.kill();
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+            panic!("server did not become ready; log:\n{log}");
         };
         let field = |name: &str| -> SocketAddr {
             line.split_whitespace()
@@ -95,6 +101,42 @@ impl TestServer {
             child: Some(child),
             dir: dir.to_path_buf(),
             args,
+            ca: None,
+            stdout: rx,
+        }
+    }
+
+    /// Starts a server on `dir` speaking TLS on both listeners, with the
+    /// certificate and key in `pki` (from `Pki::write`); `ca.pem` there is
+    /// what clients trust.
+    pub fn start_tls(dir: &Path, pki: &Path, args: &[&str]) -> TestServer {
+        let (cert, key) = (pki.join("cert.pem"), pki.join("key.pem"));
+        let mut all = vec![
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let mut server = TestServer::start_with(dir, &all);
+        server.ca = Some(pki.join("ca.pem"));
+        server
+    }
+
+    /// Waits for the server to print a line starting with `prefix` on
+    /// stdout (lines before it are skipped); panics after `within`.
+    #[track_caller]
+    pub fn wait_stdout(&self, prefix: &str, within: Duration) -> String {
+        let until = Instant::now() + within;
+        loop {
+            match self
+                .stdout
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("no {prefix:?} on the server's stdout: {e}"),
+            }
         }
     }
 
@@ -139,7 +181,9 @@ impl TestServer {
     pub fn restart(&mut self) {
         self.sigkill();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let ca = self.ca.take();
         *self = TestServer::start_with(&self.dir.clone(), &args);
+        self.ca = ca;
     }
 
     /// Resident memory of the server process, KiB; panics if it cannot be
@@ -152,6 +196,16 @@ impl TestServer {
 
     /// Creates a user through the admin API; returns its token.
     pub fn user(&self, address: &str) -> String {
+        if let Some(ca) = &self.ca {
+            let v: serde_json::Value = https_agent(ca, self.http)
+                .post(&https_url(self.http, "/v1/users"))
+                .set("Authorization", &format!("Bearer {ADMIN}"))
+                .send_json(serde_json::json!({ "address": address }))
+                .expect("create a user over HTTPS")
+                .into_json()
+                .expect("json");
+            return v["token"].as_str().expect("token").to_owned();
+        }
         let (status, body) = http(
             self.http,
             "POST",
@@ -180,6 +234,24 @@ impl TestServer {
         };
         Client::connect_with(self.addr, token, options).expect("connect")
     }
+}
+
+/// An HTTPS client trusting `ca`, that reaches `https://localhost:PORT`
+/// (the name the test certificates carry) at `http`.
+pub fn https_agent(ca: &Path, http: SocketAddr) -> ureq::Agent {
+    let name = format!("localhost:{}", http.port());
+    ureq::AgentBuilder::new()
+        .tls_config(tern::client::tls_config(ca).expect("CA file"))
+        .resolver(move |netloc: &str| -> io::Result<Vec<SocketAddr>> {
+            assert_eq!(netloc, name, "this agent only reaches the test server");
+            Ok(vec![http])
+        })
+        .build()
+}
+
+/// `path` on the HTTPS listener at `http`, by the certificate's name.
+pub fn https_url(http: SocketAddr, path: &str) -> String {
+    format!("https://localhost:{}{path}", http.port())
 }
 
 impl Drop for TestServer {

@@ -14,7 +14,7 @@ use crate::util::{msg, next, status, TestServer};
 
 /// What a test looks at in a frame from the server.
 #[derive(Debug, PartialEq, Eq)]
-enum Got {
+pub enum Got {
     Welcome(String),
     Error(ErrorCode),
     Status(u64, StatusCode),
@@ -28,9 +28,13 @@ enum Got {
     Closed,
 }
 
+/// A byte stream under a WebSocket: a socket, or TLS over one.
+pub trait Stream: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> Stream for T {}
+
 /// A WebSocket client speaking protocol v1.
-struct WsClient {
-    ws: WebSocket<TcpStream>,
+pub struct WsClient {
+    ws: WebSocket<Box<dyn Stream>>,
     pending: std::collections::VecDeque<Got>,
 }
 
@@ -56,6 +60,11 @@ impl WsClient {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
+        WsClient::open_over(addr, Box::new(stream))
+    }
+
+    /// Upgrades over `stream` (connected to `addr`).
+    pub fn open_over(addr: SocketAddr, stream: Box<dyn Stream>) -> WsClient {
         let (ws, answer) = tungstenite::client(upgrade_request(addr, "/v1/ws", None), stream)
             .unwrap_or_else(|e| panic!("upgrade: {e}"));
         assert_eq!(
@@ -71,7 +80,12 @@ impl WsClient {
 
     /// Upgrades and logs in.
     fn login(addr: SocketAddr, token: &str) -> WsClient {
-        let mut c = WsClient::open(addr);
+        WsClient::open(addr).hello(token)
+    }
+
+    /// Logs in on an upgraded connection.
+    pub fn hello(mut self, token: &str) -> WsClient {
+        let c = &mut self;
         c.send(&[Frame::Hello(wire::Hello {
             version: Some(wire::VERSION),
             token: Some(token),
@@ -79,13 +93,13 @@ impl WsClient {
             keepalive: None,
         })]);
         match c.next() {
-            Got::Welcome(_) => c,
+            Got::Welcome(_) => self,
             other => panic!("expected WELCOME, got {other:?}"),
         }
     }
 
     /// Sends `frames` in one binary message.
-    fn send(&mut self, frames: &[Frame<'_>]) {
+    pub fn send(&mut self, frames: &[Frame<'_>]) {
         let mut bytes = Vec::new();
         for f in frames {
             wire::encode(f, &mut bytes).unwrap();
@@ -98,7 +112,7 @@ impl WsClient {
     }
 
     /// The next frame from the server (or `Closed`).
-    fn next(&mut self) -> Got {
+    pub fn next(&mut self) -> Got {
         while self.pending.is_empty() {
             let data = match self.ws.read() {
                 Ok(Message::Binary(data)) => data,

@@ -127,6 +127,17 @@ mod util;
 
 /// tern patch (see vendor/README.md): an admission check for
 /// `Server::from_listener_admitting`.
+/// tern patch (see vendor/README.md): the TLS configuration for the next
+/// accepted connection (a renewed certificate is picked up by changing
+/// what this returns).
+#[cfg(feature = "ssl-rustls")]
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
+#[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+type SslContext = ();
+#[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+type SslContext = crate::ssl::SslContextImpl;
+
 pub type Admit = Box<dyn Fn(Option<SocketAddr>) -> Option<Box<dyn Send>> + Send>;
 
 /// The main class of this library.
@@ -247,38 +258,36 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        Self::from_listener_admitting(listener, ssl_config, Box::new(|_| Some(Box::new(()))))
+        Self::from_listener_inner(listener.into(), ssl_config, Box::new(|_| Some(Box::new(()))))
     }
 
     /// tern patch (see vendor/README.md): like `from_listener`, with an
-    /// admission check. The accept thread calls `admit` with each client's
-    /// address; `None` closes the connection at once, `Some(guard)` keeps
-    /// the guard until the connection is done (drop it to free the place).
+    /// admission check, and TLS from a [`TlsSource`]. The accept thread
+    /// calls `admit` with each client's address; `None` closes the
+    /// connection at once, `Some(guard)` keeps the guard until the
+    /// connection is done (drop it to free the place). With `tls`, each
+    /// accepted connection takes the configuration `tls` gives at that
+    /// moment.
+    #[cfg(feature = "ssl-rustls")]
     pub fn from_listener_admitting<L: Into<Listener>>(
         listener: L,
+        tls: Option<TlsSource>,
+        admit: Admit,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        let ssl = tls.map(crate::ssl::SslContextImpl::from_source);
+        Self::start(listener.into(), ssl, admit)
+    }
+
+    fn from_listener_inner(
+        listener: Listener,
         ssl_config: Option<SslConfig>,
         admit: Admit,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = listener.into();
-        // building the "close" variable
-        let close_trigger = Arc::new(AtomicBool::new(false));
-
-        // building the TcpListener
-        let (server, local_addr) = {
-            let local_addr = listener.local_addr()?;
-            log::debug!("Server listening on {}", local_addr);
-            (listener, local_addr)
-        };
-
         // building the SSL capabilities
         #[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
         compile_error!(
             "Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time"
         );
-        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-        type SslContext = ();
-        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        type SslContext = crate::ssl::SslContextImpl;
         let ssl: Option<SslContext> = {
             match ssl_config {
                 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -294,6 +303,18 @@ impl Server {
                 None => None,
             }
         };
+        Self::start(listener, ssl, admit)
+    }
+
+    fn start(
+        server: Listener,
+        ssl: Option<SslContext>,
+        admit: Admit,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        // building the "close" variable
+        let close_trigger = Arc::new(AtomicBool::new(false));
+        let local_addr = server.local_addr()?;
+        log::debug!("Server listening on {}", local_addr);
 
         // creating a task where server.accept() is continuously called
         // and ClientConnection objects are pushed in the messages queue

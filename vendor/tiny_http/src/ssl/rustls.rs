@@ -1,33 +1,51 @@
+//! tern patch (see vendor/README.md): ported to rustls 0.23, with the
+//! server configuration taken from a [`crate::TlsSource`] at each accept (so
+//! a renewed certificate applies to the next connection without a restart).
+//! No handshake happens on the accept thread: `accept` only creates the
+//! session, and the handshake runs on the connection's own thread, at its
+//! first read.
 use crate::connection::Connection;
 use crate::util::refined_tcp_stream::Stream as RefinedStream;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::error::Error;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use zeroize::Zeroizing;
+
+type Owned = rustls::StreamOwned<rustls::ServerConnection, Connection>;
 
 /// A wrapper around an owned Rustls connection and corresponding stream.
 ///
 /// Uses an internal Mutex to permit disparate reader & writer threads to access the stream independently.
-pub(crate) struct RustlsStream(
-    Arc<Mutex<rustls::StreamOwned<rustls::ServerConnection, Connection>>>,
-);
+pub(crate) struct RustlsStream(Arc<Mutex<Owned>>);
 
 impl RustlsStream {
-    pub(crate) fn peer_addr(&mut self) -> std::io::Result<Option<SocketAddr>> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .sock
-            .peer_addr()
+    /// A poisoned lock (a panic on another thread of this connection) still
+    /// gives the stream: the connection is then closed by its error path.
+    fn lock(&self) -> MutexGuard<'_, Owned> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn peer_addr(&mut self) -> std::io::Result<Option<SocketAddr>> {
+        self.lock().sock.peer_addr()
+    }
+
+    pub(crate) fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.lock().sock.set_read_timeout(timeout)
+    }
+
+    /// Shutting down the write half first sends TLS's close_notify, so that
+    /// the client can tell the end of the answer from a cut connection.
     pub(crate) fn shutdown(&mut self, how: Shutdown) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .sock
-            .shutdown(how)
+        let mut stream = self.lock();
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            stream.conn.send_close_notify();
+            let _ = stream.flush();
+        }
+        stream.sock.shutdown(how)
     }
 }
 
@@ -39,77 +57,52 @@ impl Clone for RustlsStream {
 
 impl Read for RustlsStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .read(buf)
+        self.lock().read(buf)
     }
 }
 
 impl Write for RustlsStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .write(buf)
+        self.lock().write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0
-            .lock()
-            .expect("Failed to lock SSL stream mutex")
-            .flush()
+        self.lock().flush()
     }
 }
 
-pub(crate) struct RustlsContext(Arc<rustls::ServerConfig>);
+pub(crate) struct RustlsContext(crate::TlsSource);
 
 impl RustlsContext {
+    pub(crate) fn from_source(source: crate::TlsSource) -> Self {
+        Self(source)
+    }
+
     pub(crate) fn from_pem(
         certificates: Vec<u8>,
         private_key: Zeroizing<Vec<u8>>,
     ) -> Result<Self, Box<dyn Error + Send + Sync>> {
-        let certificate_chain: Vec<rustls::Certificate> =
-            rustls_pemfile::certs(&mut certificates.as_slice())?
-                .into_iter()
-                .map(|bytes| rustls::Certificate(bytes))
-                .collect();
-
+        let certificate_chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&certificates).collect::<Result<_, _>>()?;
         if certificate_chain.is_empty() {
             return Err("Couldn't extract certificate chain from config.".into());
         }
-
-        let private_key = rustls::PrivateKey({
-            let pkcs8_keys = rustls_pemfile::pkcs8_private_keys(
-                &mut private_key.clone().as_slice(),
-            )
-            .expect("file contains invalid pkcs8 private key (encrypted keys are not supported)");
-
-            if let Some(pkcs8_key) = pkcs8_keys.first() {
-                pkcs8_key.clone()
-            } else {
-                let rsa_keys = rustls_pemfile::rsa_private_keys(&mut private_key.as_slice())
-                    .expect("file contains invalid rsa private key");
-                rsa_keys[0].clone()
-            }
-        });
-
+        let private_key = PrivateKeyDer::from_pem_slice(&private_key)?;
         let tls_conf = rustls::ServerConfig::builder()
-            .with_safe_defaults()
             .with_no_client_auth()
             .with_single_cert(certificate_chain, private_key)?;
-
-        Ok(Self(Arc::new(tls_conf)))
+        let tls_conf = Arc::new(tls_conf);
+        Ok(Self(Arc::new(move || tls_conf.clone())))
     }
 
     pub(crate) fn accept(
         &self,
         stream: Connection,
     ) -> Result<RustlsStream, Box<dyn Error + Send + Sync + 'static>> {
-        let connection = rustls::ServerConnection::new(self.0.clone())?;
-        Ok(RustlsStream(Arc::new(Mutex::new(
-            rustls::StreamOwned::new(connection, stream),
-        ))))
+        let connection = rustls::ServerConnection::new((self.0)())?;
+        Ok(RustlsStream(Arc::new(Mutex::new(rustls::StreamOwned::new(
+            connection, stream,
+        )))))
     }
 }
 

@@ -51,12 +51,14 @@ impl Stream {
     }
 
     /// tern patch (see vendor/README.md): the lingering close bounds its
-    /// reads by one deadline. Over TLS it is not supported (an error): the
-    /// connection is then closed without lingering.
+    /// reads by one deadline. Over OpenSSL it is not supported (an error):
+    /// the connection is then closed without lingering.
     fn set_read_timeout(&self, timeout: Duration) -> IoResult<()> {
         match self {
             Stream::Http(tcp_stream) => tcp_stream.set_read_timeout(timeout),
-            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            #[cfg(feature = "ssl-rustls")]
+            Stream::Https(ssl_stream) => ssl_stream.set_read_timeout(timeout),
+            #[cfg(feature = "ssl-openssl")]
             Stream::Https(_) => Err(std::io::ErrorKind::Unsupported.into()),
         }
     }
