@@ -389,3 +389,47 @@ fn websocket_over_tls() {
         other => panic!("expected alice's message, got {other:?}"),
     }
 }
+
+/// A client that trickles its TLS hello to the HTTPS listener, each byte
+/// well within the read timeout, is closed once the handshake deadline
+/// (10 s from the accept) is past: it cannot hold a connection thread for
+/// as long as it likes. The listener goes on answering.
+#[test]
+fn a_trickled_tls_handshake_is_cut_off() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), pki.path());
+    let mut s = std::net::TcpStream::connect(server.http).unwrap();
+    // One byte a second: the read timeout paces the trickle.
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    // A handshake record header announcing 512 bytes, then its body.
+    let mut bytes = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+    bytes.resize(6 + 511, 0);
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    for &b in bytes.iter().cycle() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a trickled handshake held its connection for 30 s"
+        );
+        if s.write_all(&[b]).is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue, // an alert: the close follows
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let r = https_agent(&pki.path().join("ca.pem"), server.http)
+        .get(&https_url(server.http, "/readyz"))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

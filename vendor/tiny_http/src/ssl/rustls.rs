@@ -3,7 +3,9 @@
 //! a renewed certificate applies to the next connection without a restart).
 //! No handshake happens on the accept thread: `accept` only creates the
 //! session, and the handshake runs on the connection's own thread, at its
-//! first read.
+//! first read. The handshake must be done within [`HANDSHAKE_TIME`] of the
+//! accept (a client trickling its hello would otherwise hold the thread for
+//! as long as it likes, each byte within the read timeout).
 use crate::connection::Connection;
 use crate::util::refined_tcp_stream::Stream as RefinedStream;
 use rustls::pki_types::pem::PemObject;
@@ -12,10 +14,56 @@ use std::error::Error;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
-type Owned = rustls::StreamOwned<rustls::ServerConnection, Connection>;
+/// How long a client has, from its accept, to complete the TLS handshake.
+const HANDSHAKE_TIME: Duration = Duration::from_secs(10);
+
+type Owned = rustls::StreamOwned<rustls::ServerConnection, Socket>;
+
+/// The socket under TLS, whose reads fail once the handshake deadline is
+/// past (until the handshake is done and the deadline cleared).
+pub(crate) struct Socket {
+    conn: Connection,
+    handshake_until: Option<Instant>,
+}
+
+impl Socket {
+    fn peer_addr(&mut self) -> std::io::Result<Option<SocketAddr>> {
+        self.conn.peer_addr()
+    }
+
+    fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.conn.set_read_timeout(timeout)
+    }
+
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+        self.conn.shutdown(how)
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.handshake_until.is_some_and(|d| Instant::now() > d) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake too slow",
+            ));
+        }
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
 
 /// A wrapper around an owned Rustls connection and corresponding stream.
 ///
@@ -57,7 +105,12 @@ impl Clone for RustlsStream {
 
 impl Read for RustlsStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.lock().read(buf)
+        let mut stream = self.lock();
+        let n = stream.read(buf)?;
+        if !stream.conn.is_handshaking() {
+            stream.sock.handshake_until = None;
+        }
+        Ok(n)
     }
 }
 
@@ -100,8 +153,12 @@ impl RustlsContext {
         stream: Connection,
     ) -> Result<RustlsStream, Box<dyn Error + Send + Sync + 'static>> {
         let connection = rustls::ServerConnection::new((self.0)())?;
+        let socket = Socket {
+            conn: stream,
+            handshake_until: Some(Instant::now() + HANDSHAKE_TIME),
+        };
         Ok(RustlsStream(Arc::new(Mutex::new(rustls::StreamOwned::new(
-            connection, stream,
+            connection, socket,
         )))))
     }
 }
