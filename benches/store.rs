@@ -52,6 +52,7 @@ fn accept(sender: &Arc<User>, id: u64, record: Arc<[u8]>) -> Accept {
         expire_at: u64::MAX / 2,
         dedup_until: u64::MAX / 2,
         record,
+        read_us: 0,
     }
 }
 

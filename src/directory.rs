@@ -36,6 +36,9 @@ pub struct Inflight {
     pub priority: u8,
     /// An ACK for it is at the commit thread: repeated ACKs are not resent.
     pub acking: bool,
+    /// When its MSG was written, `clock::mono_us` (0: not timed): for the
+    /// ACK stage histogram.
+    pub written_us: u64,
 }
 
 /// One user, shared by everything that delivers to or from them.

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub commit_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
     /// From a message's TIME to its MSG being written, microseconds.
     pub delivery_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Per-stage latency of durable messages, microseconds ([`Stage`]).
+    pub stages: [Mutex<Option<hdrhistogram::Histogram<u64>>>; Stage::ALL.len()],
     /// Files uploaded.
     pub files_stored: AtomicU64,
 }
@@ -47,6 +49,13 @@ impl Metrics {
         self.committed_requests
             .fetch_add(requests, Ordering::Relaxed);
         record(&self.commit_latency, &[took.as_micros() as u64]);
+    }
+
+    /// Records samples of one stage, microseconds.
+    pub fn record_stage(&self, stage: Stage, micros: &[u64]) {
+        if !micros.is_empty() {
+            record(&self.stages[stage as usize], micros);
+        }
     }
 
     /// Records end-to-end delivery latencies, microseconds.
@@ -66,5 +75,55 @@ fn record(h: &Mutex<Option<hdrhistogram::Histogram<u64>>>, values: &[u64]) {
     });
     for &v in values {
         h.saturating_record(v.max(1));
+    }
+}
+
+/// The stages a durable message goes through on the server, each timed
+/// from the end of the one before (monotonic clock, µs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// SEND read by its event loop → its commit batch starts (waiting
+    /// behind the batch in progress and the requests before it).
+    Queue = 0,
+    /// Batch start → the batch's write starts (building the batch).
+    Batch,
+    /// The synced write: WAL append, fsync, memtable inserts.
+    Sync,
+    /// Write done → the item is in the recipient's mailbox (the batch's
+    /// completions before it).
+    Push,
+    /// In the mailbox → its MSG is written to the recipient's connection
+    /// (event-loop wake-up, window, output buffer).
+    Write,
+    /// SEND read → MSG written: the server's whole share of the latency.
+    Total,
+    /// MSG written → the recipient's ACK of it is committed (network round
+    /// trip, the client's processing, the ACK's own commit).
+    Ack,
+}
+
+impl Stage {
+    /// Every stage, in order.
+    pub const ALL: [Stage; 7] = [
+        Stage::Queue,
+        Stage::Batch,
+        Stage::Sync,
+        Stage::Push,
+        Stage::Write,
+        Stage::Total,
+        Stage::Ack,
+    ];
+
+    /// Its label in /metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Queue => "queue",
+            Stage::Batch => "batch",
+            Stage::Sync => "sync",
+            Stage::Push => "push",
+            Stage::Write => "write",
+            Stage::Total => "total",
+            Stage::Ack => "ack",
+        }
     }
 }

@@ -38,10 +38,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use crate::clock::now_ms;
+use crate::clock::{mono_us, now_ms};
 use crate::directory::{Directory, User};
 use crate::mailbox::{Answer, ConnRef, Notify};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 use crate::store::{Item, Store};
 use crate::wire::{ErrorCode, StatusCode};
 
@@ -81,6 +81,8 @@ pub struct Accept {
     pub dedup_until: u64,
     /// The encoded MSG record (`record::encode_msg`), GROUP set for a group.
     pub record: Arc<[u8]>,
+    /// When the SEND was read, `clock::mono_us` (0: not timed).
+    pub read_us: u64,
 }
 
 /// A stored 1:1 message to accept.
@@ -367,11 +369,13 @@ fn resync(c: &Committer) {
 /// Applies, writes and completes one batch of requests.
 pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
     let count = requests.len() as u64;
+    let mut clock = StageClock::start(requests);
     let mut pass = pass::Pass::new(c, now_ms(), requests.len());
     for req in requests.drain(..) {
         pass.apply(req);
     }
     let (batch, done, tally) = pass.finish();
+    clock.lap(Stage::Batch);
     let started = std::time::Instant::now();
     let written = batch.is_empty()
         || match batch.commit(true) {
@@ -382,15 +386,83 @@ pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
             }
         };
     c.metrics.record_commit(started.elapsed(), count);
+    clock.lap(Stage::Sync);
     if written {
         tally.add_to(&c.metrics);
     }
     for completion in done {
-        complete(c, completion, written);
+        complete(c, completion, written, &mut clock);
+    }
+    clock.record(&c.metrics);
+}
+
+/// The stage histograms' view of one batch (`metrics::Stage`): the SENDs in
+/// it, when each of its phases ended, and the samples taken.
+struct StageClock {
+    /// Timed SENDs in the batch (group sends count once).
+    sends: usize,
+    /// When the last phase ended, `clock::mono_us`.
+    last: u64,
+    /// Samples per stage, µs.
+    samples: [Vec<u64>; Stage::ALL.len()],
+}
+
+impl StageClock {
+    /// At the batch's start: each timed SEND's wait since it was read.
+    fn start(requests: &[Request]) -> StageClock {
+        let last = mono_us();
+        let mut samples: [Vec<u64>; Stage::ALL.len()] = Default::default();
+        for r in requests {
+            let read_us = match r {
+                Request::Send(s) => s.accept.read_us,
+                Request::GroupSend(g) => g.accept.read_us,
+                _ => 0,
+            };
+            if read_us != 0 {
+                samples[Stage::Queue as usize].push(last.saturating_sub(read_us));
+            }
+        }
+        StageClock {
+            sends: samples[Stage::Queue as usize].len(),
+            last,
+            samples,
+        }
+    }
+
+    /// A phase of the whole batch ended: one sample per SEND in it.
+    fn lap(&mut self, stage: Stage) {
+        let now = mono_us();
+        let took = now.saturating_sub(self.last);
+        self.last = now;
+        let s = &mut self.samples[stage as usize];
+        s.extend(std::iter::repeat_n(took, self.sends));
+    }
+
+    /// A timed item reached its mailbox now.
+    fn pushed(&mut self, item: &Item) {
+        if item.born_us == 0 {
+            return;
+        }
+        let now = mono_us();
+        item.pushed_us.store(now, Ordering::Relaxed);
+        self.samples[Stage::Push as usize].push(now.saturating_sub(self.last));
+    }
+
+    /// A timed item's ACK was committed now.
+    fn acked(&mut self, written_us: u64) {
+        if written_us != 0 {
+            self.samples[Stage::Ack as usize].push(mono_us().saturating_sub(written_us));
+        }
+    }
+
+    fn record(&self, m: &Metrics) {
+        for stage in Stage::ALL {
+            m.record_stage(stage, &self.samples[stage as usize]);
+        }
     }
 }
 
-fn complete(c: &Committer, completion: Completion, written: bool) {
+fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut StageClock) {
     match completion {
         Completion::Reply { conn, mut answer } => {
             // A failed write stored nothing: the sender may retry the same ID.
@@ -406,12 +478,15 @@ fn complete(c: &Committer, completion: Completion, written: bool) {
         }
         Completion::Push { user, item } if written => {
             if let Some(mb) = user.mailbox() {
+                clock.pushed(&item);
                 mb.push_durable(item);
                 mb.wake();
             }
         }
         Completion::Settled { user, seq } if written => {
-            user.inflight().remove(&seq);
+            if let Some(entry) = user.inflight().remove(&seq) {
+                clock.acked(entry.written_us);
+            }
             if let Some(mb) = user.mailbox() {
                 mb.wake();
             }

@@ -130,6 +130,8 @@ impl Pass<'_> {
                 priority: req.priority,
                 ephemeral: false,
                 record: req.record.clone(),
+                born_us: req.read_us,
+                pushed_us: Default::default(),
             }),
         });
         Ok(seq)

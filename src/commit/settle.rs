@@ -268,6 +268,8 @@ impl Pass<'_> {
                 priority: 0,
                 ephemeral: false,
                 record,
+                born_us: 0,
+                pushed_us: Default::default(),
             }),
         });
         Ok(())

@@ -99,6 +99,7 @@ fn send(f: &Fixture, from: &str, to: &str, id: u64) -> Request {
             expire_at: now + 60_000,
             dedup_until: now + 60_000,
             record,
+            read_us: 0,
         },
         recipient: f.c.dir.user(to).unwrap(),
     })
@@ -189,6 +190,7 @@ fn ack_settles_once_and_owes_delivered() {
         crate::directory::Inflight {
             priority: 0,
             acking: true,
+            written_us: 0,
         },
     );
     let ack = || Request::Ack {
@@ -218,6 +220,7 @@ fn requests_before_a_failure_still_commit() {
     let inflight = crate::directory::Inflight {
         priority: 0,
         acking: true,
+        written_us: 0,
     };
     bob.inflight().insert(seq, inflight);
     // Fail the ACK's request by making the batch's request list contain a
@@ -252,6 +255,7 @@ fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
         crate::directory::Inflight {
             priority: 0,
             acking: true,
+            written_us: 0,
         },
     );
     let (done, count) = channel::bounded(1);

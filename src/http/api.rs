@@ -452,6 +452,7 @@ fn post_message(core: &Backend, req: &Req<'_>) -> Reply {
         &sender,
         &send,
         crate::clock::now_ms(),
+        crate::clock::mono_us(),
         ReplyTo::Channel(tx),
     );
     let status = match outcome {

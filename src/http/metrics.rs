@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 
 use super::Backend;
 use super::Reply;
+use crate::metrics::{Metrics, Stage};
 
 /// Renders every metric.
 pub fn render(core: &Backend) -> Reply {
@@ -135,6 +136,7 @@ pub fn render(core: &Backend) -> Reply {
         "From acceptance (TIME) to the MSG being written to the recipient.",
         &m.delivery_latency,
     );
+    stages(&mut out, m);
     Reply {
         status: 200,
         body: out.into_bytes(),
@@ -148,6 +150,35 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
         out,
         "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
     );
+}
+
+/// `tern_stage_seconds{stage=…}`: one summary per stage of a durable
+/// message.
+fn stages(out: &mut String, m: &Metrics) {
+    let name = "tern_stage_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Latency of each stage of a durable message (docs/benchmarks.md).\n\
+         # TYPE {name} summary"
+    );
+    for stage in Stage::ALL {
+        let label = stage.name();
+        let h = m.stages[stage as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (count, sum) = match h.as_ref() {
+            Some(h) => {
+                for q in [0.5, 0.9, 0.99, 0.999] {
+                    let secs = h.value_at_quantile(q) as f64 / 1e6;
+                    let _ = writeln!(out, "{name}{{stage=\"{label}\",quantile=\"{q}\"}} {secs}");
+                }
+                (h.len(), h.mean() * h.len() as f64 / 1e6)
+            }
+            None => (0, 0.0),
+        };
+        let _ = writeln!(out, "{name}_sum{{stage=\"{label}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{stage=\"{label}\"}} {count}");
+    }
 }
 
 /// A summary with p50/p90/p99/p999 from a histogram of microseconds.

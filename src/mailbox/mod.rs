@@ -219,6 +219,8 @@ mod tests {
             priority: 0,
             ephemeral: false,
             record: Arc::from(&[][..]),
+            born_us: 0,
+            pushed_us: Default::default(),
         })
     }
 

@@ -304,6 +304,7 @@ impl Worker {
             env: &*self.glue,
             out: &mut conn.out,
             now,
+            now_us: crate::clock::mono_us(),
             me,
         };
         let flow = f(&mut conn.session, &mut ctx);
@@ -719,6 +720,7 @@ fn feed(glue: &Arc<Glue>, index: usize, t: usize, conn: &mut Conn, bytes: &[u8])
         env: &**glue,
         out,
         now,
+        now_us: crate::clock::mono_us(),
         me,
     };
     let mut flow = Flow::Continue;

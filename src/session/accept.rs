@@ -52,12 +52,14 @@ pub enum Outcome {
     Queued,
 }
 
-/// Applies the SEND rules to `send` from `sender` at time `now`.
+/// Applies the SEND rules to `send` from `sender` at time `now` (read at
+/// `read_us` on the monotonic clock, 0 if not timed).
 pub fn send<'s>(
     env: &dyn Env,
     sender: &Arc<User>,
     send: &wire::Send<'s>,
     now: u64,
+    read_us: u64,
     reply: ReplyTo,
 ) -> (Dest<'s>, Outcome) {
     let id = send.id.unwrap_or(0);
@@ -137,6 +139,8 @@ pub fn send<'s>(
                 priority,
                 ephemeral: true,
                 record: record.clone(),
+                born_us: 0,
+                pushed_us: Default::default(),
             });
             if mb.push_live(item) {
                 mb.wake();
@@ -172,6 +176,7 @@ pub fn send<'s>(
         expire_at: msg.expire_at,
         dedup_until,
         record: encode_msg(&msg),
+        read_us,
     };
     let req = match recipients {
         Recipients::One(recipient) => Request::Send(SendRequest { accept, recipient }),

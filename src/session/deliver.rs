@@ -3,6 +3,7 @@
 //! output buffer and the window.
 
 use std::collections::hash_map::Entry;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{Active, Ctx, STAGE_MAX};
@@ -12,10 +13,25 @@ use crate::store::keys::PRIORITIES;
 use crate::store::{Item, ItemView};
 use crate::wire::{self, flags, Frame};
 
+/// Latencies sampled while writing deliveries, µs (at most [`SAMPLES`] of
+/// each per call).
+#[derive(Default)]
+pub(super) struct Samples {
+    /// From the message's TIME (ms resolution).
+    pub delivery: Vec<u64>,
+    /// `metrics::Stage::Write`: from the mailbox to the connection.
+    pub write: Vec<u64>,
+    /// `metrics::Stage::Total`: from the SEND's read.
+    pub total: Vec<u64>,
+}
+
+/// Samples of each kind kept per call.
+const SAMPLES: usize = 256;
+
 impl Active {
     /// Writes as many deliveries as the output buffer and the window allow,
-    /// recording a sample of end-to-end latencies (µs).
-    pub(super) fn pump(&mut self, ctx: &mut Ctx<'_>, latencies: &mut Vec<u64>) {
+    /// recording a sample of their latencies.
+    pub(super) fn pump(&mut self, ctx: &mut Ctx<'_>, samples: &mut Samples) {
         let config = ctx.env.config();
         let conn_buffer = config.conn_buffer;
         let window = config.max_inflight as usize;
@@ -66,14 +82,22 @@ impl Active {
                         v.insert(Inflight {
                             priority: item.priority,
                             acking: false,
+                            written_us: if item.born_us != 0 { ctx.now_us } else { 0 },
                         });
                         false
                     }
                 };
                 let seen = written_before || item.seq >> SEQ_BOOT_SHIFT < boot;
                 if let ItemView::Msg(m) = view {
-                    if latencies.len() < 256 {
-                        latencies.push(ctx.now.saturating_sub(m.time) * 1000);
+                    if samples.delivery.len() < SAMPLES {
+                        samples.delivery.push(ctx.now.saturating_sub(m.time) * 1000);
+                    }
+                }
+                if item.born_us != 0 && !seen && samples.total.len() < SAMPLES {
+                    samples.total.push(ctx.now_us.saturating_sub(item.born_us));
+                    let pushed = item.pushed_us.load(Ordering::Relaxed);
+                    if pushed != 0 {
+                        samples.write.push(ctx.now_us.saturating_sub(pushed));
                     }
                 }
                 write_item(ctx, &item, seen);

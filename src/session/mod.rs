@@ -47,7 +47,7 @@ use crate::commit::{Full, Request};
 use crate::config::Config;
 use crate::directory::{Directory, User};
 use crate::mailbox::{Answer, ConnRef, Mailbox, Notify};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 use crate::store::keys::PRIORITIES;
 use crate::store::{Item, StoreError};
 use crate::wire::{self, ErrorCode, Frame, StatusCode};
@@ -107,6 +107,9 @@ pub struct Ctx<'a> {
     pub out: &'a mut Vec<u8>,
     /// The time of this call, ms since the epoch.
     pub now: u64,
+    /// The same instant on the monotonic clock, µs (`clock::mono_us`; 0 in
+    /// tests): for the stage histograms only.
+    pub now_us: u64,
     /// This connection.
     pub me: ConnRef,
 }
@@ -356,7 +359,8 @@ impl Session {
             return;
         };
         let reply = crate::commit::ReplyTo::Conn(ctx.me);
-        let (dest, outcome) = accept::send(ctx.env, &active.user, &send, ctx.now, reply);
+        let (dest, outcome) =
+            accept::send(ctx.env, &active.user, &send, ctx.now, ctx.now_us, reply);
         match outcome {
             Outcome::Now(status) => ctx.status(send.id.unwrap_or(0), dest, status),
             Outcome::Queued => self.pending_sends += 1,
@@ -434,10 +438,13 @@ impl Session {
         let Some(a) = self.active.as_deref_mut() else {
             return;
         };
-        // A sample of this call's end-to-end latencies, recorded under one lock.
-        let mut latencies = Vec::new();
-        a.pump(ctx, &mut latencies);
-        ctx.env.metrics().record_deliveries(&latencies);
+        // A sample of this call's latencies, recorded under one lock each.
+        let mut samples = deliver::Samples::default();
+        a.pump(ctx, &mut samples);
+        let m = ctx.env.metrics();
+        m.record_deliveries(&samples.delivery);
+        m.record_stage(Stage::Write, &samples.write);
+        m.record_stage(Stage::Total, &samples.total);
     }
 }
 

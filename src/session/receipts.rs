@@ -101,6 +101,8 @@ fn live_receipt(
             group,
             member: group.map(|_| &*recipient.address),
         }),
+        born_us: 0,
+        pushed_us: Default::default(),
     });
     if mb.push_live(status) {
         mb.wake();

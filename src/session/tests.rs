@@ -91,6 +91,8 @@ impl FakeEnv {
             priority,
             ephemeral: false,
             record: msg_record("carol", id, T0 + 3_600_000),
+            born_us: 0,
+            pushed_us: Default::default(),
         });
         self.inbox
             .borrow_mut()
@@ -209,6 +211,7 @@ impl Conn {
             env,
             out: &mut self.out,
             now: self.now,
+            now_us: 0,
             me: self.me,
         };
         f(&mut self.session, &mut ctx)
@@ -871,6 +874,8 @@ fn items_written_before_are_redelivered_with_the_flag() {
         priority: 1,
         ephemeral: false,
         record: msg_record("carol", 9, T0 + 3_600_000),
+        born_us: 0,
+        pushed_us: Default::default(),
     });
     env.inbox
         .borrow_mut()
@@ -891,6 +896,8 @@ fn expired_items_are_not_delivered() {
         priority: 0,
         ephemeral: false,
         record: msg_record("carol", 1, T0),
+        born_us: 0,
+        pushed_us: Default::default(),
     });
     env.inbox
         .borrow_mut()

@@ -417,6 +417,8 @@ impl Store {
                     priority: prio,
                     ephemeral: false,
                     record,
+                    born_us: 0,
+                    pushed_us: Default::default(),
                 }));
                 it.next();
             }

@@ -42,6 +42,12 @@ pub struct Item {
     /// The encoded record (layout above): a MSG or a STATUS, never a REF. A
     /// group send's MSG record is one allocation shared by every member.
     pub record: Arc<[u8]>,
+    /// For the stage histograms (`metrics::Stage`), on the monotonic clock
+    /// (`clock::mono_us`): when its SEND was read (0: not timed, e.g. a
+    /// status or an item read back from the store) ...
+    pub born_us: u64,
+    /// ... and when the commit thread put it in the recipient's mailbox.
+    pub pushed_us: std::sync::atomic::AtomicU64,
 }
 
 /// A MSG as stored.
