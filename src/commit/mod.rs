@@ -271,27 +271,92 @@ fn raise_priority() {
 }
 
 fn run(c: &Committer, rx: &Receiver<Request>) {
-    let mut requests = Vec::with_capacity(MAX_BATCH);
+    let mut queues = Queues::default();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut upkeep = Upkeep::new();
     loop {
-        match rx.recv_timeout(UPKEEP_INTERVAL) {
-            Ok(first) => requests.push(first),
-            Err(RecvTimeoutError::Timeout) => {
-                upkeep.run(c);
-                upkeep.idle(c);
-                continue;
+        if queues.is_empty() {
+            match rx.recv_timeout(UPKEEP_INTERVAL) {
+                Ok(first) => queues.add(first),
+                Err(RecvTimeoutError::Timeout) => {
+                    upkeep.run(c);
+                    upkeep.idle(c);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            Err(RecvTimeoutError::Disconnected) => return,
         }
-        while requests.len() < MAX_BATCH {
+        while !queues.full() {
             match rx.try_recv() {
-                Ok(r) => requests.push(r),
+                Ok(r) => queues.add(r),
                 Err(_) => break,
             }
         }
         upkeep.run(c);
-        commit_batch(c, &mut requests);
+        queues.next_batch(&mut batch);
+        commit_batch(c, &mut batch);
         upkeep.busy = true;
+    }
+}
+
+/// Settlements (ACK, READ, expiry) at most in one batch of their own.
+pub const MAX_SETTLE_BATCH: usize = 1024;
+
+/// The requests drained from the commit queue, in two lines. A SEND is what
+/// a user waits for (its STATUS SENT, its delivery), while settling an ACK
+/// or a READ only frees a window slot and queues a receipt: so batches take
+/// turns, one of everything else (SENDs first), then one of settlements,
+/// and a SEND never waits behind more than one batch of ACKs. With a
+/// thousand online group members, a group SEND is followed by a thousand
+/// ACKs: they no longer delay the next SEND by all of their work.
+///
+/// Settlements are independent of the SENDs they are moved past (other
+/// keys, and the dedup record of a message is only touched by its own ACK
+/// and READ, which stay in order). Requests that must see everything queued
+/// before them (a barrier, an admin delete or purge) take the settlements
+/// queued so far along, in order.
+#[derive(Default)]
+struct Queues {
+    first: Vec<Request>,
+    settle: std::collections::VecDeque<Request>,
+    /// The last batch was of `first`.
+    settle_turn: bool,
+}
+
+impl Queues {
+    fn is_empty(&self) -> bool {
+        self.first.is_empty() && self.settle.is_empty()
+    }
+
+    /// Either line is at its batch size: drain no more (the channel holds
+    /// the rest, and fills up to OVERLOADED as before).
+    fn full(&self) -> bool {
+        self.first.len() >= MAX_BATCH || self.settle.len() >= MAX_BATCH
+    }
+
+    fn add(&mut self, r: Request) {
+        match r {
+            Request::Ack { .. } | Request::Read { .. } | Request::Expire { .. } => {
+                self.settle.push_back(r)
+            }
+            Request::Send(_) | Request::GroupSend(_) => self.first.push(r),
+            Request::DeleteMessages { .. } | Request::Purge { .. } | Request::Barrier(_) => {
+                self.first.extend(self.settle.drain(..));
+                self.first.push(r);
+            }
+        }
+    }
+
+    /// Moves the next batch into `batch` (empty).
+    fn next_batch(&mut self, batch: &mut Vec<Request>) {
+        let settle = !self.settle.is_empty() && (self.settle_turn || self.first.is_empty());
+        if settle {
+            let n = self.settle.len().min(MAX_SETTLE_BATCH);
+            batch.extend(self.settle.drain(..n));
+        } else {
+            std::mem::swap(batch, &mut self.first);
+        }
+        self.settle_turn = !settle;
     }
 }
 
