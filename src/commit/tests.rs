@@ -280,3 +280,74 @@ fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
         0
     );
 }
+
+/// What kind of request a batch holds, for the `Queues` tests.
+fn kinds(batch: &[Request]) -> String {
+    batch
+        .iter()
+        .map(|r| match r {
+            Request::Send(_) => 'S',
+            Request::Expire { .. } => 'E',
+            Request::Barrier(_) => 'B',
+            _ => '?',
+        })
+        .collect()
+}
+
+fn expire() -> Request {
+    let (done, _) = channel::bounded(1);
+    Request::Expire {
+        keys: Vec::new(),
+        done,
+    }
+}
+
+/// SENDs go first, settlements take the next turn, and the two alternate;
+/// a barrier takes the settlements queued before it along, in order.
+#[test]
+fn batches_take_turns_and_a_barrier_keeps_order() {
+    let f = fixture(&["alice", "bob"]);
+    let mut q = Queues::default();
+    let mut batch = Vec::new();
+    q.add(expire());
+    q.add(send(&f, "alice", "bob", 1));
+    q.add(expire());
+    q.add(send(&f, "alice", "bob", 2));
+    q.next_batch(&mut batch);
+    assert_eq!(kinds(&batch), "SS");
+    batch.clear();
+    q.add(send(&f, "alice", "bob", 3));
+    q.next_batch(&mut batch);
+    assert_eq!(kinds(&batch), "EE", "settlements take the next turn");
+    batch.clear();
+    q.add(expire());
+    q.add(send(&f, "alice", "bob", 4));
+    let (tx, _rx) = channel::bounded(1);
+    q.add(Request::Barrier(tx));
+    q.add(expire());
+    q.next_batch(&mut batch);
+    assert_eq!(
+        kinds(&batch),
+        "SESB",
+        "the barrier comes after all before it"
+    );
+    batch.clear();
+    q.next_batch(&mut batch);
+    assert_eq!(kinds(&batch), "E");
+    assert!(q.is_empty());
+}
+
+/// A settlement batch holds at most `MAX_SETTLE_BATCH` requests.
+#[test]
+fn settlement_batches_are_bounded() {
+    let mut q = Queues::default();
+    for _ in 0..MAX_SETTLE_BATCH + 5 {
+        q.add(expire());
+    }
+    let mut batch = Vec::new();
+    q.next_batch(&mut batch);
+    assert_eq!(batch.len(), MAX_SETTLE_BATCH);
+    batch.clear();
+    q.next_batch(&mut batch);
+    assert_eq!(batch.len(), 5);
+}
