@@ -94,27 +94,36 @@ fn micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// Creates a user through the admin API (over HTTPS with `tls`, the
-/// certificate's name resolved to `http`); returns its token.
-fn create_user(
+/// An HTTP client for the server's HTTP listener and `path`'s URL there
+/// (over HTTPS with `tls`, the certificate's name resolved to `http`).
+fn http_client(
     http: SocketAddr,
     tls: Option<&tern::client::Tls>,
-    admin: &str,
-    address: &str,
-) -> String {
-    let (agent, url) = match tls {
+    path: &str,
+) -> (ureq::Agent, String) {
+    match tls {
         None => (
             ureq::AgentBuilder::new().build(),
-            format!("http://{http}/v1/users"),
+            format!("http://{http}{path}"),
         ),
         Some(tls) => (
             ureq::AgentBuilder::new()
                 .tls_config(tls.config.clone())
                 .resolver(move |_: &str| Ok(vec![http]))
                 .build(),
-            format!("https://localhost:{}/v1/users", http.port()),
+            format!("https://localhost:{}{path}", http.port()),
         ),
-    };
+    }
+}
+
+/// Creates a user through the admin API; returns its token.
+fn create_user(
+    http: SocketAddr,
+    tls: Option<&tern::client::Tls>,
+    admin: &str,
+    address: &str,
+) -> String {
+    let (agent, url) = http_client(http, tls, "/v1/users");
     let v: serde_json::Value = agent
         .post(&url)
         .set("Authorization", &format!("Bearer {admin}"))
@@ -312,4 +321,32 @@ fn main() {
         h.value_at_quantile(0.999),
         h.max()
     );
+    print_stages(http, tls.as_ref());
+}
+
+/// The server's per-stage latency of durable messages (`tern_stage_seconds`
+/// in /metrics): where a message spent its time.
+fn print_stages(http: SocketAddr, tls: Option<&tern::client::Tls>) {
+    let (agent, url) = http_client(http, tls, "/metrics");
+    let Some(text) = agent
+        .get(&url)
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+    else {
+        println!("server stages: /metrics unreachable");
+        return;
+    };
+    let quantile = |stage: &str, q: &str| -> String {
+        let prefix = format!("tern_stage_seconds{{stage=\"{stage}\",quantile=\"{q}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or("-".into(), |secs| format!("{:.0}", secs * 1e6))
+    };
+    let row: Vec<String> = ["queue", "batch", "sync", "push", "write", "total", "ack"]
+        .iter()
+        .map(|s| format!("{s}={}/{}", quantile(s, "0.5"), quantile(s, "0.99")))
+        .collect();
+    println!("server stages µs (p50/p99): {}", row.join(" "));
 }
