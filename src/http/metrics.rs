@@ -162,38 +162,39 @@ fn stages(out: &mut String, m: &Metrics) {
          # TYPE {name} summary"
     );
     for stage in Stage::ALL {
-        let label = stage.name();
-        let h = m.stages[stage as usize]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let (count, sum) = match h.as_ref() {
-            Some(h) => {
-                for q in [0.5, 0.9, 0.99, 0.999] {
-                    let secs = h.value_at_quantile(q) as f64 / 1e6;
-                    let _ = writeln!(out, "{name}{{stage=\"{label}\",quantile=\"{q}\"}} {secs}");
-                }
-                (h.len(), h.mean() * h.len() as f64 / 1e6)
-            }
-            None => (0, 0.0),
-        };
-        let _ = writeln!(out, "{name}_sum{{stage=\"{label}\"}} {sum}");
-        let _ = writeln!(out, "{name}_count{{stage=\"{label}\"}} {count}");
+        let label = format!("stage=\"{}\"", stage.name());
+        quantiles(out, name, &label, &m.stages[stage as usize]);
     }
 }
 
 /// A summary with p50/p90/p99/p999 from a histogram of microseconds.
 fn summary(out: &mut String, name: &str, help: &str, h: &Mutex<Option<Histogram<u64>>>) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    quantiles(out, name, "", h);
+}
+
+/// A summary's samples (quantiles, `_sum`, `_count`), with `labels` (a
+/// `k="v"` list, or empty) on each.
+fn quantiles(out: &mut String, name: &str, labels: &str, h: &Mutex<Option<Histogram<u64>>>) {
+    let sep = if labels.is_empty() { "" } else { "," };
     let h = h.lock().unwrap_or_else(|e| e.into_inner());
     let (count, sum) = match h.as_ref() {
         Some(h) => {
             for q in [0.5, 0.9, 0.99, 0.999] {
                 let secs = h.value_at_quantile(q) as f64 / 1e6;
-                let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {secs}");
+                let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{q}\"}} {secs}");
             }
             (h.len(), h.mean() * h.len() as f64 / 1e6)
         }
         None => (0, 0.0),
     };
-    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    let braced = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_sum{braced} {sum}\n{name}_count{braced} {count}"
+    );
 }
