@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Options, ReadOptions,
+    WriteBatch, WriteOptions, DB,
 };
 
 pub use record::{Dedup, Item, ItemView, MsgView, RefView, StatusView};
@@ -681,6 +681,9 @@ const IDLE_FLUSH_MIN: u64 = 8 << 20;
 
 /// Memory all memtables may use together, bytes.
 pub const DB_WRITE_BUFFER: usize = 96 << 20;
+/// The block cache shared by every column family (data, index and filter
+/// blocks).
+const BLOCK_CACHE: usize = 64 << 20;
 
 /// Hands the C heap's free memory back to the OS. RocksDB allocates its
 /// memtables and blocks with the C library's malloc, which keeps what they
@@ -715,16 +718,25 @@ fn open_db(dir: &Path) -> Result<DB> {
     // disk starts again (and drains its queues) with little room.
     // (rust-rocksdb has no setter for it: the options-string parser does.)
     let opts = opts.get_options_from_string("avoid_flush_during_recovery=true")?;
+    // One block cache for every column family, holding the index and
+    // filter blocks too: without it each family had its own default cache,
+    // and the bloom filters of the dedup records (kept for the dedup
+    // window: a day of traffic) sat outside any cache, so RSS grew with
+    // the traffic of the last day.
+    let cache = Cache::new_lru_cache(BLOCK_CACHE);
     let cfs = ALL_CFS.iter().map(|&name| {
         let mut cf = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         if name == CF_DEDUP || name == CF_TOKENS || name == CF_INBOX {
             // Point look-ups (dedup on every SEND, tokens at HELLO, inbox
             // on ACK) of keys that reached SST files are mostly answered
             // by the bloom filter.
-            let mut table = BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
-            cf.set_block_based_table_factory(&table);
         }
+        cf.set_block_based_table_factory(&table);
         if name == CF_INBOX || name == CF_EXPIRY || name == CF_DEDUP {
             // Queues: most keys are deleted soon after they are written.
             // Compact files that fill with tombstones so scans stay fast.
