@@ -38,6 +38,8 @@ pub struct Metrics {
     pub delivery_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
     /// Files uploaded.
     pub files_stored: AtomicU64,
+    /// Uploads streaming now (proxied through tern), a gauge.
+    pub files_uploading: AtomicU64,
     /// Files deleted by `files_max_age`.
     pub files_expired: AtomicU64,
     /// Uploads started and never completed, removed by the sweep (direct

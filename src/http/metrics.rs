@@ -103,6 +103,13 @@ pub fn render(core: &Backend) -> Reply {
         "Files uploaded.",
         &m.files_stored,
     );
+    metric(
+        &mut out,
+        "tern_files_uploading",
+        "gauge",
+        "Uploads streaming through tern now.",
+        m.files_uploading.load(Ordering::Relaxed),
+    );
     for (name, help, value) in [
         (
             "tern_files_expired_total",

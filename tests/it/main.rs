@@ -14,6 +14,7 @@ mod http_conn;
 mod messages_api;
 mod proxy;
 mod reliability;
+mod s3;
 mod sdk;
 mod sdk_crash;
 mod tls;

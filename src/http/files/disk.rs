@@ -320,6 +320,7 @@ impl Disk {
         now_ms: u64,
     ) -> Result<(String, Meta), UploadError> {
         self.admit(announced)?;
+        let _streaming = Gauge::up(&self.metrics.files_uploading);
         let id = new_id();
         let mut reserved = Reservation {
             used: &self.used,
@@ -746,6 +747,22 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<T> {
     let mut bytes = Vec::new();
     File::open(path)?.take(MAX_META).read_to_end(&mut bytes)?;
     serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One unit of a gauge, held while something is in progress.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(gauge: &'a AtomicU64) -> Gauge<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Gauge(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Bytes of an upload in progress counted in [`Disk::used`]; given back on
