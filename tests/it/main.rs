@@ -7,6 +7,8 @@ mod crash;
 mod delivery;
 mod disk;
 mod files;
+mod files_more;
+mod files_s3;
 mod groups;
 mod hostile;
 mod http_api;

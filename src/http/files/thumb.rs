@@ -101,6 +101,11 @@ pub fn make(path: &Path, format: ImageFormat) -> Result<Vec<u8>, Refused> {
             }),
         }
     };
+    if format == ImageFormat::Jpeg && !ends_like_jpeg(path)? {
+        // The JPEG decoder fills a cut-off picture with grey rather than
+        // failing: a file without its end marker is refused here.
+        return Err(Refused::Decode("JPEG without its end marker (truncated)".into()));
+    }
     let (width, height) = open()?
         .into_dimensions()
         .map_err(|e| Refused::Decode(e.to_string()))?;
@@ -123,6 +128,19 @@ pub fn make(path: &Path, format: ImageFormat) -> Result<Vec<u8>, Refused> {
         reader.decode().map_err(|e| Refused::Decode(e.to_string()))?
     };
     encode(&shrink(&image))
+}
+
+/// Whether the last KiB of a JPEG file holds the end-of-image marker
+/// `FF D9`, which entropy-coded data can never contain (a `FF` there is
+/// always followed by `00`): false for a file cut off before its end.
+fn ends_like_jpeg(path: &Path) -> io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(1024)))?;
+    let mut tail = Vec::with_capacity(1024);
+    file.take(1024).read_to_end(&mut tail)?;
+    Ok(tail.windows(2).any(|w| w == [0xFF, 0xD9]))
 }
 
 /// The image scaled to fit [`SIDE`] × [`SIDE`] (never enlarged), on white
