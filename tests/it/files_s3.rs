@@ -225,3 +225,68 @@ fn store_outage_answers_503_and_recovers_without_restart() {
     assert_eq!((r.status, r.body.as_slice()), (200, &b"after the outage"[..]));
     barrier(&mut alice, &mut bob);
 }
+
+/// A second S3 implementation, s3rver, takes tern's requests and URLs, and
+/// itself refuses presigned URLs once expired. (Neither s3rver nor moto
+/// checks SigV4 signatures, so a *tampered* URL cannot be shown refused by
+/// a store here; that the size and type are inside the signature is
+/// asserted in `direct_upload_and_redirected_download`, and completion
+/// checks the size and hash in any case.)
+#[test]
+fn a_second_store_takes_tern_urls_and_refuses_expired_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::s3::S3rver::start(dir.path());
+    let mut args = store.args();
+    args.extend(["--files-direct", "true", "--files-direct-ttl", "2"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = crate::util::TestServer::start_with(dir.path(), &args);
+    let setup = Setup {
+        server,
+        moto: None,
+    };
+    let alice = setup.user("alice");
+
+    // Proxied: tern's own signed requests pass.
+    let proxied = upload(setup.http, &alice, Some("text/plain"), b"proxied through tern");
+    let path = format!("/v1/files/{}", proxied["id"].as_str().unwrap());
+    let fetch = |url: &str| match ureq::get(url).call() {
+        Ok(r) => {
+            let status = r.status();
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
+            (status, body)
+        }
+        Err(ureq::Error::Status(code, _)) => (code, Vec::new()),
+        Err(e) => panic!("GET {url}: {e}"),
+    };
+    let location = get(setup.http, &path, Some(&alice))
+        .header("location")
+        .unwrap()
+        .to_owned();
+    assert_eq!(fetch(&location), (200, b"proxied through tern".to_vec()));
+
+    // Direct: the presigned PUT as signed, then the completion.
+    let bytes = Noise::bytes(41, 4096);
+    let a = announce(
+        &setup,
+        &alice,
+        &json!({"direct": true, "size": 4096, "content_type": "image/x-test"}),
+    )
+    .json();
+    assert_eq!(put(a["upload_url"].as_str().unwrap(), "image/x-test", &bytes), 200);
+    let done = complete(&setup, &alice, a["id"].as_str().unwrap());
+    assert_eq!(done.status, 201, "{}", done.text());
+    assert_eq!(done.json()["sha256"], sha_hex(&bytes).as_str());
+
+    // Expired: both kinds of URL stop working once their 2 s are over.
+    let b = announce(&setup, &alice, &json!({"direct": true, "size": 10})).json();
+    let expires = b["expires"].as_u64().unwrap();
+    crate::util::wait_for(Duration::from_secs(10), "the URLs to expire", || {
+        (crate::util::now_ms() / 1000 > expires + 1).then_some(())
+    });
+    assert_eq!(
+        put(b["upload_url"].as_str().unwrap(), "application/octet-stream", &[0; 10]),
+        403
+    );
+    assert_eq!(fetch(&location).0, 403);
+}

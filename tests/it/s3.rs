@@ -161,3 +161,89 @@ impl Drop for Moto {
         self.stop();
     }
 }
+
+/// s3rver (npm), the second S3-compatible server of the tests: unlike
+/// moto it checks signatures, presigned URLs' included (and their expiry),
+/// with its fixed credentials `S3RVER` / `S3RVER`. `.ci/run` installs it
+/// under `~/.cache/tern/s3rver` (or where `TERN_S3RVER` points).
+pub struct S3rver {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl S3rver {
+    /// Starts s3rver on a free loopback port with the bucket, its data in
+    /// `dir/s3rver`.
+    pub fn start(dir: &Path) -> S3rver {
+        let bin = std::env::var_os("TERN_S3RVER")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME").unwrap_or_default();
+                Path::new(&home).join(".cache/tern/s3rver/node_modules/s3rver/bin/s3rver.js")
+            });
+        assert!(
+            bin.exists(),
+            "s3rver is not installed at {} (set TERN_S3RVER, or run \
+             `npm install --prefix ~/.cache/tern/s3rver s3rver@3.7.1`, as .ci/run does)",
+            bin.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let data = dir.join("s3rver");
+        std::fs::create_dir_all(&data).expect("s3rver dir");
+        let log = std::fs::File::create(dir.join("s3rver.log")).expect("s3rver log");
+        let child = Command::new("node")
+            .arg(&bin)
+            .arg("-d")
+            .arg(&data)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--no-vhost-buckets", "--configure-bucket", BUCKET])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn node s3rver");
+        let server = S3rver {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let addr = server.addr;
+        wait_for(Duration::from_secs(30), "s3rver to listen", || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        });
+        server
+    }
+
+    /// The server flags that put a tern's files in its bucket.
+    pub fn args(&self) -> Vec<String> {
+        [
+            "--files-backend",
+            "s3",
+            "--s3-endpoint",
+            &format!("http://{}", self.addr),
+            "--s3-bucket",
+            BUCKET,
+            "--s3-path-style",
+            "true",
+            "--s3-access-key",
+            "S3RVER",
+            "--s3-secret-key",
+            "S3RVER",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+impl Drop for S3rver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
