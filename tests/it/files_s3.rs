@@ -290,3 +290,46 @@ fn a_second_store_takes_tern_urls_and_refuses_expired_ones() {
     );
     assert_eq!(fetch(&location).0, 403);
 }
+
+/// `tern upload` (proxied and `--direct`) and `tern download` (which
+/// follows the redirect to the store) with the s3 backend and
+/// `files_direct`; the local backend's CLI is in tour.rs and tls.rs.
+#[test]
+fn cli_uploads_and_downloads_through_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = start(Backend::S3, dir.path(), &["--files-direct", "true"]);
+    let alice = setup.user("alice");
+    let original = dir.path().join("original.bin");
+    let bytes = Noise::bytes(51, 6 * MIB + 3);
+    std::fs::write(&original, &bytes).unwrap();
+    let tern = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .env("TERN_HTTP", setup.http.to_string())
+            .env("TERN_ADMIN_TOKEN", ADMIN)
+            .output()
+            .expect("run tern");
+        assert!(
+            out.status.success(),
+            "tern {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for direct in [false, true] {
+        let mut args = vec!["upload", original.to_str().unwrap(), "--token", &alice];
+        if direct {
+            args.push("--direct");
+        }
+        let v: Value = serde_json::from_str(&tern(&args)).unwrap();
+        assert_eq!(v["sha256"], sha_hex(&bytes).as_str(), "direct: {direct}");
+        let copy = dir.path().join(format!("copy-{direct}.bin"));
+        let url = v["url"].as_str().unwrap();
+        tern(&["download", url, "-o", copy.to_str().unwrap()]);
+        assert_eq!(sha_hex(&std::fs::read(&copy).unwrap()), sha_hex(&bytes));
+        let id = v["id"].as_str().unwrap();
+        let copy = dir.path().join(format!("copy-{direct}-by-id.bin"));
+        tern(&["download", id, "--token", &alice, "-o", copy.to_str().unwrap()]);
+        assert_eq!(std::fs::read(&copy).unwrap().len(), bytes.len());
+    }
+}
