@@ -208,7 +208,10 @@ fn jpeg_and_png_get_thumbnails(backend: Backend) {
         let v = upload(setup.http, &alice, Some(content_type), &bytes);
         let url = v["thumbnail"].as_str().unwrap_or_else(|| panic!("{v}"));
         let id = v["id"].as_str().unwrap();
-        assert!(url.starts_with(&format!("/v1/files/{id}/thumbnail?exp=")), "{url}");
+        assert!(
+            url.starts_with(&format!("/v1/files/{id}/thumbnail?exp=")),
+            "{url}"
+        );
         let thumb = thumbnail(&setup, url);
         assert_eq!((thumb.width(), thumb.height()), size, "{content_type}");
         // With a token too; the file's own URL does not open it.
@@ -255,7 +258,11 @@ fn bombs_and_liars_get_no_thumbnail_and_bounded_memory(backend: Backend) {
     let cases: [(&str, &[u8], &str); 5] = [
         ("a 50,000 x 50,000 PNG bomb", &bomb, "image/png"),
         ("a truncated JPEG", &cut, "image/jpeg"),
-        ("text that says it is a PNG", b"not a picture at all", "image/png"),
+        (
+            "text that says it is a PNG",
+            b"not a picture at all",
+            "image/png",
+        ),
         ("a JPEG that says it is a PNG", &photo, "image/png"),
         ("a PNG signature and noise", &garbage, "image/png"),
     ];

@@ -127,7 +127,10 @@ fn direct_upload_and_redirected_download() {
     assert_eq!(stored_size(&setup, v["id"].as_str().unwrap()), Some(8));
 
     // Delete removes the object.
-    assert_eq!(call(setup.http, "DELETE", &path, Some(&alice), &[]).status, 204);
+    assert_eq!(
+        call(setup.http, "DELETE", &path, Some(&alice), &[]).status,
+        204
+    );
     assert_eq!(stored_size(&setup, &id), None);
     get(setup.http, &path, Some(&alice)).expect(404, "not_found");
 }
@@ -138,15 +141,27 @@ fn direct_uploads_are_checked_at_completion() {
     let setup = start(
         Backend::S3,
         dir.path(),
-        &["--files-direct", "true", "--max-files-bytes", "3000", "--max-file-size", "2000"],
+        &[
+            "--files-direct",
+            "true",
+            "--max-files-bytes",
+            "3000",
+            "--max-file-size",
+            "2000",
+        ],
     );
     let alice = setup.user("alice");
     let moto = setup.moto.as_ref().unwrap();
 
     // Over the size limit, or a bad hash: refused before any URL is made.
-    announce(&setup, &alice, &json!({"direct": true, "size": 2001})).expect(413, "payload_too_large");
-    announce(&setup, &alice, &json!({"direct": true, "size": 1, "sha256": "zz"}))
-        .expect(400, "bad_request");
+    announce(&setup, &alice, &json!({"direct": true, "size": 2001}))
+        .expect(413, "payload_too_large");
+    announce(
+        &setup,
+        &alice,
+        &json!({"direct": true, "size": 1, "sha256": "zz"}),
+    )
+    .expect(400, "bad_request");
     // Announced uploads hold their bytes of the quota.
     let a = announce(&setup, &alice, &json!({"direct": true, "size": 2000})).json();
     announce(&setup, &alice, &json!({"direct": true, "size": 1500}))
@@ -171,7 +186,14 @@ fn direct_uploads_are_checked_at_completion() {
     assert_eq!(b.status, 201, "{}", b.text());
     let b = b.json();
     let id = b["id"].as_str().unwrap();
-    assert_eq!(put(b["upload_url"].as_str().unwrap(), "application/octet-stream", &bytes), 200);
+    assert_eq!(
+        put(
+            b["upload_url"].as_str().unwrap(),
+            "application/octet-stream",
+            &bytes
+        ),
+        200
+    );
     let r = complete(&setup, &alice, id);
     r.expect(400, "bad_request");
     assert!(r.text().contains("SHA-256"), "{}", r.text());
@@ -194,12 +216,26 @@ fn store_outage_answers_503_and_recovers_without_restart() {
 
     setup.moto.as_mut().unwrap().stop();
     let started = Instant::now();
-    let (r, _) = upload_from(setup.http, Some(&alice_token), None, 5, &b"hello"[..], false);
+    let (r, _) = upload_from(
+        setup.http,
+        Some(&alice_token),
+        None,
+        5,
+        &b"hello"[..],
+        false,
+    );
     r.expect(503, "store_unavailable");
     assert!(r.text().contains("retry"), "{}", r.text());
     // A large one fails at its first part, before its body is read.
     let len = 8 * MIB;
-    let (r, _) = upload_from(setup.http, Some(&alice_token), None, len, Noise::new(3, len), false);
+    let (r, _) = upload_from(
+        setup.http,
+        Some(&alice_token),
+        None,
+        len,
+        Noise::new(3, len),
+        false,
+    );
     r.expect(503, "store_unavailable");
     get(setup.http, &before_path, Some(&bob_token)).expect(503, "store_unavailable");
     assert!(
@@ -216,13 +252,21 @@ fn store_outage_answers_503_and_recovers_without_restart() {
 
     // The store is back (empty: moto keeps nothing): files work again.
     setup.moto.as_mut().unwrap().restart();
-    let after = upload(setup.http, &alice_token, Some("text/plain"), b"after the outage");
+    let after = upload(
+        setup.http,
+        &alice_token,
+        Some("text/plain"),
+        b"after the outage",
+    );
     let r = get(
         setup.http,
         &format!("/v1/files/{}", after["id"].as_str().unwrap()),
         Some(&bob_token),
     );
-    assert_eq!((r.status, r.body.as_slice()), (200, &b"after the outage"[..]));
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"after the outage"[..])
+    );
     barrier(&mut alice, &mut bob);
 }
 
@@ -240,14 +284,16 @@ fn a_second_store_takes_tern_urls_and_refuses_expired_ones() {
     args.extend(["--files-direct", "true", "--files-direct-ttl", "2"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = crate::util::TestServer::start_with(dir.path(), &args);
-    let setup = Setup {
-        server,
-        moto: None,
-    };
+    let setup = Setup { server, moto: None };
     let alice = setup.user("alice");
 
     // Proxied: tern's own signed requests pass.
-    let proxied = upload(setup.http, &alice, Some("text/plain"), b"proxied through tern");
+    let proxied = upload(
+        setup.http,
+        &alice,
+        Some("text/plain"),
+        b"proxied through tern",
+    );
     let path = format!("/v1/files/{}", proxied["id"].as_str().unwrap());
     let fetch = |url: &str| match ureq::get(url).call() {
         Ok(r) => {
@@ -273,7 +319,10 @@ fn a_second_store_takes_tern_urls_and_refuses_expired_ones() {
         &json!({"direct": true, "size": 4096, "content_type": "image/x-test"}),
     )
     .json();
-    assert_eq!(put(a["upload_url"].as_str().unwrap(), "image/x-test", &bytes), 200);
+    assert_eq!(
+        put(a["upload_url"].as_str().unwrap(), "image/x-test", &bytes),
+        200
+    );
     let done = complete(&setup, &alice, a["id"].as_str().unwrap());
     assert_eq!(done.status, 201, "{}", done.text());
     assert_eq!(done.json()["sha256"], sha_hex(&bytes).as_str());
@@ -285,7 +334,11 @@ fn a_second_store_takes_tern_urls_and_refuses_expired_ones() {
         (crate::util::now_ms() / 1000 > expires + 1).then_some(())
     });
     assert_eq!(
-        put(b["upload_url"].as_str().unwrap(), "application/octet-stream", &[0; 10]),
+        put(
+            b["upload_url"].as_str().unwrap(),
+            "application/octet-stream",
+            &[0; 10]
+        ),
         403
     );
     assert_eq!(fetch(&location).0, 403);
@@ -329,7 +382,14 @@ fn cli_uploads_and_downloads_through_the_store() {
         assert_eq!(sha_hex(&std::fs::read(&copy).unwrap()), sha_hex(&bytes));
         let id = v["id"].as_str().unwrap();
         let copy = dir.path().join(format!("copy-{direct}-by-id.bin"));
-        tern(&["download", id, "--token", &alice, "-o", copy.to_str().unwrap()]);
+        tern(&[
+            "download",
+            id,
+            "--token",
+            &alice,
+            "-o",
+            copy.to_str().unwrap(),
+        ]);
         assert_eq!(std::fs::read(&copy).unwrap().len(), bytes.len());
     }
 }

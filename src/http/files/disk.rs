@@ -659,7 +659,11 @@ impl Disk {
                     return Err(e);
                 }
                 self.release(pending.size);
-                tracing::info!(id, size = pending.size, "direct upload never completed: removed");
+                tracing::info!(
+                    id,
+                    size = pending.size,
+                    "direct upload never completed: removed"
+                );
                 swept.abandoned += 1;
             }
         }
@@ -952,7 +956,13 @@ mod tests {
             .upload(&mut &b"new"[..], 3, String::new(), Uploader::Admin, 9_000)
             .unwrap();
         let swept = disk.sweep(10_000, 5_000, 0, false).unwrap();
-        assert_eq!(swept, Swept { expired: 1, abandoned: 0 });
+        assert_eq!(
+            swept,
+            Swept {
+                expired: 1,
+                abandoned: 0
+            }
+        );
         assert!(disk.meta(&old).unwrap().is_none());
         assert!(disk.meta(&new).unwrap().is_some());
         assert_eq!(disk.used.load(Ordering::Relaxed), 3);

@@ -75,7 +75,11 @@ impl S3 {
         let bucket = config.s3_bucket.clone().unwrap_or_default();
         let endpoint = config.s3_endpoint.clone();
         let options = ClientOptions::new()
-            .with_allow_http(endpoint.as_deref().is_some_and(|e| e.starts_with("http://")))
+            .with_allow_http(
+                endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://")),
+            )
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout_disabled()
             .with_read_timeout(Duration::from_secs(30));
@@ -114,9 +118,8 @@ impl S3 {
         }
         let store = builder.build().map_err(io::Error::other)?;
 
-        let base = endpoint.unwrap_or_else(|| {
-            format!("https://s3.{}.amazonaws.com", config.s3_region)
-        });
+        let base =
+            endpoint.unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", config.s3_region));
         let style = if config.s3_path_style {
             rusty_s3::UrlStyle::Path
         } else {

@@ -104,7 +104,9 @@ pub fn make(path: &Path, format: ImageFormat) -> Result<Vec<u8>, Refused> {
     if format == ImageFormat::Jpeg && !ends_like_jpeg(path)? {
         // The JPEG decoder fills a cut-off picture with grey rather than
         // failing: a file without its end marker is refused here.
-        return Err(Refused::Decode("JPEG without its end marker (truncated)".into()));
+        return Err(Refused::Decode(
+            "JPEG without its end marker (truncated)".into(),
+        ));
     }
     let (width, height) = open()?
         .into_dimensions()
@@ -125,7 +127,9 @@ pub fn make(path: &Path, format: ImageFormat) -> Result<Vec<u8>, Refused> {
     reader.limits(limits);
     let image = {
         let _turn = Turn::take();
-        reader.decode().map_err(|e| Refused::Decode(e.to_string()))?
+        reader
+            .decode()
+            .map_err(|e| Refused::Decode(e.to_string()))?
     };
     encode(&shrink(&image))
 }
@@ -154,7 +158,8 @@ fn shrink(image: &DynamicImage) -> RgbImage {
     let rgba = small.to_rgba8();
     RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
         let [r, g, b, a] = rgba.get_pixel(x, y).0;
-        let over_white = |c: u8| ((u16::from(c) * u16::from(a) + 255 * (255 - u16::from(a))) / 255) as u8;
+        let over_white =
+            |c: u8| ((u16::from(c) * u16::from(a) + 255 * (255 - u16::from(a))) / 255) as u8;
         Rgb([over_white(r), over_white(g), over_white(b)])
     })
 }
