@@ -1409,6 +1409,40 @@ mod tests {
     }
 
     #[test]
+    fn files_keys() {
+        assert_eq!(Age::parse("7"), Some(Age(7 * 86_400)));
+        assert_eq!(Age::parse("2s"), Some(Age(2)));
+        assert_eq!(Age::parse("10m"), Some(Age(600)));
+        assert_eq!(Age::parse("12h"), Some(Age(43_200)));
+        assert_eq!(Age::parse("3d"), Some(Age(3 * 86_400)));
+        for bad in ["", "s", "2w", "-1", "1.5d", "99999999999999999999"] {
+            assert_eq!(Age::parse(bad), None, "{bad:?}");
+        }
+        let (_f, args) = with_file("files_max_age = 30\n");
+        assert_eq!(Config::load(&args).unwrap().files_max_age, Age(30 * 86_400));
+        let (_f, args) = with_file("files_max_age = \"90s\"\n");
+        assert_eq!(Config::load(&args).unwrap().files_max_age, Age(90));
+        // s3 needs a bucket; direct transfers need s3; a presigned URL
+        // lives at most 7 days.
+        let (_f, args) = with_file("files_backend = \"s3\"\n");
+        assert_eq!(error_key(Config::load(&args)), "s3_bucket");
+        let (_f, args) = with_file("files_direct = true\n");
+        assert_eq!(error_key(Config::load(&args)), "files_direct");
+        let (_f, args) =
+            with_file("files_backend = \"s3\"\ns3_bucket = \"b\"\ns3_endpoint = \"ftp://x\"\n");
+        assert_eq!(error_key(Config::load(&args)), "s3_endpoint");
+        let (_f, args) = with_file(
+            "files_backend = \"s3\"\ns3_bucket = \"b\"\nfiles_direct = true\n\
+             files_direct_ttl = 604801\n",
+        );
+        assert_eq!(error_key(Config::load(&args)), "files_direct_ttl");
+        let (_f, args) = with_file("files_backend = \"s3\"\ns3_bucket = \"b\"\n");
+        assert_eq!(Config::load(&args).unwrap().files_backend, FilesBackend::S3);
+        assert!(generate_config().contains("\nfiles_backend = \"local\"\n"));
+        assert!(generate_config().contains("\nfiles_max_age = 0\n"));
+    }
+
+    #[test]
     fn unknown_key_hints() {
         assert_eq!(hint_for("max-frame"), " (did you mean \"max_frame\"?)");
         assert_eq!(hint_for("LISTEN"), " (did you mean \"listen\"?)");
