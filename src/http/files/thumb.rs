@@ -101,6 +101,7 @@ pub fn make(path: &Path, format: ImageFormat) -> Result<Vec<u8>, Refused> {
             }),
         }
     };
+    let header = open()?;
     if format == ImageFormat::Jpeg && !ends_like_jpeg(path)? {
         // The JPEG decoder fills a cut-off picture with grey rather than
         // failing: a file without its end marker is refused here.
@@ -108,7 +109,7 @@ pub fn make(path: &Path, format: ImageFormat) -> Result<Vec<u8>, Refused> {
             "JPEG without its end marker (truncated)".into(),
         ));
     }
-    let (width, height) = open()?
+    let (width, height) = header
         .into_dimensions()
         .map_err(|e| Refused::Decode(e.to_string()))?;
     if width == 0
