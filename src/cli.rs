@@ -178,6 +178,10 @@ pub struct UploadArgs {
     /// Print only the signed download URL (absolute), for scripts.
     #[arg(long)]
     pub url_only: bool,
+    /// Upload straight to the object store with a presigned URL (needs a
+    /// server with `files_direct`), then complete the upload.
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// `tern download`
@@ -477,14 +481,18 @@ pub fn upload(target: &Target, args: UploadArgs) -> Result<()> {
     let content_type = args
         .content_type
         .unwrap_or_else(|| "application/octet-stream".into());
-    let resp = target
-        .agent()?
-        .post(&target.url("/v1/files"))
-        .set("Authorization", &format!("Bearer {token}"))
-        .set("Content-Type", &content_type)
-        .set("Content-Length", &len.to_string())
-        .send(std::io::BufReader::new(file));
-    let v = answer(resp, &target.http)?;
+    let v = if args.direct {
+        upload_direct(target, &token, file, len, &content_type)?
+    } else {
+        let resp = target
+            .agent()?
+            .post(&target.url("/v1/files"))
+            .set("Authorization", &format!("Bearer {token}"))
+            .set("Content-Type", &content_type)
+            .set("Content-Length", &len.to_string())
+            .send(std::io::BufReader::new(file));
+        answer(resp, &target.http)?
+    };
     if args.url_only {
         println!("{}", target.url(v["url"].as_str().unwrap_or_default()));
     } else {
@@ -493,7 +501,42 @@ pub fn upload(target: &Target, args: UploadArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs `tern download`: streams the file to `--output` or stdout.
+/// A direct upload: asks the server for a presigned URL, PUTs the file to
+/// the object store with exactly the headers it signed, then completes.
+fn upload_direct(
+    target: &Target,
+    token: &str,
+    file: std::fs::File,
+    len: u64,
+    content_type: &str,
+) -> Result<Value> {
+    let body = json!({"direct": true, "size": len, "content_type": content_type});
+    let offer = target.call("POST", "/v1/files", token, Some(body))?;
+    let (Some(id), Some(url)) = (offer["id"].as_str(), offer["upload_url"].as_str()) else {
+        bail!("the server did not offer a direct upload (is files_direct on?): {offer}");
+    };
+    // The store is another host: no token, and the system's CA roots.
+    let put = ureq::AgentBuilder::new()
+        .build()
+        .put(url)
+        .set("Content-Type", content_type)
+        .set("Content-Length", &len.to_string())
+        .timeout(Duration::from_secs(3600))
+        .send(std::io::BufReader::new(file));
+    match put {
+        Ok(_) => {}
+        Err(ureq::Error::Status(code, r)) => {
+            let text = r.into_string().unwrap_or_default();
+            bail!("the object store answered {code}: {text}")
+        }
+        Err(ureq::Error::Transport(t)) => bail!("cannot reach the object store: {t}"),
+    }
+    target.call("POST", &format!("/v1/files/{id}/complete"), token, None)
+}
+
+/// Runs `tern download`: streams the file to `--output` or stdout. A server
+/// with `files_direct` answers with a redirect to the object store, which
+/// is followed (without the token).
 pub fn download(target: &Target, args: DownloadArgs) -> Result<()> {
     let path = if args.file.starts_with("http://") || args.file.starts_with("https://") {
         args.file.clone()

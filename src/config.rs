@@ -262,6 +262,130 @@ impl Value for LogFormat {
     }
 }
 
+/// Where uploaded files live (`files_backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilesBackend {
+    /// Under `<data_dir>/files`, served by tern.
+    #[default]
+    Local,
+    /// In a bucket of an S3-compatible store (`s3_*` keys).
+    S3,
+}
+
+impl FilesBackend {
+    /// The name used in the file, the environment and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilesBackend::Local => "local",
+            FilesBackend::S3 => "s3",
+        }
+    }
+}
+
+impl fmt::Display for FilesBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Value for FilesBackend {
+    const VALUE_NAME: &'static str = "local|s3";
+    fn expected() -> String {
+        "local or s3".into()
+    }
+    fn parse_str(raw: &str) -> Option<Self> {
+        match raw {
+            "local" => Some(FilesBackend::Local),
+            "s3" => Some(FilesBackend::S3),
+            _ => None,
+        }
+    }
+    fn to_toml(&self) -> String {
+        toml_string(self.as_str())
+    }
+}
+
+/// An age in seconds: a plain integer counts **days**; a number with a
+/// unit (`30s`, `10m`, `12h`, `7d`) counts that unit. 0 means "never".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Age(pub u64);
+
+impl Age {
+    /// Parses `7` (days), `2s`, `10m`, `12h`, `7d`; `None` when it is none of
+    /// these or overflows.
+    pub fn parse(raw: &str) -> Option<Age> {
+        let raw = raw.trim();
+        let digits = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+        let (number, unit) = raw.split_at(digits);
+        let number: u64 = number.parse().ok()?;
+        let unit = match unit.trim() {
+            "" | "d" => 86_400,
+            "h" => 3_600,
+            "m" => 60,
+            "s" => 1,
+            _ => return None,
+        };
+        number.checked_mul(unit).map(Age)
+    }
+
+    /// The age as a duration.
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.0)
+    }
+}
+
+impl fmt::Display for Age {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+            if self.0 >= secs && self.0.is_multiple_of(secs) {
+                return write!(f, "{}{unit}", self.0 / secs);
+            }
+        }
+        write!(f, "{}s", self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Age {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Days(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Days(n) => n
+                .checked_mul(86_400)
+                .map(Age)
+                .ok_or_else(|| serde::de::Error::custom("too many days")),
+            Raw::Text(t) => {
+                Age::parse(&t).ok_or_else(|| serde::de::Error::custom(format!("not an age: {t:?}")))
+            }
+        }
+    }
+}
+
+impl Value for Age {
+    const VALUE_NAME: &'static str = "AGE";
+    fn expected() -> String {
+        "days as an integer, or a number with an s, m, h or d suffix (\"2s\", \"12h\")".into()
+    }
+    fn expected_in_file() -> String {
+        "an unquoted integer (days), or a string such as \"12h\" or \"30s\"".into()
+    }
+    fn parse_str(raw: &str) -> Option<Self> {
+        Age::parse(raw)
+    }
+    fn to_toml(&self) -> String {
+        if self.0.is_multiple_of(86_400) {
+            (self.0 / 86_400).to_string()
+        } else {
+            toml_string(&self.to_string())
+        }
+    }
+}
+
 /// A size in bytes: a plain integer, or a number with a `KiB`, `MiB`, `GiB`
 /// or `TiB` suffix (`64MiB`, `1 GiB`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -652,6 +776,45 @@ config_keys! {
     /// Bytes of all stored files together; 0 means no quota.
     max_files_bytes: u64 = 0, env "TERN_MAX_FILES_BYTES";
 
+    /// Where uploaded files live: "local" (under data_dir/files) or "s3"
+    /// (a bucket of any S3-compatible store; see the s3_* keys). File
+    /// metadata, quota and signing keys stay in data_dir either way.
+    files_backend: FilesBackend = FilesBackend::Local, env "TERN_FILES_BACKEND";
+
+    /// With files_backend = "s3": the store's URL, e.g. "http://127.0.0.1:9000";
+    /// unset: AWS itself, in s3_region.
+    s3_endpoint: Option<String> = None, env "TERN_S3_ENDPOINT", runtime;
+
+    /// With files_backend = "s3": the bucket's region.
+    s3_region: String = String::from("us-east-1"), env "TERN_S3_REGION";
+
+    /// With files_backend = "s3": the bucket (required; tern does not create it).
+    s3_bucket: Option<String> = None, env "TERN_S3_BUCKET", runtime;
+
+    /// With files_backend = "s3": the access key id; unset: AWS_ACCESS_KEY_ID.
+    s3_access_key: Option<String> = None, env "TERN_S3_ACCESS_KEY", runtime;
+
+    /// With files_backend = "s3": the secret key; unset: AWS_SECRET_ACCESS_KEY.
+    s3_secret_key: Option<String> = None, env "TERN_S3_SECRET_KEY", secret, runtime;
+
+    /// With files_backend = "s3": path-style URLs (endpoint/bucket/key), as
+    /// MinIO, Ceph and moto want; false: virtual-hosted (bucket.endpoint/key).
+    s3_path_style: bool = false, env "TERN_S3_PATH_STYLE";
+
+    /// With files_backend = "s3": clients may upload straight to the store
+    /// with a presigned PUT URL, and downloads answer 302 to a presigned GET
+    /// URL (after tern's own check). Proxied uploads keep working.
+    files_direct: bool = false, env "TERN_FILES_DIRECT";
+
+    /// Seconds a presigned URL of a direct transfer is valid; an upload not
+    /// completed within it (plus a minute at most) is removed.
+    files_direct_ttl: u32 = 900, env "TERN_FILES_DIRECT_TTL";
+
+    /// Files older than this are deleted, with their thumbnails: days as an
+    /// integer, or a number with an s/m/h/d unit ("12h", "30s"). 0 keeps
+    /// files forever.
+    files_max_age: Age = Age(0), env "TERN_FILES_MAX_AGE";
+
     /// Free space to keep on data_dir's filesystem: below it new SENDs get
     /// OVERLOADED and /readyz answers 503, so that delivering and ACKing
     /// (which free space) always have room. Bytes, or with a KiB/MiB/GiB
@@ -848,6 +1011,37 @@ impl Config {
         at_least("max_queue", self.max_queue, 1)?;
         at_least("max_inflight", self.max_inflight, 1)?;
         at_least("max_group_size", self.max_group_size, 1)?;
+        if self.files_backend == FilesBackend::S3 {
+            if self.s3_bucket.as_deref().is_none_or(str::is_empty) {
+                return invalid(
+                    "s3_bucket",
+                    "is required with files_backend = \"s3\"".into(),
+                );
+            }
+            if let Some(endpoint) = &self.s3_endpoint {
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    return invalid(
+                        "s3_endpoint",
+                        format!("must be an http:// or https:// URL, got {endpoint:?}"),
+                    );
+                }
+            }
+        } else if self.files_direct {
+            return invalid(
+                "files_direct",
+                "needs files_backend = \"s3\" (the local backend serves files itself)".into(),
+            );
+        }
+        if !(1..=604_800).contains(&self.files_direct_ttl) {
+            return invalid(
+                "files_direct_ttl",
+                format!(
+                    "must be between 1 and 604800 seconds (7 days, the longest a presigned \
+                     URL may live), got {}",
+                    self.files_direct_ttl
+                ),
+            );
+        }
         if self.log.trim().is_empty() {
             return invalid("log", "must not be empty (e.g. \"info\")".into());
         }
@@ -1196,7 +1390,8 @@ mod tests {
             let commented = format!("\n# {key} = ");
             let plain = format!("\n{key} = ");
             match *key {
-                "workers" | "admin_token" | "min_free_space" | "tls_cert" | "tls_key" => {
+                "workers" | "admin_token" | "min_free_space" | "tls_cert" | "tls_key"
+                | "s3_endpoint" | "s3_bucket" | "s3_access_key" | "s3_secret_key" => {
                     assert!(text.contains(&commented), "{key}")
                 }
                 _ => assert!(text.contains(&plain), "{key}"),
@@ -1214,11 +1409,46 @@ mod tests {
     }
 
     #[test]
+    fn files_keys() {
+        assert_eq!(Age::parse("7"), Some(Age(7 * 86_400)));
+        assert_eq!(Age::parse("2s"), Some(Age(2)));
+        assert_eq!(Age::parse("10m"), Some(Age(600)));
+        assert_eq!(Age::parse("12h"), Some(Age(43_200)));
+        assert_eq!(Age::parse("3d"), Some(Age(3 * 86_400)));
+        for bad in ["", "s", "2w", "-1", "1.5d", "99999999999999999999"] {
+            assert_eq!(Age::parse(bad), None, "{bad:?}");
+        }
+        let (_f, args) = with_file("files_max_age = 30\n");
+        assert_eq!(Config::load(&args).unwrap().files_max_age, Age(30 * 86_400));
+        let (_f, args) = with_file("files_max_age = \"90s\"\n");
+        assert_eq!(Config::load(&args).unwrap().files_max_age, Age(90));
+        // s3 needs a bucket; direct transfers need s3; a presigned URL
+        // lives at most 7 days.
+        let (_f, args) = with_file("files_backend = \"s3\"\n");
+        assert_eq!(error_key(Config::load(&args)), "s3_bucket");
+        let (_f, args) = with_file("files_direct = true\n");
+        assert_eq!(error_key(Config::load(&args)), "files_direct");
+        let (_f, args) =
+            with_file("files_backend = \"s3\"\ns3_bucket = \"b\"\ns3_endpoint = \"ftp://x\"\n");
+        assert_eq!(error_key(Config::load(&args)), "s3_endpoint");
+        let (_f, args) = with_file(
+            "files_backend = \"s3\"\ns3_bucket = \"b\"\nfiles_direct = true\n\
+             files_direct_ttl = 604801\n",
+        );
+        assert_eq!(error_key(Config::load(&args)), "files_direct_ttl");
+        let (_f, args) = with_file("files_backend = \"s3\"\ns3_bucket = \"b\"\n");
+        assert_eq!(Config::load(&args).unwrap().files_backend, FilesBackend::S3);
+        assert!(generate_config().contains("\nfiles_backend = \"local\"\n"));
+        assert!(generate_config().contains("\nfiles_max_age = 0\n"));
+    }
+
+    #[test]
     fn unknown_key_hints() {
         assert_eq!(hint_for("max-frame"), " (did you mean \"max_frame\"?)");
         assert_eq!(hint_for("LISTEN"), " (did you mean \"listen\"?)");
         assert_eq!(hint_for("http_listn"), " (did you mean \"http_listen\"?)");
-        assert!(hint_for("s3_bucket").contains("generate-config"));
+        assert!(hint_for("sqlite_path").contains("generate-config"));
+        assert_eq!(hint_for("s3-bucket"), " (did you mean \"s3_bucket\"?)");
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "abc"), 3);
     }

@@ -40,6 +40,19 @@ pub struct Metrics {
     pub stages: [Mutex<Option<hdrhistogram::Histogram<u64>>>; Stage::ALL.len()],
     /// Files uploaded.
     pub files_stored: AtomicU64,
+    /// Uploads streaming now (proxied through tern), a gauge.
+    pub files_uploading: AtomicU64,
+    /// Files deleted by `files_max_age`.
+    pub files_expired: AtomicU64,
+    /// Uploads started and never completed, removed by the sweep (direct
+    /// uploads past their URL's expiry, stale partial files and objects).
+    pub files_abandoned: AtomicU64,
+    /// Thumbnails made.
+    pub thumbnails: AtomicU64,
+    /// Images stored without a thumbnail (malformed, mislabelled, too large).
+    pub thumbnails_refused: AtomicU64,
+    /// File requests answered 503 because the object store failed.
+    pub files_store_errors: AtomicU64,
 }
 
 impl Metrics {

@@ -104,6 +104,42 @@ pub fn render(core: &Backend) -> Reply {
         "Files uploaded.",
         &m.files_stored,
     );
+    metric(
+        &mut out,
+        "tern_files_uploading",
+        "gauge",
+        "Uploads streaming through tern now.",
+        m.files_uploading.load(Ordering::Relaxed),
+    );
+    for (name, help, value) in [
+        (
+            "tern_files_expired_total",
+            "Files deleted by files_max_age.",
+            &m.files_expired,
+        ),
+        (
+            "tern_files_abandoned_total",
+            "Uploads never completed, removed by the sweep.",
+            &m.files_abandoned,
+        ),
+        (
+            "tern_files_thumbnails_total",
+            "Thumbnails made.",
+            &m.thumbnails,
+        ),
+        (
+            "tern_files_thumbnails_refused_total",
+            "Images stored without a thumbnail (malformed, mislabelled or too large).",
+            &m.thumbnails_refused,
+        ),
+        (
+            "tern_files_store_errors_total",
+            "File requests answered 503 because the object store failed.",
+            &m.files_store_errors,
+        ),
+    ] {
+        counter(&mut out, name, help, value);
+    }
     counter(
         &mut out,
         "tern_store_commits_total",

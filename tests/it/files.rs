@@ -2,6 +2,11 @@
 //! to 1 GiB) and byte-identical downloads, ranges, signed URLs, the size
 //! limit and the quota, cut-off uploads, hostile ids, and who may do what.
 //!
+//! Every test runs on both backends (`files::local::*`, `files::s3::*`, the
+//! latter against a real moto server on loopback, see `s3.rs`); the tests
+//! only the s3 backend has (direct transfers, outages) are in
+//! `files_s3.rs`, retention and thumbnails in `files_more.rs`.
+//!
 //! Bodies are generated and hashed on the fly ([`Noise`]) and the HTTP client
 //! (`util::request`) streams both ways, so no test holds a large file in memory either.
 
@@ -14,27 +19,105 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::s3::Moto;
 use crate::util::{
-    http, now_ms, raw_request, read_head, read_resp, request, vm_rss_kib, wait_for, Resp,
+    http, now_ms, raw_request, read_head, read_resp, request, scrape, vm_rss_kib, wait_for, Resp,
     TestServer, ADMIN,
 };
 
-const MIB: u64 = 1024 * 1024;
+pub const MIB: u64 = 1024 * 1024;
+
+/// Where a test server keeps its files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `<data_dir>/files`.
+    Local,
+    /// A bucket of a moto server.
+    S3,
+}
+
+/// A test server on one backend, with its moto when s3 (stopped after
+/// the server, on drop).
+pub struct Setup {
+    pub server: TestServer,
+    pub moto: Option<Moto>,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut TestServer {
+        &mut self.server
+    }
+}
+
+/// Starts moto (for s3) and a server on `dir` with `args` on `backend`.
+pub fn start(backend: Backend, dir: &Path, args: &[&str]) -> Setup {
+    let moto = (backend == Backend::S3).then(|| Moto::start(dir));
+    let mut all: Vec<String> = moto.as_ref().map(Moto::args).unwrap_or_default();
+    all.extend(args.iter().map(|s| s.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let server = TestServer::start_with(dir, &all);
+    Setup { server, moto }
+}
+
+/// The size of file `id`'s bytes where the backend keeps them.
+pub fn stored_size(setup: &Setup, id: &str) -> Option<u64> {
+    match &setup.moto {
+        Some(moto) => moto.size(id),
+        None => std::fs::metadata(setup.dir.join("files").join(id))
+            .ok()
+            .map(|m| m.len()),
+    }
+}
+
+/// Runs each listed test (a `fn(Backend)`) on both backends, as
+/// `files::local::<name>` and `files::s3::<name>`.
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod local {
+            $(#[test] fn $name() { super::$name(super::Backend::Local) })+
+        }
+        mod s3 {
+            $(#[test] fn $name() { super::$name(super::Backend::S3) })+
+        }
+    };
+}
+
+on_both_backends!(
+    small_and_10_mib_files_round_trip,
+    range_requests,
+    signed_urls,
+    one_gib_upload_and_download_stream_with_flat_rss,
+    over_the_size_limit_nothing_is_kept,
+    uploads_need_a_content_length,
+    quota_counts_stored_bytes,
+    concurrent_uploads_share_the_quota,
+    cut_off_upload_leaves_nothing,
+    hostile_ids_never_reach_the_file_system,
+    who_may_do_what,
+    huge_announced_length_does_not_kill_the_server,
+);
 
 /// `len` pseudo-random bytes, each a function of its offset and `seed`.
-struct Noise {
+pub struct Noise {
     seed: u64,
     pos: u64,
     len: u64,
 }
 
 impl Noise {
-    fn new(seed: u64, len: u64) -> Noise {
+    pub fn new(seed: u64, len: u64) -> Noise {
         Noise { seed, pos: 0, len }
     }
 
     /// All of it, for small sizes.
-    fn bytes(seed: u64, len: u64) -> Vec<u8> {
+    pub fn bytes(seed: u64, len: u64) -> Vec<u8> {
         let mut v = Vec::new();
         Noise::new(seed, len).read_to_end(&mut v).unwrap();
         v
@@ -65,12 +148,12 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn sha_hex(bytes: &[u8]) -> String {
+pub fn sha_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// A request with a small body (none, or as `headers` announce), answered.
-fn call(
+pub fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -85,7 +168,7 @@ fn call(
         .send(addr)
 }
 
-fn get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Resp {
+pub fn get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Resp {
     call(addr, "GET", path, bearer, &[])
 }
 
@@ -93,7 +176,7 @@ fn get(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Resp {
 /// when `chunked`); returns the response and the SHA-256 of what was sent.
 /// A write error (the server answered early and closed) ends the body; the
 /// response is read anyway.
-fn upload_from(
+pub fn upload_from(
     addr: SocketAddr,
     bearer: Option<&str>,
     content_type: Option<&str>,
@@ -138,7 +221,7 @@ fn upload_from(
 }
 
 /// Uploads `bytes`; asserts 201 and returns the answer's JSON.
-fn upload(
+pub fn upload(
     addr: SocketAddr,
     bearer: &str,
     content_type: Option<&str>,
@@ -161,7 +244,7 @@ fn upload(
 
 /// GETs `path` and hashes the body as it arrives; returns status, headers,
 /// body length and SHA-256.
-fn download_hash(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (Resp, u64, String) {
+pub fn download_hash(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (Resp, u64, String) {
     let s = request("GET", path)
         .bearer(bearer)
         .open(addr)
@@ -188,7 +271,7 @@ fn download_hash(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (Resp, u
 }
 
 /// Names in a directory, sorted.
-fn names(dir: &Path) -> Vec<String> {
+pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -197,24 +280,36 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Asserts `<data_dir>/files/` holds no file (and `tmp/` is empty), waiting
-/// for an abandoned upload's handler to clean up.
-fn assert_store_empty(server: &TestServer) {
-    let files = server.dir.join("files");
+/// Asserts `<data_dir>/files/` holds no file (and `tmp/` is empty), nor
+/// the bucket any object, waiting for an abandoned upload's handler to
+/// clean up.
+pub fn assert_store_empty(setup: &Setup) {
+    let files = setup.dir.join("files");
     wait_for(Duration::from_secs(10), "an empty file store", || {
-        (names(&files) == ["tmp"] && names(&files.join("tmp")).is_empty()).then_some(())
+        let bucket_empty = setup.moto.as_ref().is_none_or(|m| m.keys().is_empty());
+        let left: Vec<String> = names(&files)
+            .into_iter()
+            .filter(|n| n != "pending" || !names(&files.join("pending")).is_empty())
+            .collect();
+        (left == ["tmp"] && names(&files.join("tmp")).is_empty() && bucket_empty).then_some(())
     });
 }
 
-fn healthy(server: &TestServer) {
+/// Waits until `n` uploads are streaming through the server.
+fn wait_uploading(setup: &Setup, n: f64) {
+    wait_for(Duration::from_secs(10), "uploads to start", || {
+        (scrape(setup.http).value("tern_files_uploading") >= n).then_some(())
+    });
+}
+
+pub fn healthy(server: &TestServer) {
     let (status, body) = http(server.http, "GET", "/healthz", None, "");
     assert_eq!((status, body.as_str()), (200, "ok"));
 }
 
-#[test]
-fn small_and_10_mib_files_round_trip() {
+fn small_and_10_mib_files_round_trip(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
     let bob = server.user("bob");
 
@@ -230,12 +325,7 @@ fn small_and_10_mib_files_round_trip() {
         let url = v["url"].as_str().unwrap();
         assert!(url.starts_with(&format!("/v1/files/{id}?exp=")), "{url}");
         assert!(url.contains("&sig="), "{url}");
-        assert_eq!(
-            std::fs::metadata(dir.path().join("files").join(id))
-                .unwrap()
-                .len(),
-            len
-        );
+        assert_eq!(stored_size(&server, id), Some(len));
 
         let path = format!("/v1/files/{id}");
         let sha = sha_hex(&bytes);
@@ -290,10 +380,9 @@ fn small_and_10_mib_files_round_trip() {
     assert!(names(&dir.path().join("files/tmp")).is_empty());
 }
 
-#[test]
-fn range_requests() {
+fn range_requests(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
     let bytes = Noise::bytes(3, 10_000);
     let v = upload(server.http, &alice, None, &bytes);
@@ -333,10 +422,9 @@ fn range_requests() {
     }
 }
 
-#[test]
-fn signed_urls() {
+fn signed_urls(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start(&dir);
+    let mut server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
     let bytes = Noise::bytes(4, 5_000);
     let v = upload(server.http, &alice, None, &bytes);
@@ -393,11 +481,10 @@ fn signed_urls() {
     assert_eq!(r.body, bytes);
 }
 
-#[test]
-fn one_gib_upload_and_download_stream_with_flat_rss() {
+fn one_gib_upload_and_download_stream_with_flat_rss(backend: Backend) {
     const LEN: u64 = 1024 * MIB;
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(dir.path(), &["--max-file-size", "2147483648"]);
+    let server = start(backend, dir.path(), &["--max-file-size", "2147483648"]);
     let alice = server.user("alice");
     let before = server.rss_kib();
     assert!(before > 0);
@@ -461,10 +548,9 @@ fn one_gib_upload_and_download_stream_with_flat_rss() {
     );
 }
 
-#[test]
-fn over_the_size_limit_nothing_is_kept() {
+fn over_the_size_limit_nothing_is_kept(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(dir.path(), &["--max-file-size", "1048576"]);
+    let server = start(backend, dir.path(), &["--max-file-size", "1048576"]);
     let alice = server.user("alice");
     let over = |len: u64| {
         let (resp, _) = upload_from(
@@ -487,10 +573,9 @@ fn over_the_size_limit_nothing_is_kept() {
     healthy(&server);
 }
 
-#[test]
-fn uploads_need_a_content_length() {
+fn uploads_need_a_content_length(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
     // Chunked: tiny_http cannot tell a cut-off chunked body from a whole one,
     // so the length is required.
@@ -509,10 +594,10 @@ fn uploads_need_a_content_length() {
     healthy(&server);
 }
 
-#[test]
-fn quota_counts_stored_bytes() {
+fn quota_counts_stored_bytes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start_with(
+    let mut server = start(
+        backend,
         dir.path(),
         &["--max-file-size", "1048576", "--max-files-bytes", "1572864"],
     );
@@ -546,10 +631,10 @@ fn quota_counts_stored_bytes() {
     assert!(names(&dir.path().join("files/tmp")).is_empty());
 }
 
-#[test]
-fn concurrent_uploads_share_the_quota() {
+fn concurrent_uploads_share_the_quota(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(
+    let server = start(
+        backend,
         dir.path(),
         &["--max-file-size", "1048576", "--max-files-bytes", "1572864"],
     );
@@ -564,9 +649,7 @@ fn concurrent_uploads_share_the_quota() {
     for _ in 0..2 {
         streams.push(upload.open(server.http).unwrap());
     }
-    wait_for(Duration::from_secs(10), "both uploads to start", || {
-        (names(&tmp).len() == 2).then_some(())
-    });
+    wait_uploading(&server, 2.0);
     let mut statuses = Vec::new();
     for (i, mut s) in streams.into_iter().enumerate() {
         // The second one's answer may come before its body is all sent.
@@ -581,15 +664,14 @@ fn concurrent_uploads_share_the_quota() {
     wait_for(Duration::from_secs(10), "tmp/ to empty", || {
         (names(&tmp).is_empty()).then_some(())
     });
-    assert_eq!(names(&dir.path().join("files")).len(), 3);
+    let meta = names(&dir.path().join("files"));
+    assert_eq!(meta.iter().filter(|n| n.ends_with(".json")).count(), 1);
 }
 
-#[test]
-fn cut_off_upload_leaves_nothing() {
+fn cut_off_upload_leaves_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
-    let tmp = dir.path().join("files/tmp");
 
     // Content-Length 1 MiB, half of it sent, then the socket closed.
     let cut_off = request("POST", "/v1/files")
@@ -597,19 +679,14 @@ fn cut_off_upload_leaves_nothing() {
         .header("Content-Length", MIB.to_string());
     let mut s = cut_off.open(server.http).unwrap();
     s.write_all(&Noise::bytes(11, MIB / 2)).unwrap();
-    // The upload is under way once its .part file appears.
-    wait_for(Duration::from_secs(10), "the upload's .part file", || {
-        (!names(&tmp).is_empty()).then_some(())
-    });
+    wait_uploading(&server, 1.0);
     s.shutdown(Shutdown::Both).unwrap();
     drop(s);
     assert_store_empty(&server);
 
     // Cut off right after the headers.
     let s = cut_off.open(server.http).unwrap();
-    wait_for(Duration::from_secs(10), "the upload's .part file", || {
-        (!names(&tmp).is_empty()).then_some(())
-    });
+    wait_uploading(&server, 1.0);
     drop(s);
     assert_store_empty(&server);
 
@@ -618,10 +695,9 @@ fn cut_off_upload_leaves_nothing() {
     healthy(&server);
 }
 
-#[test]
-fn hostile_ids_never_reach_the_file_system() {
+fn hostile_ids_never_reach_the_file_system(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
     let v = upload(server.http, &alice, None, b"secret");
     let id = v["id"].as_str().unwrap().to_owned();
@@ -680,10 +756,9 @@ fn hostile_ids_never_reach_the_file_system() {
     assert!(dir.path().join("target").exists());
 }
 
-#[test]
-fn who_may_do_what() {
+fn who_may_do_what(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
     let bob = server.user("bob");
     let addr = server.http;
@@ -756,10 +831,9 @@ fn who_may_do_what() {
 /// announcing a huge Content-Length aborts the whole server on the failed
 /// allocation, whatever the handler answered. Fixed by the patched copy in
 /// vendor/tiny_http (see vendor/README.md).
-#[test]
-fn huge_announced_length_does_not_kill_the_server() {
+fn huge_announced_length_does_not_kill_the_server(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let server = start(backend, dir.path(), &[]);
     let alice = server.user("alice");
     let mut s = request("POST", "/v1/files")
         .bearer(Some(&alice))

@@ -1,35 +1,53 @@
-//! The file store on disk, and the only code here that touches it.
+//! The file catalog in `<data_dir>/files/`: metadata, direct uploads in
+//! progress and the byte count behind `max_files_bytes`, for both
+//! backends; the bytes themselves go through [`Blobs`].
 //!
 //! ```text
-//! <data_dir>/files/<id>          the bytes, exactly as uploaded
-//! <data_dir>/files/<id>.json     metadata (Meta); its presence is the commit point
-//! <data_dir>/files/tmp/<r>.part  uploads and metadata being written; removed at start
+//! <data_dir>/files/<id>.json          metadata (Meta); its presence is the commit point
+//! <data_dir>/files/<id>               the bytes, exactly as uploaded   (local backend)
+//! <data_dir>/files/<id>.thumb         the thumbnail, JPEG              (local backend)
+//! <data_dir>/files/tmp/<r>.part       uploads, metadata, thumbnail sources being written
+//! <data_dir>/files/pending/<id>.json  direct uploads announced, not completed (s3)
 //! ```
 //!
+//! With the s3 backend, `<id>` and `<id>.thumb` are objects of the bucket.
 //! `<id>` is 32 lowercase hex characters (128 random bits) made here, and
-//! `<r>` likewise: no path ever holds client-supplied text, and [`is_id`]
-//! gates every id that comes from a URL before any path is built from it.
+//! `<r>` likewise: no path or key ever holds client-supplied text, and
+//! [`is_id`] gates every id that comes from a URL before any path is built
+//! from it.
 //!
-//! An upload streams into a `.part` file while hashing and counting, is
-//! fsync'd, renamed to `<id>`, the directory fsync'd; then the metadata goes
-//! through the same steps to `<id>.json`. A crash before the metadata rename
-//! leaves an orphan `<id>` (removed at the next start) and no answer to the
-//! client. A delete removes `<id>.json` first, then `<id>`.
+//! An upload streams into its object while hashing and counting; the object
+//! is committed (local: fsync'd, renamed to `<id>`, the directory fsync'd;
+//! s3: the multipart upload completed), then the thumbnail, then the
+//! metadata goes through the same steps to `<id>.json`. A crash before the
+//! metadata rename leaves an orphan (removed at the next start, or by the
+//! sweep for objects) and no answer to the client. A delete removes
+//! `<id>.json` first, then the bytes.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Bytes read from the request and written to disk per step.
+use super::blobs::{sync_dir, BlobError, Blobs, Part};
+use super::s3::StoreDown;
+use super::thumb;
+use crate::metrics::Metrics;
+
+/// Bytes read from the request and written to the store per step.
 const CHUNK: usize = 64 * 1024;
 /// Largest metadata file read; real ones are a few hundred bytes.
 const MAX_META: u64 = 64 * 1024;
 /// Length of an id: hex of 128 bits.
 const ID_LEN: usize = 32;
+/// Age after which a partial file in `tmp/`, or an object without metadata,
+/// is an abandoned upload (a live upload writes every few seconds, and an
+/// object gets its metadata right after it is complete).
+pub const ABANDONED_AFTER_MS: u64 = 3_600_000;
 
 /// Whether `s` is an id as this store makes them: exactly 32 lowercase hex
 /// characters. Anything else (`..`, `/`, `%2e`, NUL, …) is refused before a
@@ -39,8 +57,13 @@ pub fn is_id(s: &str) -> bool {
 }
 
 /// A fresh random id.
-fn new_id() -> String {
+pub fn new_id() -> String {
     hex::encode(rand::random::<[u8; ID_LEN / 2]>())
+}
+
+/// The key of a file's thumbnail.
+pub fn thumb_key(id: &str) -> String {
+    format!("{id}.thumb")
 }
 
 /// Who uploaded a file. Serialized as `"admin"` or `{"user": "<address>"}`,
@@ -68,6 +91,28 @@ pub struct Meta {
     pub uploader: Uploader,
     /// When the upload completed, unix ms.
     pub created_ms: u64,
+    /// The thumbnail's size in bytes, when the file has one (`<id>.thumb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnail: Option<u64>,
+}
+
+/// The contents of `pending/<id>.json`: a direct upload announced by
+/// `POST /v1/files` and not yet completed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    /// The size the presigned URL allows, bytes (counted in the quota).
+    pub size: u64,
+    /// The type the presigned URL allows.
+    pub content_type: String,
+    /// The SHA-256 the client announced, if any; checked at completion.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Who announced it: only they (or the admin) may complete it.
+    pub uploader: Uploader,
+    /// When it was announced, unix ms.
+    pub created_ms: u64,
+    /// When its presigned URL expires, unix ms.
+    pub expires_ms: u64,
 }
 
 /// Why an upload was not stored. Every variant leaves nothing behind.
@@ -96,32 +141,84 @@ pub enum UploadError {
     /// Reading the body failed (the client went away).
     #[error("cannot read request body: {0}")]
     Body(io::Error),
-    /// Writing the store failed.
+    /// Writing the local disk failed.
     #[error("file store: {0}")]
     Io(#[from] io::Error),
+    /// The object store failed.
+    #[error("{0}")]
+    Down(#[from] StoreDown),
 }
 
-/// The directory of stored files and the byte count of its contents.
+impl From<BlobError> for UploadError {
+    fn from(e: BlobError) -> UploadError {
+        match e {
+            BlobError::Io(e) => UploadError::Io(e),
+            BlobError::Down(e) => UploadError::Down(e),
+        }
+    }
+}
+
+/// Why a direct upload could not be completed.
+#[derive(Debug, thiserror::Error)]
+pub enum CompleteError {
+    /// No such upload announced (or it expired and was removed).
+    #[error("no such upload")]
+    NotFound,
+    /// The object is not in the store yet: the client may PUT and retry.
+    #[error("the file has not been uploaded to its URL yet")]
+    NotUploaded,
+    /// The object is not what was announced; it was deleted.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The local disk or the store failed; the upload can be completed later.
+    #[error("{0}")]
+    Store(#[from] UploadError),
+}
+
+/// What one sweep removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Files older than `files_max_age`.
+    pub expired: u64,
+    /// Direct uploads never completed, partial files, orphan objects.
+    pub abandoned: u64,
+}
+
+/// The catalog of stored files and the byte count of their contents.
 pub struct Disk {
-    /// `<data_dir>/files`: data and metadata files.
+    /// `<data_dir>/files`: metadata (and data, local backend).
     dir: PathBuf,
     /// `<data_dir>/files/tmp`: `.part` files; same file system as `dir`, so
     /// rename is atomic.
     tmp: PathBuf,
+    /// `<data_dir>/files/pending`: direct uploads in progress; made at the
+    /// first one.
+    pending: PathBuf,
+    /// Where the bytes live.
+    blobs: Blobs,
     /// `max_file_size`: largest accepted upload.
     max_file_size: u64,
     /// `max_files_bytes`: 0 means no quota.
     quota: u64,
     /// Bytes of all committed files plus uploads in progress (reserved as
-    /// they stream, released if they fail), so concurrent uploads cannot
-    /// overshoot the quota together.
+    /// they stream, released if they fail) plus announced direct uploads,
+    /// so concurrent uploads cannot overshoot the quota together.
     used: AtomicU64,
+    /// Thumbnail counters.
+    metrics: Arc<Metrics>,
 }
 
 impl Disk {
-    /// Opens (creating) the store under `dir`: removes leftover `.part`
-    /// files and orphan data files, and adds up the stored bytes.
-    pub fn open(dir: &Path, max_file_size: u64, quota: u64) -> io::Result<Disk> {
+    /// Opens (creating) the catalog under `dir`: removes leftover `.part`
+    /// files and (local backend) orphan data files, and adds up the stored
+    /// and announced bytes.
+    pub fn open(
+        dir: &Path,
+        blobs: Blobs,
+        max_file_size: u64,
+        quota: u64,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Disk> {
         let tmp = dir.join("tmp");
         fs::create_dir_all(&tmp)?;
         let mut stale = 0usize;
@@ -132,36 +229,67 @@ impl Disk {
                 stale += 1;
             }
         }
+        let local = matches!(blobs, Blobs::Local { .. });
         let (mut used, mut files, mut orphans) = (0u64, 0usize, 0usize);
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if let Some(id) = name.strip_suffix(".json").filter(|id| is_id(id)) {
-                match read_meta(&entry.path()) {
+                match read_json::<Meta>(&entry.path()) {
                     Ok(meta) => {
                         used = used.saturating_add(meta.size);
                         files += 1;
                     }
                     Err(e) => tracing::warn!(id, error = %e, "unreadable file metadata"),
                 }
-            } else if is_id(name) && !dir.join(format!("{name}.json")).exists() {
-                // Renamed into place but never committed, or half deleted.
-                fs::remove_file(entry.path())?;
-                orphans += 1;
+            } else if local {
+                let id = name.strip_suffix(".thumb").unwrap_or(name);
+                if is_id(id) && !dir.join(format!("{id}.json")).exists() {
+                    // Renamed into place but never committed, or half deleted.
+                    fs::remove_file(entry.path())?;
+                    orphans += 1;
+                }
+            }
+        }
+        let pending = dir.join("pending");
+        let mut announced = 0usize;
+        if pending.exists() {
+            for entry in fs::read_dir(&pending)? {
+                let path = entry?.path();
+                if let Ok(p) = read_json::<Pending>(&path) {
+                    used = used.saturating_add(p.size);
+                    announced += 1;
+                }
             }
         }
         if stale + orphans > 0 {
             sync_dir(dir)?;
         }
-        tracing::debug!(files, bytes = used, stale, orphans, "file store open");
+        tracing::debug!(
+            files,
+            bytes = used,
+            stale,
+            orphans,
+            announced,
+            backend = blobs.name(),
+            "file store open"
+        );
         Ok(Disk {
             dir: dir.to_path_buf(),
             tmp,
+            pending,
+            blobs,
             max_file_size,
             quota,
             used: AtomicU64::new(used),
+            metrics,
         })
+    }
+
+    /// Where the bytes live.
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
     }
 
     /// Refuses, before any byte is read, a body whose announced length is
@@ -192,10 +320,19 @@ impl Disk {
         now_ms: u64,
     ) -> Result<(String, Meta), UploadError> {
         self.admit(announced)?;
-        let mut data = Part::create(&self.tmp)?;
+        let _streaming = Gauge::up(&self.metrics.files_uploading);
+        let id = new_id();
         let mut reserved = Reservation {
             used: &self.used,
             bytes: 0,
+        };
+        let mut data = self.blobs.writer(&id)?;
+        // The s3 backend keeps no copy: an image small enough for a
+        // thumbnail is also written to a temporary file, decoded from there.
+        let image = thumb::expected(&content_type).filter(|_| announced <= thumb::MAX_INPUT);
+        let mut copy = match (&self.blobs, image) {
+            (Blobs::S3(_), Some(_)) => Some(Part::create(&self.tmp)?),
+            _ => None,
         };
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; CHUNK];
@@ -215,7 +352,10 @@ impl Disk {
             }
             reserved.add(n as u64, self.quota)?;
             hasher.update(&buf[..n]);
-            data.file.write_all(&buf[..n])?;
+            data.write(&buf[..n])?;
+            if let Some(copy) = &mut copy {
+                copy.file.write_all(&buf[..n])?;
+            }
         }
         if size != announced {
             return Err(UploadError::Truncated {
@@ -223,48 +363,66 @@ impl Disk {
                 announced,
             });
         }
-        data.file.sync_all()?;
-        let id = new_id();
-        data.rename(self.dir.join(&id))?;
-        sync_dir(&self.dir)?;
-
+        data.commit()?;
+        let source = match &copy {
+            Some(part) => Some(part.path().to_path_buf()),
+            None => self.blobs.local_path(&id),
+        };
+        let thumbnail = match (image, source) {
+            (Some(format), Some(source)) => self.thumbnail(&id, format, &source),
+            _ => None,
+        };
+        drop(copy);
         let meta = Meta {
             size,
             sha256: hex::encode(hasher.finalize()),
             content_type,
             uploader,
             created_ms: now_ms,
+            thumbnail,
         };
-        let mut json = Part::create(&self.tmp)?;
-        json.file
-            .write_all(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
-        json.file.sync_all()?;
-        json.rename(self.dir.join(format!("{id}.json")))?;
-        sync_dir(&self.dir)?;
-        // Committed: from here on the files and their bytes stay.
-        json.keep();
-        data.keep();
+        if let Err(e) = self.write_json(&self.dir, &id, &meta) {
+            self.remove_blobs(&id, thumbnail.is_some());
+            return Err(e.into());
+        }
+        // Committed: from here on the file and its bytes stay.
         reserved.keep();
         Ok((id, meta))
+    }
+
+    /// Makes and stores the thumbnail of file `id` from the image at
+    /// `source`; its size, or `None` (logged) when the image gets none.
+    fn thumbnail(&self, id: &str, format: image::ImageFormat, source: &Path) -> Option<u64> {
+        match thumb::make(source, format) {
+            Ok(bytes) => {
+                let len = bytes.len() as u64;
+                match self.blobs.put(&thumb_key(id), bytes) {
+                    Ok(()) => {
+                        self.metrics.thumbnails.fetch_add(1, Ordering::Relaxed);
+                        Some(len)
+                    }
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "cannot store thumbnail");
+                        None
+                    }
+                }
+            }
+            Err(refused) => {
+                self.metrics
+                    .thumbnails_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(id, reason = %refused, "image stored without a thumbnail");
+                None
+            }
+        }
     }
 
     /// The metadata of file `id`, or `None` if there is no such file.
     /// `id` must have passed [`is_id`].
     pub fn meta(&self, id: &str) -> io::Result<Option<Meta>> {
         debug_assert!(is_id(id));
-        match read_meta(&self.dir.join(format!("{id}.json"))) {
+        match read_json(&self.dir.join(format!("{id}.json"))) {
             Ok(meta) => Ok(Some(meta)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Opens the bytes of file `id` for reading, or `None` if they are gone
-    /// (deleted since the metadata was read). `id` must have passed [`is_id`].
-    pub fn open_data(&self, id: &str) -> io::Result<Option<File>> {
-        debug_assert!(is_id(id));
-        match File::open(self.dir.join(id)) {
-            Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -280,79 +438,334 @@ impl Disk {
             Err(e) => return Err(e),
         }
         // Only the delete that removed the metadata gets here, once per file.
-        let _ = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(meta.size))
-            });
-        match fs::remove_file(self.dir.join(id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            // An orphan now; the next start removes it.
-            Err(e) => tracing::warn!(id, error = %e, "cannot remove file data"),
-        }
+        self.release(meta.size);
+        self.remove_blobs(id, meta.thumbnail.is_some());
         sync_dir(&self.dir)?;
         Ok(true)
     }
+
+    /// Removes the bytes (and thumbnail) of a file whose metadata is gone.
+    /// A failure leaves an orphan, which the next start or sweep removes.
+    fn remove_blobs(&self, id: &str, thumbnail: bool) {
+        let mut keys = vec![id.to_owned()];
+        if thumbnail {
+            keys.push(thumb_key(id));
+        }
+        for key in keys {
+            if let Err(e) = self.blobs.delete(&key) {
+                tracing::warn!(key, error = %e, "cannot remove file data");
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+
+    /// Announces a direct upload: checks the size and the quota, reserves
+    /// the bytes and records it; returns its new id.
+    pub fn announce(&self, pending: &Pending) -> Result<String, UploadError> {
+        self.admit(pending.size)?;
+        let mut reserved = Reservation {
+            used: &self.used,
+            bytes: 0,
+        };
+        reserved.add(pending.size, self.quota)?;
+        fs::create_dir_all(&self.pending)?;
+        let id = new_id();
+        self.write_json(&self.pending, &id, pending)?;
+        reserved.keep();
+        Ok(id)
+    }
+
+    /// The direct upload `id`, if announced and not completed.
+    pub fn pending(&self, id: &str) -> io::Result<Option<Pending>> {
+        debug_assert!(is_id(id));
+        match read_json(&self.pending.join(format!("{id}.json"))) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Completes direct upload `id` once its object is in the store: reads
+    /// the object once to check its size and hash it (and make the
+    /// thumbnail), then writes the metadata. An object that is not what
+    /// was announced is deleted with the announcement.
+    pub fn complete(&self, id: &str, now_ms: u64) -> Result<(Meta, bool), CompleteError> {
+        debug_assert!(is_id(id));
+        // Claim the announcement: of two concurrent completions (or a
+        // completion and the sweep) only one moves it.
+        let record = self.pending.join(format!("{id}.json"));
+        let claim = Part::create(&self.tmp).map_err(UploadError::Io)?;
+        if let Err(e) = fs::rename(&record, claim.path()) {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(UploadError::Io(e).into());
+            }
+            return match self.meta(id).map_err(UploadError::Io)? {
+                Some(meta) => Ok((meta, false)),
+                None => Err(CompleteError::NotFound),
+            };
+        }
+        let give_back = |claim: Part| {
+            let path = claim.path().to_path_buf();
+            claim.keep();
+            if let Err(e) = fs::rename(&path, &record) {
+                tracing::warn!(id, error = %e, "cannot put back a direct upload");
+            }
+        };
+        let pending: Pending = match read_json(claim.path()) {
+            Ok(p) => p,
+            Err(e) => return Err(UploadError::Io(e).into()),
+        };
+        let refuse = |why: String| {
+            self.release(pending.size);
+            if let Err(e) = self.blobs.delete(id) {
+                tracing::warn!(id, error = %e, "cannot remove a refused upload");
+            }
+            Err(CompleteError::Mismatch(why))
+        };
+        let found = match self.blobs.size(id) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                give_back(claim);
+                return Err(CompleteError::NotUploaded);
+            }
+            Err(e) => {
+                give_back(claim);
+                return Err(UploadError::from(e).into());
+            }
+        };
+        if found != pending.size {
+            return refuse(format!(
+                "the store holds {found} bytes, {} were announced",
+                pending.size
+            ));
+        }
+        let image =
+            thumb::expected(&pending.content_type).filter(|_| pending.size <= thumb::MAX_INPUT);
+        let hashed = (|| -> Result<(String, Option<Part>), UploadError> {
+            let mut copy = match image {
+                Some(_) => Some(Part::create(&self.tmp)?),
+                None => None,
+            };
+            let Some(mut reader) = self.blobs.open(id, found, 0, found)? else {
+                return Err(UploadError::Io(io::ErrorKind::NotFound.into()));
+            };
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(StoreDown(e.to_string()).into()),
+                };
+                hasher.update(&buf[..n]);
+                if let Some(copy) = &mut copy {
+                    copy.file.write_all(&buf[..n])?;
+                }
+            }
+            Ok((hex::encode(hasher.finalize()), copy))
+        })();
+        let (sha256, copy) = match hashed {
+            Ok(h) => h,
+            Err(e) => {
+                give_back(claim);
+                return Err(e.into());
+            }
+        };
+        if let Some(announced) = &pending.sha256 {
+            if !announced.eq_ignore_ascii_case(&sha256) {
+                return refuse(format!(
+                    "the stored bytes have SHA-256 {sha256}, {announced} was announced"
+                ));
+            }
+        }
+        let thumbnail = match (image, &copy) {
+            (Some(format), Some(copy)) => self.thumbnail(id, format, copy.path()),
+            _ => None,
+        };
+        drop(copy);
+        let meta = Meta {
+            size: found,
+            sha256,
+            content_type: pending.content_type,
+            uploader: pending.uploader,
+            created_ms: now_ms,
+            thumbnail,
+        };
+        if let Err(e) = self.write_json(&self.dir, id, &meta) {
+            give_back(claim);
+            return Err(UploadError::Io(e).into());
+        }
+        drop(claim);
+        Ok((meta, true))
+    }
+
+    /// One pass of the retention sweep at `now_ms`: files older than
+    /// `max_age_ms` (0: none), direct uploads whose URL expired more than
+    /// `grace_ms` ago, and, when `orphans` is set, partial files and
+    /// objects that no metadata names, older than [`ABANDONED_AFTER_MS`].
+    pub fn sweep(
+        &self,
+        now_ms: u64,
+        max_age_ms: u64,
+        grace_ms: u64,
+        orphans: bool,
+    ) -> Result<Swept, BlobError> {
+        let mut swept = Swept::default();
+        if max_age_ms > 0 {
+            for (id, meta) in self.all_meta()? {
+                if meta.created_ms.saturating_add(max_age_ms) <= now_ms
+                    && self.delete(&id, &meta)?
+                {
+                    tracing::info!(id, size = meta.size, "file expired (files_max_age)");
+                    swept.expired += 1;
+                }
+            }
+        }
+        if self.pending.exists() {
+            for entry in fs::read_dir(&self.pending)? {
+                let path = entry?.path();
+                let Some(id) = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .filter(|s| is_id(s))
+                    .map(str::to_owned)
+                else {
+                    continue;
+                };
+                let Ok(pending) = read_json::<Pending>(&path) else {
+                    continue;
+                };
+                if pending.expires_ms.saturating_add(grace_ms) > now_ms {
+                    continue;
+                }
+                // Claimed like a completion, so the two never both act.
+                let claim = Part::create(&self.tmp)?;
+                if fs::rename(&path, claim.path()).is_err() {
+                    continue;
+                }
+                if let Err(e) = self.blobs.delete(&id) {
+                    // Put it back: the next sweep tries again.
+                    let back = claim.path().to_path_buf();
+                    claim.keep();
+                    let _ = fs::rename(back, &path);
+                    return Err(e);
+                }
+                self.release(pending.size);
+                tracing::info!(
+                    id,
+                    size = pending.size,
+                    "direct upload never completed: removed"
+                );
+                swept.abandoned += 1;
+            }
+        }
+        if orphans {
+            swept.abandoned += self.sweep_orphans(now_ms)?;
+        }
+        Ok(swept)
+    }
+
+    /// Removes stale partial files and (s3) objects no metadata names.
+    fn sweep_orphans(&self, now_ms: u64) -> Result<u64, BlobError> {
+        let mut removed = 0;
+        let stale = |modified: u64| modified.saturating_add(ABANDONED_AFTER_MS) <= now_ms;
+        for entry in fs::read_dir(&self.tmp)? {
+            let entry = entry?;
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64)
+                })
+                .unwrap_or(u64::MAX);
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "part") && stale(modified) {
+                fs::remove_file(&path)?;
+                tracing::info!(path = %path.display(), "abandoned partial upload removed");
+                removed += 1;
+            }
+        }
+        if let Blobs::S3(s3) = &self.blobs {
+            for (key, modified) in s3.list()? {
+                let id = key.strip_suffix(".thumb").unwrap_or(&key);
+                if !is_id(id) || !stale(modified) {
+                    continue;
+                }
+                let known = self.dir.join(format!("{id}.json")).exists()
+                    || self.pending.join(format!("{id}.json")).exists();
+                if !known {
+                    s3.delete(&key)?;
+                    tracing::info!(key, "object without metadata removed");
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every file's id and metadata.
+    fn all_meta(&self) -> io::Result<Vec<(String, Meta)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|id| is_id(id))
+            else {
+                continue;
+            };
+            if let Ok(meta) = read_json::<Meta>(&entry.path()) {
+                out.push((id.to_owned(), meta));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `value` as `<dir>/<id>.json` through a synced `.part` file
+    /// and a rename.
+    fn write_json(&self, dir: &Path, id: &str, value: &impl Serialize) -> io::Result<()> {
+        let mut json = Part::create(&self.tmp)?;
+        json.file
+            .write_all(&serde_json::to_vec(value).map_err(io::Error::other)?)?;
+        json.file.sync_all()?;
+        json.rename(dir.join(format!("{id}.json")))?;
+        sync_dir(dir)?;
+        json.keep();
+        Ok(())
+    }
 }
 
-/// Reads and parses a metadata file.
-fn read_meta(path: &Path) -> io::Result<Meta> {
+/// Reads and parses a JSON file of the catalog.
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<T> {
     let mut bytes = Vec::new();
     File::open(path)?.take(MAX_META).read_to_end(&mut bytes)?;
     serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Makes renames and removals in `dir` durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+/// One unit of a gauge, held while something is in progress.
+struct Gauge<'a>(&'a AtomicU64);
 
-/// A file being written under a temporary name; removed on drop unless
-/// [`Part::keep`] was called, wherever it has been renamed to by then.
-struct Part {
-    /// Where the file is now.
-    path: PathBuf,
-    /// Open for writing.
-    file: File,
-    /// Set once committed: drop leaves the file alone.
-    kept: bool,
-}
-
-impl Part {
-    /// A new, empty `<tmp>/<random>.part`.
-    fn create(tmp: &Path) -> io::Result<Part> {
-        let path = tmp.join(format!("{}.part", new_id()));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok(Part {
-            path,
-            file,
-            kept: false,
-        })
-    }
-
-    /// Renames the file; a later drop removes it at its new place.
-    fn rename(&mut self, to: PathBuf) -> io::Result<()> {
-        fs::rename(&self.path, &to)?;
-        self.path = to;
-        Ok(())
-    }
-
-    fn keep(mut self) {
-        self.kept = true;
+impl<'a> Gauge<'a> {
+    fn up(gauge: &'a AtomicU64) -> Gauge<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Gauge(gauge)
     }
 }
 
-impl Drop for Part {
+impl Drop for Gauge<'_> {
     fn drop(&mut self) {
-        if !self.kept {
-            if let Err(e) = fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove partial file");
-            }
-        }
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -403,6 +816,25 @@ mod tests {
         names
     }
 
+    fn local(dir: &Path, max: u64, quota: u64) -> Disk {
+        let blobs = Blobs::Local {
+            dir: dir.to_path_buf(),
+            tmp: dir.join("tmp"),
+        };
+        Disk::open(dir, blobs, max, quota, Arc::default()).unwrap()
+    }
+
+    fn read_all(disk: &Disk, id: &str, size: u64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        disk.blobs
+            .open(id, size, 0, size)
+            .unwrap()
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
+        bytes
+    }
+
     #[test]
     fn ids() {
         assert!(is_id(&new_id()));
@@ -424,7 +856,7 @@ mod tests {
     #[test]
     fn upload_read_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = Disk::open(dir.path(), 100, 0).unwrap();
+        let disk = local(dir.path(), 100, 0);
         let (id, meta) = disk
             .upload(
                 &mut &b"hello"[..],
@@ -447,15 +879,11 @@ mod tests {
         assert_eq!(disk.used.load(Ordering::Relaxed), 5);
         let again = disk.meta(&id).unwrap().unwrap();
         assert_eq!(again.uploader, Uploader::User("alice".into()));
-        let mut bytes = Vec::new();
-        disk.open_data(&id)
-            .unwrap()
-            .unwrap()
-            .read_to_end(&mut bytes)
-            .unwrap();
-        assert_eq!(bytes, b"hello");
+        assert_eq!(read_all(&disk, &id, 5), b"hello");
+        // Metadata and bytes that disagree are an error, not a short file.
+        assert!(disk.blobs.open(&id, 6, 0, 6).is_err());
 
-        let reopened = Disk::open(dir.path(), 100, 0).unwrap();
+        let reopened = local(dir.path(), 100, 0);
         assert_eq!(reopened.used.load(Ordering::Relaxed), 5);
 
         assert!(disk.delete(&id, &meta).unwrap());
@@ -468,7 +896,7 @@ mod tests {
     #[test]
     fn failures_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = Disk::open(dir.path(), 10, 15).unwrap();
+        let disk = local(dir.path(), 10, 15);
         let up = |body: &[u8], announced| {
             disk.upload(&mut &body[..], announced, String::new(), Uploader::Admin, 0)
         };
@@ -494,15 +922,16 @@ mod tests {
     #[test]
     fn open_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = Disk::open(dir.path(), 100, 0).unwrap();
+        let disk = local(dir.path(), 100, 0);
         let (id, _) = disk
             .upload(&mut &b"abc"[..], 3, String::new(), Uploader::Admin, 0)
             .unwrap();
         let orphan = "f".repeat(32);
         fs::write(dir.path().join(&orphan), b"x").unwrap();
+        fs::write(dir.path().join(format!("{orphan}.thumb")), b"x").unwrap();
         fs::write(dir.path().join("tmp/abc.part"), b"x").unwrap();
         fs::write(dir.path().join("unrelated"), b"x").unwrap();
-        let disk = Disk::open(dir.path(), 100, 0).unwrap();
+        let disk = local(dir.path(), 100, 0);
         assert_eq!(disk.used.load(Ordering::Relaxed), 3);
         assert_eq!(
             files(dir.path()),
@@ -514,5 +943,41 @@ mod tests {
             ]
         );
         assert!(files(&dir.path().join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn sweep_expires_old_files_and_stale_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = local(dir.path(), 100, 0);
+        let (old, _) = disk
+            .upload(&mut &b"old"[..], 3, String::new(), Uploader::Admin, 1_000)
+            .unwrap();
+        let (new, _) = disk
+            .upload(&mut &b"new"[..], 3, String::new(), Uploader::Admin, 9_000)
+            .unwrap();
+        let swept = disk.sweep(10_000, 5_000, 0, false).unwrap();
+        assert_eq!(
+            swept,
+            Swept {
+                expired: 1,
+                abandoned: 0
+            }
+        );
+        assert!(disk.meta(&old).unwrap().is_none());
+        assert!(disk.meta(&new).unwrap().is_some());
+        assert_eq!(disk.used.load(Ordering::Relaxed), 3);
+        // A partial file is abandoned once it has not changed for an hour.
+        fs::write(dir.path().join("tmp/x.part"), b"x").unwrap();
+        assert_eq!(disk.sweep(now(), 0, 0, true).unwrap().abandoned, 0);
+        let later = now() + ABANDONED_AFTER_MS;
+        assert_eq!(disk.sweep(later, 0, 0, true).unwrap().abandoned, 1);
+        assert!(files(&dir.path().join("tmp")).is_empty());
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
     }
 }

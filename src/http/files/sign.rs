@@ -75,6 +75,19 @@ impl Signer {
         format!("/v1/files/{id}?exp={exp}&sig={sig}")
     }
 
+    /// The signed path and query of file `id`'s thumbnail, valid until `exp`
+    /// (unix s). The MAC covers `{id}/thumbnail`, so it opens the thumbnail
+    /// only, never the file.
+    pub fn thumbnail_url(&self, id: &str, exp: u64) -> String {
+        let exp = exp.to_string();
+        let sig = hex::encode(
+            self.mac(&thumbnail_subject(id), &exp)
+                .finalize()
+                .into_bytes(),
+        );
+        format!("/v1/files/{id}/thumbnail?exp={exp}&sig={sig}")
+    }
+
     /// Checks the `exp` and `sig` parameters of `query` for file `id` at
     /// `now` (unix s). The signature comparison is constant-time.
     pub fn verify(&self, id: &str, query: &str, now: u64) -> Verdict {
@@ -110,6 +123,11 @@ impl Signer {
         mac.update(exp.as_bytes());
         mac
     }
+}
+
+/// What a thumbnail URL's MAC covers, in place of the file id.
+pub fn thumbnail_subject(id: &str) -> String {
+    format!("{id}/thumbnail")
 }
 
 /// The value of the first `name=value` pair of a raw query string.
@@ -181,6 +199,19 @@ mod tests {
         assert_eq!(s.verify(ID, &flipped, 0), Verdict::BadSignature);
         let other_key = Signer::with_key([8; 32]);
         assert_eq!(other_key.verify(ID, q, 0), Verdict::BadSignature);
+    }
+
+    #[test]
+    fn thumbnail_urls_open_the_thumbnail_only() {
+        let s = Signer::with_key([7; 32]);
+        let url = s.thumbnail_url(ID, 1000);
+        assert!(url.starts_with(&format!("/v1/files/{ID}/thumbnail?exp=1000&sig=")));
+        let q = query(&url);
+        let subject = super::thumbnail_subject(ID);
+        assert_eq!(s.verify(&subject, q, 999), Verdict::Valid);
+        assert_eq!(s.verify(ID, q, 999), Verdict::BadSignature);
+        let file = s.url(ID, 1000);
+        assert_eq!(s.verify(&subject, query(&file), 999), Verdict::BadSignature);
     }
 
     #[test]
