@@ -344,8 +344,9 @@ fn print_stages(http: SocketAddr, tls: Option<&tern::client::Tls>) {
             .and_then(|v| v.parse::<f64>().ok())
             .map_or("-".into(), |secs| format!("{:.0}", secs * 1e6))
     };
-    let row: Vec<String> = ["queue", "batch", "sync", "push", "write", "total", "ack"]
+    let row: Vec<String> = tern::metrics::Stage::ALL
         .iter()
+        .map(|s| s.name())
         .map(|s| format!("{s}={}/{}", quantile(s, "0.5"), quantile(s, "0.99")))
         .collect();
     println!("server stages µs (p50/p99): {}", row.join(" "));

@@ -88,6 +88,7 @@ macro_rules! on_both_backends {
         }
     };
 }
+pub(crate) use on_both_backends;
 
 on_both_backends!(
     small_and_10_mib_files_round_trip,

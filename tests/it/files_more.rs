@@ -11,20 +11,10 @@ use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
 use serde_json::json;
 
 use crate::files::{
-    assert_store_empty, call, get, healthy, names, start, upload, Backend, Noise, MIB,
+    assert_store_empty, call, get, healthy, names, on_both_backends, start, upload, Backend, Noise,
+    MIB,
 };
 use crate::util::{request, scrape, vm_rss_kib, wait_for};
-
-macro_rules! on_both_backends {
-    ($($name:ident),+ $(,)?) => {
-        mod local {
-            $(#[test] fn $name() { super::$name(super::Backend::Local) })+
-        }
-        mod s3 {
-            $(#[test] fn $name() { super::$name(super::Backend::S3) })+
-        }
-    };
-}
 
 on_both_backends!(
     files_older_than_max_age_are_deleted,

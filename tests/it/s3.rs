@@ -93,23 +93,7 @@ impl Moto {
 
     /// The server flags that put a tern's files in this bucket.
     pub fn args(&self) -> Vec<String> {
-        [
-            "--files-backend",
-            "s3",
-            "--s3-endpoint",
-            &format!("http://{}", self.addr),
-            "--s3-bucket",
-            BUCKET,
-            "--s3-path-style",
-            "true",
-            "--s3-access-key",
-            "test-key",
-            "--s3-secret-key",
-            "test-secret",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        server_args(self.addr, "test-key", "test-secret")
     }
 
     /// Kills the server (an outage).
@@ -221,23 +205,7 @@ impl S3rver {
 
     /// The server flags that put a tern's files in its bucket.
     pub fn args(&self) -> Vec<String> {
-        [
-            "--files-backend",
-            "s3",
-            "--s3-endpoint",
-            &format!("http://{}", self.addr),
-            "--s3-bucket",
-            BUCKET,
-            "--s3-path-style",
-            "true",
-            "--s3-access-key",
-            "S3RVER",
-            "--s3-secret-key",
-            "S3RVER",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        server_args(self.addr, "S3RVER", "S3RVER")
     }
 }
 
@@ -246,4 +214,26 @@ impl Drop for S3rver {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `tern serve` flags for the bucket of an S3 server at `addr`, with
+/// these credentials.
+fn server_args(addr: SocketAddr, key: &str, secret: &str) -> Vec<String> {
+    [
+        "--files-backend",
+        "s3",
+        "--s3-endpoint",
+        &format!("http://{addr}"),
+        "--s3-bucket",
+        BUCKET,
+        "--s3-path-style",
+        "true",
+        "--s3-access-key",
+        key,
+        "--s3-secret-key",
+        secret,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
