@@ -107,10 +107,7 @@ fn http_client(
             format!("http://{http}{path}"),
         ),
         Some(tls) => (
-            ureq::AgentBuilder::new()
-                .tls_config(tls.config.clone())
-                .resolver(move |_: &str| Ok(vec![http]))
-                .build(),
+            tern::cli::https_agent(tls.config.clone(), "localhost", http),
             format!("https://localhost:{}{path}", http.port()),
         ),
     }

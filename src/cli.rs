@@ -224,21 +224,10 @@ impl Target {
 
     /// The HTTP client: over TLS trusting `--ca`, when it is given.
     fn agent(&self) -> Result<ureq::Agent> {
-        let builder = ureq::AgentBuilder::new();
-        let Some(ca) = &self.ca else {
-            return Ok(builder.build());
-        };
-        let (http, name) = (self.http, format!("{}:{}", self.tls_name, self.http.port()));
-        Ok(builder
-            .tls_config(crate::client::tls_config(ca)?)
-            .resolver(move |netloc: &str| -> std::io::Result<Vec<SocketAddr>> {
-                if netloc == name {
-                    Ok(vec![http])
-                } else {
-                    std::net::ToSocketAddrs::to_socket_addrs(netloc).map(Iterator::collect)
-                }
-            })
-            .build())
+        Ok(match &self.ca {
+            None => ureq::AgentBuilder::new().build(),
+            Some(ca) => https_agent(crate::client::tls_config(ca)?, &self.tls_name, self.http),
+        })
     }
 
     /// An HTTP call with a bearer token; returns the JSON answer (or Null).
@@ -254,6 +243,26 @@ impl Target {
         };
         answer(resp, &self.http)
     }
+}
+
+/// An HTTPS client with `config` that reaches `https://{name}:{port}/…` at
+/// `http` (the certificate's name need not resolve), other hosts as usual.
+pub fn https_agent(
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: &str,
+    http: SocketAddr,
+) -> ureq::Agent {
+    let netloc = format!("{name}:{}", http.port());
+    ureq::AgentBuilder::new()
+        .tls_config(config)
+        .resolver(move |host: &str| -> std::io::Result<Vec<SocketAddr>> {
+            if host == netloc {
+                Ok(vec![http])
+            } else {
+                std::net::ToSocketAddrs::to_socket_addrs(host).map(Iterator::collect)
+            }
+        })
+        .build()
 }
 
 fn answer(resp: Result<ureq::Response, ureq::Error>, http: &SocketAddr) -> Result<Value> {
