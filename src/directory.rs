@@ -9,7 +9,7 @@
 //! The directory is pure memory: loading it from the store and writing
 //! changes back is the caller's business (`server` at start-up, `admin`).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

@@ -466,14 +466,17 @@ pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
     let (batch, done, tally) = pass.finish();
     clock.lap(Stage::Batch);
     let started = std::time::Instant::now();
-    let written = batch.is_empty()
-        || match batch.commit(true) {
+    let written = match batch {
+        None => false,
+        Some(batch) if batch.is_empty() => true,
+        Some(batch) => match batch.commit(true) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "synced write failed; the batch is refused");
                 false
             }
-        };
+        },
+    };
     c.metrics.record_commit(started.elapsed(), count);
     clock.lap(Stage::Sync);
     if written {

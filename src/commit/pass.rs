@@ -8,14 +8,19 @@
 //! drops all four and queues the request's failure completions instead (the
 //! SEND is answered OVERLOADED, an ACK can be retried, a waiter is released).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{Committer, Completion, Request};
 use crate::mailbox::Answer;
 use crate::metrics::Metrics;
-use crate::store::keys::{inbox_prefix, prefix_end, CF_DEDUP, CF_HISTORY, CF_INBOX};
+use crate::store::keys::{
+    expiry_key, inbox_prefix, message_key, message_members_key, message_refs_key, prefix_end,
+    CF_DEDUP, CF_EXPIRY, CF_HISTORY, CF_INBOX, CF_MESSAGES, EXPIRE_GROUP,
+};
 use crate::store::record::{decode_receipt, encode_receipt, Dedup};
 use crate::store::{Batch, Result, Store};
 use crate::wire::StatusCode;
@@ -76,6 +81,10 @@ struct Overlay {
     deleted: HashSet<Vec<u8>>,
     /// Reference counts of group messages.
     refs: HashMap<u64, u32>,
+    /// Group messages whose count went down, with their shared expiry time
+    /// (for REFs that share one expiry entry): written once per batch, by
+    /// [`Pass::finish`], however many of their REFs the batch settles.
+    released: HashMap<u64, Option<u64>>,
     /// Member receipts (None = deleted).
     receipts: HashMap<Vec<u8>, Option<(u64, u8)>>,
     /// Retained (history) records written or deleted (None).
@@ -87,6 +96,7 @@ impl Overlay {
         self.dedup.extend(o.dedup.drain());
         self.deleted.extend(o.deleted.drain());
         self.refs.extend(o.refs.drain());
+        self.released.extend(o.released.drain());
         self.receipts.extend(o.receipts.drain());
         self.history.append(&mut o.history);
     }
@@ -195,9 +205,45 @@ impl<'c> Pass<'c> {
         }
     }
 
-    /// The batch to write, the completions to run after it, and its counters.
-    pub fn finish(self) -> (Batch<'c>, Vec<Completion>, Tally) {
-        (self.batch, self.done, self.tally)
+    /// The batch to write (`None` if its last writes could not be staged:
+    /// then nothing may be written), the completions to run after it, and
+    /// its counters.
+    pub fn finish(mut self) -> (Option<Batch<'c>>, Vec<Completion>, Tally) {
+        let batch = match self.write_refs() {
+            Ok(()) => {
+                self.batch.seal();
+                Some(self.batch)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store error: the batch is refused");
+                None
+            }
+        };
+        (batch, self.done, self.tally)
+    }
+
+    /// The new reference count of each group message released in this
+    /// batch; the last release deletes the message, its count, its member
+    /// list and its shared expiry entry.
+    fn write_refs(&mut self) -> Result<()> {
+        for (&msgno, &shared_at) in &self.base.released {
+            let left = self.base.refs.get(&msgno).copied().unwrap_or(0);
+            if left > 0 {
+                let count = left.to_be_bytes();
+                self.batch
+                    .put(CF_MESSAGES, &message_refs_key(msgno), &count)?;
+                continue;
+            }
+            self.batch.delete(CF_MESSAGES, &message_key(msgno))?;
+            self.batch.delete(CF_MESSAGES, &message_refs_key(msgno))?;
+            if let Some(at) = shared_at {
+                self.batch
+                    .delete(CF_MESSAGES, &message_members_key(msgno))?;
+                let entry = expiry_key(at, EXPIRE_GROUP, &msgno.to_be_bytes());
+                self.batch.delete(CF_EXPIRY, &entry)?;
+            }
+        }
+        Ok(())
     }
 
     /// Queues a completion of the current request.
@@ -287,6 +333,14 @@ impl<'c> Pass<'c> {
 
     pub fn set_refs(&mut self, msgno: u64, n: u32) {
         self.cur.refs.insert(msgno, n);
+    }
+
+    /// `left` inbox items still refer to group message `msgno` (whose REFs
+    /// share the expiry entry at `shared_at`, if any): stored at the end of
+    /// the batch.
+    pub fn release_refs(&mut self, msgno: u64, left: u32, shared_at: Option<u64>) {
+        self.cur.refs.insert(msgno, left);
+        self.cur.released.insert(msgno, shared_at);
     }
 
     pub fn get_receipt(&self, key: &[u8]) -> Result<Option<(u64, u8)>> {

@@ -8,7 +8,7 @@ use super::{Accept, Completion, GroupSendRequest, ReplyTo, SendRequest};
 use crate::directory::User;
 use crate::mailbox::Answer;
 use crate::store::keys::*;
-use crate::store::record::{encode_ref, Dedup, Item, RefView, RECEIPT_QUEUED};
+use crate::store::record::{encode_members, encode_ref, Dedup, Item, RefView, RECEIPT_QUEUED};
 use crate::store::Result;
 use crate::wire::{flags, StatusCode};
 
@@ -110,15 +110,24 @@ impl Pass<'_> {
     }
 
     /// Gives `user` the next SEQ and queues `stored` (the MSG record, or a
-    /// group's REF) under it with its expiry entry; once the batch is
-    /// written, the user's queue grows by one and a connected session gets
-    /// the MSG record itself. Returns the SEQ.
-    fn enqueue(&mut self, user: &Arc<User>, req: &Accept, stored: &[u8]) -> Result<u64> {
+    /// group's REF) under it, with its expiry entry unless it is a REF that
+    /// shares its group send's; once the batch is written, the user's queue
+    /// grows by one and a connected session gets the MSG record itself.
+    /// Returns the SEQ.
+    fn enqueue(
+        &mut self,
+        user: &Arc<User>,
+        req: &Accept,
+        stored: &[u8],
+        shared_expiry: bool,
+    ) -> Result<u64> {
         let seq = user.next_seq();
         let inbox = inbox_key(&user.address, req.priority, seq);
         self.batch.put(CF_INBOX, &inbox, stored)?;
-        let expiry = expiry_key(req.expire_at, EXPIRE_ITEM, &inbox);
-        self.batch.put(CF_EXPIRY, &expiry, &[])?;
+        if !shared_expiry {
+            let expiry = expiry_key(req.expire_at, EXPIRE_ITEM, &inbox);
+            self.batch.put(CF_EXPIRY, &expiry, &[])?;
+        }
         self.then(Completion::Queued {
             user: user.clone(),
             delta: 1,
@@ -149,7 +158,7 @@ impl Pass<'_> {
         if self.refused_for_space(req, &to, false) {
             return Ok(());
         }
-        let seq = self.enqueue(recipient, req, &req.record)?;
+        let seq = self.enqueue(recipient, req, &req.record, false)?;
         self.accepted(req, dedup, seq, to, false)
     }
 
@@ -167,13 +176,6 @@ impl Pass<'_> {
         }
         let msgno = self.c.dir.next_msgno();
         let count = u32::try_from(recipients.len()).unwrap_or(u32::MAX);
-        if count > 0 {
-            self.batch
-                .put(CF_MESSAGES, &message_key(msgno), &req.record)?;
-            self.batch
-                .put(CF_MESSAGES, &message_refs_key(msgno), &count.to_be_bytes())?;
-            self.set_refs(msgno, count);
-        }
         let reference = encode_ref(&RefView {
             time: req.time,
             expire_at: req.expire_at,
@@ -182,14 +184,32 @@ impl Pass<'_> {
             msgno,
             from: &req.sender.address,
             group,
+            shared_expiry: true,
         });
         let receipts = req.id != 0 && req.flags & flags::READ_RECEIPT != 0;
+        let mut seqs = Vec::with_capacity(recipients.len());
         for user in recipients {
-            let seq = self.enqueue(user, req, &reference)?;
+            let seq = self.enqueue(user, req, &reference, true)?;
+            seqs.push(seq);
             if receipts {
                 let key = member_receipt_key(&req.sender.address, req.id, &user.address);
                 self.put_receipt(key, seq, RECEIPT_QUEUED)?;
             }
+        }
+        if count > 0 {
+            // One record, one count, one member list and one expiry entry
+            // for the whole send, however many members it has.
+            self.batch
+                .put(CF_MESSAGES, &message_key(msgno), &req.record)?;
+            self.batch
+                .put(CF_MESSAGES, &message_refs_key(msgno), &count.to_be_bytes())?;
+            let members = recipients.iter().map(|u| &*u.address).zip(seqs);
+            let members = encode_members(req.priority, members);
+            self.batch
+                .put(CF_MESSAGES, &message_members_key(msgno), &members)?;
+            let entry = expiry_key(req.expire_at, EXPIRE_GROUP, &msgno.to_be_bytes());
+            self.batch.put(CF_EXPIRY, &entry, &[])?;
+            self.set_refs(msgno, count);
         }
         self.accepted(req, dedup, 0, group.clone(), true)
     }

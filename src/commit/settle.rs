@@ -17,7 +17,8 @@ use super::{Completion, MessageFilter};
 use crate::directory::User;
 use crate::store::keys::*;
 use crate::store::record::{
-    decode_item, encode_status, Item, ItemView, StatusView, RECEIPT_DELIVERED, RECEIPT_QUEUED,
+    decode_item, decode_members, encode_status, Item, ItemView, StatusView, RECEIPT_DELIVERED,
+    RECEIPT_QUEUED,
 };
 use crate::store::Result;
 use crate::wire::{flags, StatusCode};
@@ -72,8 +73,10 @@ impl Pass<'_> {
             tracing::error!(user = %user.address, seq, "corrupt inbox record dropped");
             return self.delete_inbox(key);
         };
-        self.batch
-            .delete(CF_EXPIRY, &expiry_key(view.expire_at(), EXPIRE_ITEM, &key))?;
+        if !matches!(view, ItemView::Ref(r) if r.shared_expiry) {
+            let entry = expiry_key(view.expire_at(), EXPIRE_ITEM, &key);
+            self.batch.delete(CF_EXPIRY, &entry)?;
+        }
         self.then(Completion::Queued {
             user: user.clone(),
             delta: -1,
@@ -114,7 +117,7 @@ impl Pass<'_> {
             }
             ItemView::Msg(_) | ItemView::Status(_) => {}
             ItemView::Ref(r) => {
-                self.release_message(r.msgno)?;
+                self.release_message(r.msgno, r.shared_expiry.then_some(r.expire_at))?;
                 let receipt = member_receipt_key(r.from, r.id, &user.address);
                 let member = Some(&*user.address);
                 let group = Some(r.group);
@@ -136,8 +139,9 @@ impl Pass<'_> {
         self.delete_inbox(key)
     }
 
-    /// One inbox item fewer refers to a group message; the last one deletes it.
-    fn release_message(&mut self, msgno: u64) -> Result<()> {
+    /// One inbox item fewer refers to a group message; the last one deletes
+    /// it (at the end of the batch: see [`Pass::release_refs`]).
+    fn release_message(&mut self, msgno: u64, shared_at: Option<u64>) -> Result<()> {
         let refs = match self.refs(msgno) {
             Some(n) => n,
             None => self
@@ -146,25 +150,44 @@ impl Pass<'_> {
                 .and_then(|v| v.as_slice().try_into().ok().map(u32::from_be_bytes))
                 .unwrap_or(1),
         };
-        let left = refs.saturating_sub(1);
-        if left == 0 {
-            self.batch.delete(CF_MESSAGES, &message_key(msgno))?;
-            self.batch.delete(CF_MESSAGES, &message_refs_key(msgno))?;
-        } else {
-            self.batch
-                .put(CF_MESSAGES, &message_refs_key(msgno), &left.to_be_bytes())?;
+        self.release_refs(msgno, refs.saturating_sub(1), shared_at);
+        Ok(())
+    }
+
+    /// A group send's shared expiry entry is due: every member's REF that
+    /// is still queued expires, and the message goes.
+    fn expire_group(&mut self, at: u64, msgno: &[u8]) -> Result<()> {
+        let Ok(msgno) = msgno.try_into().map(u64::from_be_bytes) else {
+            return Ok(());
+        };
+        let members = self.store().get(CF_MESSAGES, &message_members_key(msgno))?;
+        let Some(members) = members else {
+            return Ok(()); // every member ACKed it first
+        };
+        let Some((priority, members)) = decode_members(&members) else {
+            tracing::error!(msgno, "corrupt member list of a group send dropped");
+            self.release_refs(msgno, 0, Some(at));
+            return Ok(());
+        };
+        for (address, seq) in members {
+            match self.c.dir.any_user(address) {
+                Some(user) => self.settle(&user, priority, seq, Settle::Expired)?,
+                None => self.delete_inbox(inbox_key(address, priority, seq))?,
+            }
         }
-        self.set_refs(msgno, left);
+        // All its REFs were due at once: none is left, whatever the count says.
+        self.release_refs(msgno, 0, Some(at));
         Ok(())
     }
 
     /// One expiry-index entry found due by the sweeper.
     pub(super) fn expire(&mut self, expiry: &[u8]) -> Result<()> {
         self.batch.delete(CF_EXPIRY, expiry)?;
-        let Some((_, kind, key)) = parse_expiry_key(expiry) else {
+        let Some((at, kind, key)) = parse_expiry_key(expiry) else {
             return Ok(());
         };
         match kind {
+            EXPIRE_GROUP => self.expire_group(at, key)?,
             EXPIRE_ITEM => {
                 let Some((address, priority, seq)) = parse_inbox_key(key) else {
                     return Ok(());

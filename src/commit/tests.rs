@@ -352,3 +352,153 @@ fn settlement_batches_are_bounded() {
     q.next_batch(&mut batch);
     assert_eq!(batch.len(), 5);
 }
+
+/// REF items written before group sends shared one expiry entry (kind 3,
+/// an entry each, no member list) still settle: an ACK deletes the item and
+/// its own entry, an expiry the rest, and the last one the message.
+#[test]
+fn refs_with_their_own_expiry_entries_still_settle() {
+    use crate::store::keys::*;
+    use crate::store::record::{encode_ref, RefView};
+    let f = fixture(&["alice", "bob", "carol"]);
+    let now = now_ms();
+    let (msgno, at) = (77, now + 60_000);
+    let record = encode_msg(&MsgView {
+        time: now,
+        expire_at: at,
+        id: 0,
+        msg_type: 0,
+        flags: 0,
+        from: "alice",
+        group: Some("g"),
+        payload: b"old",
+    });
+    let old = encode_ref(&RefView {
+        time: now,
+        expire_at: at,
+        id: 0,
+        flags: 0,
+        msgno,
+        from: "alice",
+        group: "g",
+        shared_expiry: false,
+    });
+    let mut b = f.c.store.batch();
+    b.put(CF_MESSAGES, &message_key(msgno), &record).unwrap();
+    b.put(CF_MESSAGES, &message_refs_key(msgno), &2u32.to_be_bytes())
+        .unwrap();
+    for (user, seq) in [("bob", 5), ("carol", 6)] {
+        let key = inbox_key(user, 0, seq);
+        b.put(CF_INBOX, &key, &old).unwrap();
+        b.put(CF_EXPIRY, &expiry_key(at, EXPIRE_ITEM, &key), &[])
+            .unwrap();
+    }
+    b.seal();
+    b.commit(true).unwrap();
+    let keys = |cf| f.c.store.count_keys(cf).unwrap();
+    let bob = f.c.dir.user("bob").unwrap();
+    commit_batch(
+        &f.c,
+        &mut vec![Request::Ack {
+            user: bob,
+            items: vec![(5, 0)],
+        }],
+    );
+    assert_eq!(
+        (keys(CF_INBOX), keys(CF_EXPIRY), keys(CF_MESSAGES)),
+        (1, 1, 2)
+    );
+    let (done, _) = channel::bounded(1);
+    let carols = expiry_key(at, EXPIRE_ITEM, &inbox_key("carol", 0, 6));
+    commit_batch(
+        &f.c,
+        &mut vec![Request::Expire {
+            keys: vec![carols.into()],
+            done,
+        }],
+    );
+    assert_eq!(
+        (keys(CF_INBOX), keys(CF_EXPIRY), keys(CF_MESSAGES)),
+        (0, 0, 0)
+    );
+}
+
+/// A group send has one expiry entry and one member list, whatever its
+/// size; ACKs of several members in one batch write its count once; when
+/// the entry is due, every REF still queued expires and the message goes.
+#[test]
+fn a_group_send_shares_one_expiry_entry() {
+    use crate::store::keys::*;
+    let f = fixture(&["alice", "bob", "carol", "dan"]);
+    let now = now_ms();
+    let record = encode_msg(&MsgView {
+        time: now,
+        expire_at: now + 60_000,
+        id: 0,
+        msg_type: 0,
+        flags: 0,
+        from: "alice",
+        group: Some("g"),
+        payload: b"hi",
+    });
+    let members: Vec<_> = ["bob", "carol", "dan"]
+        .iter()
+        .map(|u| f.c.dir.user(u).unwrap())
+        .collect();
+    let accept = Accept {
+        conn: ReplyTo::Conn(CONN),
+        sender: f.c.dir.user("alice").unwrap(),
+        id: 0,
+        priority: 3,
+        flags: 0,
+        time: now,
+        expire_at: now + 60_000,
+        dedup_until: now + 60_000,
+        record,
+        read_us: 0,
+    };
+    commit_batch(
+        &f.c,
+        &mut vec![Request::GroupSend(GroupSendRequest {
+            accept,
+            group: "g".into(),
+            recipients: members.clone(),
+        })],
+    );
+    let keys = |cf| f.c.store.count_keys(cf).unwrap();
+    assert_eq!(
+        (keys(CF_INBOX), keys(CF_EXPIRY), keys(CF_MESSAGES)),
+        (3, 1, 3)
+    );
+    let seq = |u: &str| f.c.store.scan_inbox(u, &[0; 16], 10).unwrap().0[0].seq;
+    let ack = |i: usize, u: &str| Request::Ack {
+        user: members[i].clone(),
+        items: vec![(seq(u), 3)],
+    };
+    commit_batch(&f.c, &mut vec![ack(0, "bob"), ack(1, "carol")]);
+    assert_eq!(
+        (keys(CF_INBOX), keys(CF_EXPIRY), keys(CF_MESSAGES)),
+        (1, 1, 3)
+    );
+    let msgno = u64::from_be_bytes(
+        f.c.store
+            .due_expiries(u64::MAX, 10)
+            .unwrap()
+            .first()
+            .map(|k| parse_expiry_key(k).unwrap().2.try_into().unwrap())
+            .unwrap(),
+    );
+    let count =
+        f.c.store
+            .get(CF_MESSAGES, &message_refs_key(msgno))
+            .unwrap();
+    assert_eq!(count, Some(1u32.to_be_bytes().to_vec()), "written once");
+    let (done, _) = channel::bounded(1);
+    let due = f.c.store.due_expiries(u64::MAX, 10).unwrap();
+    commit_batch(&f.c, &mut vec![Request::Expire { keys: due, done }]);
+    assert_eq!(
+        (keys(CF_INBOX), keys(CF_EXPIRY), keys(CF_MESSAGES)),
+        (0, 0, 0)
+    );
+    assert_eq!(f.c.metrics.expired.load(Ordering::Relaxed), 1);
+}

@@ -9,6 +9,8 @@
 //! inbox     alen:u8 address prio:u8 seq:u64                 item record (record.rs)
 //! messages  msgno:u64 0x00                                  MSG record of a group send
 //!           msgno:u64 0x01                                  refs:u32 (inbox items left)
+//!           msgno:u64 0x02                                  prio:u8 (alen address seq:u64)*
+//!                                                           (whose inbox holds a REF of it)
 //! dedup     alen:u8 sender id:u64                           dedup record (record.rs)
 //!           alen:u8 sender id:u64 mlen:u8 member            member receipt (record.rs)
 //! history   alen:u8 address seq:u64                         MSG record (retain_delivered)
@@ -19,8 +21,9 @@
 //! ```
 //!
 //! Expiry kinds: [`EXPIRE_ITEM`] (rest = an inbox key), [`EXPIRE_DEDUP`] (rest =
-//! a dedup key). Scanning `expiry` from the start up to `now` yields exactly
-//! what is due, oldest first.
+//! a dedup key), [`EXPIRE_GROUP`] (rest = a msgno: every REF of one group send,
+//! which share one expiry entry instead of one each). Scanning `expiry` from
+//! the start up to `now` yields exactly what is due, oldest first.
 
 pub const CF_USERS: &str = "users";
 pub const CF_TOKENS: &str = "tokens";
@@ -57,6 +60,8 @@ pub const META_BOOT: &[u8] = b"boot";
 pub const EXPIRE_ITEM: u8 = 1;
 /// Expiry-index kind: a duplicate-detection record.
 pub const EXPIRE_DEDUP: u8 = 2;
+/// Expiry-index kind: the REF items of one group send (rest = its msgno).
+pub const EXPIRE_GROUP: u8 = 3;
 
 /// Number of priorities (0 highest … 15 lowest).
 pub const PRIORITIES: usize = 16;
@@ -140,6 +145,14 @@ pub fn message_key(msgno: u64) -> [u8; 9] {
 pub fn message_refs_key(msgno: u64) -> [u8; 9] {
     let mut key = message_key(msgno);
     key[8] = 1;
+    key
+}
+
+/// `msgno 0x02`: where the REF items of a group send are queued (for its
+/// one expiry entry).
+pub fn message_members_key(msgno: u64) -> [u8; 9] {
+    let mut key = message_key(msgno);
+    key[8] = 2;
     key
 }
 

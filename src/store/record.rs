@@ -13,6 +13,10 @@
 //!   kind:u8 time:u64 expire_at:u64 id:u64 flags:u32 msgno:u64
 //!   flen:u8 from  glen:u8 group
 //!   (the MSG record itself, payload included, is stored once under `msgno`)
+//! item, kind = 4 (REF sharing its group send's expiry entry): as kind 3
+//!   (kind 3 REFs, written before 0.2, each have an expiry entry of their own)
+//! members of a group send (messages cf, `msgno 0x02`):
+//!   prio:u8 (alen:u8 address seq:u64)*
 //! member receipt (dedup cf):
 //!   seq:u64 state:u8 (0 queued, 1 delivered, 2 read)
 //! dedup value:
@@ -28,6 +32,7 @@ use crate::wire::StatusCode;
 const KIND_MSG: u8 = 1;
 const KIND_STATUS: u8 = 2;
 const KIND_REF: u8 = 3;
+const KIND_SHARED_REF: u8 = 4;
 
 /// A queued delivery: a MSG or a STATUS for one recipient, with its SEQ.
 #[derive(Debug)]
@@ -86,6 +91,11 @@ pub struct RefView<'a> {
     pub msgno: u64,
     pub from: &'a str,
     pub group: &'a str,
+    /// Whether its expiry entry is the group send's ([`EXPIRE_GROUP`]), one
+    /// for every member, rather than one of its own.
+    ///
+    /// [`EXPIRE_GROUP`]: super::keys::EXPIRE_GROUP
+    pub shared_expiry: bool,
 }
 
 /// A decoded item record.
@@ -110,7 +120,11 @@ impl ItemView<'_> {
 /// Encodes a REF record.
 pub fn encode_ref(r: &RefView<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(39 + r.from.len() + r.group.len());
-    out.push(KIND_REF);
+    out.push(if r.shared_expiry {
+        KIND_SHARED_REF
+    } else {
+        KIND_REF
+    });
     out.extend_from_slice(&r.time.to_be_bytes());
     out.extend_from_slice(&r.expire_at.to_be_bytes());
     out.extend_from_slice(&r.id.to_be_bytes());
@@ -140,6 +154,28 @@ pub fn encode_receipt(seq: u64, state: u8) -> [u8; 9] {
 pub fn decode_receipt(value: &[u8]) -> Option<(u64, u8)> {
     let mut c = Cursor(value);
     Some((c.u64()?, c.u8()?))
+}
+
+/// Encodes where a group send's REF items are: their priority, and each
+/// member's address and SEQ.
+pub fn encode_members<'a>(priority: u8, members: impl Iterator<Item = (&'a str, u64)>) -> Vec<u8> {
+    let mut out = vec![priority];
+    for (address, seq) in members {
+        push_str(&mut out, address);
+        out.extend_from_slice(&seq.to_be_bytes());
+    }
+    out
+}
+
+/// Decodes [`encode_members`]: the priority and the (address, SEQ) pairs.
+pub fn decode_members(value: &[u8]) -> Option<(u8, Vec<(&str, u64)>)> {
+    let mut c = Cursor(value);
+    let priority = c.u8()?;
+    let mut members = Vec::new();
+    while !c.0.is_empty() {
+        members.push((c.str()?, c.u64()?));
+    }
+    Some((priority, members))
 }
 
 impl Item {
@@ -236,7 +272,7 @@ pub fn decode_item(record: &[u8]) -> Option<ItemView<'_>> {
             group: c.opt_str()?,
             payload: c.0,
         })),
-        KIND_REF => Some(ItemView::Ref(RefView {
+        KIND_REF | KIND_SHARED_REF => Some(ItemView::Ref(RefView {
             time,
             expire_at,
             id,
@@ -244,6 +280,7 @@ pub fn decode_item(record: &[u8]) -> Option<ItemView<'_>> {
             msgno: c.u64()?,
             from: c.str()?,
             group: c.str()?,
+            shared_expiry: kind == KIND_SHARED_REF,
         })),
         KIND_STATUS => Some(ItemView::Status(StatusView {
             time,
@@ -357,12 +394,31 @@ mod tests {
             msgno: 1 << 41,
             from: "alice",
             group: "team",
+            shared_expiry: false,
         };
         assert_eq!(decode_item(&encode_ref(&r)), Some(ItemView::Ref(r)));
+        let shared = RefView {
+            shared_expiry: true,
+            ..r
+        };
+        assert_eq!(
+            decode_item(&encode_ref(&shared)),
+            Some(ItemView::Ref(shared))
+        );
         assert_eq!(
             decode_receipt(&encode_receipt(9, RECEIPT_READ)),
             Some((9, RECEIPT_READ))
         );
+    }
+
+    #[test]
+    fn members_round_trip() {
+        let list = [("ann", 1u64 << 41), ("bob", 7)];
+        let value = encode_members(3, list.iter().copied());
+        assert_eq!(decode_members(&value), Some((3, list.to_vec())));
+        assert_eq!(decode_members(&[3]), Some((3, vec![])));
+        assert_eq!(decode_members(&value[..value.len() - 1]), None);
+        assert_eq!(decode_members(&[]), None);
     }
 
     #[test]

@@ -552,7 +552,9 @@ fn group_changes_apply_to_later_sends() {
 }
 
 /// Payload lifetime: once every member has ACKed, the store holds no message
-/// bytes (the shared record and its reference count are gone).
+/// bytes (the shared record, its reference count and its member list are
+/// gone), and no expiry entry but the dedup records'. A group send has one
+/// expiry entry, not one per member.
 #[test]
 fn payload_is_deleted_after_the_last_ack() {
     let dir = tempfile::tempdir().unwrap();
@@ -572,6 +574,7 @@ fn payload_is_deleted_after_the_last_ack() {
         (
             store.count_keys(tern::store::keys::CF_MESSAGES).unwrap(),
             store.count_keys(tern::store::keys::CF_INBOX).unwrap(),
+            store.count_keys(tern::store::keys::CF_EXPIRY).unwrap(),
         )
     };
     // Before: ben ACKs everything, cat nothing: the payloads stay.
@@ -582,11 +585,11 @@ fn payload_is_deleted_after_the_last_ack() {
     assert_eq!(next(&mut ben, 10), Event::Pong(None));
     drop((ann, ben));
     assert!(server.terminate().0.success());
-    let (messages, inbox) = count(&server.dir);
     assert_eq!(
-        (messages, inbox),
-        (40, 20),
-        "20 records + 20 counts; cat's 20 items"
+        count(&server.dir),
+        (60, 20, 40),
+        "20 records + 20 counts + 20 member lists; cat's 20 items; \
+         20 dedup entries + 20 group sends' entries"
     );
 
     server.restart();
@@ -599,7 +602,7 @@ fn payload_is_deleted_after_the_last_ack() {
     assert!(server.terminate().0.success());
     assert_eq!(
         count(&server.dir),
-        (0, 0),
-        "no message bytes after the last ACK"
+        (0, 0, 20),
+        "no message bytes after the last ACK; only the dedup entries"
     );
 }
