@@ -9,9 +9,10 @@
 //! The directory is pure memory: loading it from the store and writing
 //! changes back is the caller's business (`server` at start-up, `admin`).
 
-use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use foldhash::{HashMap, HashMapExt};
 
 use arc_swap::ArcSwapOption;
 use sha2::{Digest, Sha256};
@@ -19,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::now_ms;
 use crate::mailbox::Mailbox;
 use crate::store::keys::{PERM_RECV, PERM_SEND};
-use crate::store::{Store, StoreError};
+use crate::store::{Item, Store, StoreError};
 
 /// Bits of a SEQ below the boot counter: each boot owns `boot << 40 ..`.
 pub const SEQ_BOOT_SHIFT: u32 = 40;
@@ -30,7 +31,7 @@ pub fn hash_token(token: &str) -> [u8; 32] {
 }
 
 /// A stored item written to the user and not yet ACKed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Inflight {
     /// Where the item sits in the inbox (the key needs it).
     pub priority: u8,
@@ -39,6 +40,8 @@ pub struct Inflight {
     /// When its MSG was written, `clock::mono_us` (0: not timed): for the
     /// ACK stage histogram.
     pub written_us: u64,
+    /// The item as last written, for its ACK (see `Item::settle_hint`).
+    pub item: Option<Arc<Item>>,
 }
 
 /// One user, shared by everything that delivers to or from them.
@@ -60,6 +63,11 @@ pub struct User {
     /// written again carries REDELIVERY. Taken by the user's own session and
     /// by the commit thread, never by anyone else.
     pub inflight: Mutex<HashMap<u64, Inflight>>,
+    /// Settlements of this user's items other than by an ACK (expiry,
+    /// deletion), counted by the commit thread: after one, an item handed to
+    /// the mailbox before it may be gone from the store, so its ACK reads it
+    /// back (`Item::settle_hint`).
+    pub other_settles: AtomicU64,
     /// Set when the user is deleted; sessions and sends stop seeing it.
     pub deleted: AtomicBool,
 }
@@ -75,6 +83,7 @@ impl User {
             queued: AtomicU64::new(0),
             attached: ArcSwapOption::empty(),
             inflight: Mutex::new(HashMap::new()),
+            other_settles: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
         }
     }

@@ -571,6 +571,8 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
         Completion::Push { user, item } if written => {
             if let Some(mb) = user.mailbox() {
                 clock.pushed(&item);
+                let settles = user.other_settles.load(Ordering::Relaxed);
+                item.settle_hint.store(settles + 1, Ordering::Relaxed);
                 mb.push_durable(item);
                 mb.wake();
             }

@@ -275,10 +275,15 @@ impl<'c> Pass<'c> {
     }
 
     pub fn get_inbox(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if self.cur.deleted.contains(key) || self.base.deleted.contains(key) {
+        if self.inbox_deleted(key) {
             return Ok(None);
         }
         self.store().get(CF_INBOX, key)
+    }
+
+    /// Whether this batch deleted the inbox item `key`.
+    pub fn inbox_deleted(&self, key: &[u8]) -> bool {
+        self.cur.deleted.contains(key) || self.base.deleted.contains(key)
     }
 
     /// Deletes an inbox item (the caller deletes its expiry entry).

@@ -8,7 +8,9 @@ use super::{Accept, Completion, GroupSendRequest, ReplyTo, SendRequest};
 use crate::directory::User;
 use crate::mailbox::Answer;
 use crate::store::keys::*;
-use crate::store::record::{encode_members, encode_ref, Dedup, Item, RefView, RECEIPT_QUEUED};
+use crate::store::record::{
+    encode_members, encode_ref, Dedup, GroupRef, Item, RefView, RECEIPT_QUEUED,
+};
 use crate::store::Result;
 use crate::wire::{flags, StatusCode};
 
@@ -110,21 +112,21 @@ impl Pass<'_> {
     }
 
     /// Gives `user` the next SEQ and queues `stored` (the MSG record, or a
-    /// group's REF) under it, with its expiry entry unless it is a REF that
-    /// shares its group send's; once the batch is written, the user's queue
-    /// grows by one and a connected session gets the MSG record itself.
-    /// Returns the SEQ.
+    /// group's REF: `group_ref`) under it, with its expiry entry unless it
+    /// is a REF (which share their group send's); once the batch is
+    /// written, the user's queue grows by one and a connected session gets
+    /// the MSG record itself. Returns the SEQ.
     fn enqueue(
         &mut self,
         user: &Arc<User>,
         req: &Accept,
         stored: &[u8],
-        shared_expiry: bool,
+        group_ref: Option<GroupRef>,
     ) -> Result<u64> {
         let seq = user.next_seq();
         let inbox = inbox_key(&user.address, req.priority, seq);
         self.batch.put(CF_INBOX, &inbox, stored)?;
-        if !shared_expiry {
+        if group_ref.is_none() {
             let expiry = expiry_key(req.expire_at, EXPIRE_ITEM, &inbox);
             self.batch.put(CF_EXPIRY, &expiry, &[])?;
         }
@@ -141,6 +143,8 @@ impl Pass<'_> {
                 record: req.record.clone(),
                 born_us: req.read_us,
                 pushed_us: Default::default(),
+                group_ref,
+                settle_hint: Default::default(),
             }),
         });
         Ok(seq)
@@ -158,7 +162,7 @@ impl Pass<'_> {
         if self.refused_for_space(req, &to, false) {
             return Ok(());
         }
-        let seq = self.enqueue(recipient, req, &req.record, false)?;
+        let seq = self.enqueue(recipient, req, &req.record, None)?;
         self.accepted(req, dedup, seq, to, false)
     }
 
@@ -186,10 +190,14 @@ impl Pass<'_> {
             group,
             shared_expiry: true,
         });
+        let group_ref = GroupRef {
+            msgno,
+            shared_expiry: true,
+        };
         let receipts = req.id != 0 && req.flags & flags::READ_RECEIPT != 0;
         let mut seqs = Vec::with_capacity(recipients.len());
         for user in recipients {
-            let seq = self.enqueue(user, req, &reference, true)?;
+            let seq = self.enqueue(user, req, &reference, Some(group_ref))?;
             seqs.push(seq);
             if receipts {
                 let key = member_receipt_key(&req.sender.address, req.id, &user.address);

@@ -10,6 +10,7 @@
 //! A dedup record that already moved on (READ stays READ) owes nothing more,
 //! except that an ACK of a redelivered message still owes DELIVERED.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::pass::Pass;
@@ -54,7 +55,22 @@ impl Settle {
 impl Pass<'_> {
     pub(super) fn ack(&mut self, user: &Arc<User>, items: &[(u64, u8)]) -> Result<()> {
         for &(seq, priority) in items {
-            self.settle(user, priority, seq, Settle::Acked)?;
+            let key = inbox_key(&user.address, priority, seq);
+            self.then(Completion::Settled {
+                user: user.clone(),
+                seq,
+            });
+            match known(user, priority, seq) {
+                // Settled earlier in this batch.
+                Some(_) if self.inbox_deleted(&key) => {}
+                Some(item) => match item.stored_view() {
+                    Some(view) => {
+                        self.settle_view(user, key, seq, view, &item.record, Settle::Acked)?
+                    }
+                    None => self.settle_stored(user, key, seq, Settle::Acked)?,
+                },
+                None => self.settle_stored(user, key, seq, Settle::Acked)?,
+            }
         }
         Ok(())
     }
@@ -66,6 +82,17 @@ impl Pass<'_> {
             user: user.clone(),
             seq,
         });
+        self.settle_stored(user, key, seq, how)
+    }
+
+    /// Settles the item under `key` as the store has it.
+    fn settle_stored(
+        &mut self,
+        user: &Arc<User>,
+        key: Vec<u8>,
+        seq: u64,
+        how: Settle,
+    ) -> Result<()> {
         let Some(record) = self.get_inbox(&key)? else {
             return Ok(()); // already gone (an expiry or an earlier ACK won)
         };
@@ -73,6 +100,22 @@ impl Pass<'_> {
             tracing::error!(user = %user.address, seq, "corrupt inbox record dropped");
             return self.delete_inbox(key);
         };
+        self.settle_view(user, key, seq, view, &record, how)
+    }
+
+    /// Settles the item `view` (whose record is `record`) stored under `key`.
+    fn settle_view(
+        &mut self,
+        user: &Arc<User>,
+        key: Vec<u8>,
+        seq: u64,
+        view: ItemView<'_>,
+        record: &[u8],
+        how: Settle,
+    ) -> Result<()> {
+        if how != Settle::Acked {
+            user.other_settles.fetch_add(1, Ordering::Relaxed);
+        }
         if !matches!(view, ItemView::Ref(r) if r.shared_expiry) {
             let entry = expiry_key(view.expire_at(), EXPIRE_ITEM, &key);
             self.batch.delete(CF_EXPIRY, &entry)?;
@@ -88,7 +131,7 @@ impl Pass<'_> {
         }
         if how == Settle::Acked && self.c.retain_delivered {
             let kept = match view {
-                ItemView::Msg(_) => Some(Arc::<[u8]>::from(&record[..])),
+                ItemView::Msg(_) => Some(Arc::<[u8]>::from(record)),
                 ItemView::Ref(r) => self.store().message(r.msgno)?,
                 ItemView::Status(_) => None,
             };
@@ -293,8 +336,23 @@ impl Pass<'_> {
                 record,
                 born_us: 0,
                 pushed_us: Default::default(),
+                group_ref: None,
+                settle_hint: Default::default(),
             }),
         });
         Ok(())
     }
+}
+
+/// The item an ACK settles as its session wrote it, if it is certainly still
+/// stored: handed to the mailbox right after it was written, and no
+/// settlement of the user's items but ACKs since (an ACK of the same item
+/// twice is stopped by the in-flight entry, which its first settlement
+/// removes and only a new write puts back, with the item as read then).
+fn known(user: &User, priority: u8, seq: u64) -> Option<Arc<Item>> {
+    let item = user.inflight().get(&seq)?.item.clone()?;
+    let hint = item.settle_hint.load(Ordering::Relaxed);
+    let settles = user.other_settles.load(Ordering::Relaxed);
+    (hint != 0 && hint == settles + 1 && item.priority == priority && item.seq == seq)
+        .then_some(item)
 }

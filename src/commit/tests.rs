@@ -191,6 +191,7 @@ fn ack_settles_once_and_owes_delivered() {
             priority: 0,
             acking: true,
             written_us: 0,
+            item: None,
         },
     );
     let ack = || Request::Ack {
@@ -221,6 +222,7 @@ fn requests_before_a_failure_still_commit() {
         priority: 0,
         acking: true,
         written_us: 0,
+        item: None,
     };
     bob.inflight().insert(seq, inflight);
     // Fail the ACK's request by making the batch's request list contain a
@@ -256,6 +258,7 @@ fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
             priority: 0,
             acking: true,
             written_us: 0,
+            item: None,
         },
     );
     let (done, count) = channel::bounded(1);
@@ -501,4 +504,110 @@ fn a_group_send_shares_one_expiry_entry() {
         (0, 0, 0)
     );
     assert_eq!(f.c.metrics.expired.load(Ordering::Relaxed), 1);
+}
+
+/// An ACK settles an item its session got from the commit thread without
+/// reading it back, unless one of the user's items was settled otherwise
+/// (expired, deleted) since: then the item may be gone, and the ACK must
+/// not settle it again. Here bob's copy of a group send is deleted while a
+/// copy is still staged in his session, which then writes it and gets its
+/// ACK: releasing the group message a second time would delete it while
+/// carol still has it queued.
+#[test]
+fn an_ack_after_a_delete_does_not_settle_twice() {
+    use crate::store::keys::*;
+    let f = fixture(&["alice", "bob", "carol"]);
+    let now = now_ms();
+    let record = encode_msg(&MsgView {
+        time: now,
+        expire_at: now + 60_000,
+        id: 1,
+        msg_type: 0,
+        flags: 0,
+        from: "alice",
+        group: Some("g"),
+        payload: b"hi",
+    });
+    let members: Vec<_> = ["bob", "carol"]
+        .iter()
+        .map(|u| f.c.dir.user(u).unwrap())
+        .collect();
+    let mailboxes: Vec<_> = members
+        .iter()
+        .map(|u| {
+            let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+            u.attached.store(Some(mb.clone()));
+            mb
+        })
+        .collect();
+    let accept = Accept {
+        conn: ReplyTo::Conn(CONN),
+        sender: f.c.dir.user("alice").unwrap(),
+        id: 1,
+        priority: 0,
+        flags: 0,
+        time: now,
+        expire_at: now + 60_000,
+        dedup_until: now + 60_000,
+        record,
+        read_us: 0,
+    };
+    commit_batch(
+        &f.c,
+        &mut vec![Request::GroupSend(GroupSendRequest {
+            accept,
+            group: "g".into(),
+            recipients: members.clone(),
+        })],
+    );
+    let items: Vec<_> = mailboxes
+        .iter()
+        .map(|mb| mb.pop_durable().unwrap())
+        .collect();
+    let msgno = items[0].group_ref.expect("a member's share").msgno;
+    // What a session does when it writes an item.
+    let written = |i: usize| {
+        members[i].inflight().insert(
+            items[i].seq,
+            crate::directory::Inflight {
+                priority: 0,
+                acking: true,
+                written_us: 0,
+                item: Some(items[i].clone()),
+            },
+        );
+    };
+    let ack = |i: usize| Request::Ack {
+        user: members[i].clone(),
+        items: vec![(items[i].seq, 0)],
+    };
+    let (done, deleted) = channel::bounded(1);
+    let filter = MessageFilter::Id {
+        from: "alice".into(),
+        id: 1,
+    };
+    commit_batch(
+        &f.c,
+        &mut vec![Request::DeleteMessages {
+            user: members[0].clone(),
+            filter,
+            done,
+        }],
+    );
+    assert_eq!(deleted.recv().unwrap(), 1);
+    written(0);
+    commit_batch(&f.c, &mut vec![ack(0)]);
+    let message = |f: &Fixture| f.c.store.get(CF_MESSAGES, &message_key(msgno)).unwrap();
+    assert!(message(&f).is_some(), "carol still has it queued");
+    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 0);
+    // Carol's ACK settles hers without a read, and the message goes.
+    written(1);
+    commit_batch(&f.c, &mut vec![ack(1)]);
+    assert!(message(&f).is_none());
+    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        f.c.store.count_keys(CF_INBOX).unwrap(),
+        1,
+        "alice's DELETED"
+    );
 }

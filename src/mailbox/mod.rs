@@ -221,6 +221,8 @@ mod tests {
             record: Arc::from(&[][..]),
             born_us: 0,
             pushed_us: Default::default(),
+            group_ref: None,
+            settle_hint: Default::default(),
         })
     }
 

@@ -141,6 +141,8 @@ pub fn send<'s>(
                 record: record.clone(),
                 born_us: 0,
                 pushed_us: Default::default(),
+                group_ref: None,
+                settle_hint: Default::default(),
             });
             if mb.push_live(item) {
                 mb.wake();

@@ -77,12 +77,16 @@ impl Active {
                     continue; // the sweeper settles it
                 }
                 let written_before = match inflight.entry(item.seq) {
-                    Entry::Occupied(_) => true,
+                    Entry::Occupied(mut o) => {
+                        o.get_mut().item = Some(item.clone());
+                        true
+                    }
                     Entry::Vacant(v) => {
                         v.insert(Inflight {
                             priority: item.priority,
                             acking: false,
                             written_us: if item.born_us != 0 { ctx.now_us } else { 0 },
+                            item: Some(item.clone()),
                         });
                         false
                     }

@@ -103,6 +103,8 @@ fn live_receipt(
         }),
         born_us: 0,
         pushed_us: Default::default(),
+        group_ref: None,
+        settle_hint: Default::default(),
     });
     if mb.push_live(status) {
         mb.wake();

@@ -93,6 +93,8 @@ impl FakeEnv {
             record: msg_record("carol", id, T0 + 3_600_000),
             born_us: 0,
             pushed_us: Default::default(),
+            group_ref: None,
+            settle_hint: Default::default(),
         });
         self.inbox
             .borrow_mut()
@@ -876,6 +878,8 @@ fn items_written_before_are_redelivered_with_the_flag() {
         record: msg_record("carol", 9, T0 + 3_600_000),
         born_us: 0,
         pushed_us: Default::default(),
+        group_ref: None,
+        settle_hint: Default::default(),
     });
     env.inbox
         .borrow_mut()
@@ -898,6 +902,8 @@ fn expired_items_are_not_delivered() {
         record: msg_record("carol", 1, T0),
         born_us: 0,
         pushed_us: Default::default(),
+        group_ref: None,
+        settle_hint: Default::default(),
     });
     env.inbox
         .borrow_mut()

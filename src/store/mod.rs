@@ -419,6 +419,8 @@ impl Store {
                     record,
                     born_us: 0,
                     pushed_us: Default::default(),
+                    group_ref: None,
+                    settle_hint: Default::default(),
                 }));
                 it.next();
             }

@@ -53,6 +53,25 @@ pub struct Item {
     pub born_us: u64,
     /// ... and when the commit thread put it in the recipient's mailbox.
     pub pushed_us: std::sync::atomic::AtomicU64,
+    /// For a member's share of a group send (stored as a REF, `record` being
+    /// the send's MSG): where the REF points.
+    pub group_ref: Option<GroupRef>,
+    /// Whether an ACK may settle the item without reading it back from the
+    /// store. The commit thread sets it when it hands the item to a mailbox
+    /// right after writing it: 1 + the user's count of settlements other
+    /// than ACKs then (`directory::User::other_settles`). Only if that count
+    /// has not moved since is the item certainly still stored when its ACK
+    /// comes. 0 (items read from the store): read it back.
+    pub settle_hint: std::sync::atomic::AtomicU64,
+}
+
+/// Where a member's REF points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupRef {
+    /// Key of the shared MSG record in the `messages` cf.
+    pub msgno: u64,
+    /// See [`RefView::shared_expiry`].
+    pub shared_expiry: bool,
 }
 
 /// A MSG as stored.
@@ -182,6 +201,24 @@ impl Item {
     /// Decodes the record; `None` only if the stored bytes are corrupt.
     pub fn view(&self) -> Option<ItemView<'_>> {
         decode_item(&self.record)
+    }
+
+    /// The item as the inbox stores it: the REF for a member's share of a
+    /// group send, else the record itself.
+    pub fn stored_view(&self) -> Option<ItemView<'_>> {
+        match (self.view()?, self.group_ref) {
+            (ItemView::Msg(m), Some(r)) => Some(ItemView::Ref(RefView {
+                time: m.time,
+                expire_at: m.expire_at,
+                id: m.id,
+                flags: m.flags,
+                msgno: r.msgno,
+                from: m.from,
+                group: m.group?,
+                shared_expiry: r.shared_expiry,
+            })),
+            (view, _) => Some(view),
+        }
     }
 }
 
