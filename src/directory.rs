@@ -139,9 +139,9 @@ impl Group {
 /// Every user and group, and the counters that must be unique per boot.
 pub struct Directory {
     /// address → user; every stored user is here.
-    users: papaya::HashMap<Arc<str>, Arc<User>>,
+    users: papaya::HashMap<Arc<str>, Arc<User>, foldhash::fast::RandomState>,
     /// name → group; every stored group is here.
-    groups: papaya::HashMap<Arc<str>, Arc<Group>>,
+    groups: papaya::HashMap<Arc<str>, Arc<Group>, foldhash::fast::RandomState>,
     /// Next key of a shared group message record; starts at `boot << 40`.
     next_msgno: AtomicU64,
     /// This boot's number (see [`SEQ_BOOT_SHIFT`]).
@@ -152,8 +152,8 @@ impl Directory {
     /// An empty directory for boot `boot`.
     pub fn new(boot: u64) -> Directory {
         Directory {
-            users: papaya::HashMap::new(),
-            groups: papaya::HashMap::new(),
+            users: papaya::HashMap::with_hasher(Default::default()),
+            groups: papaya::HashMap::with_hasher(Default::default()),
             next_msgno: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
             boot,
         }

@@ -36,9 +36,11 @@ pub mod accept;
 mod deliver;
 mod receipts;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashSet};
 
 pub use accept::{Dest, Outcome};
 
@@ -345,8 +347,8 @@ impl Session {
             cursors: [0; PRIORITIES],
             live: false,
             staged: BTreeMap::new(),
-            ephemeral: HashMap::new(),
-            ephemeral_reads: HashSet::new(),
+            ephemeral: HashMap::default(),
+            ephemeral_reads: HashSet::default(),
             unsent_acks: Vec::new(),
             retry_at: 0,
         }));
