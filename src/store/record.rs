@@ -14,7 +14,7 @@
 //!   flen:u8 from  glen:u8 group
 //!   (the MSG record itself, payload included, is stored once under `msgno`)
 //! item, kind = 4 (REF sharing its group send's expiry entry): as kind 3
-//!   (kind 3 REFs, written before 0.2, each have an expiry entry of their own)
+//!   (kind 3 REFs, written by earlier versions, each have an expiry entry of their own)
 //! members of a group send (messages cf, `msgno 0x02`):
 //!   prio:u8 (alen:u8 address seq:u64)*
 //! member receipt (dedup cf):
