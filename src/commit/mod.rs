@@ -586,7 +586,11 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             }
         }
         Completion::Settled { user, seq } | Completion::Unsettled { user, seq } => {
-            // Nothing was written: the item is still queued; let a later ACK retry.
+            // Nothing was written: the item is still queued; let a later ACK
+            // retry. A failed synced write may still reach the disk (and
+            // show after a reopen), so that ACK reads the item back rather
+            // than trust the copy it has (`Item::settle_hint`).
+            user.other_settles.fetch_add(1, Ordering::Relaxed);
             if let Some(entry) = user.inflight().get_mut(&seq) {
                 entry.acking = false;
             }

@@ -15,10 +15,16 @@ use crate::store::Result;
 use crate::wire::{flags, StatusCode};
 
 impl Pass<'_> {
-    /// Records an accepted SEND for duplicate detection until `until` (ms).
-    fn remember(&mut self, key: Vec<u8>, until: u64, record: Dedup) -> Result<()> {
+    /// Records an accepted SEND for duplicate detection until `until` (ms);
+    /// `receipts`: member receipts may be stored under its key.
+    fn remember(&mut self, key: Vec<u8>, until: u64, record: Dedup, receipts: bool) -> Result<()> {
+        let kind = if receipts {
+            EXPIRE_DEDUP
+        } else {
+            EXPIRE_DEDUP_ONLY
+        };
         self.batch
-            .put(CF_EXPIRY, &expiry_key(until, EXPIRE_DEDUP, &key), &[])?;
+            .put(CF_EXPIRY, &expiry_key(until, kind, &key), &[])?;
         self.put_dedup(key, record)
     }
 
@@ -96,7 +102,8 @@ impl Pass<'_> {
                 expire_at: req.expire_at,
                 recipient: to.to_string(),
             };
-            self.remember(key, req.dedup_until, record)?;
+            let receipts = group && req.flags & flags::READ_RECEIPT != 0;
+            self.remember(key, req.dedup_until, record, receipts)?;
         }
         self.cur_tally.accepted += 1;
         self.then(Completion::Reply {

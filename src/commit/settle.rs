@@ -240,10 +240,10 @@ impl Pass<'_> {
                     None => self.delete_inbox(key.to_vec())?,
                 }
             }
-            EXPIRE_DEDUP => {
-                // The send's record and, for a group send, its member receipts.
-                self.forget_dedup(key, &prefix_end(key))?;
-            }
+            // The send's record and, for a group send with READ_RECEIPT,
+            // its member receipts.
+            EXPIRE_DEDUP => self.forget_dedup(key, true)?,
+            EXPIRE_DEDUP_ONLY => self.forget_dedup(key, false)?,
             _ => {}
         }
         Ok(())

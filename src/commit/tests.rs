@@ -611,3 +611,75 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
         "alice's DELETED"
     );
 }
+
+/// Dedup records expire by point deletes, never by a range delete (range
+/// tombstones slow every later look-up in the family): the expiry of a 1:1
+/// send's record leaves alone a key that sorts under it but is not its own,
+/// and a group send with READ_RECEIPT still loses its member receipts.
+#[test]
+fn dedup_records_expire_by_point_deletes() {
+    use crate::store::keys::*;
+    let f = fixture(&["alice", "bob", "carol"]);
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let now = now_ms();
+    let record = encode_msg(&MsgView {
+        time: now,
+        expire_at: now + 60_000,
+        id: 2,
+        msg_type: 0,
+        flags: flags::READ_RECEIPT,
+        from: "alice",
+        group: Some("g"),
+        payload: b"hi",
+    });
+    let accept = Accept {
+        conn: ReplyTo::Conn(CONN),
+        sender: f.c.dir.user("alice").unwrap(),
+        id: 2,
+        priority: 0,
+        flags: flags::READ_RECEIPT,
+        time: now,
+        expire_at: now + 60_000,
+        dedup_until: now + 60_000,
+        record,
+        read_us: 0,
+    };
+    let recipients = ["bob", "carol"].map(|u| f.c.dir.user(u).unwrap()).to_vec();
+    commit_batch(
+        &f.c,
+        &mut vec![Request::GroupSend(GroupSendRequest {
+            accept,
+            group: "g".into(),
+            recipients,
+        })],
+    );
+    // Not a receipt of send 1: nothing but a range delete would reach it.
+    let stranger = member_receipt_key("alice", 1, "zed");
+    let mut b = f.c.store.batch();
+    b.put(CF_DEDUP, &stranger, &[0; 9]).unwrap();
+    b.seal();
+    b.commit(true).unwrap();
+    assert_eq!(
+        f.c.store.count_keys(CF_DEDUP).unwrap(),
+        5,
+        "2 records, 3 receipts"
+    );
+    let due: Vec<_> =
+        f.c.store
+            .due_expiries(u64::MAX, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|k| {
+                matches!(
+                    parse_expiry_key(k),
+                    Some((_, EXPIRE_DEDUP | EXPIRE_DEDUP_ONLY, _))
+                )
+            })
+            .collect();
+    assert_eq!(due.len(), 2);
+    let (done, _) = channel::bounded(1);
+    commit_batch(&f.c, &mut vec![Request::Expire { keys: due, done }]);
+    assert!(!stored(&f, "alice", 1) && !stored(&f, "alice", 2));
+    let left = f.c.store.keys_in(CF_DEDUP, &[], &[0xff]).unwrap();
+    assert_eq!(left, vec![stranger]);
+}

@@ -21,8 +21,10 @@
 //! ```
 //!
 //! Expiry kinds: [`EXPIRE_ITEM`] (rest = an inbox key), [`EXPIRE_DEDUP`] (rest =
-//! a dedup key), [`EXPIRE_GROUP`] (rest = a msgno: every REF of one group send,
-//! which share one expiry entry instead of one each). Scanning `expiry` from
+//! a dedup key, with the member receipts under it), [`EXPIRE_DEDUP_ONLY`]
+//! (rest = a dedup key without member receipts), [`EXPIRE_GROUP`] (rest = a
+//! msgno: every REF of one group send, which share one expiry entry instead
+//! of one each). Scanning `expiry` from
 //! the start up to `now` yields exactly what is due, oldest first.
 
 pub const CF_USERS: &str = "users";
@@ -62,6 +64,10 @@ pub const EXPIRE_ITEM: u8 = 1;
 pub const EXPIRE_DEDUP: u8 = 2;
 /// Expiry-index kind: the REF items of one group send (rest = its msgno).
 pub const EXPIRE_GROUP: u8 = 3;
+/// Expiry-index kind: a duplicate-detection record that has no member
+/// receipts (rest = its key): one point delete, where [`EXPIRE_DEDUP`]
+/// looks for the receipts under the key too.
+pub const EXPIRE_DEDUP_ONLY: u8 = 4;
 
 /// Number of priorities (0 highest … 15 lowest).
 pub const PRIORITIES: usize = 16;

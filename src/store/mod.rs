@@ -588,6 +588,24 @@ impl Store {
     }
 
     /// The keys of every item queued for `address` (for a purge).
+    /// The keys of column family `name` in `[from, to)`.
+    pub fn keys_in(&self, name: &'static str, from: &[u8], to: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let db = self.db()?;
+        let cf = cf(&db, name)?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from.to_vec());
+        ro.set_iterate_upper_bound(to.to_vec());
+        let mut it = db.raw_iterator_cf_opt(cf, ro);
+        it.seek_to_first();
+        let mut keys = Vec::new();
+        while let Some(key) = it.key() {
+            keys.push(key.to_vec());
+            it.next();
+        }
+        it.status()?;
+        Ok(keys)
+    }
+
     pub fn inbox_keys(&self, address: &str) -> Result<Vec<Vec<u8>>> {
         let db = self.db()?;
         let cf = cf(&db, CF_INBOX)?;
