@@ -12,9 +12,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use foldhash::{HashMap, HashMapExt};
-
 use arc_swap::ArcSwapOption;
+use foldhash::{HashMap, HashMapExt};
 use sha2::{Digest, Sha256};
 
 use crate::clock::now_ms;

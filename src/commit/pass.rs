@@ -9,10 +9,10 @@
 //! SEND is answered OVERLOADED, an ACK can be retried, a waiter is released).
 
 use std::collections::BTreeMap;
-
-use foldhash::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashSet};
 
 use super::{Committer, Completion, Request};
 use crate::mailbox::Answer;
@@ -276,8 +276,9 @@ impl<'c> Pass<'c> {
     pub fn forget_dedup(&mut self, key: &[u8], receipts: bool) -> Result<()> {
         if receipts {
             for receipt in self.store().keys_in(CF_DEDUP, key, &prefix_end(key))? {
-                self.batch.delete(CF_DEDUP, &receipt)?;
+                // The range starts with the record itself, deleted below.
                 if receipt.len() > key.len() {
+                    self.batch.delete(CF_DEDUP, &receipt)?;
                     self.cur.receipts.insert(receipt, None);
                 }
             }

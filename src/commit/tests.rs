@@ -105,6 +105,45 @@ fn send(f: &Fixture, from: &str, to: &str, id: u64) -> Request {
     })
 }
 
+/// A group send from `from` to `members` of group "g" (ID, priority, flags
+/// as given), as the session would submit it.
+fn group_send(
+    f: &Fixture,
+    from: &str,
+    members: &[&str],
+    id: u64,
+    priority: u8,
+    flags: u32,
+) -> Request {
+    let now = now_ms();
+    let record = encode_msg(&MsgView {
+        time: now,
+        expire_at: now + 60_000,
+        id,
+        msg_type: 0,
+        flags,
+        from,
+        group: Some("g"),
+        payload: b"hi",
+    });
+    Request::GroupSend(GroupSendRequest {
+        accept: Accept {
+            conn: ReplyTo::Conn(CONN),
+            sender: f.c.dir.user(from).unwrap(),
+            id,
+            priority,
+            flags,
+            time: now,
+            expire_at: now + 60_000,
+            dedup_until: now + 60_000,
+            record,
+            read_us: 0,
+        },
+        group: "g".into(),
+        recipients: members.iter().map(|u| f.c.dir.user(u).unwrap()).collect(),
+    })
+}
+
 fn answers(f: &Fixture) -> Vec<(u64, Option<StatusCode>)> {
     let mut a = f.rec.answers.lock().unwrap();
     a.drain(..).map(|(_, a)| (a.id, a.status)).collect()
@@ -433,40 +472,13 @@ fn refs_with_their_own_expiry_entries_still_settle() {
 fn a_group_send_shares_one_expiry_entry() {
     use crate::store::keys::*;
     let f = fixture(&["alice", "bob", "carol", "dan"]);
-    let now = now_ms();
-    let record = encode_msg(&MsgView {
-        time: now,
-        expire_at: now + 60_000,
-        id: 0,
-        msg_type: 0,
-        flags: 0,
-        from: "alice",
-        group: Some("g"),
-        payload: b"hi",
-    });
     let members: Vec<_> = ["bob", "carol", "dan"]
         .iter()
         .map(|u| f.c.dir.user(u).unwrap())
         .collect();
-    let accept = Accept {
-        conn: ReplyTo::Conn(CONN),
-        sender: f.c.dir.user("alice").unwrap(),
-        id: 0,
-        priority: 3,
-        flags: 0,
-        time: now,
-        expire_at: now + 60_000,
-        dedup_until: now + 60_000,
-        record,
-        read_us: 0,
-    };
     commit_batch(
         &f.c,
-        &mut vec![Request::GroupSend(GroupSendRequest {
-            accept,
-            group: "g".into(),
-            recipients: members.clone(),
-        })],
+        &mut vec![group_send(&f, "alice", &["bob", "carol", "dan"], 0, 3, 0)],
     );
     let keys = |cf| f.c.store.count_keys(cf).unwrap();
     assert_eq!(
@@ -517,17 +529,6 @@ fn a_group_send_shares_one_expiry_entry() {
 fn an_ack_after_a_delete_does_not_settle_twice() {
     use crate::store::keys::*;
     let f = fixture(&["alice", "bob", "carol"]);
-    let now = now_ms();
-    let record = encode_msg(&MsgView {
-        time: now,
-        expire_at: now + 60_000,
-        id: 1,
-        msg_type: 0,
-        flags: 0,
-        from: "alice",
-        group: Some("g"),
-        payload: b"hi",
-    });
     let members: Vec<_> = ["bob", "carol"]
         .iter()
         .map(|u| f.c.dir.user(u).unwrap())
@@ -540,25 +541,9 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
             mb
         })
         .collect();
-    let accept = Accept {
-        conn: ReplyTo::Conn(CONN),
-        sender: f.c.dir.user("alice").unwrap(),
-        id: 1,
-        priority: 0,
-        flags: 0,
-        time: now,
-        expire_at: now + 60_000,
-        dedup_until: now + 60_000,
-        record,
-        read_us: 0,
-    };
     commit_batch(
         &f.c,
-        &mut vec![Request::GroupSend(GroupSendRequest {
-            accept,
-            group: "g".into(),
-            recipients: members.clone(),
-        })],
+        &mut vec![group_send(&f, "alice", &["bob", "carol"], 1, 0, 0)],
     );
     let items: Vec<_> = mailboxes
         .iter()
@@ -621,38 +606,8 @@ fn dedup_records_expire_by_point_deletes() {
     use crate::store::keys::*;
     let f = fixture(&["alice", "bob", "carol"]);
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
-    let now = now_ms();
-    let record = encode_msg(&MsgView {
-        time: now,
-        expire_at: now + 60_000,
-        id: 2,
-        msg_type: 0,
-        flags: flags::READ_RECEIPT,
-        from: "alice",
-        group: Some("g"),
-        payload: b"hi",
-    });
-    let accept = Accept {
-        conn: ReplyTo::Conn(CONN),
-        sender: f.c.dir.user("alice").unwrap(),
-        id: 2,
-        priority: 0,
-        flags: flags::READ_RECEIPT,
-        time: now,
-        expire_at: now + 60_000,
-        dedup_until: now + 60_000,
-        record,
-        read_us: 0,
-    };
-    let recipients = ["bob", "carol"].map(|u| f.c.dir.user(u).unwrap()).to_vec();
-    commit_batch(
-        &f.c,
-        &mut vec![Request::GroupSend(GroupSendRequest {
-            accept,
-            group: "g".into(),
-            recipients,
-        })],
-    );
+    let receipts = group_send(&f, "alice", &["bob", "carol"], 2, 0, flags::READ_RECEIPT);
+    commit_batch(&f.c, &mut vec![receipts]);
     // Not a receipt of send 1: nothing but a range delete would reach it.
     let stranger = member_receipt_key("alice", 1, "zed");
     let mut b = f.c.store.batch();

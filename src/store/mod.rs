@@ -587,7 +587,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The keys of every item queued for `address` (for a purge).
     /// The keys of column family `name` in `[from, to)`.
     pub fn keys_in(&self, name: &'static str, from: &[u8], to: &[u8]) -> Result<Vec<Vec<u8>>> {
         let db = self.db()?;
@@ -606,24 +605,12 @@ impl Store {
         Ok(keys)
     }
 
+    /// The keys of every item queued for `address` (for a purge).
     pub fn inbox_keys(&self, address: &str) -> Result<Vec<Vec<u8>>> {
-        let db = self.db()?;
-        let cf = cf(&db, CF_INBOX)?;
         let prefix = inbox_prefix(address);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(prefix.clone());
-        let mut upper = prefix;
+        let mut upper = prefix.clone();
         upper.push(PRIORITIES as u8);
-        ro.set_iterate_upper_bound(upper);
-        let mut it = db.raw_iterator_cf_opt(cf, ro);
-        it.seek_to_first();
-        let mut keys = Vec::new();
-        while let Some(key) = it.key() {
-            keys.push(key.to_vec());
-            it.next();
-        }
-        it.status()?;
-        Ok(keys)
+        self.keys_in(CF_INBOX, &prefix, &upper)
     }
 
     /// Up to `limit` expiry-index keys due at or before `now_ms`, oldest first.
