@@ -75,32 +75,44 @@ const CONN: ConnRef = ConnRef {
     generation: 9,
 };
 
-fn send(f: &Fixture, from: &str, to: &str, id: u64) -> Request {
-    let sender = f.c.dir.user(from).unwrap();
+/// What the session submits for a SEND from `from` (to group `group`, if
+/// set) with this ID, priority and flags, expiring in a minute.
+fn accept(
+    f: &Fixture,
+    from: &str,
+    group: Option<&str>,
+    id: u64,
+    priority: u8,
+    flags: u32,
+) -> Accept {
     let now = now_ms();
     let record = encode_msg(&MsgView {
         time: now,
         expire_at: now + 60_000,
         id,
         msg_type: 0,
-        flags: flags::SEND_DEFAULT,
+        flags,
         from,
-        group: None,
+        group,
         payload: b"hi",
     });
+    Accept {
+        conn: ReplyTo::Conn(CONN),
+        sender: f.c.dir.user(from).unwrap(),
+        id,
+        priority,
+        flags,
+        time: now,
+        expire_at: now + 60_000,
+        dedup_until: now + 60_000,
+        record,
+        read_us: 0,
+    }
+}
+
+fn send(f: &Fixture, from: &str, to: &str, id: u64) -> Request {
     Request::Send(SendRequest {
-        accept: Accept {
-            conn: ReplyTo::Conn(CONN),
-            sender,
-            id,
-            priority: 0,
-            flags: flags::SEND_DEFAULT,
-            time: now,
-            expire_at: now + 60_000,
-            dedup_until: now + 60_000,
-            record,
-            read_us: 0,
-        },
+        accept: accept(f, from, None, id, 0, flags::SEND_DEFAULT),
         recipient: f.c.dir.user(to).unwrap(),
     })
 }
@@ -115,30 +127,8 @@ fn group_send(
     priority: u8,
     flags: u32,
 ) -> Request {
-    let now = now_ms();
-    let record = encode_msg(&MsgView {
-        time: now,
-        expire_at: now + 60_000,
-        id,
-        msg_type: 0,
-        flags,
-        from,
-        group: Some("g"),
-        payload: b"hi",
-    });
     Request::GroupSend(GroupSendRequest {
-        accept: Accept {
-            conn: ReplyTo::Conn(CONN),
-            sender: f.c.dir.user(from).unwrap(),
-            id,
-            priority,
-            flags,
-            time: now,
-            expire_at: now + 60_000,
-            dedup_until: now + 60_000,
-            record,
-            read_us: 0,
-        },
+        accept: accept(f, from, Some("g"), id, priority, flags),
         group: "g".into(),
         recipients: members.iter().map(|u| f.c.dir.user(u).unwrap()).collect(),
     })
