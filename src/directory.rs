@@ -64,8 +64,9 @@ pub struct User {
     pub inflight: Mutex<HashMap<u64, Inflight>>,
     /// Settlements of this user's items other than by an ACK (expiry,
     /// deletion), and settlements whose write failed, counted by the commit
-    /// thread: after one, an item handed to the mailbox before it may be
-    /// gone from the store, so its ACK reads it back (`Item::settle_hint`).
+    /// writer's completions, in order with its pushes: after one, an item
+    /// handed to the mailbox before it may be gone from the store, so its
+    /// ACK reads it back (`Item::settle_hint`).
     pub other_settles: AtomicU64,
     /// Set when the user is deleted; sessions and sends stop seeing it.
     pub deleted: AtomicBool,

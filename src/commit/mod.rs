@@ -6,14 +6,17 @@
 //! `sync = true` (one fsync for the lot), and only then runs their effects
 //! ([`Completion`]s): STATUS SENT to senders, items to connected recipients'
 //! mailboxes, inflight bookkeeping, counters. This is the durability point of
-//! the server: nothing is acknowledged before the write returns.
+//! the server: nothing is acknowledged before the write returns. The write
+//! and the effects run on a second thread, the writer, while the next batch
+//! is built ([`Pipeline`]).
 //!
 //! Each request is applied under its own save point ([`pass`]): a store
 //! error part-way through one request rolls back only that request's keys and
 //! answers its sender (OVERLOADED, retry with the same ID); the requests
 //! before and after it in the batch still commit.
 //!
-//! Because one thread decides every change in one order, the rules need no
+//! Because one thread decides every change in one order (the batch being
+//! written is seen through its overlay), the rules need no
 //! locks: a duplicate SEND is seen by the dedup check (the batch overlay or
 //! the store), an ACK and an expiry of the same item cannot both win, and a
 //! user's stored items get SEQs in the order they become visible, which is
@@ -42,7 +45,7 @@ use crate::clock::{mono_us, now_ms};
 use crate::directory::{Directory, User};
 use crate::mailbox::{Answer, ConnRef, Notify};
 use crate::metrics::{Metrics, Stage};
-use crate::store::{Item, Store};
+use crate::store::{Batch, Item, Store};
 use crate::wire::{ErrorCode, StatusCode};
 
 pub use pass::Tally;
@@ -230,6 +233,10 @@ pub enum Completion {
     Settled { user: Arc<User>, seq: u64 },
     /// A request with these items was rolled back: a later ACK may retry.
     Unsettled { user: Arc<User>, seq: u64 },
+    /// One of the user's items was expired or deleted (settled otherwise
+    /// than by an ACK): counted in `User::other_settles`, in the order of
+    /// the pushes, whether the write succeeded or not.
+    SettledOtherwise { user: Arc<User> },
     /// Items were added to (positive) or removed from a user's queue.
     Queued { user: Arc<User>, delta: i64 },
     /// Fire a barrier.
@@ -271,6 +278,33 @@ fn raise_priority() {
 }
 
 fn run(c: &Committer, rx: &Receiver<Request>) {
+    thread::scope(|scope| {
+        let (jobs, writer_jobs) = channel::bounded::<Built<'_>>(1);
+        let (writer_results, results) = channel::bounded(1);
+        let writer = thread::Builder::new()
+            .name("tern-commit-w".into())
+            .spawn_scoped(scope, move || {
+                raise_priority();
+                for built in writer_jobs {
+                    let written = write_batch(c, built);
+                    if writer_results.send(written).is_err() {
+                        break;
+                    }
+                }
+            });
+        let mut pipe = match writer {
+            Ok(_) => Pipeline::new(c, Some((jobs, results))),
+            Err(e) => {
+                tracing::error!(error = %e, "no commit writer thread: batches are written one at a time");
+                Pipeline::new(c, None)
+            }
+        };
+        build_loop(c, rx, &mut pipe);
+        pipe.drain();
+    });
+}
+
+fn build_loop(c: &Committer, rx: &Receiver<Request>, pipe: &mut Pipeline<'_>) {
     let mut queues = Queues::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut upkeep = Upkeep::new();
@@ -279,6 +313,7 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
             match rx.recv_timeout(UPKEEP_INTERVAL) {
                 Ok(first) => queues.add(first),
                 Err(RecvTimeoutError::Timeout) => {
+                    pipe.drain();
                     upkeep.run(c);
                     upkeep.idle(c);
                     continue;
@@ -292,10 +327,104 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        upkeep.run(c);
+        if upkeep.due() {
+            pipe.drain();
+            upkeep.run(c);
+        }
         queues.next_batch(&mut batch);
-        commit_batch(c, &mut batch);
+        pipe.commit(&mut batch);
         upkeep.busy = true;
+    }
+}
+
+/// Batches are built on the commit thread and written on a second one, the
+/// writer: while batch N is written (memtable inserts, WAL, fsync) and
+/// completed, batch N+1 is built. N+1 reads what N changes from N's
+/// overlay, since N may not be in the store yet; it is handed to the writer
+/// only once N is written and completed, so batches reach the store, and
+/// their completions run, in the order they were built.
+///
+/// - A batch built on one whose write failed is refused unwritten (its
+///   SENDs answered OVERLOADED, its ACKs left to retry): it may rest on
+///   what that batch would have stored, such as a dedup record.
+/// - Requests that scan the store (an admin delete or purge, an expiry
+///   sweep) and the upkeep (a reopen) wait for the batch being written.
+/// - Only completions, on the writer, change what a later batch's
+///   decisions read from the directory (in-flight entries, settle counts),
+///   and the overlay covers the batch in between.
+struct Pipeline<'c> {
+    c: &'c Committer,
+    /// The writer thread's queue and answers (`None`: no writer thread;
+    /// each batch is written by the commit thread itself).
+    writer: Option<(Sender<Built<'c>>, Receiver<bool>)>,
+    /// A batch was handed to the writer and its answer is not read yet.
+    in_flight: bool,
+    /// What the batch being written changes.
+    prev: pass::Overlay,
+}
+
+impl<'c> Pipeline<'c> {
+    fn new(c: &'c Committer, writer: Option<(Sender<Built<'c>>, Receiver<bool>)>) -> Pipeline<'c> {
+        Pipeline {
+            c,
+            writer,
+            in_flight: false,
+            prev: pass::Overlay::default(),
+        }
+    }
+
+    /// Builds a batch of `requests` (drained) and hands it to the writer
+    /// once the batch before it is written.
+    fn commit(&mut self, requests: &mut Vec<Request>) {
+        if requests.iter().any(Request::scans_store) {
+            self.drain();
+        }
+        let prev = std::mem::take(&mut self.prev);
+        let (built, overlay) = build_batch(self.c, requests, prev);
+        if !self.wait() {
+            // The batch it was built on was not written.
+            refuse_batch(self.c, built);
+            return;
+        }
+        let Some((jobs, _)) = &self.writer else {
+            write_batch(self.c, built);
+            return;
+        };
+        match jobs.send(built) {
+            Ok(()) => {
+                self.in_flight = true;
+                self.prev = overlay;
+            }
+            Err(channel::SendError(built)) => refuse_batch(self.c, built),
+        }
+    }
+
+    /// Waits for the batch being written; whether it was written.
+    fn wait(&mut self) -> bool {
+        if !std::mem::take(&mut self.in_flight) {
+            return true;
+        }
+        match &self.writer {
+            Some((_, results)) => results.recv().unwrap_or(false),
+            None => true,
+        }
+    }
+
+    /// Waits for the batch being written: then the store has everything.
+    fn drain(&mut self) {
+        self.wait();
+        self.prev = pass::Overlay::default();
+    }
+}
+
+impl Request {
+    /// Whether applying it reads the store beyond keys a batch overlay
+    /// tracks (so it must not be built while a batch is being written).
+    fn scans_store(&self) -> bool {
+        matches!(
+            self,
+            Request::Expire { .. } | Request::DeleteMessages { .. } | Request::Purge { .. }
+        )
     }
 }
 
@@ -398,11 +527,16 @@ impl Upkeep {
         }
     }
 
+    /// Whether [`Upkeep::run`] has something to do.
+    fn due(&self) -> bool {
+        self.last_check.elapsed() >= UPKEEP_INTERVAL
+    }
+
     /// At most every [`UPKEEP_INTERVAL`]: measures free space (so SENDs are
     /// refused below the reserve) and, while a failed write is not recovered
     /// and there is room again, reopens the store.
     fn run(&mut self, c: &Committer) {
-        if self.last_check.elapsed() < UPKEEP_INTERVAL {
+        if !self.due() {
             return;
         }
         self.last_check = Instant::now();
@@ -457,14 +591,57 @@ fn resync(c: &Committer) {
 
 /// Applies, writes and completes one batch of requests.
 pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
+    let (built, _) = build_batch(c, requests, pass::Overlay::default());
+    write_batch(c, built);
+}
+
+/// A batch built and not written yet.
+struct Built<'c> {
+    /// What to write (`None`: nothing may be written, see [`pass::Pass::finish`]).
+    batch: Option<Batch<'c>>,
+    /// What to run once it is written (or not).
+    done: Vec<Completion>,
+    tally: Tally,
+    clock: StageClock,
+    /// Requests in it.
+    count: u64,
+}
+
+/// Applies `requests` (drained) to a new batch built on `prev`; returns it
+/// and what it changes.
+fn build_batch<'c>(
+    c: &'c Committer,
+    requests: &mut Vec<Request>,
+    prev: pass::Overlay,
+) -> (Built<'c>, pass::Overlay) {
     let count = requests.len() as u64;
-    let mut clock = StageClock::start(requests);
-    let mut pass = pass::Pass::new(c, now_ms(), requests.len());
+    let clock = StageClock::start(requests);
+    let mut pass = pass::Pass::new(c, now_ms(), requests.len(), prev);
     for req in requests.drain(..) {
         pass.apply(req);
     }
-    let (batch, done, tally) = pass.finish();
-    clock.lap(Stage::Batch);
+    let (batch, done, tally, overlay) = pass.finish();
+    let mut built = Built {
+        batch,
+        done,
+        tally,
+        clock,
+        count,
+    };
+    built.clock.lap(Stage::Batch);
+    (built, overlay)
+}
+
+/// Writes a built batch with one fsync and runs its completions; whether
+/// it was written.
+fn write_batch(c: &Committer, built: Built<'_>) -> bool {
+    let Built {
+        batch,
+        done,
+        tally,
+        mut clock,
+        count,
+    } = built;
     let started = std::time::Instant::now();
     let written = match batch {
         None => false,
@@ -486,6 +663,19 @@ pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
         complete(c, completion, written, &mut clock);
     }
     clock.record(&c.metrics);
+    written
+}
+
+/// Runs a built batch's completions as if its write had failed.
+fn refuse_batch(c: &Committer, built: Built<'_>) {
+    tracing::error!(
+        requests = built.count,
+        "the batch before this one was not written; this one is refused"
+    );
+    let mut clock = built.clock;
+    for completion in built.done {
+        complete(c, completion, false, &mut clock);
+    }
 }
 
 /// The stage histograms' view of one batch (`metrics::Stage`): the SENDs in
@@ -584,6 +774,9 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             if let Some(mb) = user.mailbox() {
                 mb.wake();
             }
+        }
+        Completion::SettledOtherwise { user } => {
+            user.other_settles.fetch_add(1, Ordering::Relaxed);
         }
         Completion::Settled { user, seq } | Completion::Unsettled { user, seq } => {
             // Nothing was written: the item is still queued; let a later ACK

@@ -72,9 +72,10 @@ impl Tally {
 }
 
 /// What requests of this batch changed, so later ones read it before the
-/// store.
+/// store; and, while this batch is being written, what the next batch reads
+/// before the store (see `commit`'s pipeline).
 #[derive(Default)]
-struct Overlay {
+pub(super) struct Overlay {
     /// Dedup records (None = deleted).
     dedup: HashMap<Vec<u8>, Option<Dedup>>,
     /// Inbox keys deleted.
@@ -112,6 +113,9 @@ pub(super) struct Pass<'c> {
     base: Overlay,
     /// What the current request changed.
     cur: Overlay,
+    /// What the batch before this one changed, if it may not be in the
+    /// store yet (it is being written while this one is built).
+    prev: Overlay,
     /// Completions of sealed requests, in order.
     done: Vec<Completion>,
     /// Completions of the current request.
@@ -125,12 +129,15 @@ pub(super) struct Pass<'c> {
 }
 
 impl<'c> Pass<'c> {
-    pub fn new(c: &'c Committer, now: u64, requests: usize) -> Pass<'c> {
+    /// A new batch, built on `prev` (what the batch being written changes;
+    /// empty when the store has everything).
+    pub fn new(c: &'c Committer, now: u64, requests: usize, prev: Overlay) -> Pass<'c> {
         Pass {
             c,
             batch: c.store.batch(),
             base: Overlay::default(),
             cur: Overlay::default(),
+            prev,
             done: Vec::with_capacity(requests * 2),
             pending: Vec::new(),
             tally: Tally::default(),
@@ -206,9 +213,10 @@ impl<'c> Pass<'c> {
     }
 
     /// The batch to write (`None` if its last writes could not be staged:
-    /// then nothing may be written), the completions to run after it, and
-    /// its counters.
-    pub fn finish(mut self) -> (Option<Batch<'c>>, Vec<Completion>, Tally) {
+    /// then nothing may be written), the completions to run after it, its
+    /// counters, and what it changes (for the batch built while it is
+    /// written).
+    pub fn finish(mut self) -> (Option<Batch<'c>>, Vec<Completion>, Tally, Overlay) {
         let batch = match self.write_refs() {
             Ok(()) => {
                 self.batch.seal();
@@ -219,7 +227,7 @@ impl<'c> Pass<'c> {
                 None
             }
         };
-        (batch, self.done, self.tally)
+        (batch, self.done, self.tally, self.base)
     }
 
     /// The new reference count of each group message released in this
@@ -252,7 +260,9 @@ impl<'c> Pass<'c> {
     }
 
     pub fn get_dedup(&self, key: &[u8]) -> Result<Option<Dedup>> {
-        if let Some(d) = self.cur.dedup.get(key).or_else(|| self.base.dedup.get(key)) {
+        let d = self.cur.dedup.get(key);
+        let d = d.or_else(|| self.base.dedup.get(key));
+        if let Some(d) = d.or_else(|| self.prev.dedup.get(key)) {
             return Ok(d.clone());
         }
         Ok(self
@@ -295,9 +305,12 @@ impl<'c> Pass<'c> {
         self.store().get(CF_INBOX, key)
     }
 
-    /// Whether this batch deleted the inbox item `key`.
+    /// Whether this batch (or the one being written) deleted the inbox item
+    /// `key`.
     pub fn inbox_deleted(&self, key: &[u8]) -> bool {
-        self.cur.deleted.contains(key) || self.base.deleted.contains(key)
+        [&self.cur, &self.base, &self.prev]
+            .iter()
+            .any(|o| o.deleted.contains(key))
     }
 
     /// Deletes an inbox item (the caller deletes its expiry entry).
@@ -333,7 +346,7 @@ impl<'c> Pass<'c> {
             .into_iter()
             .map(|(k, v)| (k, Some(Arc::from(v))))
             .collect();
-        for overlay in [&self.base.history, &self.cur.history] {
+        for overlay in [&self.prev.history, &self.base.history, &self.cur.history] {
             for (k, v) in overlay.range(prefix.clone()..end.clone()) {
                 all.insert(k.clone(), v.clone());
             }
@@ -343,10 +356,9 @@ impl<'c> Pass<'c> {
 
     /// A group message's reference count as this batch sees it.
     pub fn refs(&self, msgno: u64) -> Option<u32> {
-        self.cur
-            .refs
-            .get(&msgno)
-            .or_else(|| self.base.refs.get(&msgno))
+        [&self.cur, &self.base, &self.prev]
+            .iter()
+            .find_map(|o| o.refs.get(&msgno))
             .copied()
     }
 
@@ -363,12 +375,10 @@ impl<'c> Pass<'c> {
     }
 
     pub fn get_receipt(&self, key: &[u8]) -> Result<Option<(u64, u8)>> {
-        if let Some(r) = self
-            .cur
-            .receipts
-            .get(key)
-            .or_else(|| self.base.receipts.get(key))
-        {
+        let found = [&self.cur, &self.base, &self.prev]
+            .iter()
+            .find_map(|o| o.receipts.get(key));
+        if let Some(r) = found {
             return Ok(*r);
         }
         Ok(self

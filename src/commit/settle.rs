@@ -114,7 +114,7 @@ impl Pass<'_> {
         how: Settle,
     ) -> Result<()> {
         if how != Settle::Acked {
-            user.other_settles.fetch_add(1, Ordering::Relaxed);
+            self.then(Completion::SettledOtherwise { user: user.clone() });
         }
         if !matches!(view, ItemView::Ref(r) if r.shared_expiry) {
             let entry = expiry_key(view.expire_at(), EXPIRE_ITEM, &key);

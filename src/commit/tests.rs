@@ -628,3 +628,104 @@ fn dedup_records_expire_by_point_deletes() {
     let left = f.c.store.keys_in(CF_DEDUP, &[], &[0xff]).unwrap();
     assert_eq!(left, vec![stranger]);
 }
+
+/// A pipeline whose writer is the test: batches handed over are taken from
+/// the returned channel and written with `write_batch`; the test answers
+/// for each on the other one.
+fn pipeline(f: &Fixture) -> (Pipeline<'_>, Receiver<Built<'_>>, Sender<bool>) {
+    let (jobs, taken) = channel::bounded(1);
+    let (answer, results) = channel::bounded(1);
+    (Pipeline::new(&f.c, Some((jobs, results))), taken, answer)
+}
+
+#[test]
+fn a_batch_built_while_the_one_before_is_written_sees_its_changes() {
+    let f = fixture(&["alice", "bob"]);
+    let (mut pipe, taken, answer) = pipeline(&f);
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    let first = taken.try_recv().expect("handed to the writer");
+    assert!(!stored(&f, "alice", 1), "not written yet");
+    // The writer's answer for the first batch, given ahead: the second is
+    // built before the first is written, and handed over after.
+    answer.send(true).unwrap();
+    // Alice's retry of the same ID, built on the first batch's changes.
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    assert!(write_batch(&f.c, first));
+    let second = taken.try_recv().expect("handed to the writer");
+    assert!(write_batch(&f.c, second));
+    assert_eq!(
+        answers(&f),
+        vec![(1, Some(StatusCode::SENT)), (1, Some(StatusCode::SENT))]
+    );
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1, "stored once");
+    assert_eq!(f.c.metrics.deduplicated.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn an_ack_repeated_while_the_first_is_written_settles_once() {
+    let f = fixture(&["alice", "bob"]);
+    let bob = f.c.dir.user("bob").unwrap();
+    let alice = f.c.dir.user("alice").unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    bob.attached.store(Some(mb.clone()));
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let item = mb.pop_durable().expect("pushed after commit");
+    // As the session records an item it wrote: the ACK may settle from it.
+    bob.inflight().insert(
+        item.seq,
+        crate::directory::Inflight {
+            priority: 0,
+            acking: true,
+            written_us: 0,
+            item: Some(item.clone()),
+        },
+    );
+    let ack = || Request::Ack {
+        user: bob.clone(),
+        items: vec![(item.seq, 0)],
+    };
+    let (mut pipe, taken, answer) = pipeline(&f);
+    pipe.commit(&mut vec![ack()]);
+    let first = taken.try_recv().unwrap();
+    answer.send(true).unwrap();
+    // Built while the first is not written: the in-flight entry is still
+    // there (its removal is a completion of the first batch).
+    pipe.commit(&mut vec![ack()]);
+    assert!(write_batch(&f.c, first));
+    assert!(write_batch(&f.c, taken.try_recv().unwrap()));
+    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 1);
+    assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
+    // One DELIVERED for alice, not two.
+    assert_eq!(alice.queued.load(Ordering::Relaxed), 1);
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
+}
+
+#[test]
+fn a_batch_built_on_one_whose_write_failed_is_refused() {
+    let f = fixture(&["alice", "bob"]);
+    let (mut pipe, taken, answer) = pipeline(&f);
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    let first = taken.try_recv().unwrap();
+    // The first batch's write fails.
+    let db = f.c.store.swap_db(None);
+    assert!(!write_batch(&f.c, first));
+    f.c.store.swap_db(db);
+    answer.send(false).unwrap();
+    // Alice's retry was built on what the failed batch would have stored:
+    // answering it SENT from there would lose the message.
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    assert!(taken.try_recv().is_err(), "not handed to the writer");
+    assert_eq!(
+        answers(&f),
+        vec![
+            (1, Some(StatusCode::OVERLOADED)),
+            (1, Some(StatusCode::OVERLOADED))
+        ]
+    );
+    assert!(!stored(&f, "alice", 1));
+    // The next retry is built on the store alone, and stored.
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    assert!(write_batch(&f.c, taken.try_recv().unwrap()));
+    assert_eq!(answers(&f), vec![(1, Some(StatusCode::SENT))]);
+    assert!(stored(&f, "alice", 1));
+}

@@ -173,6 +173,15 @@ impl Store {
         })
     }
 
+    /// Takes the database handle out (`None`: every operation then fails
+    /// with [`StoreError::Unavailable`]) or puts it back; for tests of what
+    /// follows a failed write.
+    #[cfg(test)]
+    pub(crate) fn swap_db(&self, db: Option<Arc<DB>>) -> Option<Arc<DB>> {
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *slot, db)
+    }
+
     /// Why writes fail, since the first failed write and until a
     /// [`Store::reopen`] succeeds; `None` when healthy.
     pub fn fault(&self) -> Option<String> {
