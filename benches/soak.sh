@@ -35,8 +35,18 @@ PID=$!
 until curl -s -o /dev/null 127.0.0.1:17781/healthz; do sleep 0.1; done
 
 sample() {
+    # RocksDB's own view (summed over column families, MiB): the SST files,
+    # the live data in them, what compaction still has to rewrite; and how
+    # late the expiry sweep is.
+    local m
+    m=$(curl -s 127.0.0.1:17781/metrics || true)
+    sum() { awk -v n="$1" 'index($0, n "{") == 1 {s += $2} END {printf "%d", s / 1048576}' <<<"$m"; }
     echo "$(date -u +%T) rss_kib=$(awk '/VmRSS/{print $2}' /proc/$PID/status)" \
-        "db_kib=$(du -sk "$W/data/db" | cut -f1)"
+        "db_kib=$(du -sk "$W/data/db" | cut -f1)" \
+        "sst_mib=$(sum tern_store_sst_bytes) live_mib=$(sum tern_store_live_bytes)" \
+        "pending_mib=$(sum tern_store_pending_compaction_bytes)" \
+        "l0=$(awk 'index($0, "tern_store_l0_files{") == 1 {s += $2} END {print s + 0}' <<<"$m")" \
+        "expiry_lag_ms=$(awk '$1 == "tern_expiry_lag_ms" {print $2}' <<<"$m")"
 }
 echo "start: rate $RATE msgs/s, $DUR s, server pid $PID, flags: ${SERVER_FLAGS:-none}"
 (while kill -0 "$PID" 2>/dev/null; do sample; sleep 60; done) &

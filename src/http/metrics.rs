@@ -172,6 +172,7 @@ pub fn render(core: &Backend) -> Reply {
         "From acceptance (TIME) to the MSG being written to the recipient.",
         &m.delivery_latency,
     );
+    store_stats(&mut out, core);
     stages(&mut out, m);
     Reply {
         status: 200,
@@ -233,4 +234,55 @@ fn quantiles(out: &mut String, name: &str, labels: &str, h: &Mutex<Option<Histog
         out,
         "{name}_sum{braced} {sum}\n{name}_count{braced} {count}"
     );
+}
+
+/// RocksDB's figures per column family (`tern_store_*{cf=…}`): whether
+/// compaction keeps up with the deletes. Left out while the store is down.
+fn store_stats(out: &mut String, core: &Backend) {
+    if let Ok(first) = core.store().first_expiry() {
+        let late = first.map_or(0, |t| crate::clock::now_ms().saturating_sub(t));
+        metric(
+            out,
+            "tern_expiry_lag_ms",
+            "gauge",
+            "How long the earliest expiry-index entry (item or dedup record) has been due, ms: 0 while the sweeper keeps up.",
+            late,
+        );
+    }
+    let Ok(stats) = core.store().cf_stats() else {
+        return;
+    };
+    type Field = fn(&crate::store::CfStats) -> u64;
+    let gauges: [(&str, &str, Field); 6] = [
+        (
+            "tern_store_sst_bytes",
+            "Bytes in the column family's SST files.",
+            |s| s.sst_bytes,
+        ),
+        (
+            "tern_store_live_bytes",
+            "RocksDB's estimate of the live data in those files (the rest awaits compaction).",
+            |s| s.live_bytes,
+        ),
+        (
+            "tern_store_pending_compaction_bytes",
+            "Bytes compaction estimates it must still rewrite.",
+            |s| s.pending_compaction_bytes,
+        ),
+        ("tern_store_l0_files", "Files in level 0.", |s| s.l0_files),
+        ("tern_store_memtable_bytes", "Bytes in memtables.", |s| {
+            s.memtable_bytes
+        }),
+        (
+            "tern_store_keys",
+            "Estimated keys, tombstones not yet compacted away included.",
+            |s| s.keys,
+        ),
+    ];
+    for (name, help, field) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for s in &stats {
+            let _ = writeln!(out, "{name}{{cf=\"{}\"}} {}", s.name, field(s));
+        }
+    }
 }

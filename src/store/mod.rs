@@ -74,6 +74,26 @@ pub type Listed = (u64, u8, bool, Arc<[u8]>);
 /// A stored group: its name and its (member, permission bits).
 pub type GroupRecord = (String, Vec<(String, u8)>);
 
+/// One column family's figures from RocksDB ([`Store::cf_stats`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CfStats {
+    pub name: &'static str,
+    /// Bytes in its SST files.
+    pub sst_bytes: u64,
+    /// RocksDB's estimate of the live data in them (the rest is deleted
+    /// or overwritten data that compaction has yet to drop).
+    pub live_bytes: u64,
+    /// Bytes compaction estimates it must rewrite to bring every level
+    /// back under its target size.
+    pub pending_compaction_bytes: u64,
+    /// Files in level 0.
+    pub l0_files: u64,
+    /// Bytes in its memtables.
+    pub memtable_bytes: u64,
+    /// Estimated keys (counting tombstones not compacted away).
+    pub keys: u64,
+}
+
 /// The open database. Cheap to share: wrap it in an `Arc`.
 ///
 /// The RocksDB handle can be swapped: after a failed write RocksDB stays in
@@ -624,9 +644,24 @@ impl Store {
 
     /// Up to `limit` expiry-index keys due at or before `now_ms`, oldest first.
     pub fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<Box<[u8]>>> {
+        self.due_expiries_from(None, now_ms, limit)
+    }
+
+    /// [`Store::due_expiries`] from `from` on (inclusive): a sweep that
+    /// resumes where the last one stopped does not step again over the
+    /// tombstones of every key swept since the last compaction.
+    pub fn due_expiries_from(
+        &self,
+        from: Option<&[u8]>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Box<[u8]>>> {
         let db = self.db()?;
         let cf = cf(&db, CF_EXPIRY)?;
         let mut ro = ReadOptions::default();
+        if let Some(from) = from {
+            ro.set_iterate_lower_bound(from.to_vec());
+        }
         ro.set_iterate_upper_bound(now_ms.saturating_add(1).to_be_bytes().to_vec());
         let mut it = db.raw_iterator_cf_opt(cf, ro);
         it.seek_to_first();
@@ -640,6 +675,43 @@ impl Store {
         }
         it.status()?;
         Ok(due)
+    }
+
+    /// RocksDB's own figures for each column family, for /metrics: what
+    /// its files hold, what compaction still has to do.
+    pub fn cf_stats(&self) -> Result<Vec<CfStats>> {
+        let db = self.db()?;
+        let mut out = Vec::with_capacity(ALL_CFS.len());
+        for name in ALL_CFS {
+            let handle = cf(&db, name)?;
+            let prop =
+                |p: &str| -> Result<u64> { Ok(db.property_int_value_cf(handle, p)?.unwrap_or(0)) };
+            out.push(CfStats {
+                name,
+                sst_bytes: prop("rocksdb.total-sst-files-size")?,
+                live_bytes: prop("rocksdb.estimate-live-data-size")?,
+                pending_compaction_bytes: prop("rocksdb.estimate-pending-compaction-bytes")?,
+                l0_files: prop("rocksdb.num-files-at-level0")?,
+                memtable_bytes: prop("rocksdb.cur-size-all-mem-tables")?,
+                keys: prop("rocksdb.estimate-num-keys")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The time (ms since the epoch) of the earliest expiry-index entry.
+    pub fn first_expiry(&self) -> Result<Option<u64>> {
+        let db = self.db()?;
+        let cf = cf(&db, CF_EXPIRY)?;
+        let mut it = db.raw_iterator_cf(cf);
+        it.seek_to_first();
+        let first = it
+            .key()
+            .and_then(|k| k.get(..8))
+            .and_then(|t| t.try_into().ok())
+            .map(u64::from_be_bytes);
+        it.status()?;
+        Ok(first)
     }
 
     /// Point read in a column family.

@@ -382,4 +382,17 @@ fn stage_histograms_count_each_durable_message() {
             .unwrap();
         assert!(count >= 3, "stage {stage}: {count} samples, expected 3");
     }
+    // RocksDB's figures: the three dedup records (and their expiry entries)
+    // are counted, and nothing is overdue.
+    let gauge = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name:?} in /metrics"))
+            .parse()
+            .unwrap()
+    };
+    assert!(gauge("tern_store_keys{cf=\"dedup\"}") >= 3);
+    assert!(gauge("tern_store_keys{cf=\"expiry\"}") >= 3);
+    assert_eq!(gauge("tern_store_l0_files{cf=\"groups\"}"), 0);
+    assert_eq!(gauge("tern_expiry_lag_ms"), 0);
 }
