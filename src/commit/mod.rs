@@ -179,6 +179,14 @@ pub struct CommitQueue {
     rx: Receiver<Request>,
 }
 
+#[cfg(test)]
+impl CommitQueue {
+    /// The raw queue, for a test that plays the commit thread.
+    pub fn into_receiver(self) -> Receiver<Request> {
+        self.rx
+    }
+}
+
 /// A new commit queue.
 pub fn queue() -> (Commit, CommitQueue) {
     let (tx, rx) = channel::bounded(QUEUE_CAPACITY);
