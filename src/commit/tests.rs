@@ -729,3 +729,52 @@ fn a_batch_built_on_one_whose_write_failed_is_refused() {
     assert_eq!(answers(&f), vec![(1, Some(StatusCode::SENT))]);
     assert!(stored(&f, "alice", 1));
 }
+
+/// An operator's delete being written, and the recipient's ACK of the same
+/// item built meanwhile: the delete's completions have not run, so the
+/// session's copy still looks current; the ACK must see the delete in the
+/// batch being written and settle nothing.
+#[test]
+fn an_ack_built_while_its_items_delete_is_written_settles_nothing() {
+    let f = fixture(&["alice", "bob"]);
+    let bob = f.c.dir.user("bob").unwrap();
+    let alice = f.c.dir.user("alice").unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    bob.attached.store(Some(mb.clone()));
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let item = mb.pop_durable().expect("pushed after commit");
+    bob.inflight().insert(
+        item.seq,
+        crate::directory::Inflight {
+            priority: 0,
+            acking: true,
+            written_us: 0,
+            item: Some(item.clone()),
+        },
+    );
+    let (done, deleted) = channel::bounded(1);
+    let filter = MessageFilter::Id {
+        from: "alice".into(),
+        id: 1,
+    };
+    let (mut pipe, taken, answer) = pipeline(&f);
+    pipe.commit(&mut vec![Request::DeleteMessages {
+        user: bob.clone(),
+        filter,
+        done,
+    }]);
+    let first = taken.try_recv().unwrap();
+    answer.send(true).unwrap();
+    pipe.commit(&mut vec![Request::Ack {
+        user: bob.clone(),
+        items: vec![(item.seq, 0)],
+    }]);
+    assert!(write_batch(&f.c, first));
+    assert_eq!(deleted.recv().unwrap(), 1);
+    assert!(write_batch(&f.c, taken.try_recv().unwrap()));
+    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 0);
+    assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
+    // Alice is owed DELETED, and nothing else.
+    assert_eq!(alice.queued.load(Ordering::Relaxed), 1);
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
+}
