@@ -116,6 +116,11 @@ pub struct Store {
     free: AtomicU64,
     /// Whether `free < min_free` at the last check.
     low: AtomicBool,
+    /// The earliest due time (ms) of the expiry-index entries written since
+    /// the sweeper last asked ([`Store::take_expiry_floor`]); `u64::MAX`:
+    /// none. The sweeper resumes after the last key it handed over, and
+    /// this tells it when an entry was written behind that point.
+    expiry_floor: AtomicU64,
 }
 
 impl Store {
@@ -129,7 +134,14 @@ impl Store {
             min_free: AtomicU64::new(0),
             free: AtomicU64::new(u64::MAX),
             low: AtomicBool::new(false),
+            expiry_floor: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// The earliest due time of the expiry-index entries written since the
+    /// last call, if any were.
+    pub fn take_expiry_floor(&self) -> Option<u64> {
+        Some(self.expiry_floor.swap(u64::MAX, Ordering::AcqRel)).filter(|&t| t != u64::MAX)
     }
 
     /// Sets the free-space reserve (`min_free_space`), in bytes.
@@ -705,11 +717,7 @@ impl Store {
         let cf = cf(&db, CF_EXPIRY)?;
         let mut it = db.raw_iterator_cf(cf);
         it.seek_to_first();
-        let first = it
-            .key()
-            .and_then(|k| k.get(..8))
-            .and_then(|t| t.try_into().ok())
-            .map(u64::from_be_bytes);
+        let first = it.key().map(expiry_due);
         it.status()?;
         Ok(first)
     }
@@ -892,6 +900,36 @@ struct Op {
     vlen: usize,
 }
 
+/// Where [`CF_EXPIRY`] is in [`ALL_CFS`] (what [`Op::cf`] holds).
+const EXPIRY_CF_INDEX: usize = {
+    let mut i = 0;
+    while !same(ALL_CFS[i].as_bytes(), CF_EXPIRY.as_bytes()) {
+        i += 1;
+    }
+    i
+};
+
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The due time (ms) an expiry-index key starts with.
+fn expiry_due(key: &[u8]) -> u64 {
+    key.get(..8)
+        .and_then(|t| t.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 /// A write batch that takes column families by name, built one request at a
 /// time: changes are staged until [`Batch::seal`] keeps them, or
 /// [`Batch::rollback`] drops them. So a request that fails part-way leaves
@@ -975,16 +1013,28 @@ impl Batch<'_> {
             .map(|&name| cf(&db, name))
             .collect::<Result<Vec<_>>>()?;
         let mut batch = WriteBatch::with_capacity_bytes(self.sealed.1 + 16 * self.sealed.0);
+        let mut floor = u64::MAX;
         for op in &self.ops[..self.sealed.0] {
             let key = &self.bytes[op.at..op.at + op.klen];
             let value = &self.bytes[op.at + op.klen..op.at + op.klen + op.vlen];
             let handle = handles[op.cf];
             match op.kind {
-                OpKind::Put => batch.put_cf(handle, key, value),
+                OpKind::Put => {
+                    if op.cf == EXPIRY_CF_INDEX {
+                        floor = floor.min(expiry_due(key));
+                    }
+                    batch.put_cf(handle, key, value)
+                }
                 OpKind::Delete => batch.delete_cf(handle, key),
                 OpKind::DeleteRange => batch.delete_range_cf(handle, key, value),
             }
         }
-        self.store.write(&db, batch, sync)
+        let written = self.store.write(&db, batch, sync);
+        // After the write, failed or not (a failed synced write may still
+        // reach the disk): a sweep that asks later sees these entries.
+        if floor != u64::MAX {
+            self.store.expiry_floor.fetch_min(floor, Ordering::AcqRel);
+        }
+        written
     }
 }
