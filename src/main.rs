@@ -10,6 +10,11 @@ use tern::cli;
 use tern::config::{generate_config, Config, LogFormat, ServeArgs};
 use tern::server::Server;
 
+/// jemalloc for the whole process: the feature `unprefixed_malloc_…` makes
+/// it RocksDB's `malloc` too (see Cargo.toml for the soak that chose it).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// tern: a self-hosted messaging server with exactly-once delivery.
 #[derive(Parser)]
 #[command(version, about)]
@@ -99,6 +104,13 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let config = Config::load(args)?;
     init_tracing(&config)?;
+    // jemalloc hands free pages back to the OS from threads of its own, on a
+    // timer. Without them it purges only when something allocates, and an
+    // idle server would keep what a burst left (docs/operations.md › Memory
+    // bounds).
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "jemalloc's background threads did not start");
+    }
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing the SIGINT/SIGTERM/SIGHUP handlers")?;
     let server = Server::start(config)?;

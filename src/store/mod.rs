@@ -785,7 +785,10 @@ const BLOCK_CACHE: usize = 64 << 20;
 /// Hands the C heap's free memory back to the OS. RocksDB allocates its
 /// memtables and blocks with the C library's malloc, which keeps what they
 /// free for reuse; after a burst is delivered that is 100-200 MiB that no
-/// one needs. The commit thread calls this when it goes idle.
+/// one needs. The commit thread calls this when it goes idle. The `tern`
+/// binary's allocator is jemalloc (src/main.rs), which returns free pages
+/// on its own within seconds; there this finds glibc's heap all but empty.
+/// It stays for programs that link the library with glibc's malloc.
 #[allow(unsafe_code)]
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
