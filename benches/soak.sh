@@ -54,6 +54,6 @@ SAMPLER=$!
 
 "$PB" durable-1to1 --target tern --addr 127.0.0.1:17711 --duration "$DUR" --warmup 1 \
     --drain 5 --size 256 --pairs 50 --window 64 --rate "$RATE" --server-pid "$PID" \
-    --http 127.0.0.1:17781 --admin-token soak 2>&1 >/dev/null | tail -2
+    --http 127.0.0.1:17781 --admin-token soak 2>&1 >/dev/null | tail -3
 sample
 curl -s 127.0.0.1:17781/metrics | grep -E '^tern_stage_seconds\{stage="(queue|batch|sync|total)"|^tern_queue_depth'
