@@ -1,5 +1,6 @@
 //! The server clock. Only the edges read it (event loops, the commit thread,
-//! the sweeper, HTTP handlers); the session is handed `now` instead.
+//! the sweeper, HTTP handlers, the dedup family's compaction filter); the
+//! session is handed `now` instead.
 
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

@@ -99,7 +99,7 @@ mod layers {
         ("admission", &[]),
         ("tls", &[]),
         ("config", &["wire"]),
-        ("store", &["wire"]),
+        ("store", &["clock", "wire"]),
         ("mailbox", &["store", "wire"]),
         ("directory", &["clock", "mailbox", "store", "wire"]),
         (

@@ -259,16 +259,19 @@ impl<'c> Pass<'c> {
         self.pending.push(completion);
     }
 
+    /// The dedup record of a send, unless it is past its `until` (then
+    /// it is as good as gone, whether compaction dropped it yet or not).
     pub fn get_dedup(&self, key: &[u8]) -> Result<Option<Dedup>> {
         let d = self.cur.dedup.get(key);
         let d = d.or_else(|| self.base.dedup.get(key));
-        if let Some(d) = d.or_else(|| self.prev.dedup.get(key)) {
-            return Ok(d.clone());
-        }
-        Ok(self
-            .store()
-            .get(CF_DEDUP, key)?
-            .and_then(|v| Dedup::decode(&v)))
+        let d = match d.or_else(|| self.prev.dedup.get(key)) {
+            Some(d) => d.clone(),
+            None => self
+                .store()
+                .get(CF_DEDUP, key)?
+                .and_then(|v| Dedup::decode(&v)),
+        };
+        Ok(d.filter(|d| !d.forgotten(self.now)))
     }
 
     pub fn put_dedup(&mut self, key: Vec<u8>, d: Dedup) -> Result<()> {

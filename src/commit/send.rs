@@ -15,16 +15,16 @@ use crate::store::Result;
 use crate::wire::{flags, StatusCode};
 
 impl Pass<'_> {
-    /// Records an accepted SEND for duplicate detection until `until` (ms);
-    /// `receipts`: member receipts may be stored under its key.
-    fn remember(&mut self, key: Vec<u8>, until: u64, record: Dedup, receipts: bool) -> Result<()> {
-        let kind = if receipts {
-            EXPIRE_DEDUP
-        } else {
-            EXPIRE_DEDUP_ONLY
-        };
-        self.batch
-            .put(CF_EXPIRY, &expiry_key(until, kind, &key), &[])?;
+    /// Records an accepted SEND for duplicate detection until its
+    /// `record.until`. A record with member receipts (`receipts`) gets an
+    /// expiry entry, whose sweep deletes the receipts with it; any other is
+    /// dropped by compaction once it is past `until` (and a look-up treats
+    /// it as gone from then on): no expiry entry to write, sweep and delete.
+    fn remember(&mut self, key: Vec<u8>, record: Dedup, receipts: bool) -> Result<()> {
+        if receipts {
+            let entry = expiry_key(record.until, EXPIRE_DEDUP, &key);
+            self.batch.put(CF_EXPIRY, &entry, &[])?;
+        }
         self.put_dedup(key, record)
     }
 
@@ -101,9 +101,10 @@ impl Pass<'_> {
                 time: req.time,
                 expire_at: req.expire_at,
                 recipient: to.to_string(),
+                until: req.dedup_until,
             };
             let receipts = group && req.flags & flags::READ_RECEIPT != 0;
-            self.remember(key, req.dedup_until, record, receipts)?;
+            self.remember(key, record, receipts)?;
         }
         self.cur_tally.accepted += 1;
         self.then(Completion::Reply {

@@ -588,9 +588,11 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
 }
 
 /// Dedup records expire by point deletes, never by a range delete (range
-/// tombstones slow every later look-up in the family): the expiry of a 1:1
-/// send's record leaves alone a key that sorts under it but is not its own,
-/// and a group send with READ_RECEIPT still loses its member receipts.
+/// tombstones slow every later look-up in the family): a group send with
+/// READ_RECEIPT has the one dedup expiry entry, and its sweep removes the
+/// record and its member receipts but leaves alone a key that sorts under
+/// a record without being its receipt. A 1:1 send's record has no expiry
+/// entry at all (compaction drops it: the next test).
 #[test]
 fn dedup_records_expire_by_point_deletes() {
     use crate::store::keys::*;
@@ -598,7 +600,7 @@ fn dedup_records_expire_by_point_deletes() {
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let receipts = group_send(&f, "alice", &["bob", "carol"], 2, 0, flags::READ_RECEIPT);
     commit_batch(&f.c, &mut vec![receipts]);
-    // Not a receipt of send 1: nothing but a range delete would reach it.
+    // Not a receipt of send 2: nothing but a range delete would reach it.
     let stranger = member_receipt_key("alice", 1, "zed");
     let mut b = f.c.store.batch();
     b.put(CF_DEDUP, &stranger, &[0; 9]).unwrap();
@@ -621,12 +623,67 @@ fn dedup_records_expire_by_point_deletes() {
                 )
             })
             .collect();
-    assert_eq!(due.len(), 2);
+    assert_eq!(due.len(), 1, "only the group send with receipts");
     let (done, _) = channel::bounded(1);
     commit_batch(&f.c, &mut vec![Request::Expire { keys: due, done }]);
-    assert!(!stored(&f, "alice", 1) && !stored(&f, "alice", 2));
+    assert!(stored(&f, "alice", 1) && !stored(&f, "alice", 2));
     let left = f.c.store.keys_in(CF_DEDUP, &[], &[0xff]).unwrap();
-    assert_eq!(left, vec![stranger]);
+    assert_eq!(left, vec![dedup_key("alice", 1), stranger]);
+}
+
+/// A send whose dedup window is over: a repeat of its ID is a new message
+/// (whether compaction has dropped the record yet or not), and compaction
+/// drops the record, and only it: not a record still inside its window, a
+/// member receipt, nor a record of an earlier version (no `until`: its
+/// expiry entry deletes it).
+#[test]
+fn dedup_records_past_their_window_are_forgotten_and_compacted_away() {
+    use crate::store::record::Dedup;
+    let f = fixture(&["alice", "bob"]);
+    let past = |id| {
+        let mut req = accept(&f, "alice", None, id, 0, flags::SEND_DEFAULT);
+        req.dedup_until = req.time; // over by the time the batch runs
+        Request::Send(SendRequest {
+            accept: req,
+            recipient: f.c.dir.user("bob").unwrap(),
+        })
+    };
+    commit_batch(&f.c, &mut vec![past(1), send(&f, "alice", "bob", 2)]);
+    assert_eq!(
+        answers(&f),
+        [(1, Some(StatusCode::SENT)), (2, Some(StatusCode::SENT))]
+    );
+    commit_batch(&f.c, &mut vec![past(1), send(&f, "alice", "bob", 2)]);
+    assert_eq!(
+        f.c.metrics.accepted.load(Ordering::Relaxed),
+        3,
+        "the repeat of 1 is a new message, that of 2 a duplicate"
+    );
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 3);
+    let old = Dedup {
+        status: StatusCode::SENT,
+        flags: 0,
+        priority: 0,
+        seq: 1,
+        time: 1,
+        expire_at: 1,
+        recipient: "bob".into(),
+        until: 0,
+    };
+    let receipt = crate::store::keys::member_receipt_key("alice", 2, "bob");
+    let mut b = f.c.store.batch();
+    b.put(CF_DEDUP, &dedup_key("alice", 3), &old.encode())
+        .unwrap();
+    b.put(CF_DEDUP, &receipt, &[0; 9]).unwrap();
+    b.seal();
+    b.commit(true).unwrap();
+    assert!(stored(&f, "alice", 1));
+    f.c.store.compact(CF_DEDUP).unwrap();
+    let left = f.c.store.keys_in(CF_DEDUP, &[], &[0xff]).unwrap();
+    assert_eq!(
+        left,
+        vec![dedup_key("alice", 2), receipt, dedup_key("alice", 3)]
+    );
 }
 
 /// A pipeline whose writer is the test: batches handed over are taken from

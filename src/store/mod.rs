@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use rocksdb::compaction_filter::Decision as CompactionDecision;
 use rocksdb::{
     BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor,
     LruCacheOptions, Options, ReadOptions, WriteBatch, WriteOptions, DB,
@@ -760,6 +761,16 @@ impl Store {
         Ok(flushed)
     }
 
+    /// Flushes one column family's memtables and compacts all of it (for
+    /// tests and diagnostics: compaction filters run over every key).
+    pub fn compact(&self, name: &'static str) -> Result<()> {
+        let db = self.db()?;
+        let cf = cf(&db, name)?;
+        db.flush_cf(cf)?;
+        db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
     /// Flushes memtables and the WAL (used at clean shutdown).
     pub fn flush(&self) -> Result<()> {
         let db = self.db()?;
@@ -859,9 +870,33 @@ fn open_db(dir: &Path) -> Result<DB> {
             cf.add_compact_on_deletion_collector_factory(1024, 512, 0.5);
             cf.set_write_buffer_size(32 << 20);
         }
+        if name == CF_DEDUP {
+            cf.set_compaction_filter("tern-dedup-until", dedup_filter);
+            // Files no write pushes down are compacted (and their records
+            // past `until` dropped) at least once a day all the same.
+            cf.set_periodic_compaction_seconds(DEDUP_RECHECK_SECS);
+        }
         ColumnFamilyDescriptor::new(name, cf)
     });
     Ok(DB::open_cf_descriptors(&opts, dir, cfs)?)
+}
+
+/// How often, at the least, compaction looks at every dedup file.
+const DEDUP_RECHECK_SECS: u64 = 86_400;
+
+/// The `dedup` family's compaction filter: drops a record past its `until`
+/// (records of earlier versions, without one, wait for their expiry entry).
+/// Member receipts (longer keys) go with their record's expiry entry. A
+/// dropped key becomes a tombstone, so an older version of it in a lower
+/// level never comes back.
+fn dedup_filter(_level: u32, key: &[u8], value: &[u8]) -> CompactionDecision {
+    let record = key
+        .first()
+        .is_some_and(|&alen| key.len() == 1 + usize::from(alen) + 8);
+    match record.then(|| Dedup::decode(value)).flatten() {
+        Some(d) if d.forgotten(crate::clock::now_ms()) => CompactionDecision::Remove,
+        _ => CompactionDecision::Keep,
+    }
 }
 
 /// A column family of `db` by name.

@@ -21,6 +21,7 @@
 //!   seq:u64 state:u8 (0 queued, 1 delivered, 2 read)
 //! dedup value:
 //!   status:u8 flags:u32 priority:u8 seq:u64 time:u64 expire_at:u64 rlen:u8 recipient
+//!   until:u64 (absent in records of earlier versions, which have an expiry entry)
 //! ```
 //!
 //! `expire_at` is milliseconds since the Unix epoch; glen/mlen = 0 means absent.
@@ -350,6 +351,11 @@ pub struct Dedup {
     pub expire_at: u64,
     /// The recipient's address.
     pub recipient: String,
+    /// When duplicate detection forgets the send, ms: from then on the
+    /// record is as good as gone, and compaction drops it
+    /// ([`Dedup::forgotten`]). 0: kept until its expiry entry deletes it
+    /// (records of earlier versions, which did not store this).
+    pub until: u64,
 }
 
 impl Dedup {
@@ -363,7 +369,16 @@ impl Dedup {
         out.extend_from_slice(&self.time.to_be_bytes());
         out.extend_from_slice(&self.expire_at.to_be_bytes());
         push_str(&mut out, &self.recipient);
+        if self.until != 0 {
+            out.extend_from_slice(&self.until.to_be_bytes());
+        }
         out
+    }
+
+    /// Whether the record is past its `until` at `now_ms`: a look-up treats
+    /// it as absent, and compaction drops it.
+    pub fn forgotten(&self, now_ms: u64) -> bool {
+        self.until != 0 && self.until <= now_ms
     }
 
     /// Decodes a dedup value; `None` if corrupt.
@@ -377,6 +392,7 @@ impl Dedup {
             time: c.u64()?,
             expire_at: c.u64()?,
             recipient: c.str()?.to_owned(),
+            until: if c.0.is_empty() { 0 } else { c.u64()? },
         })
     }
 }
@@ -468,7 +484,13 @@ mod tests {
             time: 5,
             expire_at: 6,
             recipient: "bob".into(),
+            until: 0,
         };
-        assert_eq!(Dedup::decode(&d.encode()), Some(d));
+        // A record without `until`, as earlier versions wrote them.
+        assert_eq!(Dedup::decode(&d.encode()), Some(d.clone()));
+        let d = Dedup { until: 9, ..d };
+        assert_eq!(Dedup::decode(&d.encode()), Some(d.clone()));
+        assert!(!d.forgotten(8) && d.forgotten(9));
+        assert!(!Dedup { until: 0, ..d }.forgotten(u64::MAX));
     }
 }
