@@ -117,8 +117,7 @@ impl Admin {
                 Ok((false, token))
             }
             None => {
-                let user = Arc::new(User::new(address, name, self.dir.boot));
-                self.dir.insert_user(user);
+                self.dir.insert_user(self.dir.new_user(address, name));
                 Ok((true, token))
             }
         }

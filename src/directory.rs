@@ -24,6 +24,13 @@ use crate::store::{Item, Store, StoreError};
 /// Bits of a SEQ below the boot counter: each boot owns `boot << 40 ..`.
 pub const SEQ_BOOT_SHIFT: u32 = 40;
 
+/// How far past a removed user's last SEQ a user created again under the
+/// same address (in the same boot) starts: room for the SEQs the commit
+/// thread may still hand out to requests for the removed one that were
+/// queued before it went. An inbox key is written at most once (the
+/// store settles items with SingleDelete, which needs that).
+const RETIRED_SEQ_GAP: u64 = 1 << 24;
+
 /// SHA-256 of a token: the only form in which tokens are stored.
 pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
@@ -146,6 +153,9 @@ pub struct Directory {
     next_msgno: AtomicU64,
     /// This boot's number (see [`SEQ_BOOT_SHIFT`]).
     pub boot: u64,
+    /// address → the first SEQ of a user created again under the address
+    /// of one removed in this boot (see [`RETIRED_SEQ_GAP`]).
+    retired: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 impl Directory {
@@ -156,6 +166,7 @@ impl Directory {
             groups: papaya::HashMap::with_hasher(Default::default()),
             next_msgno: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
             boot,
+            retired: Mutex::new(HashMap::new()),
         }
     }
 
@@ -222,7 +233,23 @@ impl Directory {
 
     /// Forgets a user.
     pub fn remove_user(&self, address: &str) {
-        self.users.pin().remove(address);
+        if let Some(old) = self.users.pin().remove(address) {
+            let next = old.next_seq.load(Ordering::Relaxed) + RETIRED_SEQ_GAP;
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.insert(old.address.clone(), next);
+        }
+    }
+
+    /// A new user of this boot: its SEQs start after those of any user
+    /// removed under the same address in this boot, whose items may
+    /// still be stored (`remove_user`).
+    pub fn new_user(&self, address: &str, name: String) -> Arc<User> {
+        let user = User::new(address, name, self.boot);
+        let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&next) = retired.get(address) {
+            user.next_seq.fetch_max(next, Ordering::Relaxed);
+        }
+        Arc::new(user)
     }
 
     /// The group with this name, if it exists.
@@ -297,6 +324,28 @@ mod tests {
             send,
             recv: true,
         }
+    }
+
+    /// A user removed and created again in the same boot never gets a SEQ
+    /// the removed one had, nor one it may still be handed: an inbox key
+    /// is written at most once.
+    #[test]
+    fn a_user_created_again_does_not_reuse_a_seq() {
+        let dir = Directory::new(3);
+        dir.insert_user(dir.new_user("a", String::new()));
+        let old = dir.user("a").unwrap();
+        let mut last = 0;
+        for _ in 0..5 {
+            last = old.next_seq();
+        }
+        dir.remove_user("a");
+        let late = old.next_seq(); // a request queued before the removal
+        dir.insert_user(dir.new_user("a", String::new()));
+        let first = dir.user("a").unwrap().next_seq();
+        assert!(first > late && first > last, "{first} after {late}");
+        assert_eq!(first >> SEQ_BOOT_SHIFT, 3, "still this boot's SEQs");
+        let fresh = dir.new_user("b", String::new()).next_seq();
+        assert_eq!(fresh, (3 << SEQ_BOOT_SHIFT) | 1);
     }
 
     #[test]

@@ -318,7 +318,7 @@ impl<'c> Pass<'c> {
 
     /// Deletes an inbox item (the caller deletes its expiry entry).
     pub fn delete_inbox(&mut self, key: Vec<u8>) -> Result<()> {
-        self.batch.delete(CF_INBOX, &key)?;
+        self.batch.single_delete(CF_INBOX, &key)?;
         self.cur.deleted.insert(key);
         Ok(())
     }

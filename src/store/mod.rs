@@ -943,6 +943,8 @@ pub fn disk_size(path: &Path) -> std::io::Result<u64> {
 enum OpKind {
     Put,
     Delete,
+    /// A delete that cancels the key's one put (see [`Batch::single_delete`]).
+    SingleDelete,
     /// Key = from, value = to.
     DeleteRange,
 }
@@ -1043,6 +1045,14 @@ impl Batch<'_> {
         self.stage(OpKind::Delete, cf, key, &[])
     }
 
+    /// Stages the deletion of `key`, a key that was put once and never
+    /// overwritten (RocksDB's SingleDelete). Where that holds, the put and
+    /// this delete cancel out when their memtable is flushed: neither is
+    /// written to a file, and no tombstone is left for compaction.
+    pub fn single_delete(&mut self, cf: &'static str, key: &[u8]) -> Result<()> {
+        self.stage(OpKind::SingleDelete, cf, key, &[])
+    }
+
     /// Keeps the staged changes: they are part of the batch from now on.
     pub fn seal(&mut self) {
         self.sealed = (self.ops.len(), self.bytes.len());
@@ -1085,6 +1095,7 @@ impl Batch<'_> {
                     batch.put_cf(handle, key, value)
                 }
                 OpKind::Delete => batch.delete_cf(handle, key),
+                OpKind::SingleDelete => batch.single_delete_cf(handle, key),
                 OpKind::DeleteRange => batch.delete_range_cf(handle, key, value),
             }
         }
