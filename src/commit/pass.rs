@@ -248,7 +248,7 @@ impl<'c> Pass<'c> {
                 self.batch
                     .delete(CF_MESSAGES, &message_members_key(msgno))?;
                 let entry = expiry_key(at, EXPIRE_GROUP, &msgno.to_be_bytes());
-                self.batch.delete(CF_EXPIRY, &entry)?;
+                self.batch.single_delete(CF_EXPIRY, &entry)?;
             }
         }
         Ok(())

@@ -118,7 +118,7 @@ impl Pass<'_> {
         }
         if !matches!(view, ItemView::Ref(r) if r.shared_expiry) {
             let entry = expiry_key(view.expire_at(), EXPIRE_ITEM, &key);
-            self.batch.delete(CF_EXPIRY, &entry)?;
+            self.batch.single_delete(CF_EXPIRY, &entry)?;
         }
         self.then(Completion::Queued {
             user: user.clone(),
@@ -225,7 +225,7 @@ impl Pass<'_> {
 
     /// One expiry-index entry found due by the sweeper.
     pub(super) fn expire(&mut self, expiry: &[u8]) -> Result<()> {
-        self.batch.delete(CF_EXPIRY, expiry)?;
+        self.batch.single_delete(CF_EXPIRY, expiry)?;
         let Some((at, kind, key)) = parse_expiry_key(expiry) else {
             return Ok(());
         };
