@@ -64,6 +64,10 @@ pub struct Admin {
     max_group_size: usize,
     /// Serializes group changes (read-modify-write of a snapshot).
     group_admin: Mutex<()>,
+    /// Serializes creating and deleting users: a user created while one of
+    /// the same address is being deleted would otherwise start its SEQs
+    /// where the old one's still-stored items are (`Directory::new_user`).
+    user_admin: Mutex<()>,
 }
 
 impl Admin {
@@ -80,6 +84,7 @@ impl Admin {
             commit,
             max_group_size,
             group_admin: Mutex::new(()),
+            user_admin: Mutex::new(()),
         }
     }
 
@@ -94,6 +99,7 @@ impl Admin {
         if !crate::wire::is_valid_address(address) {
             return Err(UserError::InvalidAddress);
         }
+        let _admin = self.user_admin.lock().unwrap_or_else(|e| e.into_inner());
         let existing = self.dir.user(address);
         let token = new_token();
         let now = now_ms();
@@ -154,6 +160,7 @@ impl Admin {
     /// AUTH_FAILED, memberships removed, queued items deleted (their senders
     /// get STATUS DELETED). `false` if there is no such user.
     pub fn delete_user(&self, address: &str) -> Result<bool, StoreError> {
+        let _admin = self.user_admin.lock().unwrap_or_else(|e| e.into_inner());
         let Some(user) = self.dir.user(address) else {
             return Ok(false);
         };

@@ -27,9 +27,11 @@ pub const SEQ_BOOT_SHIFT: u32 = 40;
 /// How far past a removed user's last SEQ a user created again under the
 /// same address (in the same boot) starts: room for the SEQs the commit
 /// thread may still hand out to requests for the removed one that were
-/// queued before it went. An inbox key is written at most once (the
-/// store settles items with SingleDelete, which needs that).
-const RETIRED_SEQ_GAP: u64 = 1 << 24;
+/// queued before it went (the commit queue holds far fewer). An inbox key
+/// is written at most once (the store settles items with SingleDelete,
+/// which needs that). A boot's 2^40 SEQs per address thus allow about a
+/// million re-creations of one address per boot.
+const RETIRED_SEQ_GAP: u64 = 1 << 20;
 
 /// SHA-256 of a token: the only form in which tokens are stored.
 pub fn hash_token(token: &str) -> [u8; 32] {

@@ -1,6 +1,8 @@
 //! The expiry sweeper: a thread that reads the expiry index up to "now" and
 //! hands what is due to the commit thread, which deletes the items and stores
-//! EXPIRED statuses for their senders (or forgets old dedup records).
+//! EXPIRED statuses for their senders (or forgets the dedup record and
+//! member receipts of a group send with READ_RECEIPT; other dedup records
+//! are dropped by compaction).
 //!
 //! Real-time (EXPIRY = 0) messages are never in the store, so they never
 //! reach here.

@@ -108,8 +108,10 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     // timer. Without them it purges only when something allocates, and an
     // idle server would keep what a burst left (docs/operations.md › Memory
     // bounds).
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!(error = %e, "jemalloc's background threads did not start");
+    match tikv_jemalloc_ctl::background_thread::write(true) {
+        // glibc's heap holds next to nothing here: no malloc_trim when idle.
+        Ok(_) => tern::store::set_trim_c_heap(false),
+        Err(e) => tracing::warn!(error = %e, "jemalloc's background threads did not start"),
     }
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing the SIGINT/SIGTERM/SIGHUP handlers")?;

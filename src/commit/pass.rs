@@ -259,19 +259,23 @@ impl<'c> Pass<'c> {
         self.pending.push(completion);
     }
 
-    /// The dedup record of a send, unless it is past its `until` (then
-    /// it is as good as gone, whether compaction dropped it yet or not).
+    /// The dedup record of a send, unless it is [`Dedup::gone`] (then it
+    /// is absent, whether compaction dropped it yet or not).
     pub fn get_dedup(&self, key: &[u8]) -> Result<Option<Dedup>> {
+        Ok(self.dedup_record(key)?.filter(|d| !d.gone(self.now)))
+    }
+
+    /// The dedup record stored under `key`, gone or not.
+    fn dedup_record(&self, key: &[u8]) -> Result<Option<Dedup>> {
         let d = self.cur.dedup.get(key);
         let d = d.or_else(|| self.base.dedup.get(key));
-        let d = match d.or_else(|| self.prev.dedup.get(key)) {
+        Ok(match d.or_else(|| self.prev.dedup.get(key)) {
             Some(d) => d.clone(),
             None => self
                 .store()
                 .get(CF_DEDUP, key)?
                 .and_then(|v| Dedup::decode(&v)),
-        };
-        Ok(d.filter(|d| !d.forgotten(self.now)))
+        })
     }
 
     pub fn put_dedup(&mut self, key: Vec<u8>, d: Dedup) -> Result<()> {
@@ -286,7 +290,17 @@ impl<'c> Pass<'c> {
     /// look-ups slow down with every range tombstone in the memtable (in a
     /// soak with a 5-minute window, 15,000 an hour took the batch stage from
     /// a millisecond to a second).
-    pub fn forget_dedup(&mut self, key: &[u8], receipts: bool) -> Result<()> {
+    ///
+    /// `at` is the due time of the expiry entry that asks: a record with
+    /// another `until` belongs to a later send that reused the ID once this
+    /// one was forgotten, and is left alone (with its receipts) for its
+    /// own entry.
+    pub fn forget_dedup(&mut self, key: &[u8], receipts: bool, at: u64) -> Result<()> {
+        if let Some(d) = self.dedup_record(key)? {
+            if d.until != 0 && d.until != at {
+                return Ok(());
+            }
+        }
         if receipts {
             for receipt in self.store().keys_in(CF_DEDUP, key, &prefix_end(key))? {
                 // The range starts with the record itself, deleted below.

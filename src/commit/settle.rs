@@ -215,7 +215,15 @@ impl Pass<'_> {
         for (address, seq) in members {
             match self.c.dir.any_user(address) {
                 Some(user) => self.settle(&user, priority, seq, Settle::Expired)?,
-                None => self.delete_inbox(inbox_key(address, priority, seq))?,
+                None => {
+                    // Only if it is there: a REF its member ACKed before is
+                    // gone, perhaps by a plain Delete of an earlier version,
+                    // which a SingleDelete must not meet.
+                    let key = inbox_key(address, priority, seq);
+                    if self.get_inbox(&key)?.is_some() {
+                        self.delete_inbox(key)?;
+                    }
+                }
             }
         }
         // All its REFs were due at once: none is left, whatever the count says.
@@ -242,8 +250,8 @@ impl Pass<'_> {
             }
             // The send's record and, for a group send with READ_RECEIPT,
             // its member receipts.
-            EXPIRE_DEDUP => self.forget_dedup(key, true)?,
-            EXPIRE_DEDUP_ONLY => self.forget_dedup(key, false)?,
+            EXPIRE_DEDUP => self.forget_dedup(key, true, at)?,
+            EXPIRE_DEDUP_ONLY => self.forget_dedup(key, false, at)?,
             _ => {}
         }
         Ok(())

@@ -631,37 +631,67 @@ fn dedup_records_expire_by_point_deletes() {
     assert_eq!(left, vec![dedup_key("alice", 1), stranger]);
 }
 
-/// A send whose dedup window is over: a repeat of its ID is a new message
-/// (whether compaction has dropped the record yet or not), and compaction
-/// drops the record, and only it: not a record still inside its window, a
-/// member receipt, nor a record of an earlier version (no `until`: its
-/// expiry entry deletes it).
+/// A 1:1 send past its dedup window (here a window shorter than the
+/// message's expiry, which the session never sets, so that the item is
+/// still queued): while its item is queued, the record stays, so a repeat
+/// is still a duplicate and the item's expiry still owes the sender
+/// EXPIRED; once the item is settled the record is gone, a repeat is a new
+/// message, and compaction drops it. Compaction leaves alone a record
+/// inside its window, one whose item is queued, a member receipt, and a
+/// record of an earlier version (no `until`: its expiry entry deletes it).
 #[test]
-fn dedup_records_past_their_window_are_forgotten_and_compacted_away() {
+fn dedup_records_past_their_window_are_forgotten_once_settled() {
+    use crate::store::keys::*;
     use crate::store::record::Dedup;
     let f = fixture(&["alice", "bob"]);
+    let (alice, bob) = (f.c.dir.user("alice").unwrap(), f.c.dir.user("bob").unwrap());
     let past = |id| {
         let mut req = accept(&f, "alice", None, id, 0, flags::SEND_DEFAULT);
         req.dedup_until = req.time; // over by the time the batch runs
         Request::Send(SendRequest {
             accept: req,
-            recipient: f.c.dir.user("bob").unwrap(),
+            recipient: bob.clone(),
         })
     };
-    commit_batch(&f.c, &mut vec![past(1), send(&f, "alice", "bob", 2)]);
-    assert_eq!(
-        answers(&f),
-        [(1, Some(StatusCode::SENT)), (2, Some(StatusCode::SENT))]
+    commit_batch(
+        &f.c,
+        &mut vec![past(1), past(2), send(&f, "alice", "bob", 3)],
     );
-    commit_batch(&f.c, &mut vec![past(1), send(&f, "alice", "bob", 2)]);
+    commit_batch(&f.c, &mut vec![past(1)]);
+    let accepted = || f.c.metrics.accepted.load(Ordering::Relaxed);
     assert_eq!(
-        f.c.metrics.accepted.load(Ordering::Relaxed),
+        accepted(),
         3,
-        "the repeat of 1 is a new message, that of 2 a duplicate"
+        "1 is still queued: its repeat is a duplicate"
     );
-    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 3);
+    // 1's item expires (its entry sorts first): EXPIRED is owed to alice.
+    let entries = f.c.store.due_expiries(u64::MAX, 10).unwrap();
+    let (done, _) = channel::bounded(1);
+    let first = vec![entries[0].clone()];
+    commit_batch(&f.c, &mut vec![Request::Expire { keys: first, done }]);
+    assert_eq!(alice.queued.load(Ordering::Relaxed), 1, "alice's EXPIRED");
+    commit_batch(&f.c, &mut vec![past(1)]);
+    assert_eq!(accepted(), 4, "1 settled: its repeat is a new message");
+    // 2 is delivered and ACKed: its record is gone too.
+    let (two, _) = f.c.store.scan_inbox("bob", &[0; 16], 10).unwrap();
+    let two = two[0].seq;
+    let inflight = crate::directory::Inflight {
+        priority: 0,
+        acking: true,
+        written_us: 0,
+        item: None,
+    };
+    bob.inflight().insert(two, inflight);
+    commit_batch(
+        &f.c,
+        &mut vec![Request::Ack {
+            user: bob.clone(),
+            items: vec![(two, 0)],
+        }],
+    );
+    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 1);
     let old = Dedup {
-        status: StatusCode::SENT,
+        status: StatusCode::DELIVERED,
         flags: 0,
         priority: 0,
         seq: 1,
@@ -670,19 +700,50 @@ fn dedup_records_past_their_window_are_forgotten_and_compacted_away() {
         recipient: "bob".into(),
         until: 0,
     };
-    let receipt = crate::store::keys::member_receipt_key("alice", 2, "bob");
+    let receipt = member_receipt_key("alice", 3, "bob");
     let mut b = f.c.store.batch();
-    b.put(CF_DEDUP, &dedup_key("alice", 3), &old.encode())
+    b.put(CF_DEDUP, &dedup_key("alice", 4), &old.encode())
         .unwrap();
     b.put(CF_DEDUP, &receipt, &[0; 9]).unwrap();
     b.seal();
     b.commit(true).unwrap();
-    assert!(stored(&f, "alice", 1));
+    assert!(stored(&f, "alice", 2), "gone, but not compacted yet");
     f.c.store.compact(CF_DEDUP).unwrap();
     let left = f.c.store.keys_in(CF_DEDUP, &[], &[0xff]).unwrap();
+    let want = [dedup_key("alice", 1), dedup_key("alice", 3), receipt];
+    assert_eq!(left, [&want[..], &[dedup_key("alice", 4)]].concat());
+}
+
+/// A group send with READ_RECEIPT whose ID is used again once its window
+/// is over: the old send's expiry entry, swept late, leaves the new send's
+/// record and member receipts alone.
+#[test]
+fn a_late_dedup_entry_spares_a_later_send_of_the_same_id() {
+    use crate::store::keys::*;
+    let f = fixture(&["alice", "bob", "carol"]);
+    let mut old = group_send(&f, "alice", &["bob", "carol"], 7, 0, flags::READ_RECEIPT);
+    if let Request::GroupSend(g) = &mut old {
+        g.accept.dedup_until = g.accept.time; // over by the time the batch runs
+    }
+    commit_batch(&f.c, &mut vec![old]);
+    let entry: Vec<_> =
+        f.c.store
+            .due_expiries(u64::MAX, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|k| matches!(parse_expiry_key(k), Some((_, EXPIRE_DEDUP, _))))
+            .collect();
+    assert_eq!(entry.len(), 1);
+    let new = group_send(&f, "alice", &["bob", "carol"], 7, 0, flags::READ_RECEIPT);
+    commit_batch(&f.c, &mut vec![new]);
+    assert_eq!(f.c.metrics.accepted.load(Ordering::Relaxed), 2);
+    let (done, _) = channel::bounded(1);
+    commit_batch(&f.c, &mut vec![Request::Expire { keys: entry, done }]);
+    assert!(stored(&f, "alice", 7));
     assert_eq!(
-        left,
-        vec![dedup_key("alice", 2), receipt, dedup_key("alice", 3)]
+        f.c.store.count_keys(CF_DEDUP).unwrap(),
+        3,
+        "the new record and its 2 receipts"
     );
 }
 

@@ -22,9 +22,10 @@
 //!
 //! Expiry kinds: [`EXPIRE_ITEM`] (rest = an inbox key), [`EXPIRE_DEDUP`] (rest =
 //! a dedup key, with the member receipts under it), [`EXPIRE_DEDUP_ONLY`]
-//! (rest = a dedup key without member receipts), [`EXPIRE_GROUP`] (rest = a
-//! msgno: every REF of one group send, which share one expiry entry instead
-//! of one each). Scanning `expiry` from
+//! (rest = a dedup key without member receipts: only in stores of earlier
+//! versions; such records now carry their `until` and compaction drops
+//! them), [`EXPIRE_GROUP`] (rest = a msgno: every REF of one group send,
+//! which share one expiry entry instead of one each). Scanning `expiry` from
 //! the start up to `now` yields exactly what is due, oldest first.
 
 pub const CF_USERS: &str = "users";
@@ -123,8 +124,8 @@ pub fn dedup_key(sender: &str, id: u64) -> Vec<u8> {
 }
 
 /// `alen sender id mlen member`: what a group member did with one group send
-/// (for its READ receipt). Sorts right after the send's dedup key, so a range
-/// delete of the dedup key's prefix removes them all.
+/// (for its READ receipt). Sorts right after the send's dedup key, so one
+/// scan of the dedup key's prefix finds them all.
 pub fn member_receipt_key(sender: &str, id: u64, member: &str) -> Vec<u8> {
     let mut key = dedup_key(sender, id);
     push_address(&mut key, member);

@@ -793,15 +793,28 @@ pub const DB_WRITE_BUFFER: usize = 96 << 20;
 /// blocks).
 const BLOCK_CACHE: usize = 64 << 20;
 
+/// Whether [`release_free_memory`] trims glibc's heap (see there).
+static TRIM_C_HEAP: AtomicBool = AtomicBool::new(true);
+
+/// Tells [`release_free_memory`] whether the C heap is glibc's and worth
+/// trimming. A program whose allocator hands free pages back on its own
+/// (the `tern` binary: jemalloc with its background threads) turns it off.
+pub fn set_trim_c_heap(on: bool) {
+    TRIM_C_HEAP.store(on, Ordering::Relaxed);
+}
+
 /// Hands the C heap's free memory back to the OS. RocksDB allocates its
 /// memtables and blocks with the C library's malloc, which keeps what they
 /// free for reuse; after a burst is delivered that is 100-200 MiB that no
-/// one needs. The commit thread calls this when it goes idle. The `tern`
-/// binary's allocator is jemalloc (src/main.rs), which returns free pages
-/// on its own within seconds; there this finds glibc's heap all but empty.
-/// It stays for programs that link the library with glibc's malloc.
+/// one needs. The commit thread calls this when it goes idle. Programs that
+/// link the library with glibc's malloc need it; the `tern` binary's
+/// allocator is jemalloc (src/main.rs), which returns free pages on its
+/// own, and it turns this off ([`set_trim_c_heap`]).
 #[allow(unsafe_code)]
 pub fn release_free_memory() {
+    if !TRIM_C_HEAP.load(Ordering::Relaxed) {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointer from us; it walks glibc's own
     // arenas under their locks and only releases pages that are free.
@@ -828,7 +841,15 @@ fn open_db(dir: &Path) -> Result<DB> {
     // open then needs almost no free space, so a server stopped by a full
     // disk starts again (and drains its queues) with little room.
     // (rust-rocksdb has no setter for it: the options-string parser does.)
-    let opts = opts.get_options_from_string("avoid_flush_during_recovery=true")?;
+    //
+    // SingleDelete meeting a plain Delete of the same key fails the
+    // compaction by default (and stops every write). Inbox items and
+    // expiry entries written by earlier versions were settled with Delete;
+    // a SingleDelete of such a key after the upgrade still leaves it
+    // deleted, so that is not an error here.
+    let opts = opts.get_options_from_string(
+        "avoid_flush_during_recovery=true;enforce_single_del_contracts=false",
+    )?;
     // One block cache for every column family, holding the index and
     // filter blocks too: without it each family had its own default cache,
     // and the bloom filters of the dedup records (kept for the dedup
@@ -850,14 +871,18 @@ fn open_db(dir: &Path) -> Result<DB> {
             // Each user's inbox keys arrive in order (SEQ grows), so a
             // memtable insert can start from where the user's last one
             // went instead of from the top of the skip list: RocksDB
-            // keeps one insert hint per prefix (here the length byte,
-            // the address and the priority, or their first 16 bytes).
-            // A hint is only a hint: a wrong one costs a search, never
-            // order. Setter-less in rust-rocksdb; the options string
-            // has it. (Used as long as writes are not concurrent: one
-            // writer thread.)
+            // keeps one insert hint per prefix. The prefix is the key's
+            // first 8 bytes: the length byte and up to 7 bytes of the
+            // address, then (for short addresses) the priority and the
+            // SEQ's top bytes, which hold the boot and change once per
+            // 2^24 items. Never more, or a 1-byte address's prefix would
+            // reach the SEQ's low bytes: a hint per key. Addresses that
+            // share their first 7 bytes share a hint: a hint is only a
+            // hint, a wrong one costs a search, never order.
+            // Setter-less in rust-rocksdb; the options string has it.
+            // (Used as long as writes are not concurrent: one writer.)
             Options::default().get_options_from_string(
-                "memtable_insert_with_hint_prefix_extractor=rocksdb.CappedPrefix.16",
+                "memtable_insert_with_hint_prefix_extractor=rocksdb.CappedPrefix.8",
             )?
         } else {
             Options::default()
@@ -905,8 +930,9 @@ fn open_db(dir: &Path) -> Result<DB> {
 /// How often, at the least, compaction looks at every dedup file.
 const DEDUP_RECHECK_SECS: u64 = 86_400;
 
-/// The `dedup` family's compaction filter: drops a record past its `until`
-/// (records of earlier versions, without one, wait for their expiry entry).
+/// The `dedup` family's compaction filter: drops a record that is
+/// [`Dedup::gone`] (records of earlier versions, without an `until`, wait
+/// for their expiry entry).
 /// Member receipts (longer keys) go with their record's expiry entry. A
 /// dropped key becomes a tombstone, so an older version of it in a lower
 /// level never comes back.
@@ -915,7 +941,7 @@ fn dedup_filter(_level: u32, key: &[u8], value: &[u8]) -> CompactionDecision {
         .first()
         .is_some_and(|&alen| key.len() == 1 + usize::from(alen) + 8);
     match record.then(|| Dedup::decode(value)).flatten() {
-        Some(d) if d.forgotten(crate::clock::now_ms()) => CompactionDecision::Remove,
+        Some(d) if d.gone(crate::clock::now_ms()) => CompactionDecision::Remove,
         _ => CompactionDecision::Keep,
     }
 }

@@ -333,6 +333,11 @@ pub fn decode_item(record: &[u8]) -> Option<ItemView<'_>> {
     }
 }
 
+/// How long past its `until` a 1:1 send's record still SENT is kept (its
+/// item not settled yet): a week. Only a server down for longer, or an
+/// item whose recipient was removed without its queue, gets there.
+pub const UNSETTLED_GRACE_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// What the server remembers of an accepted SEND, keyed by (sender, ID): to
 /// answer a duplicate with the latest status, and to route receipts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -351,10 +356,11 @@ pub struct Dedup {
     pub expire_at: u64,
     /// The recipient's address.
     pub recipient: String,
-    /// When duplicate detection forgets the send, ms: from then on the
-    /// record is as good as gone, and compaction drops it
-    /// ([`Dedup::forgotten`]). 0: kept until its expiry entry deletes it
-    /// (records of earlier versions, which did not store this).
+    /// When duplicate detection forgets the send, ms (never before the
+    /// message's own expiry): from then on the record is gone once nothing
+    /// needs it any more ([`Dedup::gone`]), and compaction drops it. 0:
+    /// kept until its expiry entry deletes it (records of earlier
+    /// versions, which did not store this).
     pub until: u64,
 }
 
@@ -375,10 +381,18 @@ impl Dedup {
         out
     }
 
-    /// Whether the record is past its `until` at `now_ms`: a look-up treats
-    /// it as absent, and compaction drops it.
-    pub fn forgotten(&self, now_ms: u64) -> bool {
-        self.until != 0 && self.until <= now_ms
+    /// Whether the record is gone at `now_ms`: a look-up treats it as
+    /// absent, and compaction drops it. That is once it is past `until`,
+    /// unless it is a 1:1 send still SENT: then its item is still queued
+    /// (the expiry sweep may be late, or the server was down), and the
+    /// record stays to route the item's EXPIRED, DELIVERED or DELETED to
+    /// the sender, for up to [`UNSETTLED_GRACE_MS`] more.
+    pub fn gone(&self, now_ms: u64) -> bool {
+        if self.until == 0 || self.until > now_ms {
+            return false;
+        }
+        let settled = self.status != StatusCode::SENT || self.seq == 0;
+        settled || self.until.saturating_add(UNSETTLED_GRACE_MS) <= now_ms
     }
 
     /// Decodes a dedup value; `None` if corrupt.
@@ -490,7 +504,23 @@ mod tests {
         assert_eq!(Dedup::decode(&d.encode()), Some(d.clone()));
         let d = Dedup { until: 9, ..d };
         assert_eq!(Dedup::decode(&d.encode()), Some(d.clone()));
-        assert!(!d.forgotten(8) && d.forgotten(9));
-        assert!(!Dedup { until: 0, ..d }.forgotten(u64::MAX));
+        // A 1:1 send still SENT: its item may still be settled.
+        assert!(!d.gone(9) && !d.gone(9 + UNSETTLED_GRACE_MS - 1));
+        assert!(d.gone(9 + UNSETTLED_GRACE_MS));
+        let delivered = Dedup {
+            status: StatusCode::DELIVERED,
+            ..d.clone()
+        };
+        assert!(!delivered.gone(8) && delivered.gone(9));
+        let group = Dedup {
+            seq: 0,
+            ..d.clone()
+        };
+        assert!(!group.gone(8) && group.gone(9));
+        assert!(!Dedup {
+            until: 0,
+            ..delivered
+        }
+        .gone(u64::MAX));
     }
 }

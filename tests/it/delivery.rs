@@ -218,6 +218,30 @@ fn a_later_urgent_send_overtakes_queued_ones() {
     barrier(&mut alice, &mut bob);
 }
 
+/// With EXPIRY as long as `dedup_window` (the defaults are a week and a
+/// day; here both 1 s), duplicate detection forgets the send the moment its
+/// item expires: the sender still gets EXPIRED, and only then does a SEND
+/// of the same ID count as a new message.
+#[test]
+fn expiry_at_the_end_of_the_dedup_window_still_owes_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), &["--dedup-window", "1"]);
+    let (ta, _) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let once = Outgoing::to("bob", b"soon gone").id(1).expiry(1);
+    assert_eq!(alice.send_wait(&once).unwrap(), StatusCode::SENT);
+    let s = status(next(&mut alice, 10));
+    assert_eq!((s.id, s.status), (1, StatusCode::EXPIRED));
+    alice.ack(&[s.seq.unwrap()]).unwrap();
+    assert_eq!(
+        alice.send_wait(&once).unwrap(),
+        StatusCode::SENT,
+        "a new message"
+    );
+    let s = status(next(&mut alice, 10));
+    assert_eq!((s.id, s.status), (1, StatusCode::EXPIRED));
+}
+
 /// Acceptance 6: EXPIRY=1 to an offline user expires with a stored EXPIRED
 /// status; EXPIRY=0 is OFFLINE when the user is offline, delivered when online.
 #[test]
