@@ -110,6 +110,16 @@ fn accept(
     }
 }
 
+/// The in-flight entry of a priority-0 item its session is ACKing.
+fn acking(item: Option<Arc<crate::store::Item>>) -> crate::directory::Inflight {
+    crate::directory::Inflight {
+        priority: 0,
+        acking: true,
+        written_us: 0,
+        item,
+    }
+}
+
 fn send(f: &Fixture, from: &str, to: &str, id: u64) -> Request {
     Request::Send(SendRequest {
         accept: accept(f, from, None, id, 0, flags::SEND_DEFAULT),
@@ -214,15 +224,7 @@ fn ack_settles_once_and_owes_delivered() {
     bob.attached.store(Some(mb.clone()));
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let item = mb.pop_durable().expect("pushed after commit");
-    bob.inflight().insert(
-        item.seq,
-        crate::directory::Inflight {
-            priority: 0,
-            acking: true,
-            written_us: 0,
-            item: None,
-        },
-    );
+    bob.inflight().insert(item.seq, acking(None));
     let ack = || Request::Ack {
         user: bob.clone(),
         items: vec![(item.seq, 0)],
@@ -247,12 +249,7 @@ fn requests_before_a_failure_still_commit() {
         let scan = f.c.store.scan_inbox("bob", &[0; 16], 10).unwrap();
         (scan.0[0].seq, scan.1)
     };
-    let inflight = crate::directory::Inflight {
-        priority: 0,
-        acking: true,
-        written_us: 0,
-        item: None,
-    };
+    let inflight = acking(None);
     bob.inflight().insert(seq, inflight);
     // Fail the ACK's request by making the batch's request list contain a
     // failing SEND after it; the ACK itself commits.
@@ -281,15 +278,7 @@ fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let (items, _) = f.c.store.scan_inbox("bob", &[0; 16], 10).unwrap();
     let seq = items[0].seq;
-    bob.inflight().insert(
-        seq,
-        crate::directory::Inflight {
-            priority: 0,
-            acking: true,
-            written_us: 0,
-            item: None,
-        },
-    );
+    bob.inflight().insert(seq, acking(None));
     let (done, count) = channel::bounded(1);
     let delete = Request::DeleteMessages {
         user: bob.clone(),
@@ -542,15 +531,9 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
     let msgno = items[0].group_ref.expect("a member's share").msgno;
     // What a session does when it writes an item.
     let written = |i: usize| {
-        members[i].inflight().insert(
-            items[i].seq,
-            crate::directory::Inflight {
-                priority: 0,
-                acking: true,
-                written_us: 0,
-                item: Some(items[i].clone()),
-            },
-        );
+        members[i]
+            .inflight()
+            .insert(items[i].seq, acking(Some(items[i].clone())));
     };
     let ack = |i: usize| Request::Ack {
         user: members[i].clone(),
@@ -675,12 +658,7 @@ fn dedup_records_past_their_window_are_forgotten_once_settled() {
     // 2 is delivered and ACKed: its record is gone too.
     let (two, _) = f.c.store.scan_inbox("bob", &[0; 16], 10).unwrap();
     let two = two[0].seq;
-    let inflight = crate::directory::Inflight {
-        priority: 0,
-        acking: true,
-        written_us: 0,
-        item: None,
-    };
+    let inflight = acking(None);
     bob.inflight().insert(two, inflight);
     commit_batch(
         &f.c,
@@ -789,15 +767,7 @@ fn an_ack_repeated_while_the_first_is_written_settles_once() {
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let item = mb.pop_durable().expect("pushed after commit");
     // As the session records an item it wrote: the ACK may settle from it.
-    bob.inflight().insert(
-        item.seq,
-        crate::directory::Inflight {
-            priority: 0,
-            acking: true,
-            written_us: 0,
-            item: Some(item.clone()),
-        },
-    );
+    bob.inflight().insert(item.seq, acking(Some(item.clone())));
     let ack = || Request::Ack {
         user: bob.clone(),
         items: vec![(item.seq, 0)],
@@ -861,15 +831,7 @@ fn an_ack_built_while_its_items_delete_is_written_settles_nothing() {
     bob.attached.store(Some(mb.clone()));
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let item = mb.pop_durable().expect("pushed after commit");
-    bob.inflight().insert(
-        item.seq,
-        crate::directory::Inflight {
-            priority: 0,
-            acking: true,
-            written_us: 0,
-            item: Some(item.clone()),
-        },
-    );
+    bob.inflight().insert(item.seq, acking(Some(item.clone())));
     let (done, deleted) = channel::bounded(1);
     let filter = MessageFilter::Id {
         from: "alice".into(),

@@ -123,6 +123,13 @@ pub fn dedup_key(sender: &str, id: u64) -> Vec<u8> {
     key
 }
 
+/// Whether a `dedup` family key is a send's record (`alen sender id`), not
+/// a member receipt under it (which is longer).
+pub fn is_dedup_key(key: &[u8]) -> bool {
+    key.first()
+        .is_some_and(|&alen| key.len() == 1 + usize::from(alen) + 8)
+}
+
 /// `alen sender id mlen member`: what a group member did with one group send
 /// (for its READ receipt). Sorts right after the send's dedup key, so one
 /// scan of the dedup key's prefix finds them all.
@@ -253,6 +260,7 @@ mod tests {
         assert!(send < member && member < next);
         assert!(member.as_slice() < prefix_end(&send).as_slice());
         assert!(next.as_slice() > prefix_end(&send).as_slice());
+        assert!(is_dedup_key(&send) && !is_dedup_key(&member) && !is_dedup_key(&[]));
     }
 
     #[test]

@@ -941,10 +941,7 @@ const DEDUP_RECHECK_SECS: u64 = 86_400;
 /// dropped key becomes a tombstone, so an older version of it in a lower
 /// level never comes back.
 fn dedup_filter(_level: u32, key: &[u8], value: &[u8]) -> CompactionDecision {
-    let record = key
-        .first()
-        .is_some_and(|&alen| key.len() == 1 + usize::from(alen) + 8);
-    match record.then(|| Dedup::decode(value)).flatten() {
+    match is_dedup_key(key).then(|| Dedup::decode(value)).flatten() {
         Some(d) if d.gone(crate::clock::now_ms()) => CompactionDecision::Remove,
         _ => CompactionDecision::Keep,
     }
