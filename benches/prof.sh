@@ -7,6 +7,7 @@
 #
 #   TERN_BIN=target/release/tern benches/prof.sh durable-1to1
 #   TERN_BIN=/tmp/tern-a benches/prof.sh fanout; TERN_BIN=/tmp/tern-b benches/prof.sh fanout
+#   RATE=32000 benches/prof.sh durable-1to1   # paced (msgs/s in all), not the maximum
 #   perf report -i "$OUT/perf.data" --no-children --comm tern-commit-w --sort sym
 #
 # Alternate two builds a few times to compare them: this machine swings by
@@ -34,7 +35,7 @@ TOKEN=$(cat "$OUT/data/admin.token")
 (sleep 4; perf record -F 999 -g -p "$PID" -o "$OUT/perf.data" -- sleep 6) >"$OUT/perf.log" 2>&1 &
 PERF=$!
 "$PEERBENCH" "$SCENARIO" --target tern --addr "127.0.0.1:$PORT" --duration 10 --warmup 1 \
-    --drain 5 --size 256 --pairs 50 --subscribers 1000 --window 64 --rate 0 \
+    --drain 5 --size 256 --pairs 50 --subscribers 1000 --window 64 --rate "${RATE:-0}" \
     --server-pid "$PID" --label prof --http "127.0.0.1:$HTTP_PORT" --admin-token "$TOKEN" \
     >"$OUT/result.json" 2>"$OUT/peerbench.log"
 wait "$PERF" || true
