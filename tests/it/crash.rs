@@ -29,37 +29,15 @@ fn sigkill_loses_nothing_acknowledged_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(&dir);
     let (ta, tb) = (server.user("alice"), server.user("bob"));
-    let msgs: Vec<Outgoing> = (1..=N)
-        .map(|i| Outgoing::to("bob", format!("m{i}").as_bytes()).id(i))
-        .collect();
-
-    // SIGKILL once half are answered, with up to WINDOW more in flight; the
-    // burst goes on until the connection breaks.
-    let mut alice = server.connect(&ta);
-    let acknowledged = kill_mid_burst(&mut server, &mut alice, &msgs, WINDOW);
-    server.restart();
-
-    // Before any retry: bob drains what survived, up to a marker alice sends
-    // now (it is delivered after everything stored before it).
-    let mut alice = server.connect(&ta);
-    let mark = marker("bob");
-    assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
-    let mut bob = server.connect(&tb);
-    let mut got: HashMap<u64, u64> = HashMap::new(); // id -> seq
-    let mut marker_seqs = Vec::new();
-    marker_seqs.push(drain_to(&mut bob, &mark, &mut got));
-    eprintln!("{} delivered before any retry", got.len());
-    let lost: BTreeSet<u64> = acknowledged
-        .iter()
-        .copied()
-        .filter(|id| !got.contains_key(id))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} of the {} messages answered SENT before the SIGKILL are lost: {lost:?}",
-        lost.len(),
-        acknowledged.len()
-    );
+    let msgs = burst_to_bob();
+    let Survived {
+        acknowledged,
+        mut alice,
+        mut bob,
+        mut got,
+        marker_seq,
+    } = kill_and_drain(&mut server, &ta, &tb, &msgs);
+    let mut marker_seqs = vec![marker_seq];
 
     // alice retries only what was not answered, under the same IDs. Those
     // written before the SIGKILL are answered SENT as duplicates and not
@@ -127,6 +105,107 @@ fn sigkill_loses_nothing_acknowledged_and_duplicates_nothing() {
         (N / 2 + 1..=N).collect::<BTreeSet<u64>>(),
         "the un-ACKed half is redelivered"
     );
+}
+
+/// The `N` messages alice sends bob: IDs 1..=N, payload `m<ID>`.
+fn burst_to_bob() -> Vec<Outgoing> {
+    (1..=N)
+        .map(|i| Outgoing::to("bob", format!("m{i}").as_bytes()).id(i))
+        .collect()
+}
+
+/// What [`kill_and_drain`] leaves: alice's SENT IDs from before the
+/// SIGKILL, both connected again, and what bob got (ID → SEQ) up to a
+/// marker (its SEQ).
+struct Survived {
+    acknowledged: HashSet<u64>,
+    alice: Client,
+    bob: Client,
+    got: HashMap<u64, u64>,
+    marker_seq: u64,
+}
+
+/// alice sends `msgs` to bob (offline); SIGKILL once half are answered,
+/// with up to WINDOW more in flight (the burst goes on until the
+/// connection breaks); restart. Then bob drains what survived, each once,
+/// up to a marker alice sends now (delivered after everything stored
+/// before it), and every message answered SENT before the SIGKILL is among
+/// them.
+fn kill_and_drain(server: &mut TestServer, ta: &str, tb: &str, msgs: &[Outgoing]) -> Survived {
+    let mut alice = server.connect(ta);
+    let acknowledged = kill_mid_burst(server, &mut alice, msgs, WINDOW);
+    server.restart();
+
+    let mut alice = server.connect(ta);
+    let mark = marker("bob");
+    assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
+    let mut bob = server.connect(tb);
+    let mut got: HashMap<u64, u64> = HashMap::new();
+    let marker_seq = drain_to(&mut bob, &mark, &mut got);
+    eprintln!("{} delivered before any retry", got.len());
+    let lost: BTreeSet<u64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|id| !got.contains_key(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of the {} messages answered SENT before the SIGKILL are lost: {lost:?}",
+        lost.len(),
+        acknowledged.len()
+    );
+    Survived {
+        acknowledged,
+        alice,
+        bob,
+        got,
+        marker_seq,
+    }
+}
+
+/// The same SIGKILL after the cap on WAL files (`store::MAX_TOTAL_WAL`)
+/// made RocksDB flush every column family and retire old WAL files
+/// mid-run: nothing answered SENT is lost, nothing is delivered twice.
+/// RocksDB's own LOG shows the cap at work before the burst, so the test
+/// cannot pass without it.
+///
+/// alice first sends carol 48 KiB messages (compressible: little SST)
+/// until the LOG shows it, at most 640 MiB.
+#[test]
+fn sigkill_after_the_wal_cap_retired_files_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    server.user("carol");
+    let log = dir.path().join("db").join("LOG");
+    let capped = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("Flushing all column families with data in WAL number")
+    };
+    let mut alice = server.connect(&ta);
+    // IDs past the burst's: a SEND that reuses an (alice, ID) is a
+    // duplicate, answered SENT and not stored.
+    let mut id = 1_000_000;
+    let mut rounds = 0;
+    while !capped() {
+        rounds += 1;
+        assert!(rounds <= 64, "no WAL retired by the cap after 640 MiB");
+        let big: Vec<Outgoing> = (0..210)
+            .map(|_| {
+                id += 1;
+                Outgoing::to("carol", &[b'c'; 48 << 10][..]).id(id)
+            })
+            .collect();
+        assert_eq!(
+            send_burst(&mut alice, &big, WINDOW, |_| {}).len(),
+            big.len()
+        );
+    }
+    eprintln!("the WAL cap flushed after {rounds} rounds of ~10 MiB");
+    drop(alice);
+
+    kill_and_drain(&mut server, &ta, &tb, &burst_to_bob());
 }
 
 /// Reads bob's messages into `got` (ID → SEQ; each ID once, payload
