@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rocksdb::compaction_filter::Decision as CompactionDecision;
 use rocksdb::{
-    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, Env,
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor,
     LruCacheOptions, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
@@ -837,29 +837,17 @@ fn open_db(dir: &Path) -> Result<DB> {
     opts.create_missing_column_families(true);
     opts.increase_parallelism(2);
     opts.set_max_background_jobs(2);
-    // Flushes and compactions at the lowest CPU priority (nice 19): on a
-    // machine with every core busy they take what the event loops and the
-    // commit threads leave, instead of a fair share while a batch waits.
-    // They still get every idle cycle, and a flush that falls behind stops
-    // writes (RocksDB's own back-pressure), which frees the CPU for it.
-    // Lowering a priority needs no privilege. Measured (docs/benchmarks.md):
-    // no change at the maxima; the tail at half load is the disk's.
-    let mut env = Env::new()?;
-    env.lower_high_priority_thread_pool_cpu_priority();
-    env.lower_thread_pool_cpu_priority();
-    opts.set_env(&env);
     opts.set_keep_log_file_num(4);
     // All memtables together: without a cap, four column families with two
     // 32-64 MiB write buffers each could hold over 300 MiB after a burst.
     opts.set_db_write_buffer_size(DB_WRITE_BUFFER);
-    // A WAL file is deleted only once every column family
-    // with a write in it is flushed. The inbox fills and flushes its
-    // memtable every few seconds, but the small families (dedup, expiry,
-    // users) take far longer, and RocksDB's own cap on the WALs is four
-    // times every family's memtables (~4.6 GiB here): measured, 1.4 GB of
-    // WAL after 5 s of 48 KiB messages, all of it to replay at the next
-    // start. Past this cap RocksDB flushes the families that hold the
-    // oldest WAL.
+    // A WAL file is deleted only once every column family with a write in
+    // it is flushed. The inbox fills and flushes its memtable every few
+    // seconds, but the small families (dedup, expiry, users) take far
+    // longer, and RocksDB's own cap on the WALs is four times every
+    // family's memtables (4,352 MiB here): measured, 2 GB of WAL after 8 s
+    // of 48 KiB messages, all of it replayed at the next start (4.3 s).
+    // Past this cap RocksDB flushes the families that hold the oldest WAL.
     opts.set_max_total_wal_size(MAX_TOTAL_WAL);
     // Replaying the WAL into memtables without flushing them at open: an
     // open then needs almost no free space, so a server stopped by a full
@@ -872,11 +860,12 @@ fn open_db(dir: &Path) -> Result<DB> {
     // a SingleDelete of such a key after the upgrade still leaves it
     // deleted, so that is not an error here.
     //
-    // SST files are synced as they are written (1 MiB at a time), so a
-    // flush never leaves much dirty data for a WAL sync to wait behind: on
-    // ext4 an fdatasync that records a new size waits for a journal commit,
-    // and that commit for whatever else is dirty (measured: single WAL
-    // syncs of 100-250 ms while a flush wrote its SST).
+    // SST files have their writeback started every 1 MiB as they are
+    // written (`sync_file_range`, not waited for), rather than all at the
+    // flush's final fsync: on ext4 an fdatasync of the WAL that records a
+    // new size waits for a journal commit, and that commit for the data
+    // other files left dirty (measured: single WAL syncs of 100-250 ms
+    // while a flush wrote its SST).
     //
     // WAL files are not recycled (`recycle_log_file_num`), though a sync
     // of an overwritten block would record no size: recovering recycled

@@ -5,8 +5,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use tern::client::{Client, ClientError, Outgoing};
 use tern::wire::StatusCode;
 
+use std::time::Duration;
+
 use crate::util::{
-    barrier_self, kill_mid_burst, marker, msg, next, send_burst, status, TestServer,
+    barrier_self, kill_mid_burst, marker, msg, next, send_burst, status, wait_for, TestServer,
 };
 
 const N: u64 = 1_500;
@@ -164,33 +166,44 @@ fn kill_and_drain(server: &mut TestServer, ta: &str, tb: &str, msgs: &[Outgoing]
 }
 
 /// The same SIGKILL after the cap on WAL files (`store::MAX_TOTAL_WAL`)
-/// made RocksDB flush every column family and retire old WAL files
-/// mid-run: nothing answered SENT is lost, nothing is delivered twice.
-/// RocksDB's own LOG shows the cap at work before the burst, so the test
-/// cannot pass without it.
+/// made RocksDB flush the column families holding the oldest WAL and
+/// delete it mid-run: nothing answered SENT is lost, nothing is delivered
+/// twice, neither what went through the deleted WAL files nor the burst
+/// in the live one. The test waits for RocksDB's LOG to name the WAL the
+/// cap retires and for that file to be gone, so it cannot pass without the
+/// cap.
 ///
 /// alice first sends carol 48 KiB messages (compressible: little SST)
-/// until the LOG shows it, at most 640 MiB.
+/// until the cap acts, at most 640 MiB; carol reads all of them after the
+/// restart.
 #[test]
 fn sigkill_after_the_wal_cap_retired_files_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(&dir);
-    let (ta, tb) = (server.user("alice"), server.user("bob"));
-    server.user("carol");
-    let log = dir.path().join("db").join("LOG");
-    let capped = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("Flushing all column families with data in WAL number")
+    let (ta, tb, tc) = (
+        server.user("alice"),
+        server.user("bob"),
+        server.user("carol"),
+    );
+    let db = dir.path().join("db");
+    let retired_wal = || -> Option<u64> {
+        let log = std::fs::read_to_string(db.join("LOG")).unwrap_or_default();
+        let (_, rest) = log.split_once("Flushing all column families with data in WAL number ")?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
     };
     let mut alice = server.connect(&ta);
     // IDs past the burst's: a SEND that reuses an (alice, ID) is a
     // duplicate, answered SENT and not stored.
-    let mut id = 1_000_000;
-    let mut rounds = 0;
-    while !capped() {
-        rounds += 1;
-        assert!(rounds <= 64, "no WAL retired by the cap after 640 MiB");
+    let first = 1_000_000;
+    let mut id = first;
+    while retired_wal().is_none() {
+        assert!(
+            id - first < 64 * 210,
+            "no WAL retired by the cap after 640 MiB"
+        );
         let big: Vec<Outgoing> = (0..210)
             .map(|_| {
                 id += 1;
@@ -202,10 +215,43 @@ fn sigkill_after_the_wal_cap_retired_files_loses_nothing() {
             big.len()
         );
     }
-    eprintln!("the WAL cap flushed after {rounds} rounds of ~10 MiB");
+    let wal = retired_wal().unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the retired WAL file deleted",
+        || {
+            let live = std::fs::read_dir(&db).unwrap().flatten().any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".log")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n <= wal)
+            });
+            (!live).then_some(())
+        },
+    );
+    eprintln!("WAL {wal} retired after {} messages of 48 KiB", id - first);
     drop(alice);
 
-    kill_and_drain(&mut server, &ta, &tb, &burst_to_bob());
+    let Survived { mut alice, .. } = kill_and_drain(&mut server, &ta, &tb, &burst_to_bob());
+
+    // carol gets every one of her messages, once, ACKing as she goes.
+    let mark = marker("carol");
+    assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
+    let mut carol = server.connect(&tc);
+    let mut ids = BTreeSet::new();
+    loop {
+        let m = msg(next(&mut carol, 10));
+        carol.ack(&[m.seq]).unwrap();
+        if m.id == mark.id {
+            break;
+        }
+        assert!(ids.insert(m.id), "carol got {} twice", m.id);
+    }
+    assert_eq!(
+        ids,
+        (first + 1..=id).collect::<BTreeSet<u64>>(),
+        "carol's messages, each once"
+    );
 }
 
 /// Reads bob's messages into `got` (ID → SEQ; each ID once, payload
