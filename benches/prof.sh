@@ -16,31 +16,16 @@
 set -euo pipefail
 
 SCENARIO=${1:-durable-1to1}
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-TERN_BIN=${TERN_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tern/target}/release/tern}
-PEERBENCH=${PEERBENCH:-$HOME/.cache/peerbench/target/release/peerbench}
 OUT=${OUT:-/tmp/tern-prof}
-PORT=${PORT:-17700}
-HTTP_PORT=${HTTP_PORT:-17780}
-[ -x "$TERN_BIN" ] || { echo "no tern binary at $TERN_BIN" >&2; exit 1; }
-[ -x "$PEERBENCH" ] || { echo "no peerbench at $PEERBENCH (run ../shared/peerbench/run.sh once)" >&2; exit 1; }
+# shellcheck source=benches/one-server.sh
+. "$(dirname "$0")/one-server.sh"
 
-rm -rf "$OUT" && mkdir -p "$OUT"
-"$TERN_BIN" serve --data-dir "$OUT/data" --listen "127.0.0.1:$PORT" \
-    --http-listen "127.0.0.1:$HTTP_PORT" --log warn >"$OUT/server.log" 2>&1 &
-PID=$!
-trap 'kill -TERM $PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do [ -s "$OUT/data/admin.token" ] && break; sleep 0.1; done
-TOKEN=$(cat "$OUT/data/admin.token")
+start_server
 (sleep 4; perf record -F 999 -g -p "$PID" -o "$OUT/perf.data" -- sleep 6) >"$OUT/perf.log" 2>&1 &
 PERF=$!
-"$PEERBENCH" "$SCENARIO" --target tern --addr "127.0.0.1:$PORT" --duration 10 --warmup 1 \
-    --drain 5 --size 256 --pairs 50 --subscribers 1000 --window 64 --rate "${RATE:-0}" \
-    --server-pid "$PID" --label prof --http "127.0.0.1:$HTTP_PORT" --admin-token "$TOKEN" \
-    >"$OUT/result.json" 2>"$OUT/peerbench.log"
+run_peerbench "$SCENARIO" prof 10 "${RATE:-0}"
 wait "$PERF" || true
-kill -TERM "$PID" && wait "$PID" || true
-trap - EXIT
+stop_server
 "$PEERBENCH" table "$OUT/result.json" | tail -1
 perf report -i "$OUT/perf.data" --no-children --sort comm --stdio -g none 2>/dev/null |
     grep -v '^#' | grep -v '^$' | head -8

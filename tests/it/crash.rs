@@ -1,11 +1,10 @@
 //! Durability: SIGKILL at an arbitrary point, SIGTERM.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use tern::client::{Client, ClientError, Outgoing};
 use tern::wire::StatusCode;
-
-use std::time::Duration;
 
 use crate::util::{
     barrier_self, kill_mid_burst, marker, msg, next, send_burst, status, wait_for, TestServer,
@@ -178,6 +177,8 @@ fn kill_and_drain(server: &mut TestServer, ta: &str, tb: &str, msgs: &[Outgoing]
 /// restart.
 #[test]
 fn sigkill_after_the_wal_cap_retired_files_loses_nothing() {
+    /// 48 KiB messages per round: ~10 MiB.
+    const ROUND: u64 = 210;
     let dir = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(&dir);
     let (ta, tb, tc) = (
@@ -201,10 +202,10 @@ fn sigkill_after_the_wal_cap_retired_files_loses_nothing() {
     let mut id = first;
     while retired_wal().is_none() {
         assert!(
-            id - first < 64 * 210,
+            id - first < 64 * ROUND,
             "no WAL retired by the cap after 640 MiB"
         );
-        let big: Vec<Outgoing> = (0..210)
+        let big: Vec<Outgoing> = (0..ROUND)
             .map(|_| {
                 id += 1;
                 Outgoing::to("carol", &[b'c'; 48 << 10][..]).id(id)
@@ -287,11 +288,8 @@ fn sigterm_is_clean() {
     }
     let (status, took) = server.terminate();
     assert!(status.success(), "exit status {status:?}");
-    assert!(
-        took < std::time::Duration::from_secs(5),
-        "shutdown took {took:?}"
-    );
-    match alice.recv_timeout(std::time::Duration::from_secs(5)) {
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    match alice.recv_timeout(Duration::from_secs(5)) {
         Err(ClientError::Server { code, .. }) => assert_eq!(code, tern::wire::ErrorCode::SHUTDOWN),
         other => panic!("expected ERROR SHUTDOWN, got {other:?}"),
     }
