@@ -9,7 +9,8 @@
 //! The directory is pure memory: loading it from the store and writing
 //! changes back is the caller's business (`server` at start-up, `admin`).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
@@ -79,6 +80,16 @@ pub struct User {
     pub other_settles: AtomicU64,
     /// Set when the user is deleted; sessions and sends stop seeing it.
     pub deleted: AtomicBool,
+    /// Shares of group sends held in memory only, by (priority, SEQ): the
+    /// user was online when the send was written, so no REF was stored
+    /// for them; the send's `held` bitmap (`store::record::encode_refs`)
+    /// records them, and the store writes their REFs at the next start
+    /// (`Store::store_held_shares`). Inserted by the commit writer before
+    /// the item is pushed, so an inbox scan sees them as if stored; removed
+    /// when settled. See `commit::send` for the rules.
+    shares: Mutex<BTreeMap<(u8, u64), Arc<Item>>>,
+    /// `shares.len()`, read without the lock.
+    held: AtomicUsize,
 }
 
 impl User {
@@ -94,7 +105,70 @@ impl User {
             inflight: Mutex::new(HashMap::new()),
             other_settles: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
+            shares: Mutex::new(BTreeMap::new()),
+            held: AtomicUsize::new(0),
         }
+    }
+
+    fn shares(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u8, u64), Arc<Item>>> {
+        self.shares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shares held in memory for this user.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Holds a share (an item with `group_ref.held`) in memory; whether it
+    /// is new.
+    pub fn hold(&self, item: Arc<Item>) -> bool {
+        let new = self
+            .shares()
+            .insert((item.priority, item.seq), item)
+            .is_none();
+        if new {
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
+        new
+    }
+
+    /// Forgets a held share; whether it was held.
+    pub fn unhold(&self, priority: u8, seq: u64) -> bool {
+        let gone = self.shares().remove(&(priority, seq)).is_some();
+        if gone {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+        gone
+    }
+
+    /// The held share at (priority, SEQ), if any.
+    pub fn share(&self, priority: u8, seq: u64) -> Option<Arc<Item>> {
+        if self.held() == 0 {
+            return None;
+        }
+        self.shares().get(&(priority, seq)).cloned()
+    }
+
+    /// Held shares past `cursors[p]` for each priority `p`, in (priority,
+    /// SEQ) order (every one, with `cursors` all 0).
+    pub fn shares_after(&self, cursors: &[u64]) -> Vec<Arc<Item>> {
+        if self.held() == 0 {
+            return Vec::new();
+        }
+        let shares = self.shares();
+        let mut out = Vec::new();
+        for (p, &cursor) in cursors.iter().enumerate() {
+            let Ok(p) = u8::try_from(p) else { break };
+            let Some(from) = cursor.checked_add(1) else {
+                continue;
+            };
+            out.extend(
+                shares
+                    .range((p, from)..=(p, u64::MAX))
+                    .map(|(_, i)| i.clone()),
+            );
+        }
+        out
     }
 
     /// Hands out the next SEQ of this user.
@@ -112,6 +186,48 @@ impl User {
     pub fn mailbox(&self) -> Option<Arc<Mailbox>> {
         self.attached.load_full().filter(|mb| mb.closed().is_none())
     }
+}
+
+/// Merges an inbox scan of the store (`scanned`, and whether it reached the
+/// end) with the user's held shares past the same cursors (`held`, from
+/// [`User::shares_after`]), both in (priority, SEQ) order: at most `budget`
+/// items, in that order, and whether nothing past the cursors was left out.
+/// A scan cut short by its budget ends at its last item: held shares after
+/// it wait for the next scan, or a cursor would pass stored items not taken.
+pub fn merge_scan(
+    scanned: (Vec<Arc<Item>>, bool),
+    held: Vec<Arc<Item>>,
+    budget: usize,
+) -> (Vec<Arc<Item>>, bool) {
+    let (stored, mut done) = scanned;
+    if held.is_empty() {
+        return (stored, done);
+    }
+    let key = |i: &Arc<Item>| (i.priority, i.seq);
+    let limit = if done { None } else { stored.last().map(key) };
+    let mut out = Vec::with_capacity(stored.len() + held.len());
+    let mut held = held.into_iter().peekable();
+    for item in stored {
+        while let Some(h) = held.next_if(|h| key(h) < key(&item)) {
+            out.push(h);
+        }
+        if held.peek().is_some_and(|h| key(h) == key(&item)) {
+            held.next(); // its REF was written meanwhile: the same item
+        }
+        out.push(item);
+    }
+    for h in held {
+        if limit.is_some_and(|l| key(&h) > l) {
+            done = false;
+            break;
+        }
+        out.push(h);
+    }
+    if out.len() > budget {
+        out.truncate(budget);
+        done = false;
+    }
+    (out, done)
 }
 
 /// One member of a group.
@@ -158,6 +274,8 @@ pub struct Directory {
     /// address → the first SEQ of a user created again under the address
     /// of one removed in this boot (see [`RETIRED_SEQ_GAP`]).
     retired: Mutex<HashMap<Arc<str>, u64>>,
+    /// Group shares held in memory, all users together ([`User::hold`]).
+    pub held: AtomicUsize,
 }
 
 impl Directory {
@@ -169,6 +287,7 @@ impl Directory {
             next_msgno: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
             boot,
             retired: Mutex::new(HashMap::new()),
+            held: AtomicUsize::new(0),
         }
     }
 
@@ -319,6 +438,60 @@ pub fn normalize(mut members: Vec<Member>) -> Vec<Member> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn items(keys: &[(u8, u64)]) -> Vec<Arc<Item>> {
+        keys.iter()
+            .map(|&(p, seq)| Arc::new(Item::held(seq, p, Arc::from(&[][..]), 1, 0)))
+            .collect()
+    }
+
+    fn keys(items: &[Arc<Item>]) -> Vec<(u8, u64)> {
+        items.iter().map(|i| (i.priority, i.seq)).collect()
+    }
+
+    #[test]
+    fn a_scan_merges_held_shares_in_delivery_order_within_its_budget() {
+        // Done: everything, in (priority, SEQ) order; a share whose REF
+        // was written meanwhile (0, 5) comes once.
+        let stored = items(&[(0, 2), (0, 5), (3, 1)]);
+        let held = items(&[(0, 1), (0, 5), (0, 7), (9, 1)]);
+        let (out, done) = merge_scan((stored.clone(), true), held.clone(), 10);
+        assert_eq!(keys(&out), [(0, 1), (0, 2), (0, 5), (0, 7), (3, 1), (9, 1)]);
+        assert!(done);
+        // Cut short at (0, 5): nothing held after it, or the cursors would
+        // pass (3, 1), which is not taken yet.
+        let (out, done) = merge_scan((stored[..2].to_vec(), false), held.clone(), 2);
+        assert_eq!(keys(&out), [(0, 1), (0, 2)]);
+        assert!(!done);
+        let (out, done) = merge_scan((stored[..2].to_vec(), false), held.clone(), 3);
+        assert_eq!(keys(&out), [(0, 1), (0, 2), (0, 5)]);
+        assert!(!done);
+        // The held shares alone push it over the budget.
+        let (out, done) = merge_scan((Vec::new(), true), held, 3);
+        assert_eq!(keys(&out), [(0, 1), (0, 5), (0, 7)]);
+        assert!(!done);
+        let (out, done) = merge_scan((stored, true), Vec::new(), 3);
+        assert_eq!(keys(&out), [(0, 2), (0, 5), (3, 1)]);
+        assert!(done);
+    }
+
+    #[test]
+    fn held_shares_are_taken_past_the_cursors() {
+        let u = User::new("u", String::new(), 1);
+        for (p, seq) in [(0, 1), (0, 4), (2, 3), (15, 9)] {
+            assert!(u.hold(items(&[(p, seq)]).remove(0)));
+        }
+        assert!(!u.hold(items(&[(0, 4)]).remove(0)), "held once");
+        assert_eq!(u.held(), 4);
+        let mut cursors = [0u64; 16];
+        cursors[0] = 1;
+        cursors[15] = u64::MAX;
+        assert_eq!(keys(&u.shares_after(&cursors)), [(0, 4), (2, 3)]);
+        assert!(u.unhold(0, 4));
+        assert!(!u.unhold(0, 4));
+        assert_eq!(u.held(), 3);
+        assert!(u.share(2, 3).is_some() && u.share(0, 4).is_none());
+    }
 
     fn member(dir: &Directory, address: &str, send: bool) -> Member {
         Member {

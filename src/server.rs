@@ -155,6 +155,13 @@ impl Server {
                 tracing::warn!(%why, "starting with too little free space: new messages are refused until there is more");
             }
         }
+        let stored = store.store_held_shares().map_err(no_space)?;
+        if stored > 0 {
+            tracing::info!(
+                shares = stored,
+                "group shares held in memory at the last stop stored as REFs"
+            );
+        }
         let directory = Arc::new(Directory::load(&store, boot)?);
         let metrics = Arc::new(Metrics::default());
         let (commit, queue) = commit::queue();

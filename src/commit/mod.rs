@@ -237,6 +237,15 @@ pub enum Completion {
     Reply { conn: ReplyTo, answer: Answer },
     /// Offer a new stored item to its recipient, if connected.
     Push { user: Arc<User>, item: Arc<Item> },
+    /// Hold a member's share of a group send in memory (no REF stored),
+    /// then offer it like [`Completion::Push`].
+    Hold { user: Arc<User>, item: Arc<Item> },
+    /// A held share is settled (or was stored after all): forget it.
+    Unhold {
+        user: Arc<User>,
+        priority: u8,
+        seq: u64,
+    },
     /// The item is gone from the store: forget it as inflight.
     Settled { user: Arc<User>, seq: u64 },
     /// A request with these items was rolled back: a later ACK may retry.
@@ -580,7 +589,22 @@ impl Upkeep {
 /// the start, as after a restart. Nothing is lost either way: the sender of
 /// such a message got OVERLOADED, and its retry is answered from the
 /// replayed dedup record.
+///
+/// Group shares held in memory are dropped, and their REFs stored as at a
+/// start-up (`Store::store_held_shares`): a failed write may have reached
+/// the disk with bits of the `held` bitmaps that no memory has, and from
+/// here on the store alone says what is queued.
 fn resync(c: &Committer) {
+    for user in c.dir.users() {
+        for item in user.shares_after(&[0; crate::store::keys::PRIORITIES]) {
+            if user.unhold(item.priority, item.seq) {
+                c.dir.held.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if let Err(e) = c.store.store_held_shares() {
+        tracing::warn!(error = %e, "cannot store held group shares after recovery");
+    }
     match c.store.count_inbox() {
         Ok(counts) => {
             for user in c.dir.users() {
@@ -766,15 +790,22 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
                 }
             }
         }
-        Completion::Push { user, item } if written => {
-            if let Some(mb) = user.mailbox() {
-                clock.pushed(&item);
-                let settles = user.other_settles.load(Ordering::Relaxed);
-                item.settle_hint.store(settles + 1, Ordering::Relaxed);
-                mb.push_durable(item);
-                mb.wake();
+        Completion::Hold { user, item } if written => {
+            if user.hold(item.clone()) {
+                c.dir.held.fetch_add(1, Ordering::Relaxed);
+            }
+            push(&user, item, clock);
+        }
+        Completion::Unhold {
+            user,
+            priority,
+            seq,
+        } if written => {
+            if user.unhold(priority, seq) {
+                c.dir.held.fetch_sub(1, Ordering::Relaxed);
             }
         }
+        Completion::Push { user, item } if written => push(&user, item, clock),
         Completion::Settled { user, seq } if written => {
             if let Some(entry) = user.inflight().remove(&seq) {
                 clock.acked(entry.written_us);
@@ -810,7 +841,21 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             // A failed write deleted nothing.
             let _ = tx.send(if written { n } else { 0 });
         }
-        Completion::Push { .. } | Completion::Queued { .. } => {}
+        Completion::Push { .. }
+        | Completion::Hold { .. }
+        | Completion::Unhold { .. }
+        | Completion::Queued { .. } => {}
+    }
+}
+
+/// Offers a newly written item to its recipient's mailbox, if connected.
+fn push(user: &User, item: Arc<Item>, clock: &mut StageClock) {
+    if let Some(mb) = user.mailbox() {
+        clock.pushed(&item);
+        let settles = user.other_settles.load(Ordering::Relaxed);
+        item.settle_hint.store(settles + 1, Ordering::Relaxed);
+        mb.push_durable(item);
+        mb.wake();
     }
 }
 

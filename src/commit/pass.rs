@@ -21,7 +21,7 @@ use crate::store::keys::{
     expiry_key, inbox_prefix, message_key, message_members_key, message_refs_key, prefix_end,
     CF_DEDUP, CF_EXPIRY, CF_HISTORY, CF_INBOX, CF_MESSAGES, EXPIRE_GROUP,
 };
-use crate::store::record::{decode_receipt, encode_receipt, Dedup};
+use crate::store::record::{bit, decode_receipt, decode_refs, encode_receipt, encode_refs, Dedup};
 use crate::store::{Batch, Result, Store};
 use crate::wire::StatusCode;
 
@@ -80,8 +80,8 @@ pub(super) struct Overlay {
     dedup: HashMap<Vec<u8>, Option<Dedup>>,
     /// Inbox keys deleted.
     deleted: HashSet<Vec<u8>>,
-    /// Reference counts of group messages.
-    refs: HashMap<u64, u32>,
+    /// Reference counts and `held` bitmaps of group messages.
+    refs: HashMap<u64, Refs>,
     /// Group messages whose count went down, with their shared expiry time
     /// (for REFs that share one expiry entry): written once per batch, by
     /// [`Pass::finish`], however many of their REFs the batch settles.
@@ -101,6 +101,15 @@ impl Overlay {
         self.receipts.extend(o.receipts.drain());
         self.history.append(&mut o.history);
     }
+}
+
+/// A group send's references as a batch sees them: how many members'
+/// shares are still queued, and which of them are held in memory only
+/// (`store::record::encode_refs`).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Refs {
+    pub count: u32,
+    pub held: Box<[u8]>,
 }
 
 /// The state of one batch being built.
@@ -126,6 +135,8 @@ pub(super) struct Pass<'c> {
     pub cur_tally: Tally,
     /// One clock reading for the whole batch.
     pub now: u64,
+    /// Group shares this batch decided to hold in memory (`send::may_hold`).
+    pub held_new: usize,
 }
 
 impl<'c> Pass<'c> {
@@ -143,6 +154,7 @@ impl<'c> Pass<'c> {
             tally: Tally::default(),
             cur_tally: Tally::default(),
             now,
+            held_new: 0,
         }
     }
 
@@ -235,11 +247,10 @@ impl<'c> Pass<'c> {
     /// list and its shared expiry entry.
     fn write_refs(&mut self) -> Result<()> {
         for (&msgno, &shared_at) in &self.base.released {
-            let left = self.base.refs.get(&msgno).copied().unwrap_or(0);
-            if left > 0 {
-                let count = left.to_be_bytes();
+            if let Some(left) = self.base.refs.get(&msgno).filter(|r| r.count > 0) {
+                let value = encode_refs(left.count, &left.held);
                 self.batch
-                    .put(CF_MESSAGES, &message_refs_key(msgno), &count)?;
+                    .put(CF_MESSAGES, &message_refs_key(msgno), &value)?;
                 continue;
             }
             self.batch.delete(CF_MESSAGES, &message_key(msgno))?;
@@ -371,24 +382,50 @@ impl<'c> Pass<'c> {
         Ok(all.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
     }
 
-    /// A group message's reference count as this batch sees it.
-    pub fn refs(&self, msgno: u64) -> Option<u32> {
-        [&self.cur, &self.base, &self.prev]
+    /// A group message's references as this batch sees them (a count of
+    /// 1 and nothing held if the store has none: the caller is settling one).
+    pub fn refs(&self, msgno: u64) -> Result<Refs> {
+        let known = [&self.cur, &self.base, &self.prev]
             .iter()
-            .find_map(|o| o.refs.get(&msgno))
-            .copied()
+            .find_map(|o| o.refs.get(&msgno));
+        if let Some(r) = known {
+            return Ok(r.clone());
+        }
+        let stored = self.store().get(CF_MESSAGES, &message_refs_key(msgno))?;
+        Ok(match stored.as_deref().and_then(decode_refs) {
+            Some((count, held)) => Refs {
+                count,
+                held: held.into(),
+            },
+            None => Refs {
+                count: 1,
+                held: Box::default(),
+            },
+        })
     }
 
-    pub fn set_refs(&mut self, msgno: u64, n: u32) {
-        self.cur.refs.insert(msgno, n);
+    /// Whether member `i`'s share of group message `msgno` is held in
+    /// memory and not settled, as this batch sees it.
+    pub fn is_held(&self, msgno: u64, i: u32) -> Result<bool> {
+        Ok(bit(&self.refs(msgno)?.held, i))
     }
 
-    /// `left` inbox items still refer to group message `msgno` (whose REFs
-    /// share the expiry entry at `shared_at`, if any): stored at the end of
-    /// the batch.
-    pub fn release_refs(&mut self, msgno: u64, left: u32, shared_at: Option<u64>) {
+    /// The references of a group send written by this batch.
+    pub fn set_refs(&mut self, msgno: u64, refs: Refs) {
+        self.cur.refs.insert(msgno, refs);
+    }
+
+    /// What still refers to group message `msgno` (whose REFs share the
+    /// expiry entry at `shared_at`, if any): stored at the end of the batch.
+    pub fn release_refs(&mut self, msgno: u64, left: Refs, shared_at: Option<u64>) {
         self.cur.refs.insert(msgno, left);
         self.cur.released.insert(msgno, shared_at);
+    }
+
+    /// Records that the held share under `key` is settled: no REF to
+    /// delete, but later requests of the batch must see it gone.
+    pub fn forget_held(&mut self, key: Vec<u8>) {
+        self.cur.deleted.insert(key);
     }
 
     pub fn get_receipt(&self, key: &[u8]) -> Result<Option<(u64, u8)>> {

@@ -1,18 +1,31 @@
 //! SEND and group SEND: duplicate detection, SEQ assignment, the inbox
 //! item(s), the expiry entries and the dedup record, in one request.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::pass::Pass;
+use super::pass::{Pass, Refs};
 use super::{Accept, Completion, GroupSendRequest, ReplyTo, SendRequest};
 use crate::directory::User;
 use crate::mailbox::Answer;
 use crate::store::keys::*;
 use crate::store::record::{
-    encode_members, encode_ref, Dedup, GroupRef, Item, RefView, RECEIPT_QUEUED,
+    encode_members, encode_ref, encode_refs, set_bit, Dedup, GroupRef, Item, RefView,
+    RECEIPT_QUEUED,
 };
 use crate::store::Result;
 use crate::wire::{flags, StatusCode};
+
+/// Group shares one user may hold in memory (`directory::User::shares`);
+/// beyond it (a member online but not reading), its shares are stored as
+/// REFs. Bounded per batch by [`super::MAX_BATCH`] more.
+pub const HELD_PER_USER: usize = 4096;
+/// Group shares the server holds in memory, all users together (about
+/// 150 bytes each: 40 MiB).
+pub const HELD_MAX: usize = 262_144;
+/// The largest group send whose shares may be held (its `held` bitmap is
+/// read and written whole per batch that settles one: at most 1 KiB).
+pub const HELD_MAX_MEMBERS: usize = 8192;
 
 impl Pass<'_> {
     /// Records an accepted SEND for duplicate detection until its
@@ -132,30 +145,51 @@ impl Pass<'_> {
         group_ref: Option<GroupRef>,
     ) -> Result<u64> {
         let seq = user.next_seq();
-        let inbox = inbox_key(&user.address, req.priority, seq);
-        self.batch.put(CF_INBOX, &inbox, stored)?;
-        if group_ref.is_none() {
-            let expiry = expiry_key(req.expire_at, EXPIRE_ITEM, &inbox);
-            self.batch.put(CF_EXPIRY, &expiry, &[])?;
+        let held = group_ref.is_some_and(|g| g.held.is_some());
+        if !held {
+            let inbox = inbox_key(&user.address, req.priority, seq);
+            self.batch.put(CF_INBOX, &inbox, stored)?;
+            if group_ref.is_none() {
+                let expiry = expiry_key(req.expire_at, EXPIRE_ITEM, &inbox);
+                self.batch.put(CF_EXPIRY, &expiry, &[])?;
+            }
         }
         self.then(Completion::Queued {
             user: user.clone(),
             delta: 1,
         });
-        self.then(Completion::Push {
-            user: user.clone(),
-            item: Arc::new(Item {
-                seq,
-                priority: req.priority,
-                ephemeral: false,
-                record: req.record.clone(),
-                born_us: req.read_us,
-                pushed_us: Default::default(),
-                group_ref,
-                settle_hint: Default::default(),
-            }),
+        let item = Arc::new(Item {
+            seq,
+            priority: req.priority,
+            ephemeral: false,
+            record: req.record.clone(),
+            born_us: req.read_us,
+            pushed_us: Default::default(),
+            group_ref,
+            settle_hint: Default::default(),
+        });
+        let user = user.clone();
+        self.then(if held {
+            Completion::Hold { user, item }
+        } else {
+            Completion::Push { user, item }
         });
         Ok(seq)
+    }
+
+    /// Whether `user`'s share of a group send may be held in memory rather
+    /// than stored as a REF: the user is online (so it is likely ACKed
+    /// within moments, and its REF would be written and deleted again),
+    /// and neither the user nor the server holds too many already.
+    fn may_hold(&mut self, user: &User) -> bool {
+        if user.attached.load().is_none()
+            || user.held() >= HELD_PER_USER
+            || self.c.dir.held.load(Ordering::Relaxed) + self.held_new >= HELD_MAX
+        {
+            return false;
+        }
+        self.held_new += 1;
+        true
     }
 
     pub(super) fn send(&mut self, send: &SendRequest) -> Result<()> {
@@ -198,13 +232,27 @@ impl Pass<'_> {
             group,
             shared_expiry: true,
         });
-        let group_ref = GroupRef {
-            msgno,
-            shared_expiry: true,
-        };
         let receipts = req.id != 0 && req.flags & flags::READ_RECEIPT != 0;
         let mut seqs = Vec::with_capacity(recipients.len());
-        for user in recipients {
+        let may_hold = recipients.len() <= HELD_MAX_MEMBERS;
+        let mut held = vec![
+            0u8;
+            if may_hold {
+                recipients.len().div_ceil(8)
+            } else {
+                0
+            }
+        ];
+        for (i, user) in (0u32..).zip(recipients) {
+            let hold = may_hold && self.may_hold(user);
+            if hold {
+                set_bit(&mut held, i);
+            }
+            let group_ref = GroupRef {
+                msgno,
+                shared_expiry: true,
+                held: hold.then_some(i),
+            };
             let seq = self.enqueue(user, req, &reference, Some(group_ref))?;
             seqs.push(seq);
             if receipts {
@@ -217,15 +265,24 @@ impl Pass<'_> {
             // for the whole send, however many members it has.
             self.batch
                 .put(CF_MESSAGES, &message_key(msgno), &req.record)?;
-            self.batch
-                .put(CF_MESSAGES, &message_refs_key(msgno), &count.to_be_bytes())?;
+            self.batch.put(
+                CF_MESSAGES,
+                &message_refs_key(msgno),
+                &encode_refs(count, &held),
+            )?;
             let members = recipients.iter().map(|u| &*u.address).zip(seqs);
             let members = encode_members(req.priority, members);
             self.batch
                 .put(CF_MESSAGES, &message_members_key(msgno), &members)?;
             let entry = expiry_key(req.expire_at, EXPIRE_GROUP, &msgno.to_be_bytes());
             self.batch.put(CF_EXPIRY, &entry, &[])?;
-            self.set_refs(msgno, count);
+            self.set_refs(
+                msgno,
+                Refs {
+                    count,
+                    held: held.into(),
+                },
+            );
         }
         self.accepted(req, dedup, 0, group.clone(), true)
     }

@@ -13,13 +13,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::pass::Pass;
+use super::pass::{Pass, Refs};
 use super::{Completion, MessageFilter};
 use crate::directory::User;
 use crate::store::keys::*;
 use crate::store::record::{
-    decode_item, decode_members, encode_status, Item, ItemView, StatusView, RECEIPT_DELIVERED,
-    RECEIPT_QUEUED,
+    clear_bit, decode_item, decode_members, encode_status, GroupRef, Item, ItemView, StatusView,
+    RECEIPT_DELIVERED, RECEIPT_QUEUED,
 };
 use crate::store::Result;
 use crate::wire::{flags, StatusCode};
@@ -60,12 +60,20 @@ impl Pass<'_> {
                 user: user.clone(),
                 seq,
             });
+            if self.inbox_deleted(&key) {
+                continue; // settled earlier in this batch (or the one before)
+            }
+            if let Some(item) = user.share(priority, seq) {
+                if self.settle_held(user, key.clone(), &item, Settle::Acked)? {
+                    continue;
+                }
+                // Not held any more (its REF was written after a failed
+                // write): settled as stored, below.
+            }
             match known(user, priority, seq) {
-                // Settled earlier in this batch.
-                Some(_) if self.inbox_deleted(&key) => {}
                 Some(item) => match item.stored_view() {
                     Some(view) => {
-                        self.settle_view(user, key, seq, view, &item.record, Settle::Acked)?
+                        self.settle_view(user, key, seq, view, &item.record, Settle::Acked, None)?
                     }
                     None => self.settle_stored(user, key, seq, Settle::Acked)?,
                 },
@@ -73,6 +81,41 @@ impl Pass<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Settles `item`, a member's share of a group send held in memory
+    /// (`directory::User::shares`), if the send's `held` bitmap still has
+    /// it; whether it did. The bitmap, not the memory, decides: it is what
+    /// the store has.
+    fn settle_held(
+        &mut self,
+        user: &Arc<User>,
+        key: Vec<u8>,
+        item: &Item,
+        how: Settle,
+    ) -> Result<bool> {
+        let Some(GroupRef {
+            msgno,
+            held: Some(i),
+            ..
+        }) = item.group_ref
+        else {
+            return Ok(false);
+        };
+        let held = self.is_held(msgno, i)?;
+        if !held {
+            self.then(Completion::Unhold {
+                user: user.clone(),
+                priority: item.priority,
+                seq: item.seq,
+            });
+            return Ok(false);
+        }
+        let Some(view) = item.stored_view() else {
+            return Ok(false);
+        };
+        self.settle_view(user, key, item.seq, view, &item.record, how, Some(i))?;
+        Ok(true)
     }
 
     /// Removes a queued item and stores the status its sender is owed.
@@ -100,10 +143,13 @@ impl Pass<'_> {
             tracing::error!(user = %user.address, seq, "corrupt inbox record dropped");
             return self.delete_inbox(key);
         };
-        self.settle_view(user, key, seq, view, &record, how)
+        self.settle_view(user, key, seq, view, &record, how, None)
     }
 
-    /// Settles the item `view` (whose record is `record`) stored under `key`.
+    /// Settles the item `view` (whose record is `record`) stored under `key`,
+    /// or, `held`, the member's share held in memory with that bit in its
+    /// send's `held` bitmap (the caller checked it is set).
+    #[allow(clippy::too_many_arguments)]
     fn settle_view(
         &mut self,
         user: &Arc<User>,
@@ -112,6 +158,7 @@ impl Pass<'_> {
         view: ItemView<'_>,
         record: &[u8],
         how: Settle,
+        held: Option<u32>,
     ) -> Result<()> {
         if how != Settle::Acked {
             self.then(Completion::SettledOtherwise { user: user.clone() });
@@ -160,7 +207,7 @@ impl Pass<'_> {
             }
             ItemView::Msg(_) | ItemView::Status(_) => {}
             ItemView::Ref(r) => {
-                self.release_message(r.msgno, r.shared_expiry.then_some(r.expire_at))?;
+                self.release_message(r.msgno, r.shared_expiry.then_some(r.expire_at), held)?;
                 let receipt = member_receipt_key(r.from, r.id, &user.address);
                 let member = Some(&*user.address);
                 let group = Some(r.group);
@@ -179,21 +226,35 @@ impl Pass<'_> {
                 }
             }
         }
-        self.delete_inbox(key)
+        match (held, view) {
+            (Some(_), ItemView::Ref(_)) => {
+                self.then(Completion::Unhold {
+                    user: user.clone(),
+                    priority: key_priority(&key),
+                    seq,
+                });
+                self.forget_held(key);
+                Ok(())
+            }
+            _ => self.delete_inbox(key),
+        }
     }
 
-    /// One inbox item fewer refers to a group message; the last one deletes
-    /// it (at the end of the batch: see [`Pass::release_refs`]).
-    fn release_message(&mut self, msgno: u64, shared_at: Option<u64>) -> Result<()> {
-        let refs = match self.refs(msgno) {
-            Some(n) => n,
-            None => self
-                .store()
-                .get(CF_MESSAGES, &message_refs_key(msgno))?
-                .and_then(|v| v.as_slice().try_into().ok().map(u32::from_be_bytes))
-                .unwrap_or(1),
-        };
-        self.release_refs(msgno, refs.saturating_sub(1), shared_at);
+    /// One member's share fewer refers to a group message (member `held`'s
+    /// share held in memory, or a REF); the last one deletes it (at the end
+    /// of the batch: see [`Pass::release_refs`]).
+    fn release_message(
+        &mut self,
+        msgno: u64,
+        shared_at: Option<u64>,
+        held: Option<u32>,
+    ) -> Result<()> {
+        let mut refs = self.refs(msgno)?;
+        refs.count = refs.count.saturating_sub(1);
+        if let Some(i) = held {
+            clear_bit(&mut refs.held, i);
+        }
+        self.release_refs(msgno, refs, shared_at);
         Ok(())
     }
 
@@ -209,11 +270,32 @@ impl Pass<'_> {
         };
         let Some((priority, members)) = decode_members(&members) else {
             tracing::error!(msgno, "corrupt member list of a group send dropped");
-            self.release_refs(msgno, 0, Some(at));
+            self.release_refs(msgno, Refs::default(), Some(at));
             return Ok(());
         };
-        for (address, seq) in members {
-            match self.c.dir.any_user(address) {
+        let mut msg = None;
+        for (i, (address, seq)) in (0u32..).zip(members) {
+            let user = self.c.dir.any_user(address);
+            if let Some(user) = user
+                .as_ref()
+                .filter(|_| self.is_held(msgno, i).unwrap_or(false))
+            {
+                // Held in memory: the item as its session has it, or as
+                // the store can rebuild it.
+                let item = match user.share(priority, seq) {
+                    Some(item) => item,
+                    None => {
+                        if msg.is_none() {
+                            msg = self.store().message(msgno)?;
+                        }
+                        let Some(record) = msg.clone() else { continue };
+                        Arc::new(Item::held(seq, priority, record, msgno, i))
+                    }
+                };
+                self.settle_held_otherwise(user, &item, Settle::Expired)?;
+                continue;
+            }
+            match user {
                 Some(user) => self.settle(&user, priority, seq, Settle::Expired)?,
                 None => {
                     // Only if it is there: a REF its member ACKed before is
@@ -227,7 +309,7 @@ impl Pass<'_> {
             }
         }
         // All its REFs were due at once: none is left, whatever the count says.
-        self.release_refs(msgno, 0, Some(at));
+        self.release_refs(msgno, Refs::default(), Some(at));
         Ok(())
     }
 
@@ -281,6 +363,15 @@ impl Pass<'_> {
                 n += 1;
             }
         }
+        for item in user.shares_after(&[0; PRIORITIES]) {
+            let hit = match item.view() {
+                Some(ItemView::Msg(m)) => filter.matches(m.from, m.id, m.time),
+                _ => false,
+            };
+            if hit && self.settle_held_otherwise(user, &item, Settle::Deleted)? {
+                n += 1;
+            }
+        }
         for (key, value) in self.history(&user.address)? {
             if let Some(ItemView::Msg(m)) = decode_item(&value) {
                 if filter.matches(m.from, m.id, m.time) {
@@ -299,7 +390,29 @@ impl Pass<'_> {
                 self.settle(user, priority, seq, Settle::Deleted)?;
             }
         }
+        for item in user.shares_after(&[0; PRIORITIES]) {
+            self.settle_held_otherwise(user, &item, Settle::Deleted)?;
+        }
         Ok(())
+    }
+
+    /// Settles a held share other than by its ACK (expired, deleted);
+    /// whether it was still queued.
+    fn settle_held_otherwise(
+        &mut self,
+        user: &Arc<User>,
+        item: &Item,
+        how: Settle,
+    ) -> Result<bool> {
+        let key = inbox_key(&user.address, item.priority, item.seq);
+        if self.inbox_deleted(&key) {
+            return Ok(false);
+        }
+        self.then(Completion::Settled {
+            user: user.clone(),
+            seq: item.seq,
+        });
+        self.settle_held(user, key, item, how)
     }
 
     /// Queues a STATUS for the sender `owner` of message `id`, about the
@@ -357,10 +470,21 @@ impl Pass<'_> {
 /// settlement of the user's items but ACKs since (an ACK of the same item
 /// twice is stopped by the in-flight entry, which its first settlement
 /// removes and only a new write puts back, with the item as read then).
+///
+/// A share that was held in memory when it was written is never "known":
+/// it had no REF then (if it has one now, it was written later).
 fn known(user: &User, priority: u8, seq: u64) -> Option<Arc<Item>> {
     let item = user.inflight().get(&seq)?.item.clone()?;
+    if item.group_ref.is_some_and(|g| g.held.is_some()) {
+        return None;
+    }
     let hint = item.settle_hint.load(Ordering::Relaxed);
     let settles = user.other_settles.load(Ordering::Relaxed);
     (hint != 0 && hint == settles + 1 && item.priority == priority && item.seq == seq)
         .then_some(item)
+}
+
+/// The priority byte of an inbox key (see `keys::inbox_key`).
+fn key_priority(key: &[u8]) -> u8 {
+    parse_inbox_key(key).map_or(0, |(_, p, _)| p)
 }

@@ -9,7 +9,7 @@ use base64::Engine;
 use super::{Backend, Phase};
 use crate::admin::{GroupError, MemberSpec, UserError};
 use crate::commit::{MessageFilter, ReplyTo, Request};
-use crate::directory::Group;
+use crate::directory::{Group, User};
 use crate::session::Outcome;
 use crate::store::ItemView;
 use crate::wire::StatusCode;
@@ -535,6 +535,28 @@ struct MessageOut<'a> {
     payload_b64: Option<String>,
 }
 
+/// Adds the user's group shares held in memory (queued, but with no REF
+/// in the store: `directory::User::shares`) to `rows`, among the queued
+/// ones in delivery order, and keeps the first `limit`.
+fn with_held_shares(rows: &mut Vec<crate::store::Listed>, user: &User, since: u64, limit: usize) {
+    let held = user.shares_after(&[0; crate::store::keys::PRIORITIES]);
+    if held.is_empty() {
+        return;
+    }
+    let queued = rows.iter().take_while(|r| !r.2).count();
+    let retained = rows.split_off(queued);
+    rows.extend(held.into_iter().filter_map(|item| match item.view() {
+        Some(ItemView::Msg(m)) if m.time >= since => {
+            Some((item.seq, item.priority, false, item.record.clone()))
+        }
+        _ => None,
+    }));
+    rows.sort_by_key(|r| (r.1, r.0));
+    rows.dedup_by_key(|r| (r.1, r.0));
+    rows.extend(retained);
+    rows.truncate(limit);
+}
+
 fn list_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
     if core.user(address).is_none() {
         return no_user();
@@ -544,10 +566,13 @@ fn list_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
         (Err(r), _) | (_, Err(r)) => return r,
     };
     let retained = core.config.retain_delivered;
-    let rows = match core.store().list_messages(address, since, limit, retained) {
+    let mut rows = match core.store().list_messages(address, since, limit, retained) {
         Ok(rows) => rows,
         Err(e) => return internal(&e),
     };
+    if let Some(user) = core.user(address) {
+        with_held_shares(&mut rows, &user, since, limit);
+    }
     let messages: Vec<MessageOut<'_>> = rows
         .iter()
         .filter_map(|(seq, priority, delivered, record)| {

@@ -160,6 +160,13 @@ pub fn render(core: &Backend) -> Reply {
         "Items queued in the store, all users.",
         depth,
     );
+    metric(
+        &mut out,
+        "tern_group_shares_held",
+        "gauge",
+        "Online members' shares of group sends held in memory (no REF item stored; counted in tern_queue_depth).",
+        core.admin.dir.held.load(std::sync::atomic::Ordering::Relaxed) as u64,
+    );
     summary(
         &mut out,
         "tern_store_commit_seconds",

@@ -129,7 +129,12 @@ impl Env for Glue {
         cursors: &[u64; PRIORITIES],
         budget: usize,
     ) -> Result<(Vec<Arc<Item>>, bool), StoreError> {
-        self.store.scan_inbox(user, cursors, budget)
+        let scanned = self.store.scan_inbox(user, cursors, budget)?;
+        let held = match self.dir.user(user) {
+            Some(u) => u.shares_after(cursors),
+            None => Vec::new(),
+        };
+        Ok(crate::directory::merge_scan(scanned, held, budget))
     }
 
     fn submit(&self, req: Request) -> Result<(), Full> {

@@ -155,7 +155,18 @@ pub fn message_key(msgno: u64) -> [u8; 9] {
     key
 }
 
-/// `msgno 0x01`: how many inbox items still refer to the message.
+/// The msgno and suffix of a `messages` key (`None` for another length).
+pub fn split_message_key(key: &[u8]) -> Option<(u64, u8)> {
+    let (msgno, suffix) = key.split_first_chunk::<8>()?;
+    match suffix {
+        [s] => Some((u64::from_be_bytes(*msgno), *s)),
+        _ => None,
+    }
+}
+
+/// `msgno 0x01`: how many members' shares still refer to the message (REF
+/// items, or shares held in memory), and which are held
+/// (`record::encode_refs`).
 pub fn message_refs_key(msgno: u64) -> [u8; 9] {
     let mut key = message_key(msgno);
     key[8] = 1;

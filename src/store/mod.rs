@@ -471,6 +471,76 @@ impl Store {
         Ok((items, true))
     }
 
+    /// Writes a REF for every member's share of a group send that was held
+    /// in memory when the server stopped (a bit set in a `held` bitmap,
+    /// `record::encode_refs`), and clears the bitmaps, each send in one
+    /// synced batch: after a restart the store is all there is. Run at
+    /// start-up (and after a reopen, with every held share dropped from
+    /// memory), before anything reads the inbox. Returns how many.
+    ///
+    /// A held share never had a REF, so each REF is put exactly once (it is
+    /// settled with SingleDelete), and a crash part-way leaves each send
+    /// either done or still to do.
+    pub fn store_held_shares(&self) -> Result<u64> {
+        let db = self.db()?;
+        let messages = cf(&db, CF_MESSAGES)?;
+        let mut todo = Vec::new();
+        let mut it = db.raw_iterator_cf(messages);
+        it.seek_to_first();
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if let (Some((msgno, 1)), Some((count, held))) =
+                (split_message_key(key), record::decode_refs(value))
+            {
+                if held.iter().any(|&b| b != 0) {
+                    todo.push((msgno, count, held.to_vec()));
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+        drop(db);
+        let mut n = 0;
+        for (msgno, count, held) in todo {
+            let members = self.get(CF_MESSAGES, &message_members_key(msgno))?;
+            let msg = self.message(msgno)?;
+            let mut batch = self.batch();
+            let parts = members.as_deref().and_then(record::decode_members);
+            match (parts, msg.as_deref().and_then(record::decode_item)) {
+                (Some((priority, members)), Some(ItemView::Msg(m))) => {
+                    let reference = record::encode_ref(&RefView {
+                        time: m.time,
+                        expire_at: m.expire_at,
+                        id: m.id,
+                        flags: m.flags,
+                        msgno,
+                        from: m.from,
+                        group: m.group.unwrap_or(""),
+                        shared_expiry: true,
+                    });
+                    for (i, (address, seq)) in (0u32..).zip(members) {
+                        if record::bit(&held, i) {
+                            batch.put(CF_INBOX, &inbox_key(address, priority, seq), &reference)?;
+                            n += 1;
+                        }
+                    }
+                }
+                _ => tracing::error!(
+                    msgno,
+                    "group send without member list or record: its held shares are dropped"
+                ),
+            }
+            batch.put(
+                CF_MESSAGES,
+                &message_refs_key(msgno),
+                &record::encode_refs(count, &[]),
+            )?;
+            batch.seal();
+            batch.commit(true)?;
+        }
+        Ok(n)
+    }
+
     /// The shared MSG record of a group send.
     pub fn message(&self, msgno: u64) -> Result<Option<Arc<[u8]>>> {
         let db = self.db()?;

@@ -17,6 +17,12 @@
 //!   (kind 3 REFs, written by earlier versions, each have an expiry entry of their own)
 //! members of a group send (messages cf, `msgno 0x02`):
 //!   prio:u8 (alen:u8 address seq:u64)*
+//! references to a group send (messages cf, `msgno 0x01`):
+//!   count:u32 [held:bitmap]
+//!   count: the members whose share is still queued (a REF, or held in memory);
+//!   held (absent in values of earlier versions, and once every bit is clear):
+//!   bit i (byte i / 8, bit i % 8) set while member i of the member list has
+//!   its share in memory only, with no REF in its inbox (`directory::User::shares`)
 //! member receipt (dedup cf):
 //!   seq:u64 state:u8 (0 queued, 1 delivered, 2 read)
 //! dedup value:
@@ -73,6 +79,9 @@ pub struct GroupRef {
     pub msgno: u64,
     /// See [`RefView::shared_expiry`].
     pub shared_expiry: bool,
+    /// For a share held in memory only (no REF stored): the member's index
+    /// in the send's member list, its bit in the `held` bitmap.
+    pub held: Option<u32>,
 }
 
 /// A MSG as stored.
@@ -155,6 +164,45 @@ pub fn encode_ref(r: &RefView<'_>) -> Vec<u8> {
     out
 }
 
+/// The value under `msgno 0x01`: the count, then the `held` bitmap if any
+/// bit is set.
+pub fn encode_refs(count: u32, held: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + held.len());
+    out.extend_from_slice(&count.to_be_bytes());
+    if held.iter().any(|&b| b != 0) {
+        out.extend_from_slice(held);
+    }
+    out
+}
+
+/// Decodes [`encode_refs`]: the count and the bitmap (empty if none).
+pub fn decode_refs(value: &[u8]) -> Option<(u32, &[u8])> {
+    let (count, held) = value.split_first_chunk::<4>()?;
+    Some((u32::from_be_bytes(*count), held))
+}
+
+/// Whether bit `i` of a `held` bitmap is set.
+pub fn bit(bitmap: &[u8], i: u32) -> bool {
+    let i = i as usize;
+    bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// Clears bit `i` of a `held` bitmap.
+pub fn clear_bit(bitmap: &mut [u8], i: u32) {
+    let i = i as usize;
+    if let Some(b) = bitmap.get_mut(i / 8) {
+        *b &= !(1 << (i % 8));
+    }
+}
+
+/// Sets bit `i` of a `held` bitmap (which must be long enough).
+pub fn set_bit(bitmap: &mut [u8], i: u32) {
+    let i = i as usize;
+    if let Some(b) = bitmap.get_mut(i / 8) {
+        *b |= 1 << (i % 8);
+    }
+}
+
 /// Receipt state of one member for one group send: queued (written or not).
 pub const RECEIPT_QUEUED: u8 = 0;
 /// The member ACKed it.
@@ -199,6 +247,25 @@ pub fn decode_members(value: &[u8]) -> Option<(u8, Vec<(&str, u64)>)> {
 }
 
 impl Item {
+    /// Member `i`'s share of group send `msgno` (whose MSG record is
+    /// `record`), held in memory under (`priority`, `seq`).
+    pub fn held(seq: u64, priority: u8, record: Arc<[u8]>, msgno: u64, i: u32) -> Item {
+        Item {
+            seq,
+            priority,
+            ephemeral: false,
+            record,
+            born_us: 0,
+            pushed_us: Default::default(),
+            group_ref: Some(GroupRef {
+                msgno,
+                shared_expiry: true,
+                held: Some(i),
+            }),
+            settle_hint: Default::default(),
+        }
+    }
+
     /// Decodes the record; `None` only if the stored bytes are corrupt.
     pub fn view(&self) -> Option<ItemView<'_>> {
         decode_item(&self.record)

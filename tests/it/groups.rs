@@ -8,8 +8,8 @@ use tern::client::{Client, Event, Outgoing};
 use tern::wire::{flags, StatusCode};
 
 use crate::util::{
-    barrier_self, group_marker, http, is_marker, kill_mid_burst, msg, next, send_burst, status,
-    TestServer, ADMIN,
+    barrier_self, group_marker, http, is_marker, kill_mid_burst, msg, next, scrape, send_burst,
+    status, TestServer, ADMIN,
 };
 
 fn put_group(server: &TestServer, name: &str, members: &str) -> (u16, String) {
@@ -605,5 +605,205 @@ fn payload_is_deleted_after_the_last_ack() {
         count(&server.dir),
         (0, 0, 0),
         "no message bytes after the last ACK, no expiry entry"
+    );
+}
+
+/// The shares of group sends held in memory, as `/metrics` counts them.
+fn held(server: &TestServer) -> f64 {
+    scrape(server.http).value("tern_group_shares_held")
+}
+
+/// A member online when a group send is written gets its share held in
+/// memory, with no REF stored. Such a share expires like a stored one: the
+/// sender gets EXPIRED with MEMBER for the member who read it without an
+/// ACK, for the one who never read it, and for the offline one (a REF);
+/// none of them gets it again, reconnecting.
+#[test]
+fn a_held_share_expires_like_a_stored_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let tokens = users(&server, &["ann", "ben", "cat", "dan"]);
+    assert_eq!(
+        put_group(&server, "g", r#"["ann","ben","cat","dan"]"#).0,
+        201
+    );
+    let mut ann = server.connect(&tokens["ann"]);
+    let mut ben = server.connect(&tokens["ben"]);
+    let cat = server.connect(&tokens["cat"]);
+    let out = Outgoing::to_group("g", b"soon").id(3).expiry(1).flags(0);
+    assert_eq!(ann.send_wait(&out).unwrap(), StatusCode::SENT);
+    assert_eq!(held(&server), 2.0, "ben's and cat's shares are held");
+    assert_eq!(msg(next(&mut ben, 10)).id, 3);
+
+    let mut expired = HashSet::new();
+    while expired.len() < 3 {
+        let s = status(next(&mut ann, 10));
+        ann.ack(&[s.seq.unwrap()]).unwrap();
+        assert_eq!((s.id, s.status), (3, StatusCode::EXPIRED));
+        assert!(expired.insert(s.member.expect("MEMBER")));
+    }
+    assert_eq!(held(&server), 0.0);
+    drop((ben, cat));
+    for n in ["ben", "cat", "dan"] {
+        let mut c = server.connect(&tokens[n]);
+        barrier_self(&mut c);
+    }
+    barrier_self(&mut ann);
+}
+
+/// Held shares are queued messages like any other for the admin API: they
+/// are listed, deleted by ID (the sender gets DELETED with MEMBER), and
+/// deleted with their user. What is left is delivered again on reconnect,
+/// and its ACK releases it.
+#[test]
+fn held_shares_are_listed_and_deleted_by_the_admin_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let tokens = users(&server, &["ann", "ben", "cat"]);
+    assert_eq!(put_group(&server, "g", r#"["ann","ben","cat"]"#).0, 201);
+    let mut ann = server.connect(&tokens["ann"]);
+    let ben = server.connect(&tokens["ben"]);
+    let cat = server.connect(&tokens["cat"]);
+    for id in [1, 2] {
+        let out = Outgoing::to_group("g", format!("m{id}").as_bytes())
+            .id(id)
+            .flags(0);
+        assert_eq!(ann.send_wait(&out).unwrap(), StatusCode::SENT);
+    }
+    assert_eq!(held(&server), 4.0);
+    let list = |who: &str| -> Vec<u64> {
+        let (code, body) = http(
+            server.http,
+            "GET",
+            &format!("/v1/users/{who}/messages"),
+            Some(ADMIN),
+            "",
+        );
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                assert_eq!((&m["from"], &m["group"]), (&"ann".into(), &"g".into()));
+                m["id"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(list("ben"), [1, 2]);
+
+    let (code, body) = http(
+        server.http,
+        "DELETE",
+        "/v1/users/ben/messages?id=1&from=ann",
+        Some(ADMIN),
+        "",
+    );
+    assert_eq!((code, body.as_str()), (200, r#"{"deleted":1}"#));
+    let s = status(next(&mut ann, 10));
+    ann.ack(&[s.seq.unwrap()]).unwrap();
+    assert_eq!(
+        (s.id, s.status, s.member.as_deref()),
+        (1, StatusCode::DELETED, Some("ben"))
+    );
+    assert_eq!(list("ben"), [2]);
+
+    assert_eq!(
+        http(server.http, "DELETE", "/v1/users/cat", Some(ADMIN), "").0,
+        204
+    );
+    let mut deleted = Vec::new();
+    for _ in 0..2 {
+        let s = status(next(&mut ann, 10));
+        ann.ack(&[s.seq.unwrap()]).unwrap();
+        assert_eq!(
+            (s.status, s.member.as_deref()),
+            (StatusCode::DELETED, Some("cat"))
+        );
+        deleted.push(s.id);
+    }
+    deleted.sort();
+    assert_eq!(deleted, [1, 2]);
+    assert_eq!(held(&server), 1.0, "ben's share of message 2");
+    drop((ben, cat));
+
+    let mut ben = server.connect(&tokens["ben"]);
+    let m = msg(next(&mut ben, 10));
+    assert_eq!((m.id, m.payload.as_slice()), (2, &b"m2"[..]));
+    ben.ack(&[m.seq]).unwrap();
+    barrier_self(&mut ben);
+    assert_eq!(held(&server), 0.0);
+    assert!(list("ben").is_empty());
+}
+
+/// Held shares across a SIGKILL: what a member ACKed before it (its sender
+/// has DELIVERED for it, so the ACK is durable) is not delivered again
+/// after the restart; what another member held unread comes back once
+/// each, in order (stored as REFs at start-up); and once the last member
+/// ACKs, nothing of the sends is left in the store.
+#[test]
+fn held_shares_acked_before_a_sigkill_are_not_delivered_again() {
+    const N: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir);
+    let tokens = users(&server, &["ann", "ben", "cat", "dan"]);
+    assert_eq!(
+        put_group(&server, "g", r#"["ann","ben","cat","dan"]"#).0,
+        201
+    );
+    let mut ann = server.connect(&tokens["ann"]);
+    let mut ben = server.connect(&tokens["ben"]);
+    let cat = server.connect(&tokens["cat"]);
+    let msgs: Vec<Outgoing> = (1..=N)
+        .map(|i| {
+            Outgoing::to_group("g", &i.to_be_bytes())
+                .id(i)
+                .flags(flags::DELIVERY_RECEIPT)
+        })
+        .collect();
+    ann.send_many(&msgs).unwrap();
+    let seqs: Vec<u64> = (1..=N)
+        .map(|i| {
+            let m = msg(next(&mut ben, 10));
+            assert_eq!(m.id, i);
+            m.seq
+        })
+        .collect();
+    assert_eq!(held(&server), 2.0 * N as f64, "ben's and cat's shares");
+    ben.ack(&seqs).unwrap();
+    let (mut sent, mut delivered) = (0, 0);
+    while sent < N || delivered < N {
+        let s = status(next(&mut ann, 10));
+        match (s.status, s.member.as_deref()) {
+            (StatusCode::SENT, None) => sent += 1,
+            (StatusCode::DELIVERED, Some("ben")) => {
+                ann.ack(&[s.seq.unwrap()]).unwrap();
+                delivered += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    server.sigkill();
+    drop((ann, ben, cat));
+    server.restart();
+
+    let mut ben = server.connect(&tokens["ben"]);
+    barrier_self(&mut ben);
+    for name in ["cat", "dan"] {
+        let mut c = server.connect(&tokens[name]);
+        for i in 1..=N {
+            let m = msg(next(&mut c, 10));
+            assert_eq!((m.id, m.payload), (i, i.to_be_bytes().to_vec()), "{name}");
+            c.ack(&[m.seq]).unwrap();
+        }
+        barrier_self(&mut c);
+    }
+    assert!(server.terminate().0.success());
+    let store = tern::store::Store::open(&server.dir.join("db")).unwrap();
+    assert_eq!(
+        store.count_keys(tern::store::keys::CF_MESSAGES).unwrap(),
+        0,
+        "no record, count or member list after the last ACK"
     );
 }
