@@ -90,6 +90,12 @@ pub struct User {
     shares: Mutex<BTreeMap<(u8, u64), Arc<Item>>>,
     /// `shares.len()`, read without the lock.
     held: AtomicUsize,
+    /// The highest SEQ of this user whose item is visible everywhere an
+    /// inbox scan looks: its batch is written and, if held, it is in
+    /// `shares`. The commit writer raises it for each item, in SEQ order,
+    /// before offering the item to the mailbox; a scan takes only items
+    /// up to it (see [`merge_scan`]).
+    pub visible: AtomicU64,
 }
 
 impl User {
@@ -107,6 +113,8 @@ impl User {
             deleted: AtomicBool::new(false),
             shares: Mutex::new(BTreeMap::new()),
             held: AtomicUsize::new(0),
+            // Everything stored before this boot.
+            visible: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
         }
     }
 
@@ -120,8 +128,8 @@ impl User {
     }
 
     /// Holds a share (an item with `group_ref.held`) in memory; whether it
-    /// is new.
-    pub fn hold(&self, item: Arc<Item>) -> bool {
+    /// is new. (The directory's [`Directory::hold`] also counts it.)
+    fn hold(&self, item: Arc<Item>) -> bool {
         let new = self
             .shares()
             .insert((item.priority, item.seq), item)
@@ -132,10 +140,10 @@ impl User {
         new
     }
 
-    /// Forgets a held share; whether it was held.
-    pub fn unhold(&self, priority: u8, seq: u64) -> bool {
-        let gone = self.shares().remove(&(priority, seq)).is_some();
-        if gone {
+    /// Forgets a held share; the share, if it was held.
+    fn unhold(&self, priority: u8, seq: u64) -> Option<Arc<Item>> {
+        let gone = self.shares().remove(&(priority, seq));
+        if gone.is_some() {
             self.held.fetch_sub(1, Ordering::Relaxed);
         }
         gone
@@ -188,25 +196,59 @@ impl User {
     }
 }
 
+/// Up to `budget` queued items of `user` past `cursors`, in (priority, SEQ)
+/// order, stored or held (see [`merge_scan`]), and whether none was left
+/// out.
+pub fn scan_inbox(
+    store: &Store,
+    user: &User,
+    cursors: &[u64; crate::store::keys::PRIORITIES],
+    budget: usize,
+) -> Result<(Vec<Arc<Item>>, bool), StoreError> {
+    // Before the scan: see `merge_scan`.
+    let visible = user.visible.load(Ordering::Acquire);
+    let scanned = store.scan_inbox(&user.address, cursors, budget)?;
+    let held = user.shares_after(cursors);
+    Ok(merge_scan(scanned, held, budget, visible))
+}
+
+/// What holding `item` in memory costs, counted as if its MSG record were
+/// its own (it is shared by the send's members: an overestimate, so
+/// `held_bytes` bounds the memory): the record and the item with its map
+/// entry.
+pub fn held_cost(item: &Item) -> usize {
+    item.record.len() + 160
+}
+
 /// Merges an inbox scan of the store (`scanned`, and whether it reached the
 /// end) with the user's held shares past the same cursors (`held`, from
 /// [`User::shares_after`]), both in (priority, SEQ) order: at most `budget`
 /// items, in that order, and whether nothing past the cursors was left out.
+///
+/// Only items up to `visible` (the user's [`User::visible`], read before
+/// the store scan began) are taken. Each later one is offered to the
+/// mailbox after that read, so the session finds it there; and a stored
+/// item later than it may be in the scan while a share held in the same
+/// batch, with a lower SEQ, is not in `shares` yet: taking the one would
+/// move the cursor past the other.
+///
 /// A scan cut short by its budget ends at its last item: held shares after
 /// it wait for the next scan, or a cursor would pass stored items not taken.
 pub fn merge_scan(
     scanned: (Vec<Arc<Item>>, bool),
     held: Vec<Arc<Item>>,
     budget: usize,
+    visible: u64,
 ) -> (Vec<Arc<Item>>, bool) {
-    let (stored, mut done) = scanned;
+    let (mut stored, mut done) = scanned;
+    let key = |i: &Arc<Item>| (i.priority, i.seq);
+    let limit = if done { None } else { stored.last().map(key) };
+    stored.retain(|i| i.seq <= visible);
     if held.is_empty() {
         return (stored, done);
     }
-    let key = |i: &Arc<Item>| (i.priority, i.seq);
-    let limit = if done { None } else { stored.last().map(key) };
     let mut out = Vec::with_capacity(stored.len() + held.len());
-    let mut held = held.into_iter().peekable();
+    let mut held = held.into_iter().filter(|i| i.seq <= visible).peekable();
     for item in stored {
         while let Some(h) = held.next_if(|h| key(h) < key(&item)) {
             out.push(h);
@@ -274,8 +316,11 @@ pub struct Directory {
     /// address → the first SEQ of a user created again under the address
     /// of one removed in this boot (see [`RETIRED_SEQ_GAP`]).
     retired: Mutex<HashMap<Arc<str>, u64>>,
-    /// Group shares held in memory, all users together ([`User::hold`]).
+    /// Group shares held in memory, all users together ([`Directory::hold`]).
     pub held: AtomicUsize,
+    /// Their cost, bytes ([`held_cost`]): what `commit::send::HELD_MAX_BYTES`
+    /// bounds.
+    pub held_bytes: AtomicUsize,
 }
 
 impl Directory {
@@ -288,6 +333,27 @@ impl Directory {
             boot,
             retired: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Holds `item`, a share of a group send, in `user`'s memory and counts
+    /// it (a user deleted meanwhile holds nothing: its send's expiry, or the
+    /// next start, settles the share).
+    pub fn hold(&self, user: &User, item: Arc<Item>) {
+        let cost = held_cost(&item);
+        if !user.deleted.load(Ordering::Acquire) && user.hold(item) {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            self.held_bytes.fetch_add(cost, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets a held share of `user`, if held.
+    pub fn unhold(&self, user: &User, priority: u8, seq: u64) {
+        if let Some(item) = user.unhold(priority, seq) {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+            self.held_bytes
+                .fetch_sub(held_cost(&item), Ordering::Relaxed);
         }
     }
 
@@ -369,6 +435,7 @@ impl Directory {
         let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&next) = retired.get(address) {
             user.next_seq.fetch_max(next, Ordering::Relaxed);
+            user.visible.fetch_max(next - 1, Ordering::Relaxed);
         }
         Arc::new(user)
     }
@@ -455,42 +522,55 @@ mod tests {
         // was written meanwhile (0, 5) comes once.
         let stored = items(&[(0, 2), (0, 5), (3, 1)]);
         let held = items(&[(0, 1), (0, 5), (0, 7), (9, 1)]);
-        let (out, done) = merge_scan((stored.clone(), true), held.clone(), 10);
+        let (out, done) = merge_scan((stored.clone(), true), held.clone(), 10, u64::MAX);
         assert_eq!(keys(&out), [(0, 1), (0, 2), (0, 5), (0, 7), (3, 1), (9, 1)]);
         assert!(done);
         // Cut short at (0, 5): nothing held after it, or the cursors would
         // pass (3, 1), which is not taken yet.
-        let (out, done) = merge_scan((stored[..2].to_vec(), false), held.clone(), 2);
+        let (out, done) = merge_scan((stored[..2].to_vec(), false), held.clone(), 2, u64::MAX);
         assert_eq!(keys(&out), [(0, 1), (0, 2)]);
         assert!(!done);
-        let (out, done) = merge_scan((stored[..2].to_vec(), false), held.clone(), 3);
+        let (out, done) = merge_scan((stored[..2].to_vec(), false), held.clone(), 3, u64::MAX);
         assert_eq!(keys(&out), [(0, 1), (0, 2), (0, 5)]);
         assert!(!done);
         // The held shares alone push it over the budget.
-        let (out, done) = merge_scan((Vec::new(), true), held, 3);
+        let (out, done) = merge_scan((Vec::new(), true), held.clone(), 3, u64::MAX);
         assert_eq!(keys(&out), [(0, 1), (0, 5), (0, 7)]);
         assert!(!done);
-        let (out, done) = merge_scan((stored, true), Vec::new(), 3);
+        let (out, done) = merge_scan((stored.clone(), true), Vec::new(), 3, u64::MAX);
         assert_eq!(keys(&out), [(0, 2), (0, 5), (3, 1)]);
+        assert!(done);
+        // Nothing past `visible`, stored or held: the mailbox has those.
+        let (out, done) = merge_scan((stored.clone(), true), held.clone(), 10, 4);
+        assert_eq!(keys(&out), [(0, 1), (0, 2), (3, 1), (9, 1)]);
+        assert!(done);
+        let (out, done) = merge_scan((stored, true), Vec::new(), 10, 1);
+        assert_eq!(keys(&out), [(3, 1)]);
         assert!(done);
     }
 
     #[test]
-    fn held_shares_are_taken_past_the_cursors() {
-        let u = User::new("u", String::new(), 1);
+    fn held_shares_are_taken_past_the_cursors_and_counted() {
+        let dir = Directory::new(1);
+        let u = dir.new_user("u", String::new());
         for (p, seq) in [(0, 1), (0, 4), (2, 3), (15, 9)] {
-            assert!(u.hold(items(&[(p, seq)]).remove(0)));
+            dir.hold(&u, items(&[(p, seq)]).remove(0));
         }
-        assert!(!u.hold(items(&[(0, 4)]).remove(0)), "held once");
-        assert_eq!(u.held(), 4);
+        dir.hold(&u, items(&[(0, 4)]).remove(0)); // held once
+        assert_eq!((u.held(), dir.held.load(Ordering::Relaxed)), (4, 4));
+        assert_eq!(dir.held_bytes.load(Ordering::Relaxed), 4 * 160);
         let mut cursors = [0u64; 16];
         cursors[0] = 1;
         cursors[15] = u64::MAX;
         assert_eq!(keys(&u.shares_after(&cursors)), [(0, 4), (2, 3)]);
-        assert!(u.unhold(0, 4));
-        assert!(!u.unhold(0, 4));
-        assert_eq!(u.held(), 3);
+        dir.unhold(&u, 0, 4);
+        dir.unhold(&u, 0, 4);
+        assert_eq!((u.held(), dir.held.load(Ordering::Relaxed)), (3, 3));
+        assert_eq!(dir.held_bytes.load(Ordering::Relaxed), 3 * 160);
         assert!(u.share(2, 3).is_some() && u.share(0, 4).is_none());
+        u.deleted.store(true, Ordering::Release);
+        dir.hold(&u, items(&[(0, 8)]).remove(0));
+        assert_eq!(u.held(), 3, "a deleted user holds nothing new");
     }
 
     fn member(dir: &Directory, address: &str, send: bool) -> Member {

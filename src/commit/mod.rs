@@ -590,20 +590,23 @@ impl Upkeep {
 /// such a message got OVERLOADED, and its retry is answered from the
 /// replayed dedup record.
 ///
-/// Group shares held in memory are dropped, and their REFs stored as at a
-/// start-up (`Store::store_held_shares`): a failed write may have reached
-/// the disk with bits of the `held` bitmaps that no memory has, and from
-/// here on the store alone says what is queued.
+/// Group shares held in memory get their REFs stored as at a start-up
+/// (`Store::store_held_shares`) and are dropped from memory: a failed write
+/// may have reached the disk with bits of the `held` bitmaps that no memory
+/// has, and from here on the store alone says what is queued.
 fn resync(c: &Committer) {
-    for user in c.dir.users() {
-        for item in user.shares_after(&[0; crate::store::keys::PRIORITIES]) {
-            if user.unhold(item.priority, item.seq) {
-                c.dir.held.fetch_sub(1, Ordering::Relaxed);
+    match c.store.store_held_shares() {
+        // Stored first, dropped after: a scan in between finds each one
+        // twice, under the same key, and takes it once.
+        Ok(_) => {
+            for user in c.dir.users() {
+                for item in user.shares_after(&[0; crate::store::keys::PRIORITIES]) {
+                    c.dir.unhold(&user, item.priority, item.seq);
+                }
             }
         }
-    }
-    if let Err(e) = c.store.store_held_shares() {
-        tracing::warn!(error = %e, "cannot store held group shares after recovery");
+        // Still held, and the bitmaps still say so: as before the failure.
+        Err(e) => tracing::warn!(error = %e, "cannot store held group shares after recovery"),
     }
     match c.store.count_inbox() {
         Ok(counts) => {
@@ -791,20 +794,14 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             }
         }
         Completion::Hold { user, item } if written => {
-            if user.hold(item.clone()) {
-                c.dir.held.fetch_add(1, Ordering::Relaxed);
-            }
+            c.dir.hold(&user, item.clone());
             push(&user, item, clock);
         }
         Completion::Unhold {
             user,
             priority,
             seq,
-        } if written => {
-            if user.unhold(priority, seq) {
-                c.dir.held.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
+        } if written => c.dir.unhold(&user, priority, seq),
         Completion::Push { user, item } if written => push(&user, item, clock),
         Completion::Settled { user, seq } if written => {
             if let Some(entry) = user.inflight().remove(&seq) {
@@ -848,8 +845,10 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
     }
 }
 
-/// Offers a newly written item to its recipient's mailbox, if connected.
+/// Offers a newly written item to its recipient's mailbox, if connected,
+/// once inbox scans can see it (`User::visible`).
 fn push(user: &User, item: Arc<Item>, clock: &mut StageClock) {
+    user.visible.fetch_max(item.seq, Ordering::Release);
     if let Some(mb) = user.mailbox() {
         clock.pushed(&item);
         let settles = user.other_settles.load(Ordering::Relaxed);

@@ -135,7 +135,8 @@ pub(super) struct Pass<'c> {
     pub cur_tally: Tally,
     /// One clock reading for the whole batch.
     pub now: u64,
-    /// Group shares this batch decided to hold in memory (`send::may_hold`).
+    /// What the group shares this batch decided to hold in memory cost,
+    /// bytes (`send::may_hold`).
     pub held_new: usize,
 }
 

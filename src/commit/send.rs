@@ -20,9 +20,11 @@ use crate::wire::{flags, StatusCode};
 /// beyond it (a member online but not reading), its shares are stored as
 /// REFs. Bounded per batch by [`super::MAX_BATCH`] more.
 pub const HELD_PER_USER: usize = 4096;
-/// Group shares the server holds in memory, all users together (about
-/// 150 bytes each: 40 MiB).
-pub const HELD_MAX: usize = 262_144;
+/// Memory for group shares held, all users together, bytes
+/// (`directory::held_cost`: each share counted with its whole MSG record,
+/// though a send's members share one). Beyond it, shares are stored as
+/// REFs. Bounded per batch by [`super::MAX_BATCH`] sends more.
+pub const HELD_MAX_BYTES: usize = 64 << 20;
 /// The largest group send whose shares may be held (its `held` bitmap is
 /// read and written whole per batch that settles one: at most 1 KiB).
 pub const HELD_MAX_MEMBERS: usize = 8192;
@@ -181,14 +183,16 @@ impl Pass<'_> {
     /// than stored as a REF: the user is online (so it is likely ACKed
     /// within moments, and its REF would be written and deleted again),
     /// and neither the user nor the server holds too many already.
-    fn may_hold(&mut self, user: &User) -> bool {
+    fn may_hold(&mut self, user: &User, record: &[u8]) -> bool {
+        let cost = record.len() + 160; // as `directory::held_cost`
         if user.attached.load().is_none()
+            || user.deleted.load(Ordering::Acquire)
             || user.held() >= HELD_PER_USER
-            || self.c.dir.held.load(Ordering::Relaxed) + self.held_new >= HELD_MAX
+            || self.c.dir.held_bytes.load(Ordering::Relaxed) + self.held_new + cost > HELD_MAX_BYTES
         {
             return false;
         }
-        self.held_new += 1;
+        self.held_new += cost;
         true
     }
 
@@ -244,7 +248,7 @@ impl Pass<'_> {
             }
         ];
         for (i, user) in (0u32..).zip(recipients) {
-            let hold = may_hold && self.may_hold(user);
+            let hold = may_hold && self.may_hold(user, &req.record);
             if hold {
                 set_bit(&mut held, i);
             }

@@ -276,10 +276,11 @@ impl Pass<'_> {
         let mut msg = None;
         for (i, (address, seq)) in (0u32..).zip(members) {
             let user = self.c.dir.any_user(address);
-            if let Some(user) = user
-                .as_ref()
-                .filter(|_| self.is_held(msgno, i).unwrap_or(false))
-            {
+            let held = match &user {
+                Some(_) => self.is_held(msgno, i)?,
+                None => false,
+            };
+            if let (Some(user), true) = (&user, held) {
                 // Held in memory: the item as its session has it, or as
                 // the store can rebuild it.
                 let item = match user.share(priority, seq) {

@@ -858,3 +858,83 @@ fn an_ack_built_while_its_items_delete_is_written_settles_nothing() {
     assert_eq!(alice.queued.load(Ordering::Relaxed), 1);
     assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
 }
+
+/// An inbox scan that overlaps a batch holding a stored 1:1 item and, at
+/// a higher SEQ, a held group share, for the same user: the store is read
+/// before the write, the held shares after the completions. Taking the
+/// share would move the cursor past the stored item, which the store read
+/// missed and the mailbox then offers below the cursor: lost until a
+/// reconnect. So it takes neither (only what was visible before it
+/// began); both come to the mailbox, and the next scan takes both, the
+/// stored one first.
+#[test]
+fn a_scan_overlapping_a_write_takes_nothing_it_wrote() {
+    let f = fixture(&["alice", "boss", "m"]);
+    let m = f.c.dir.user("m").unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    m.attached.store(Some(mb.clone()));
+    let cursors = [0; crate::store::keys::PRIORITIES];
+    // `directory::scan_inbox`, cut in two around the batch.
+    let visible = m.visible.load(Ordering::Acquire);
+    let scanned = f.c.store.scan_inbox("m", &cursors, 100).unwrap();
+    let mut requests = vec![
+        send(&f, "alice", "m", 1),
+        group_send(&f, "boss", &["m"], 2, 0, 0),
+    ];
+    commit_batch(&f.c, &mut requests);
+    let held = m.shares_after(&cursors);
+    assert_eq!(held.len(), 1, "the share is held");
+    let (items, exhausted) = crate::directory::merge_scan(scanned, held, 100, visible);
+    assert!(items.is_empty(), "nothing the mailbox also gets: {items:?}");
+    assert!(exhausted);
+
+    let pushed: Vec<u64> = std::iter::from_fn(|| mb.pop_durable())
+        .map(|i| i.seq)
+        .collect();
+    let (items, exhausted) = crate::directory::scan_inbox(&f.c.store, &m, &cursors, 100).unwrap();
+    let scanned: Vec<u64> = items.iter().map(|i| i.seq).collect();
+    assert_eq!(scanned, pushed);
+    assert_eq!(scanned.len(), 2);
+    assert!(exhausted);
+    assert!(items[1].group_ref.is_some_and(|g| g.held.is_some()), "held");
+}
+
+/// What bounds the memory of held shares: a share is held only for an
+/// online member, under the server's byte budget and the user's count;
+/// otherwise it is stored as a REF, as before.
+#[test]
+fn shares_are_held_only_within_the_bounds() {
+    use super::send::{HELD_MAX_BYTES, HELD_PER_USER};
+    let f = fixture(&["boss", "m", "off"]);
+    let m = f.c.dir.user("m").unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    m.attached.store(Some(mb.clone()));
+    let refs = || f.c.store.count_keys(CF_INBOX).unwrap();
+    let mut id = 0;
+    let mut send_to = |members: &[&str]| {
+        id += 1;
+        commit_batch(&f.c, &mut vec![group_send(&f, "boss", members, id, 0, 0)]);
+    };
+    send_to(&["m", "off"]);
+    assert_eq!((m.held(), refs()), (1, 1), "online: held; offline: a REF");
+
+    let budget = &f.c.dir.held_bytes;
+    let used = budget.load(Ordering::Relaxed);
+    budget.store(HELD_MAX_BYTES - 100, Ordering::Relaxed);
+    send_to(&["m"]);
+    assert_eq!((m.held(), refs()), (1, 2), "over the byte budget: a REF");
+    budget.store(used, Ordering::Relaxed);
+
+    let filler = mb.pop_durable().expect("the held share");
+    for seq in 1..HELD_PER_USER as u64 {
+        let item = crate::store::Item::held(seq, 9, filler.record.clone(), 1, 0);
+        f.c.dir.hold(&m, Arc::new(item));
+    }
+    assert_eq!(m.held(), HELD_PER_USER);
+    send_to(&["m"]);
+    assert_eq!(
+        (m.held(), refs()),
+        (HELD_PER_USER, 3),
+        "at the user's count: a REF"
+    );
+}

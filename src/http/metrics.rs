@@ -164,7 +164,7 @@ pub fn render(core: &Backend) -> Reply {
         &mut out,
         "tern_group_shares_held",
         "gauge",
-        "Online members' shares of group sends held in memory (no REF item stored; counted in tern_queue_depth).",
+        "Members' shares of group sends held in memory (no REF item stored; counted in tern_queue_depth).",
         core.admin.dir.held.load(std::sync::atomic::Ordering::Relaxed) as u64,
     );
     summary(

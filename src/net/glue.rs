@@ -129,12 +129,10 @@ impl Env for Glue {
         cursors: &[u64; PRIORITIES],
         budget: usize,
     ) -> Result<(Vec<Arc<Item>>, bool), StoreError> {
-        let scanned = self.store.scan_inbox(user, cursors, budget)?;
-        let held = match self.dir.user(user) {
-            Some(u) => u.shares_after(cursors),
-            None => Vec::new(),
-        };
-        Ok(crate::directory::merge_scan(scanned, held, budget))
+        match self.dir.user(user) {
+            Some(u) => crate::directory::scan_inbox(&self.store, &u, cursors, budget),
+            None => self.store.scan_inbox(user, cursors, budget),
+        }
     }
 
     fn submit(&self, req: Request) -> Result<(), Full> {

@@ -621,7 +621,7 @@ fn held(server: &TestServer) -> f64 {
 #[test]
 fn a_held_share_expires_like_a_stored_one() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir);
+    let mut server = TestServer::start(&dir);
     let tokens = users(&server, &["ann", "ben", "cat", "dan"]);
     assert_eq!(
         put_group(&server, "g", r#"["ann","ben","cat","dan"]"#).0,
@@ -649,6 +649,16 @@ fn a_held_share_expires_like_a_stored_one() {
         barrier_self(&mut c);
     }
     barrier_self(&mut ann);
+    drop(ann);
+    assert!(server.terminate().0.success());
+    let store = tern::store::Store::open(&server.dir.join("db")).unwrap();
+    let count = |cf| store.count_keys(cf).unwrap();
+    use tern::store::keys::{CF_INBOX, CF_MESSAGES};
+    assert_eq!(
+        (count(CF_MESSAGES), count(CF_INBOX)),
+        (0, 0),
+        "nothing of the send left: its count reached 0 with the last share"
+    );
 }
 
 /// Held shares are queued messages like any other for the admin API: they
@@ -806,4 +816,61 @@ fn held_shares_acked_before_a_sigkill_are_not_delivered_again() {
         0,
         "no record, count or member list after the last ACK"
     );
+}
+
+/// A member that falls behind while 1:1 messages and group sends arrive
+/// together (its mailbox overflows, so it catches up from inbox scans that
+/// merge stored items with held shares, while both kinds are being
+/// written): every message arrives once, each sender's in send order,
+/// without a reconnect.
+#[test]
+fn catching_up_merges_stored_items_and_held_shares_in_order() {
+    const N: u64 = 4_000;
+    const WINDOW: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    // At most 64 un-ACKed deliveries: the rest waits in the mailbox, which
+    // overflows.
+    let server = TestServer::start_with(dir.path(), &["--max-inflight", "64"]);
+    let tokens = users(&server, &["alice", "boss", "m"]);
+    assert_eq!(put_group(&server, "g", r#"["boss","m"]"#).0, 201);
+    let mut m = server.connect(&tokens["m"]);
+    let mut alice = server.connect(&tokens["alice"]);
+    let mut boss = server.connect(&tokens["boss"]);
+    let to_m: Vec<Outgoing> = (1..=N)
+        .map(|i| Outgoing::to("m", &i.to_be_bytes()).id(i).flags(0))
+        .collect();
+    let to_g: Vec<Outgoing> = (1..=N)
+        .map(|i| Outgoing::to_group("g", &i.to_be_bytes()).id(i).flags(0))
+        .collect();
+    // m starts reading when a quarter of the group sends are SENT: its
+    // mailbox has overflowed by then, and both bursts go on while it
+    // catches up.
+    let (behind, wait) = std::sync::mpsc::channel();
+    let senders = std::thread::spawn(move || {
+        let a = std::thread::spawn(move || send_burst(&mut alice, &to_m, WINDOW, |_| {}).len());
+        let b = send_burst(&mut boss, &to_g, WINDOW, |n| {
+            if n == N as usize / 4 {
+                behind.send(()).unwrap();
+            }
+        });
+        (a.join().unwrap(), b.len())
+    });
+    wait.recv().unwrap();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut acks = Vec::new();
+    for _ in 0..2 * N {
+        let got = msg(next(&mut m, 30));
+        let from = if got.group.is_some() { "g" } else { "alice" };
+        let prev = last.insert(from.to_string(), got.id).unwrap_or(0);
+        assert_eq!(got.id, prev + 1, "from {from}: once each, in send order");
+        assert_eq!(got.payload, got.id.to_be_bytes());
+        acks.push(got.seq);
+        if acks.len() == 32 {
+            m.ack(&acks).unwrap();
+            acks.clear();
+        }
+    }
+    m.ack(&acks).unwrap();
+    assert_eq!(senders.join().unwrap(), (N as usize, N as usize));
+    barrier_self(&mut m);
 }
