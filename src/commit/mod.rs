@@ -596,8 +596,8 @@ impl Upkeep {
 /// has, and from here on the store alone says what is queued.
 fn resync(c: &Committer) {
     match c.store.store_held_shares() {
-        // Stored first, dropped after: a scan in between finds each one
-        // twice, under the same key, and takes it once.
+        // Every session is closed below, so what a scan in between took
+        // does not matter: the next one, after this, reads the store.
         Ok(_) => {
             for user in c.dir.users() {
                 for item in user.shares_after(&[0; crate::store::keys::PRIORITIES]) {
@@ -605,8 +605,13 @@ fn resync(c: &Committer) {
                 }
             }
         }
-        // Still held, and the bitmaps still say so: as before the failure.
+        // None stored (one batch), so still held, as the bitmaps say.
         Err(e) => tracing::warn!(error = %e, "cannot store held group shares after recovery"),
+    }
+    // The failed write may have stored items whose completions did not run
+    // (nor raise `visible`): the next scans take everything stored.
+    for user in c.dir.users() {
+        user.visible.fetch_max(user.last_seq(), Ordering::SeqCst);
     }
     match c.store.count_inbox() {
         Ok(counts) => {
@@ -848,7 +853,7 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
 /// Offers a newly written item to its recipient's mailbox, if connected,
 /// once inbox scans can see it (`User::visible`).
 fn push(user: &User, item: Arc<Item>, clock: &mut StageClock) {
-    user.visible.fetch_max(item.seq, Ordering::Release);
+    user.visible.fetch_max(item.seq, Ordering::SeqCst);
     if let Some(mb) = user.mailbox() {
         clock.pushed(&item);
         let settles = user.other_settles.load(Ordering::Relaxed);

@@ -18,12 +18,13 @@ use crate::wire::{flags, StatusCode};
 
 /// Group shares one user may hold in memory (`directory::User::shares`);
 /// beyond it (a member online but not reading), its shares are stored as
-/// REFs. Bounded per batch by [`super::MAX_BATCH`] more.
+/// REFs. Exceeded by at most the two batches in the pipeline (the one
+/// being written has not counted its shares yet).
 pub const HELD_PER_USER: usize = 4096;
 /// Memory for group shares held, all users together, bytes
 /// (`directory::held_cost`: each share counted with its whole MSG record,
 /// though a send's members share one). Beyond it, shares are stored as
-/// REFs. Bounded per batch by [`super::MAX_BATCH`] sends more.
+/// REFs. Exceeded by at most the two batches in the pipeline, as above.
 pub const HELD_MAX_BYTES: usize = 64 << 20;
 /// The largest group send whose shares may be held (its `held` bitmap is
 /// read and written whole per batch that settles one: at most 1 KiB).

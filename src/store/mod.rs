@@ -473,14 +473,15 @@ impl Store {
 
     /// Writes a REF for every member's share of a group send that was held
     /// in memory when the server stopped (a bit set in a `held` bitmap,
-    /// `record::encode_refs`), and clears the bitmaps, each send in one
-    /// synced batch: after a restart the store is all there is. Run at
+    /// `record::encode_refs`), and clears the bitmaps, all in one synced
+    /// batch: after a restart the store is all there is. Run at
     /// start-up (and after a reopen, with every held share dropped from
     /// memory), before anything reads the inbox. Returns how many.
     ///
     /// A held share never had a REF, so each REF is put exactly once (it is
-    /// settled with SingleDelete), and a crash part-way leaves each send
-    /// either done or still to do.
+    /// settled with SingleDelete), and a crash or failure leaves all of
+    /// them done or all still to do. (At most `commit::send::HELD_MAX_BYTES`
+    /// of shares were held: the batch is bounded.)
     pub fn store_held_shares(&self) -> Result<u64> {
         let db = self.db()?;
         let messages = cf(&db, CF_MESSAGES)?;
@@ -501,43 +502,47 @@ impl Store {
         drop(it);
         drop(db);
         let mut n = 0;
+        let mut batch = self.batch();
         for (msgno, count, held) in todo {
             let members = self.get(CF_MESSAGES, &message_members_key(msgno))?;
             let msg = self.message(msgno)?;
-            let mut batch = self.batch();
             let parts = members.as_deref().and_then(record::decode_members);
-            match (parts, msg.as_deref().and_then(record::decode_item)) {
-                (Some((priority, members)), Some(ItemView::Msg(m))) => {
-                    let reference = record::encode_ref(&RefView {
-                        time: m.time,
-                        expire_at: m.expire_at,
-                        id: m.id,
-                        flags: m.flags,
-                        msgno,
-                        from: m.from,
-                        group: m.group.unwrap_or(""),
-                        shared_expiry: true,
-                    });
-                    for (i, (address, seq)) in (0u32..).zip(members) {
-                        if record::bit(&held, i) {
-                            batch.put(CF_INBOX, &inbox_key(address, priority, seq), &reference)?;
-                            n += 1;
-                        }
-                    }
-                }
-                _ => tracing::error!(
+            let Some(((priority, members), Some(ItemView::Msg(m)))) =
+                parts.map(|p| (p, msg.as_deref().and_then(record::decode_item)))
+            else {
+                // Corrupt: nothing can deliver these; its expiry entry
+                // removes what is left.
+                tracing::error!(
                     msgno,
-                    "group send without member list or record: its held shares are dropped"
-                ),
+                    "group send without member list or record: held shares not stored"
+                );
+                continue;
+            };
+            let reference = record::encode_ref(&RefView {
+                time: m.time,
+                expire_at: m.expire_at,
+                id: m.id,
+                flags: m.flags,
+                msgno,
+                from: m.from,
+                group: m.group.unwrap_or(""),
+                shared_expiry: true,
+            });
+            for (i, (address, seq)) in (0u32..).zip(members) {
+                if record::bit(&held, i) {
+                    batch.put(CF_INBOX, &inbox_key(address, priority, seq), &reference)?;
+                    n += 1;
+                }
             }
             batch.put(
                 CF_MESSAGES,
                 &message_refs_key(msgno),
                 &record::encode_refs(count, &[]),
             )?;
-            batch.seal();
-            batch.commit(true)?;
         }
+        // One synced batch: all stored, or none (then all still held).
+        batch.seal();
+        batch.commit(true)?;
         Ok(n)
     }
 

@@ -223,3 +223,55 @@ fn a_nearly_full_disk_starts_and_refuses_only_new_messages() {
     assert_eq!(alice.send_wait(&new).unwrap(), StatusCode::SENT);
     drain_exactly(&mut alice, &mut bob, &HashSet::from([1000]));
 }
+
+/// The same with group sends to a member who is online but not reading,
+/// so its shares are held in memory (no REF stored): the recovery after
+/// the failed write stores them as REFs and closes the session, and the
+/// member, reconnecting, gets every message answered SENT exactly once.
+#[test]
+fn held_group_shares_survive_a_full_disk_recovery() {
+    let fs = Tmpfs::mount(128);
+    let server = TestServer::start_with(fs.path(), &["--min-free-space", "0"]);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let put = request("PUT", "/v1/groups/g")
+        .bearer(Some(crate::util::ADMIN))
+        .json(r#"{"members":["alice","bob"]}"#)
+        .send(server.http);
+    assert_eq!(put.status, 201, "{}", put.text());
+    let mut alice = server.connect(&ta);
+    let bob = server.connect(&tb);
+    let ballast = fs.fill(16 << 20);
+
+    let mut sent = HashSet::new();
+    let mut refused = None;
+    for id in 1..=4000u64 {
+        let m = Outgoing::to_group("g", &noise(32 << 10)).id(id).flags(0);
+        match alice.send_wait(&m).unwrap() {
+            StatusCode::SENT => {
+                sent.insert(id);
+            }
+            StatusCode::OVERLOADED => {
+                refused = Some(id);
+                break;
+            }
+            other => panic!("message {id}: {other:?}"),
+        }
+    }
+    let refused = refused.expect("the disk never filled: 4000 × 32 KiB all SENT");
+    eprintln!("{} group sends SENT before the disk was full", sent.len());
+    fs::remove_file(&ballast).unwrap();
+    wait_for(
+        Duration::from_secs(15),
+        "/readyz 200 after freeing space",
+        || (readyz(&server).0 == 200).then_some(()),
+    );
+    drop(bob);
+    let mut alice = server.connect(&ta);
+    for id in [refused, 100_001] {
+        let m = Outgoing::to_group("g", b"after").id(id).flags(0);
+        assert_eq!(alice.send_wait(&m).unwrap(), StatusCode::SENT, "{id}");
+        sent.insert(id);
+    }
+    let mut bob = server.connect(&tb);
+    drain_exactly(&mut alice, &mut bob, &sent);
+}
