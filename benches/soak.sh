@@ -5,6 +5,7 @@
 #
 #   benches/soak.sh [RATE [DUR]]          # defaults: 15000 msgs/s, 1800 s
 #   SERVER_FLAGS="--dedup-window 300 --default-expiry 300" benches/soak.sh
+#   SCENARIO=fanout benches/soak.sh 290 600   # 290 group sends/s to 1,000 members
 #
 # With the default day-long dedup window the database grows for a day before
 # dedup records start to expire; short windows reach the steady state within
@@ -46,14 +47,16 @@ sample() {
         "sst_mib=$(sum tern_store_sst_bytes) live_mib=$(sum tern_store_live_bytes)" \
         "pending_mib=$(sum tern_store_pending_compaction_bytes)" \
         "l0=$(awk 'index($0, "tern_store_l0_files{") == 1 {s += $2} END {print s + 0}' <<<"$m")" \
-        "expiry_lag_ms=$(awk '$1 == "tern_expiry_lag_ms" {print $2}' <<<"$m")"
+        "expiry_lag_ms=$(awk '$1 == "tern_expiry_lag_ms" {print $2}' <<<"$m")" \
+        "held=$(awk '$1 == "tern_group_shares_held" {print $2}' <<<"$m")"
 }
-echo "start: rate $RATE msgs/s, $DUR s, server pid $PID, flags: ${SERVER_FLAGS:-none}"
+SCENARIO=${SCENARIO:-durable-1to1}
+echo "start: $SCENARIO, rate $RATE msgs/s, $DUR s, server pid $PID, flags: ${SERVER_FLAGS:-none}"
 (while kill -0 "$PID" 2>/dev/null; do sample; sleep 60; done) &
 SAMPLER=$!
 
-"$PB" durable-1to1 --target tern --addr 127.0.0.1:17711 --duration "$DUR" --warmup 1 \
-    --drain 5 --size 256 --pairs 50 --window 64 --rate "$RATE" --server-pid "$PID" \
+"$PB" "$SCENARIO" --target tern --addr 127.0.0.1:17711 --duration "$DUR" --warmup 1 \
+    --drain 5 --size 256 --pairs 50 --subscribers 1000 --window 64 --rate "$RATE" --server-pid "$PID" \
     --http 127.0.0.1:17781 --admin-token soak 2>&1 >/dev/null | tail -3
 sample
 curl -s 127.0.0.1:17781/metrics | grep -E '^tern_stage_seconds\{stage="(queue|batch|sync|total)"|^tern_queue_depth'
