@@ -53,8 +53,9 @@ impl Active {
                         break;
                     }
                     entry.remove();
-                    write_item(ctx, &item, false);
-                    if let Some(ItemView::Msg(m)) = item.view() {
+                    let view = item.view();
+                    write_item(ctx, &item, view, false);
+                    if let Some(ItemView::Msg(m)) = view {
                         if m.id != 0 && m.flags & flags::READ_RECEIPT != 0 {
                             if self.ephemeral_reads.len() >= LIVE_CAPACITY {
                                 self.ephemeral_reads.clear();
@@ -104,7 +105,7 @@ impl Active {
                         samples.write.push(ctx.now_us.saturating_sub(pushed));
                     }
                 }
-                write_item(ctx, &item, seen);
+                write_item(ctx, &item, Some(view), seen);
                 wrote = true;
             }
             drop(inflight);
@@ -168,9 +169,9 @@ impl Active {
     }
 }
 
-/// Encodes one delivery into the output buffer.
-fn write_item(ctx: &mut Ctx<'_>, item: &Item, redelivery: bool) {
-    let Some(view) = item.view() else {
+/// Encodes one delivery, `item` decoded as `view`, into the output buffer.
+fn write_item(ctx: &mut Ctx<'_>, item: &Item, view: Option<ItemView<'_>>, redelivery: bool) {
+    let Some(view) = view else {
         tracing::error!(seq = item.seq, "corrupt item not delivered");
         return;
     };
