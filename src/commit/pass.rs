@@ -408,7 +408,14 @@ impl<'c> Pass<'c> {
     /// Whether member `i`'s share of group message `msgno` is held in
     /// memory and not settled, as this batch sees it.
     pub fn is_held(&self, msgno: u64, i: u32) -> Result<bool> {
-        Ok(bit(&self.refs(msgno)?.held, i))
+        let known = [&self.cur, &self.base, &self.prev]
+            .iter()
+            .find_map(|o| o.refs.get(&msgno));
+        match known {
+            // No copy of the bitmap: this is asked once per ACK.
+            Some(r) => Ok(bit(&r.held, i)),
+            None => Ok(bit(&self.refs(msgno)?.held, i)),
+        }
     }
 
     /// The references of a group send written by this batch.
