@@ -219,12 +219,12 @@ pub fn scan_inbox(
     Ok(merge_scan(scanned, held, budget, visible))
 }
 
-/// What holding `item` in memory costs, counted as if its MSG record were
-/// its own (it is shared by the send's members: an overestimate, so
-/// `held_bytes` bounds the memory): the record and the item with its map
-/// entry.
-pub fn held_cost(item: &Item) -> usize {
-    item.record.len() + 160
+/// What holding a share whose MSG record is `record` costs in memory,
+/// counted as if the record were its own (it is shared by the send's
+/// members: an overestimate, so `held_bytes` bounds the memory): the
+/// record and the item with its map entry.
+pub fn held_cost(record: &[u8]) -> usize {
+    record.len() + 160
 }
 
 /// Merges an inbox scan of the store (`scanned`, and whether it reached the
@@ -348,7 +348,7 @@ impl Directory {
     /// it. Also for a user deleted since the send was built: the purge that
     /// follows its deletion settles what it holds.
     pub fn hold(&self, user: &User, item: Arc<Item>) {
-        let cost = held_cost(&item);
+        let cost = held_cost(&item.record);
         if user.hold(item) {
             self.held.fetch_add(1, Ordering::Relaxed);
             self.held_bytes.fetch_add(cost, Ordering::Relaxed);
@@ -360,7 +360,7 @@ impl Directory {
         if let Some(item) = user.unhold(priority, seq) {
             self.held.fetch_sub(1, Ordering::Relaxed);
             self.held_bytes
-                .fetch_sub(held_cost(&item), Ordering::Relaxed);
+                .fetch_sub(held_cost(&item.record), Ordering::Relaxed);
         }
     }
 

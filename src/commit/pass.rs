@@ -386,10 +386,7 @@ impl<'c> Pass<'c> {
     /// A group message's references as this batch sees them (a count of
     /// 1 and nothing held if the store has none: the caller is settling one).
     pub fn refs(&self, msgno: u64) -> Result<Refs> {
-        let known = [&self.cur, &self.base, &self.prev]
-            .iter()
-            .find_map(|o| o.refs.get(&msgno));
-        if let Some(r) = known {
+        if let Some(r) = self.overlay_refs(msgno) {
             return Ok(r.clone());
         }
         let stored = self.store().get(CF_MESSAGES, &message_refs_key(msgno))?;
@@ -408,14 +405,19 @@ impl<'c> Pass<'c> {
     /// Whether member `i`'s share of group message `msgno` is held in
     /// memory and not settled, as this batch sees it.
     pub fn is_held(&self, msgno: u64, i: u32) -> Result<bool> {
-        let known = [&self.cur, &self.base, &self.prev]
-            .iter()
-            .find_map(|o| o.refs.get(&msgno));
-        match known {
+        match self.overlay_refs(msgno) {
             // No copy of the bitmap: this is asked once per ACK.
             Some(r) => Ok(bit(&r.held, i)),
             None => Ok(bit(&self.refs(msgno)?.held, i)),
         }
+    }
+
+    /// A group message's references, if this batch or the one being
+    /// written changed them.
+    fn overlay_refs(&self, msgno: u64) -> Option<&Refs> {
+        [&self.cur, &self.base, &self.prev]
+            .into_iter()
+            .find_map(|o| o.refs.get(&msgno))
     }
 
     /// The references of a group send written by this batch.

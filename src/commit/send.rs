@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::pass::{Pass, Refs};
 use super::{Accept, Completion, GroupSendRequest, ReplyTo, SendRequest};
-use crate::directory::User;
+use crate::directory::{held_cost, User};
 use crate::mailbox::Answer;
 use crate::store::keys::*;
 use crate::store::record::{
@@ -185,7 +185,7 @@ impl Pass<'_> {
     /// within moments, and its REF would be written and deleted again),
     /// and neither the user nor the server holds too many already.
     fn may_hold(&mut self, user: &User, record: &[u8]) -> bool {
-        let cost = record.len() + 160; // as `directory::held_cost`
+        let cost = held_cost(record);
         if user.attached.load().is_none()
             || user.deleted.load(Ordering::Acquire)
             || user.held() >= HELD_PER_USER
@@ -240,14 +240,12 @@ impl Pass<'_> {
         let receipts = req.id != 0 && req.flags & flags::READ_RECEIPT != 0;
         let mut seqs = Vec::with_capacity(recipients.len());
         let may_hold = recipients.len() <= HELD_MAX_MEMBERS;
-        let mut held = vec![
-            0u8;
-            if may_hold {
-                recipients.len().div_ceil(8)
-            } else {
-                0
-            }
-        ];
+        let bitmap_len = if may_hold {
+            recipients.len().div_ceil(8)
+        } else {
+            0
+        };
+        let mut held = vec![0u8; bitmap_len];
         for (i, user) in (0u32..).zip(recipients) {
             let hold = may_hold && self.may_hold(user, &req.record);
             if hold {

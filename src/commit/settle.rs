@@ -103,19 +103,20 @@ impl Pass<'_> {
             return Ok(false);
         };
         let held = self.is_held(msgno, i)?;
-        if !held {
-            self.then(Completion::Unhold {
-                user: user.clone(),
-                priority: item.priority,
-                seq: item.seq,
-            });
-            return Ok(false);
+        if held {
+            let Some(view) = item.stored_view() else {
+                return Ok(false);
+            };
+            self.settle_view(user, key, item.seq, view, &item.record, how, Some(i))?;
         }
-        let Some(view) = item.stored_view() else {
-            return Ok(false);
-        };
-        self.settle_view(user, key, item.seq, view, &item.record, how, Some(i))?;
-        Ok(true)
+        // Settled here, or not held any more (its REF was stored after a
+        // failed write): either way, memory forgets it.
+        self.then(Completion::Unhold {
+            user: user.clone(),
+            priority: item.priority,
+            seq: item.seq,
+        });
+        Ok(held)
     }
 
     /// Removes a queued item and stores the status its sender is owed.
@@ -226,18 +227,11 @@ impl Pass<'_> {
                 }
             }
         }
-        match (held, view) {
-            (Some(_), ItemView::Ref(_)) => {
-                self.then(Completion::Unhold {
-                    user: user.clone(),
-                    priority: key_priority(&key),
-                    seq,
-                });
-                self.forget_held(key);
-                Ok(())
-            }
-            _ => self.delete_inbox(key),
+        if held.is_some() {
+            self.forget_held(key); // no REF to delete
+            return Ok(());
         }
+        self.delete_inbox(key)
     }
 
     /// One member's share fewer refers to a group message (member `held`'s
@@ -276,25 +270,23 @@ impl Pass<'_> {
         let mut msg = None;
         for (i, (address, seq)) in (0u32..).zip(members) {
             let user = self.c.dir.any_user(address);
-            let held = match &user {
-                Some(_) => self.is_held(msgno, i)?,
-                None => false,
-            };
-            if let (Some(user), true) = (&user, held) {
-                // Held in memory: the item as its session has it, or as
-                // the store can rebuild it.
-                let item = match user.share(priority, seq) {
-                    Some(item) => item,
-                    None => {
-                        if msg.is_none() {
-                            msg = self.store().message(msgno)?;
+            if let Some(user) = &user {
+                if self.is_held(msgno, i)? {
+                    // Held in memory: the item as its session has it, or
+                    // as the store can rebuild it.
+                    let item = match user.share(priority, seq) {
+                        Some(item) => item,
+                        None => {
+                            if msg.is_none() {
+                                msg = self.store().message(msgno)?;
+                            }
+                            let Some(record) = msg.clone() else { continue };
+                            Arc::new(Item::held(seq, priority, record, msgno, i))
                         }
-                        let Some(record) = msg.clone() else { continue };
-                        Arc::new(Item::held(seq, priority, record, msgno, i))
-                    }
-                };
-                self.settle_held_otherwise(user, &item, Settle::Expired)?;
-                continue;
+                    };
+                    self.settle_held_otherwise(user, &item, Settle::Expired)?;
+                    continue;
+                }
             }
             match user {
                 Some(user) => self.settle(&user, priority, seq, Settle::Expired)?,
@@ -483,9 +475,4 @@ fn known(user: &User, priority: u8, seq: u64) -> Option<Arc<Item>> {
     let settles = user.other_settles.load(Ordering::Relaxed);
     (hint != 0 && hint == settles + 1 && item.priority == priority && item.seq == seq)
         .then_some(item)
-}
-
-/// The priority byte of an inbox key (see `keys::inbox_key`).
-fn key_priority(key: &[u8]) -> u8 {
-    parse_inbox_key(key).map_or(0, |(_, p, _)| p)
 }

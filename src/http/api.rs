@@ -558,9 +558,9 @@ fn with_held_shares(rows: &mut Vec<crate::store::Listed>, user: &User, since: u6
 }
 
 fn list_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
-    if core.user(address).is_none() {
+    let Some(user) = core.user(address) else {
         return no_user();
-    }
+    };
     let (since, limit) = match (query_u64(req, "since"), query_u64(req, "limit")) {
         (Ok(s), Ok(l)) => (s.unwrap_or(0), l.unwrap_or(100).clamp(1, 1000) as usize),
         (Err(r), _) | (_, Err(r)) => return r,
@@ -570,9 +570,7 @@ fn list_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
         Ok(rows) => rows,
         Err(e) => return internal(&e),
     };
-    if let Some(user) = core.user(address) {
-        with_held_shares(&mut rows, &user, since, limit);
-    }
+    with_held_shares(&mut rows, &user, since, limit);
     let messages: Vec<MessageOut<'_>> = rows
         .iter()
         .filter_map(|(seq, priority, delivered, record)| {

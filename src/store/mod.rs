@@ -507,9 +507,12 @@ impl Store {
             let members = self.get(CF_MESSAGES, &message_members_key(msgno))?;
             let msg = self.message(msgno)?;
             let parts = members.as_deref().and_then(record::decode_members);
-            let Some(((priority, members), Some(ItemView::Msg(m)))) =
-                parts.map(|p| (p, msg.as_deref().and_then(record::decode_item)))
-            else {
+            let view = msg.as_deref().and_then(record::decode_item);
+            let reference = match view {
+                Some(ItemView::Msg(m)) => m.group_ref(msgno, true),
+                _ => None,
+            };
+            let (Some((priority, members)), Some(reference)) = (parts, reference) else {
                 // Corrupt: nothing can deliver these; its expiry entry
                 // removes what is left.
                 tracing::error!(
@@ -518,16 +521,7 @@ impl Store {
                 );
                 continue;
             };
-            let reference = record::encode_ref(&RefView {
-                time: m.time,
-                expire_at: m.expire_at,
-                id: m.id,
-                flags: m.flags,
-                msgno,
-                from: m.from,
-                group: m.group.unwrap_or(""),
-                shared_expiry: true,
-            });
+            let reference = record::encode_ref(&reference);
             for (i, (address, seq)) in (0u32..).zip(members) {
                 if record::bit(&held, i) {
                     batch.put(CF_INBOX, &inbox_key(address, priority, seq), &reference)?;

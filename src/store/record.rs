@@ -275,18 +275,28 @@ impl Item {
     /// group send, else the record itself.
     pub fn stored_view(&self) -> Option<ItemView<'_>> {
         match (self.view()?, self.group_ref) {
-            (ItemView::Msg(m), Some(r)) => Some(ItemView::Ref(RefView {
-                time: m.time,
-                expire_at: m.expire_at,
-                id: m.id,
-                flags: m.flags,
-                msgno: r.msgno,
-                from: m.from,
-                group: m.group?,
-                shared_expiry: r.shared_expiry,
-            })),
+            (ItemView::Msg(m), Some(r)) => {
+                Some(ItemView::Ref(m.group_ref(r.msgno, r.shared_expiry)?))
+            }
             (view, _) => Some(view),
         }
+    }
+}
+
+impl<'a> MsgView<'a> {
+    /// The REF of a member's share of this group MSG, stored once under
+    /// `msgno`; `None` if it is not a group MSG.
+    pub fn group_ref(&self, msgno: u64, shared_expiry: bool) -> Option<RefView<'a>> {
+        Some(RefView {
+            time: self.time,
+            expire_at: self.expire_at,
+            id: self.id,
+            flags: self.flags,
+            msgno,
+            from: self.from,
+            group: self.group?,
+            shared_expiry,
+        })
     }
 }
 
