@@ -32,6 +32,10 @@ pub struct Metrics {
     /// Synced batches written and requests in them.
     pub commits: AtomicU64,
     pub committed_requests: AtomicU64,
+    /// Batches written without an fsync (settlements that owe no one a
+    /// status: `commit::needs_sync`) and requests in them.
+    pub unsynced_commits: AtomicU64,
+    pub unsynced_requests: AtomicU64,
     /// Latency of synced batch writes, microseconds.
     pub commit_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
     /// From a message's TIME to its MSG being written, microseconds.
@@ -56,8 +60,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Records one synced batch of `requests` requests.
-    pub fn record_commit(&self, took: std::time::Duration, requests: u64) {
+    /// Records one batch of `requests` requests written, synced or not
+    /// (only synced writes are in the latency summary).
+    pub fn record_commit(&self, took: std::time::Duration, requests: u64, synced: bool) {
+        if !synced {
+            self.unsynced_commits.fetch_add(1, Ordering::Relaxed);
+            self.unsynced_requests
+                .fetch_add(requests, Ordering::Relaxed);
+            return;
+        }
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.committed_requests
             .fetch_add(requests, Ordering::Relaxed);

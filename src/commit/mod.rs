@@ -3,7 +3,8 @@
 //! Event loops, the expiry sweeper and the admin API send [`Request`]s over a
 //! bounded channel. The thread blocks only when idle; otherwise it drains up to
 //! [`MAX_BATCH`] requests, applies them one by one to one batch, writes it with
-//! `sync = true` (one fsync for the lot), and only then runs their effects
+//! `sync = true` (one fsync for the lot; see [`needs_sync`] for the batches
+//! that need none), and only then runs their effects
 //! ([`Completion`]s): STATUS SENT to senders, items to connected recipients'
 //! mailboxes, inflight bookkeeping, counters. This is the durability point of
 //! the server: nothing is acknowledged before the write returns. The write
@@ -318,6 +319,7 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
         };
         build_loop(c, rx, &mut pipe);
         pipe.drain();
+        sync_wal(c);
     });
 }
 
@@ -534,9 +536,14 @@ impl Upkeep {
         }
     }
 
-    /// Nothing to commit for [`UPKEEP_INTERVAL`]: after a busy spell, give
-    /// the memory freed meanwhile back to the OS (once per spell).
+    /// Nothing to commit for [`UPKEEP_INTERVAL`]: sync what was written
+    /// without an fsync, and after a busy spell, give the memory freed
+    /// meanwhile back to the OS (once per spell).
     fn idle(&mut self, c: &Committer) {
+        if let Err(e) = c.store.sync_wal() {
+            // The next synced write fails too, and says so.
+            tracing::debug!(error = %e, "idle WAL sync failed");
+        }
         if std::mem::take(&mut self.busy) {
             if let Err(e) = c.store.compact_memory() {
                 tracing::debug!(error = %e, "idle memtable flush failed");
@@ -672,8 +679,49 @@ fn build_batch<'c>(
     (built, overlay)
 }
 
-/// Writes a built batch with one fsync and runs its completions; whether
-/// it was written.
+/// The longest a written batch stays unsynced while later ones are
+/// written: the first batch after that is synced, whatever it holds (and
+/// the commit thread syncs the WAL when it falls idle).
+pub const MAX_UNSYNCED: Duration = Duration::from_millis(100);
+
+impl Completion {
+    /// Whether running it tells anyone that its batch is written: a
+    /// SEND's answer, a new item offered (a message, or a status such as
+    /// DELIVERED, which says an ACK is durable), a share held, a barrier,
+    /// an operator's count. The rest only forget or count what the batch
+    /// settled.
+    fn tells(&self) -> bool {
+        match self {
+            Completion::Reply { .. }
+            | Completion::Push { .. }
+            | Completion::Hold { .. }
+            | Completion::Done(_)
+            | Completion::Count(..) => true,
+            Completion::Unhold { .. }
+            | Completion::Settled { .. }
+            | Completion::Unsettled { .. }
+            | Completion::SettledOtherwise { .. }
+            | Completion::Queued { .. } => false,
+        }
+    }
+}
+
+/// Whether a batch must be synced before its completions run: when one of
+/// them tells anyone it is written. A batch that only settles (ACKs, and
+/// expiries, that owe no one a status: in fan-out, nearly every batch) is
+/// written without an fsync. A crash of the process loses nothing of it (the
+/// write is in the kernel); a power cut before the next synced write may,
+/// and then its items are delivered again after the restart, flagged
+/// REDELIVERY: what the protocol allows for an ACK not durably recorded yet
+/// (an ACK is known to be durable only through its DELIVERED or READ, which
+/// are pushed, so synced).
+fn needs_sync(done: &[Completion]) -> bool {
+    done.iter().any(Completion::tells)
+}
+
+/// Writes a built batch, synced if [`needs_sync`] or if an earlier write
+/// has waited [`MAX_UNSYNCED`], and runs its completions; whether it was
+/// written.
 fn write_batch(c: &Committer, built: Built<'_>) -> bool {
     let Built {
         batch,
@@ -683,18 +731,23 @@ fn write_batch(c: &Committer, built: Built<'_>) -> bool {
         count,
     } = built;
     let started = std::time::Instant::now();
+    let sync = needs_sync(&done)
+        || c.store
+            .unsynced_for()
+            .is_some_and(|waited| waited >= MAX_UNSYNCED);
     let written = match batch {
         None => false,
-        Some(batch) if batch.is_empty() => true,
-        Some(batch) => match batch.commit(true) {
+        // Nothing to write, but a barrier still means durable.
+        Some(batch) if batch.is_empty() => !sync || sync_wal(c),
+        Some(batch) => match batch.commit(sync) {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!(error = %e, "synced write failed; the batch is refused");
+                tracing::error!(error = %e, sync, "write failed; the batch is refused");
                 false
             }
         },
     };
-    c.metrics.record_commit(started.elapsed(), count);
+    c.metrics.record_commit(started.elapsed(), count, sync);
     clock.lap(Stage::Sync);
     if written {
         tally.add_to(&c.metrics);
@@ -704,6 +757,17 @@ fn write_batch(c: &Committer, built: Built<'_>) -> bool {
     }
     clock.record(&c.metrics);
     written
+}
+
+/// Syncs writes made without an fsync; whether that worked.
+fn sync_wal(c: &Committer) -> bool {
+    match c.store.sync_wal() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "WAL sync failed");
+            false
+        }
+    }
 }
 
 /// Runs a built batch's completions as if its write had failed.

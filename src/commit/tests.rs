@@ -938,3 +938,87 @@ fn shares_are_held_only_within_the_bounds() {
         "at the user's count: a REF"
     );
 }
+
+/// A batch is synced when a completion tells anyone it is written (an
+/// answer, a pushed item or status, a held share); a batch of settlements
+/// that owe no one a status is written without an fsync, and synced by the
+/// next synced write, by the first batch after [`MAX_UNSYNCED`], or by a
+/// barrier with nothing to write.
+#[test]
+fn only_settlements_that_tell_no_one_are_written_unsynced() {
+    let f = fixture(&["alice", "bob", "m"]);
+    let attach = |name: &str| {
+        let user = f.c.dir.user(name).unwrap();
+        let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+        user.attached.store(Some(mb.clone()));
+        (user, mb)
+    };
+    let ((alice, alice_mb), (bob, bob_mb), (m, m_mb)) =
+        (attach("alice"), attach("bob"), attach("m"));
+    let ack_next = |user: &Arc<User>, mb: &Mailbox| {
+        let item = mb.pop_durable().expect("an item pushed");
+        user.inflight().insert(item.seq, acking(Some(item.clone())));
+        let mut batch = vec![Request::Ack {
+            user: user.clone(),
+            items: vec![(item.seq, item.priority)],
+        }];
+        commit_batch(&f.c, &mut batch);
+    };
+    let writes = || {
+        (
+            f.c.metrics.commits.load(Ordering::Relaxed),
+            f.c.metrics.unsynced_commits.load(Ordering::Relaxed),
+        )
+    };
+
+    // A group send without receipts, held for m: SENT, so synced.
+    commit_batch(&f.c, &mut vec![group_send(&f, "alice", &["m"], 1, 0, 0)]);
+    assert_eq!(writes(), (1, 0), "a send");
+    assert_eq!(m.held(), 1);
+    // m's ACK owes no one anything: unsynced.
+    ack_next(&m, &m_mb);
+    assert_eq!(
+        (writes(), m.held()),
+        ((1, 1), 0),
+        "an ACK without a receipt"
+    );
+    assert!(f.c.store.unsynced_for().is_some());
+
+    // A 1:1 send asking for DELIVERED: synced; bob's ACK stores and pushes
+    // alice's DELIVERED, which says the ACK is durable: synced.
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 2)]);
+    assert_eq!(writes(), (2, 1), "a send");
+    assert_eq!(f.c.store.unsynced_for(), None, "synced with it");
+    ack_next(&bob, &bob_mb);
+    assert_eq!(writes(), (3, 1), "an ACK owing DELIVERED");
+    // alice's ACK of her DELIVERED owes nothing: unsynced.
+    ack_next(&alice, &alice_mb);
+    assert_eq!(writes(), (3, 2), "the ACK of a status");
+    assert_eq!(alice.queued.load(Ordering::Relaxed), 0);
+
+    // A barrier with nothing to write still syncs what was not.
+    assert!(f.c.store.unsynced_for().is_some());
+    let (tx, rx) = channel::bounded(1);
+    commit_batch(&f.c, &mut vec![Request::Barrier(tx)]);
+    rx.try_recv().expect("the barrier fired");
+    assert_eq!(f.c.store.unsynced_for(), None, "synced by the barrier");
+
+    // Once an unsynced write has waited MAX_UNSYNCED, the next batch is
+    // synced, whatever it holds.
+    let mut sends = vec![
+        group_send(&f, "alice", &["m"], 3, 0, 0),
+        group_send(&f, "alice", &["m"], 4, 0, 0),
+    ];
+    commit_batch(&f.c, &mut sends);
+    let before = writes();
+    ack_next(&m, &m_mb);
+    assert_eq!(writes(), (before.0, before.1 + 1));
+    f.c.store.age_unsynced(MAX_UNSYNCED);
+    ack_next(&m, &m_mb);
+    assert_eq!(
+        writes(),
+        (before.0 + 1, before.1 + 1),
+        "synced after MAX_UNSYNCED"
+    );
+    assert_eq!((m.held(), f.c.store.unsynced_for()), (0, None));
+}

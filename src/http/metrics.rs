@@ -152,6 +152,18 @@ pub fn render(core: &Backend) -> Reply {
         "Requests applied in synced batches.",
         &m.committed_requests,
     );
+    counter(
+        &mut out,
+        "tern_store_unsynced_commits_total",
+        "Batches written without an fsync: settlements that owe no one a status, synced by the next synced write, within 100 ms.",
+        &m.unsynced_commits,
+    );
+    counter(
+        &mut out,
+        "tern_store_unsynced_requests_total",
+        "Requests applied in batches written without an fsync.",
+        &m.unsynced_requests,
+    );
     let depth = core.admin.dir.queued_total();
     metric(
         &mut out,

@@ -122,6 +122,9 @@ pub struct Store {
     /// none. The sweeper resumes after the last key it handed over, and
     /// this tells it when an entry was written behind that point.
     expiry_floor: AtomicU64,
+    /// When the oldest write not known to be synced was made
+    /// (`clock::mono_us`); 0: every write is synced.
+    unsynced_since: AtomicU64,
 }
 
 impl Store {
@@ -136,6 +139,7 @@ impl Store {
             free: AtomicU64::new(u64::MAX),
             low: AtomicBool::new(false),
             expiry_floor: AtomicU64::new(u64::MAX),
+            unsynced_since: AtomicU64::new(0),
         })
     }
 
@@ -194,10 +198,28 @@ impl Store {
 
     /// Writes a batch; with `sync`, returns only once it is on stable storage.
     /// A failure is remembered as the store's fault (see [`Store::fault`]).
+    ///
+    /// Without `sync` the write is in the kernel when this returns, so a
+    /// crash of the process loses nothing; a power cut may lose it, and
+    /// with it every later unsynced write, never an earlier synced one (the
+    /// WAL is one sequence, and a synced write syncs all of it before
+    /// itself). [`Store::unsynced_for`] says how long that has been so.
     fn write(&self, db: &DB, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        db.write_opt(batch, &wo).map_err(|e| {
+        if !sync {
+            let _ = self.unsynced_since.compare_exchange(
+                0,
+                crate::clock::mono_us(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+        let written = db.write_opt(batch, &wo);
+        if sync && written.is_ok() {
+            self.unsynced_since.store(0, Ordering::Release);
+        }
+        written.map_err(|e| {
             let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
             if fault.is_none() {
                 *fault = Some(format!("rocksdb: {e}"));
@@ -213,6 +235,45 @@ impl Store {
     pub(crate) fn swap_db(&self, db: Option<Arc<DB>>) -> Option<Arc<DB>> {
         let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
         std::mem::replace(&mut *slot, db)
+    }
+
+    /// How long the oldest write not synced yet has waited; `None` when
+    /// every write is synced.
+    pub fn unsynced_for(&self) -> Option<std::time::Duration> {
+        match self.unsynced_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(std::time::Duration::from_micros(
+                crate::clock::mono_us().saturating_sub(since),
+            )),
+        }
+    }
+
+    /// Makes the oldest unsynced write `by` older (for tests of what
+    /// depends on its age); no-op when everything is synced.
+    #[cfg(test)]
+    pub(crate) fn age_unsynced(&self, by: std::time::Duration) {
+        let _ = self
+            .unsynced_since
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t != 0).then(|| t.saturating_sub(by.as_micros() as u64).max(1))
+            });
+    }
+
+    /// Syncs the WAL if a write since the last sync was not synced.
+    pub fn sync_wal(&self) -> Result<()> {
+        let since = self.unsynced_since.swap(0, Ordering::AcqRel);
+        if since == 0 {
+            return Ok(());
+        }
+        let synced = self
+            .db()
+            .and_then(|db| db.flush_wal(true).map_err(StoreError::Rocks));
+        if synced.is_err() {
+            let _ =
+                self.unsynced_since
+                    .compare_exchange(0, since, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        synced
     }
 
     /// Why writes fail, since the first failed write and until a

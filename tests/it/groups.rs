@@ -830,6 +830,58 @@ fn held_shares_acked_before_a_sigkill_are_not_delivered_again() {
     );
 }
 
+/// Group sends without receipts: their ACKs owe no one a status, so their
+/// batches are written without an fsync (`tern_store_unsynced_commits_total`).
+/// Such a write is in the kernel when its batch completes: a SIGKILL right
+/// after loses none of it, and nothing ACKed is delivered again.
+#[test]
+fn acks_written_without_an_fsync_survive_a_sigkill() {
+    const N: u64 = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir);
+    let tokens = users(&server, &["ann", "ben"]);
+    assert_eq!(put_group(&server, "g", r#"["ann","ben"]"#).0, 201);
+    let mut ann = server.connect(&tokens["ann"]);
+    let mut ben = server.connect(&tokens["ben"]);
+    let msgs: Vec<Outgoing> = (1..=N)
+        .map(|i| Outgoing::to_group("g", &i.to_be_bytes()).id(i).flags(0))
+        .collect();
+    ann.send_many(&msgs).unwrap();
+    for i in 1..=N {
+        assert_eq!(status(next(&mut ann, 10)).status, StatusCode::SENT, "{i}");
+    }
+    let seqs: Vec<u64> = (1..=N)
+        .map(|i| {
+            let m = msg(next(&mut ben, 10));
+            assert_eq!(m.id, i);
+            m.seq
+        })
+        .collect();
+    held_reaches(&server, N as f64, "ben's shares held");
+    let unsynced = || scrape(server.http).value("tern_store_unsynced_commits_total");
+    let before = unsynced();
+    ben.ack(&seqs).unwrap();
+    // The shares are forgotten once the ACKs' batch is written.
+    held_reaches(&server, 0.0, "ben's ACKs written");
+    assert!(
+        unsynced() > before,
+        "the ACKs' batch was not written unsynced"
+    );
+    server.sigkill();
+    drop((ann, ben));
+    server.restart();
+
+    let mut ben = server.connect(&tokens["ben"]);
+    barrier_self(&mut ben);
+    assert!(server.terminate().0.success());
+    let store = tern::store::Store::open(&server.dir.join("db")).unwrap();
+    assert_eq!(
+        store.count_keys(tern::store::keys::CF_MESSAGES).unwrap(),
+        0,
+        "no record, count or member list after the last ACK"
+    );
+}
+
 /// A member that falls behind while 1:1 messages and group sends arrive
 /// together (its mailbox overflows, so it catches up from inbox scans that
 /// merge stored items with held shares, while both kinds are being
