@@ -876,8 +876,10 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             if let Some(entry) = user.inflight().remove(&seq) {
                 clock.acked(entry.written_us);
             }
+            // After the removal, under the same lock the session counts
+            // its window with.
             if let Some(mb) = user.mailbox() {
-                mb.wake();
+                mb.slot_freed();
             }
         }
         Completion::SettledOtherwise { user } => {

@@ -117,6 +117,9 @@ pub struct Mailbox {
     live: Ring,
     /// Whether a wake-up is already pending at the owner's event loop.
     notified: AtomicBool,
+    /// The owner stopped writing stored items at its window
+    /// (`max_inflight`), and waits for an ACK to free a slot.
+    window_full: AtomicBool,
     /// 0 while open; otherwise the ERROR code the owner must close with.
     closed: AtomicU16,
 }
@@ -131,7 +134,26 @@ impl Mailbox {
             overflow: AtomicBool::new(false),
             live: Ring::new(LIVE_CAPACITY),
             notified: AtomicBool::new(false),
+            window_full: AtomicBool::new(false),
             closed: AtomicU16::new(0),
+        }
+    }
+
+    /// The owner stops writing stored items at its window. Call it with the
+    /// user's in-flight map locked, where the window was found full: an ACK
+    /// settled after that unlock sees this in [`Mailbox::slot_freed`], and
+    /// one settled before it freed its slot before the window was counted.
+    pub fn window_full(&self) {
+        self.window_full.store(true, Ordering::Release);
+    }
+
+    /// An ACK's item left the in-flight map (removed under its lock): wakes
+    /// the owner if it waits for a slot. Only then: most settlements free a
+    /// slot nobody waits for, and a wake-up costs the owner's event loop a
+    /// pass over its session.
+    pub fn slot_freed(&self) {
+        if self.window_full.swap(false, Ordering::AcqRel) {
+            self.wake();
         }
     }
 

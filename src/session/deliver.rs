@@ -70,6 +70,8 @@ impl Active {
                     continue;
                 }
                 if inflight.len() >= window {
+                    // Under the in-flight lock: see `Mailbox::window_full`.
+                    self.mailbox.window_full();
                     break;
                 }
                 entry.remove();
