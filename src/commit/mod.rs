@@ -303,7 +303,7 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
             .name("tern-commit-w".into())
             .spawn_scoped(scope, move || {
                 raise_priority();
-                for built in writer_jobs {
+                while let Some(built) = next_job(c, &writer_jobs) {
                     let written = write_batch(c, built);
                     if writer_results.send(written).is_err() {
                         break;
@@ -321,6 +321,29 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
         pipe.drain();
         sync_wal(c);
     });
+}
+
+/// The writer's next batch; `None` once the commit thread is gone. While a
+/// write is unsynced, waits at most until it is [`MAX_UNSYNCED`] old and
+/// syncs the WAL then: only this thread writes without `sync`, so it keeps
+/// the bound when no batch follows.
+fn next_job<'c>(c: &Committer, jobs: &Receiver<Built<'c>>) -> Option<Built<'c>> {
+    loop {
+        let Some(age) = c.store.unsynced_for() else {
+            return jobs.recv().ok();
+        };
+        match jobs.recv_timeout(MAX_UNSYNCED.saturating_sub(age)) {
+            Ok(built) => return Some(built),
+            Err(RecvTimeoutError::Disconnected) => return None,
+            Err(RecvTimeoutError::Timeout) => {
+                if !sync_wal(c) {
+                    // A store fault now (the upkeep reopens the store):
+                    // no retry until the next batch.
+                    return jobs.recv().ok();
+                }
+            }
+        }
+    }
 }
 
 fn build_loop(c: &Committer, rx: &Receiver<Request>, pipe: &mut Pipeline<'_>) {
@@ -537,7 +560,9 @@ impl Upkeep {
     }
 
     /// Nothing to commit for [`UPKEEP_INTERVAL`]: sync what was written
-    /// without an fsync, and after a busy spell, give the memory freed
+    /// without an fsync (the writer thread does within [`MAX_UNSYNCED`];
+    /// this covers batches written here when it could not start), and
+    /// after a busy spell, give the memory freed
     /// meanwhile back to the OS (once per spell).
     fn idle(&mut self, c: &Committer) {
         if let Err(e) = c.store.sync_wal() {
@@ -679,9 +704,9 @@ fn build_batch<'c>(
     (built, overlay)
 }
 
-/// The longest a written batch stays unsynced while later ones are
-/// written: the first batch after that is synced, whatever it holds (and
-/// the commit thread syncs the WAL when it falls idle).
+/// The longest a written batch stays unsynced: the first batch written
+/// after that is synced, whatever it holds, and without one the writer
+/// syncs the WAL by itself ([`next_job`]).
 pub const MAX_UNSYNCED: Duration = Duration::from_millis(100);
 
 impl Completion {
@@ -707,8 +732,8 @@ impl Completion {
 }
 
 /// Whether a batch must be synced before its completions run: when one of
-/// them tells anyone it is written. A batch that only settles (ACKs, and
-/// expiries, that owe no one a status: in fan-out, nearly every batch) is
+/// them tells anyone it is written. A batch that only settles ACKs that owe
+/// no one a status (in fan-out without receipts, nearly every batch) is
 /// written without an fsync. A crash of the process loses nothing of it (the
 /// write is in the kernel); a power cut before the next synced write may,
 /// and then its items are delivered again after the restart, flagged
@@ -735,9 +760,10 @@ fn write_batch(c: &Committer, built: Built<'_>) -> bool {
         || c.store
             .unsynced_for()
             .is_some_and(|waited| waited >= MAX_UNSYNCED);
+    let writes = batch.as_ref().is_some_and(|b| !b.is_empty());
     let written = match batch {
         None => false,
-        // Nothing to write, but a barrier still means durable.
+        // Nothing to write, but a barrier or an answer still means durable.
         Some(batch) if batch.is_empty() => !sync || sync_wal(c),
         Some(batch) => match batch.commit(sync) {
             Ok(()) => true,
@@ -747,7 +773,9 @@ fn write_batch(c: &Committer, built: Built<'_>) -> bool {
             }
         },
     };
-    c.metrics.record_commit(started.elapsed(), count, sync);
+    if writes || sync {
+        c.metrics.record_commit(started.elapsed(), count, sync);
+    }
     clock.lap(Stage::Sync);
     if written {
         tally.add_to(&c.metrics);

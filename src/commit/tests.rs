@@ -1022,3 +1022,43 @@ fn only_settlements_that_tell_no_one_are_written_unsynced() {
     );
     assert_eq!((m.held(), f.c.store.unsynced_for()), (0, None));
 }
+
+/// With no batch after an unsynced write, the writer thread syncs the WAL
+/// by itself once the write is [`MAX_UNSYNCED`] old.
+#[test]
+fn the_writer_syncs_an_unsynced_write_by_itself() {
+    let f = fixture(&["alice", "m"]);
+    let m = f.c.dir.user("m").unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    m.attached.store(Some(mb.clone()));
+    commit_batch(&f.c, &mut vec![group_send(&f, "alice", &["m"], 1, 0, 0)]);
+    let item = mb.pop_durable().expect("the held share");
+    m.inflight().insert(item.seq, acking(Some(item.clone())));
+    let mut ack = vec![Request::Ack {
+        user: m.clone(),
+        items: vec![(item.seq, item.priority)],
+    }];
+    commit_batch(&f.c, &mut ack);
+    assert!(
+        f.c.store.unsynced_for().is_some(),
+        "the ACK was written unsynced"
+    );
+    f.c.store.age_unsynced(MAX_UNSYNCED);
+    let (jobs, writer_jobs) = channel::bounded::<Built<'_>>(1);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| next_job(&f.c, &writer_jobs).is_none());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while f.c.store.unsynced_for().is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not synced within 10 s"
+            );
+            std::thread::yield_now();
+        }
+        drop(jobs);
+        assert!(
+            writer.join().unwrap(),
+            "no job, then the commit thread gone"
+        );
+    });
+}

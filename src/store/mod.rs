@@ -42,6 +42,9 @@ pub enum StoreError {
     /// The database is being reopened after a fault, or could not be.
     #[error("database unavailable: reopening after a write failure")]
     Unavailable,
+    /// The WAL files to be replayed could not be synced ([`sync_wal_files`]).
+    #[error("syncing the WAL files before opening: {0}")]
+    WalSync(std::io::Error),
     /// A fault injected by a test (see `commit`'s tests).
     #[cfg(test)]
     #[error("injected fault")]
@@ -125,6 +128,9 @@ pub struct Store {
     /// When the oldest write not known to be synced was made
     /// (`clock::mono_us`); 0: every write is synced.
     unsynced_since: AtomicU64,
+    /// Added to the age of unsynced writes ([`Store::age_unsynced`]), µs.
+    #[cfg(test)]
+    unsynced_aged: AtomicU64,
 }
 
 impl Store {
@@ -140,6 +146,8 @@ impl Store {
             low: AtomicBool::new(false),
             expiry_floor: AtomicU64::new(u64::MAX),
             unsynced_since: AtomicU64::new(0),
+            #[cfg(test)]
+            unsynced_aged: AtomicU64::new(0),
         })
     }
 
@@ -198,34 +206,19 @@ impl Store {
 
     /// Writes a batch; with `sync`, returns only once it is on stable storage.
     /// A failure is remembered as the store's fault (see [`Store::fault`]).
-    ///
-    /// Without `sync` the write is in the kernel when this returns, so a
-    /// crash of the process loses nothing; a power cut may lose it, and
-    /// with it every later unsynced write, never an earlier synced one (the
-    /// WAL is one sequence, and a synced write syncs all of it before
-    /// itself). [`Store::unsynced_for`] says how long that has been so.
     fn write(&self, db: &DB, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        if !sync {
-            let _ = self.unsynced_since.compare_exchange(
-                0,
-                crate::clock::mono_us(),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+        db.write_opt(batch, &wo).map_err(|e| self.failed(e))
+    }
+
+    /// Remembers `e` as the store's fault (the first one counts).
+    fn failed(&self, e: rocksdb::Error) -> StoreError {
+        let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        if fault.is_none() {
+            *fault = Some(format!("rocksdb: {e}"));
         }
-        let written = db.write_opt(batch, &wo);
-        if sync && written.is_ok() {
-            self.unsynced_since.store(0, Ordering::Release);
-        }
-        written.map_err(|e| {
-            let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-            if fault.is_none() {
-                *fault = Some(format!("rocksdb: {e}"));
-            }
-            StoreError::Rocks(e)
-        })
+        StoreError::Rocks(e)
     }
 
     /// Takes the database handle out (`None`: every operation then fails
@@ -239,27 +232,34 @@ impl Store {
 
     /// How long the oldest write not synced yet has waited; `None` when
     /// every write is synced.
+    ///
+    /// Only [`Batch::commit`] writes without `sync` (on the commit writer
+    /// thread), and only it and [`Store::sync_wal`] move this; other
+    /// threads' synced writes sync those writes too, but leave the marker:
+    /// it errs on the side of one sync too many.
     pub fn unsynced_for(&self) -> Option<std::time::Duration> {
         match self.unsynced_since.load(Ordering::Acquire) {
             0 => None,
-            since => Some(std::time::Duration::from_micros(
-                crate::clock::mono_us().saturating_sub(since),
-            )),
+            since => {
+                let now = crate::clock::mono_us();
+                #[cfg(test)]
+                let now = now + self.unsynced_aged.load(Ordering::Relaxed);
+                Some(std::time::Duration::from_micros(now.saturating_sub(since)))
+            }
         }
     }
 
-    /// Makes the oldest unsynced write `by` older (for tests of what
-    /// depends on its age); no-op when everything is synced.
+    /// Makes every unsynced write look `by` older to
+    /// [`Store::unsynced_for`] (for tests of what depends on its age).
     #[cfg(test)]
     pub(crate) fn age_unsynced(&self, by: std::time::Duration) {
-        let _ = self
-            .unsynced_since
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t != 0).then(|| t.saturating_sub(by.as_micros() as u64).max(1))
-            });
+        self.unsynced_aged
+            .fetch_add(by.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// Syncs the WAL if a write since the last sync was not synced.
+    /// Syncs the WAL if a write since the last sync was not synced. A
+    /// failure is remembered as the store's fault, like a failed write's:
+    /// the unsynced writes may be lost, and the store is reopened.
     pub fn sync_wal(&self) -> Result<()> {
         let since = self.unsynced_since.swap(0, Ordering::AcqRel);
         if since == 0 {
@@ -267,7 +267,7 @@ impl Store {
         }
         let synced = self
             .db()
-            .and_then(|db| db.flush_wal(true).map_err(StoreError::Rocks));
+            .and_then(|db| db.flush_wal(true).map_err(|e| self.failed(e)));
         if synced.is_err() {
             let _ =
                 self.unsynced_since
@@ -1084,7 +1084,29 @@ fn open_db(dir: &Path) -> Result<DB> {
         }
         cfs.push(ColumnFamilyDescriptor::new(name, cf));
     }
+    sync_wal_files(dir).map_err(StoreError::WalSync)?;
     Ok(DB::open_cf_descriptors(&opts, dir, cfs)?)
+}
+
+/// Syncs the WAL files an open is about to replay. Batches may have been
+/// written to them without an fsync (`commit::needs_sync`) before a crash
+/// of the process or a failed write: they are in the page cache, and no
+/// synced write of the new process syncs them (RocksDB syncs only the WAL
+/// files it writes itself). Without this, a power cut after the restart
+/// could lose them while later synced writes, built on them, survive.
+fn sync_wal_files(dir: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|x| x == "log") && path.is_file() {
+            std::fs::File::open(&path)?.sync_data()?;
+        }
+    }
+    Ok(())
 }
 
 /// How often, at the least, compaction looks at every dedup file.
@@ -1282,7 +1304,23 @@ impl Batch<'_> {
                 OpKind::DeleteRange => batch.delete_range_cf(handle, key, value),
             }
         }
+        // Without `sync` the write is in the kernel when it returns, so a
+        // crash of the process loses nothing; a power cut may lose it, and
+        // with it every later unsynced write, never an earlier synced one
+        // (the WAL is one sequence: a synced write syncs every live WAL
+        // file before it returns, and an open syncs the ones it replays).
+        if !sync {
+            let _ = self.store.unsynced_since.compare_exchange(
+                0,
+                crate::clock::mono_us(),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
         let written = self.store.write(&db, batch, sync);
+        if sync && written.is_ok() {
+            self.store.unsynced_since.store(0, Ordering::Release);
+        }
         // After the write, failed or not (a failed synced write may still
         // reach the disk): a sweep that asks later sees these entries.
         if floor != u64::MAX {
