@@ -69,12 +69,27 @@ impl Active {
                     wrote = true;
                     continue;
                 }
-                if inflight.len() >= window {
-                    // Under the in-flight lock: see `Mailbox::window_full`.
-                    self.mailbox.window_full();
-                    break;
-                }
-                entry.remove();
+                let item = if inflight.len() < window || inflight.contains_key(&item.seq) {
+                    entry.remove()
+                } else {
+                    // The window is full. Items written on an earlier
+                    // connection and not ACKed (the in-flight map outlives
+                    // connections) hold their slots already: they go out
+                    // again, in staging order; the rest waits for ACKs.
+                    let again = self
+                        .staged
+                        .iter()
+                        .find(|(_, i)| !i.ephemeral && inflight.contains_key(&i.seq))
+                        .map(|(&key, _)| key);
+                    match again.and_then(|key| self.staged.remove(&key)) {
+                        Some(item) => item,
+                        None => {
+                            // Under the in-flight lock: see `Mailbox::window_full`.
+                            self.mailbox.window_full();
+                            break;
+                        }
+                    }
+                };
                 let Some(view) = item.view() else { continue };
                 if view.expire_at() <= ctx.now {
                     continue; // the sweeper settles it

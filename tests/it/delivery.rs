@@ -218,6 +218,45 @@ fn a_later_urgent_send_overtakes_queued_ones() {
     barrier(&mut alice, &mut bob);
 }
 
+/// The in-flight map outlives a connection (an ACK of a SEQ written on an
+/// earlier one still counts), so a client that reconnects with its window
+/// full of un-ACKed deliveries gets those again first: they hold their
+/// slots already. With `max_inflight` 1, bob reads one message and drops
+/// the connection; an urgent one arrives meanwhile. Reconnected, he gets
+/// the first again (REDELIVERY), then, after each ACK, the urgent one and
+/// the rest. (It stalled: the full window stopped every delivery, and
+/// nothing could free it.)
+#[test]
+fn a_reconnect_with_a_full_window_gets_its_unacked_deliveries_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), &["--max-inflight", "1"]);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let mut bob = server.connect(&tb);
+    for id in 1..=2 {
+        let out = Outgoing::to("bob", b"later").id(id).priority(9).flags(0);
+        assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+    }
+    let first = msg(next(&mut bob, 10));
+    assert_eq!(first.id, 1);
+    drop(bob);
+    let urgent = Outgoing::to("bob", b"now").id(3).priority(0).flags(0);
+    assert_eq!(alice.send_wait(&urgent).unwrap(), StatusCode::SENT);
+    let mut bob = server.connect(&tb);
+    let again = msg(next(&mut bob, 10));
+    assert_eq!((again.id, again.seq), (1, first.seq));
+    assert_ne!(again.flags & flags::REDELIVERY, 0, "flagged REDELIVERY");
+    bob.ack(&[again.seq]).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = msg(next(&mut bob, 10));
+        got.push(m.id);
+        bob.ack(&[m.seq]).unwrap();
+    }
+    assert_eq!(got, [3, 2]);
+    barrier(&mut alice, &mut bob);
+}
+
 /// With EXPIRY as long as `dedup_window` (the defaults are a week and a
 /// day; here both 1 s), duplicate detection forgets the send the moment its
 /// item expires: the sender still gets EXPIRED, and only then does a SEND
