@@ -566,7 +566,7 @@ impl Upkeep {
     /// meanwhile back to the OS (once per spell).
     fn idle(&mut self, c: &Committer) {
         if let Err(e) = c.store.sync_wal() {
-            // The next synced write fails too, and says so.
+            // A store fault now (`Store::failed`): `run` reopens the store.
             tracing::debug!(error = %e, "idle WAL sync failed");
         }
         if std::mem::take(&mut self.busy) {

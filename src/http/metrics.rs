@@ -155,7 +155,7 @@ pub fn render(core: &Backend) -> Reply {
     counter(
         &mut out,
         "tern_store_unsynced_commits_total",
-        "Batches written without an fsync: settlements that owe no one a status, synced by the next synced write, within 100 ms.",
+        "Batches written without an fsync: settlements that owe no one a status, synced by the next synced write, normally within 100 ms.",
         &m.unsynced_commits,
     );
     counter(

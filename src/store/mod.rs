@@ -1309,6 +1309,9 @@ impl Batch<'_> {
         // with it every later unsynced write, never an earlier synced one
         // (the WAL is one sequence: a synced write syncs every live WAL
         // file before it returns, and an open syncs the ones it replays).
+        // The marker is set after the write, so a `sync_wal` in between
+        // cannot clear it for a write that it did not sync.
+        let written = self.store.write(&db, batch, sync);
         if !sync {
             let _ = self.store.unsynced_since.compare_exchange(
                 0,
@@ -1316,9 +1319,7 @@ impl Batch<'_> {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             );
-        }
-        let written = self.store.write(&db, batch, sync);
-        if sync && written.is_ok() {
+        } else if written.is_ok() {
             self.store.unsynced_since.store(0, Ordering::Release);
         }
         // After the write, failed or not (a failed synced write may still
