@@ -51,6 +51,10 @@ pub struct Inflight {
     pub written_us: u64,
     /// The item as last written, for its ACK (see `Item::settle_hint`).
     pub item: Option<Arc<Item>>,
+    /// The connection that wrote it last (`Mailbox::id`), whose window
+    /// counts it (`Mailbox::in_window`). The entry outlives the connection:
+    /// an ACK on a later one still settles it.
+    pub conn: u64,
 }
 
 /// One user, shared by everything that delivers to or from them.
@@ -195,6 +199,28 @@ impl User {
     /// because every update to it is a single insert or remove.
     pub fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Inflight>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An in-flight item was settled: forgets it, frees its slot in the
+    /// window of the connection that wrote it (if that one is still the
+    /// user's), and wakes the connection if it waits for a slot.
+    pub fn settled(&self, seq: u64) -> Option<Inflight> {
+        let mut inflight = self.inflight();
+        // Read under the lock: an entry a new connection wrote was written
+        // after its mailbox was attached.
+        let mb = self.mailbox();
+        let entry = inflight.remove(&seq);
+        if let (Some(entry), Some(mb)) = (&entry, &mb) {
+            if mb.id == entry.conn {
+                // Under the lock the session counts its window with.
+                mb.left_window();
+            }
+        }
+        drop(inflight);
+        if let Some(mb) = mb {
+            mb.slot_freed();
+        }
+        entry
     }
 
     /// The connected session's mailbox, if the user is online.

@@ -901,13 +901,8 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
         } if written => c.dir.unhold(&user, priority, seq),
         Completion::Push { user, item } if written => push(&user, item, clock),
         Completion::Settled { user, seq } if written => {
-            if let Some(entry) = user.inflight().remove(&seq) {
+            if let Some(entry) = user.settled(seq) {
                 clock.acked(entry.written_us);
-            }
-            // After the removal, under the same lock the session counts
-            // its window with.
-            if let Some(mb) = user.mailbox() {
-                mb.slot_freed();
             }
         }
         Completion::SettledOtherwise { user } => {

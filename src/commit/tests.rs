@@ -117,6 +117,7 @@ fn acking(item: Option<Arc<crate::store::Item>>) -> crate::directory::Inflight {
         acking: true,
         written_us: 0,
         item,
+        conn: 0,
     }
 }
 

@@ -19,7 +19,7 @@
 //! port of the event loops (implemented by `net`), so a producer (the commit
 //! thread, another session, the admin API) needs nothing but the mailbox.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam::queue::SegQueue;
@@ -106,6 +106,12 @@ impl Ring {
 pub struct Mailbox {
     /// The connection that drains this mailbox (for wake-ups).
     pub owner: ConnRef,
+    /// Unique among the process's mailboxes: marks the in-flight entries
+    /// this connection wrote (`directory::Inflight::conn`).
+    pub id: u64,
+    /// In-flight entries with this `id`: the connection's window in use.
+    /// Moved under the user's in-flight lock only.
+    in_window: AtomicUsize,
     /// How the owner's event loop is woken.
     notify: Arc<dyn Notify>,
     /// Stored items, in commit (= SEQ) order; pushed by the commit thread only.
@@ -127,8 +133,11 @@ pub struct Mailbox {
 impl Mailbox {
     /// An empty, open mailbox for `owner`, woken through `notify`.
     pub fn new(owner: ConnRef, notify: Arc<dyn Notify>) -> Mailbox {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Mailbox {
             owner,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            in_window: AtomicUsize::new(0),
             notify,
             durable: Ring::new(DURABLE_CAPACITY),
             overflow: AtomicBool::new(false),
@@ -145,6 +154,26 @@ impl Mailbox {
     /// one settled before it freed its slot before the window was counted.
     pub fn window_full(&self) {
         self.window_full.store(true, Ordering::Release);
+    }
+
+    /// In-flight entries this connection wrote and that are not settled.
+    /// Read and moved under the user's in-flight lock.
+    pub fn in_window(&self) -> usize {
+        self.in_window.load(Ordering::Relaxed)
+    }
+
+    /// The owner wrote an item (or wrote again one an earlier connection
+    /// had written): one more in its window. Under the in-flight lock.
+    pub fn counted_in_window(&self) {
+        self.in_window.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An in-flight entry this connection wrote was settled. Under the
+    /// in-flight lock, before [`Mailbox::slot_freed`].
+    pub fn left_window(&self) {
+        let _ = self
+            .in_window
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// An ACK's item left the in-flight map (removed under its lock): wakes

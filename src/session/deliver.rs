@@ -69,34 +69,28 @@ impl Active {
                     wrote = true;
                     continue;
                 }
-                let item = if inflight.len() < window || inflight.contains_key(&item.seq) {
-                    entry.remove()
-                } else {
-                    // The window is full. Items written on an earlier
-                    // connection and not ACKed (the in-flight map outlives
-                    // connections) hold their slots already: they go out
-                    // again, in staging order; the rest waits for ACKs.
-                    let again = self
-                        .staged
-                        .iter()
-                        .find(|(_, i)| !i.ephemeral && inflight.contains_key(&i.seq))
-                        .map(|(&key, _)| key);
-                    match again.and_then(|key| self.staged.remove(&key)) {
-                        Some(item) => item,
-                        None => {
-                            // Under the in-flight lock: see `Mailbox::window_full`.
-                            self.mailbox.window_full();
-                            break;
-                        }
-                    }
-                };
+                // The window counts what this connection wrote: deliveries
+                // of an earlier one that were not ACKed come again on this
+                // one like the rest, and count once they are written.
+                if self.mailbox.in_window() >= window {
+                    // Under the in-flight lock: see `Mailbox::window_full`.
+                    self.mailbox.window_full();
+                    break;
+                }
+                entry.remove();
                 let Some(view) = item.view() else { continue };
                 if view.expire_at() <= ctx.now {
                     continue; // the sweeper settles it
                 }
+                let conn = self.mailbox.id;
                 let written_before = match inflight.entry(item.seq) {
                     Entry::Occupied(mut o) => {
-                        o.get_mut().item = Some(item.clone());
+                        let entry = o.get_mut();
+                        entry.item = Some(item.clone());
+                        if entry.conn != conn {
+                            entry.conn = conn;
+                            self.mailbox.counted_in_window();
+                        }
                         true
                     }
                     Entry::Vacant(v) => {
@@ -105,7 +99,9 @@ impl Active {
                             acking: false,
                             written_us: if item.born_us != 0 { ctx.now_us } else { 0 },
                             item: Some(item.clone()),
+                            conn,
                         });
+                        self.mailbox.counted_in_window();
                         false
                     }
                 };

@@ -796,7 +796,7 @@ fn the_window_holds_deliveries_until_acked() {
     bob.ack(&env, &[first[0].0]);
     // The ACK is at the commit thread: the window stays full until it settles.
     assert_eq!(bob.msgs(), []);
-    env.dir.user("bob").unwrap().inflight().remove(&first[0].0);
+    env.dir.user("bob").unwrap().settled(first[0].0);
     bob.call(&env, |s, ctx| s.handle_mailbox(ctx));
     assert_eq!(bob.msgs().len(), 1);
 }

@@ -219,15 +219,16 @@ fn a_later_urgent_send_overtakes_queued_ones() {
 }
 
 /// The in-flight map outlives a connection (an ACK of a SEQ written on an
-/// earlier one still counts), so a client that reconnects with its window
-/// full of un-ACKed deliveries gets those again first: they hold their
-/// slots already. With `max_inflight` 1, bob reads one message and drops
-/// the connection; an urgent one arrives meanwhile. Reconnected, he gets
-/// the first again (REDELIVERY), then, after each ACK, the urgent one and
-/// the rest. (It stalled: the full window stopped every delivery, and
-/// nothing could free it.)
+/// earlier one still settles it), but the window counts what the current
+/// connection wrote. With `max_inflight` 1, bob reads one message and drops
+/// the connection without an ACK; 600 urgent ones arrive meanwhile (more
+/// than a session stages at once). Reconnected, he gets them in priority
+/// order, one per ACK, then the first one again (REDELIVERY, its SEQ), then
+/// the last. (It stalled for good: the full window of the old connection
+/// stopped every delivery of the new one, and nothing could free it.)
 #[test]
-fn a_reconnect_with_a_full_window_gets_its_unacked_deliveries_again() {
+fn a_reconnect_with_a_full_window_delivers_again() {
+    const URGENT: u64 = 600;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(dir.path(), &["--max-inflight", "1"]);
     let (ta, tb) = (server.user("alice"), server.user("bob"));
@@ -240,20 +241,23 @@ fn a_reconnect_with_a_full_window_gets_its_unacked_deliveries_again() {
     let first = msg(next(&mut bob, 10));
     assert_eq!(first.id, 1);
     drop(bob);
-    let urgent = Outgoing::to("bob", b"now").id(3).priority(0).flags(0);
-    assert_eq!(alice.send_wait(&urgent).unwrap(), StatusCode::SENT);
+    for id in 3..3 + URGENT {
+        let urgent = Outgoing::to("bob", b"now").id(id).priority(0).flags(0);
+        assert_eq!(alice.send_wait(&urgent).unwrap(), StatusCode::SENT);
+    }
     let mut bob = server.connect(&tb);
-    let again = msg(next(&mut bob, 10));
-    assert_eq!((again.id, again.seq), (1, first.seq));
-    assert_ne!(again.flags & flags::REDELIVERY, 0, "flagged REDELIVERY");
-    bob.ack(&[again.seq]).unwrap();
     let mut got = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..URGENT + 2 {
         let m = msg(next(&mut bob, 10));
+        if m.id == 1 {
+            assert_eq!(m.seq, first.seq, "the same SEQ");
+            assert_ne!(m.flags & flags::REDELIVERY, 0, "flagged REDELIVERY");
+        }
         got.push(m.id);
         bob.ack(&[m.seq]).unwrap();
     }
-    assert_eq!(got, [3, 2]);
+    let want: Vec<u64> = (3..3 + URGENT).chain([1, 2]).collect();
+    assert_eq!(got, want);
     barrier(&mut alice, &mut bob);
 }
 
