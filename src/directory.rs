@@ -51,9 +51,10 @@ pub struct Inflight {
     pub written_us: u64,
     /// The item as last written, for its ACK (see `Item::settle_hint`).
     pub item: Option<Arc<Item>>,
-    /// The connection that wrote it last (`Mailbox::id`), whose window
-    /// counts it (`Mailbox::in_window`). The entry outlives the connection:
-    /// an ACK on a later one still settles it.
+    /// The connection that wrote it last (`Mailbox::id`). The entry
+    /// outlives the connection (an ACK on a later one still settles it, and
+    /// it still fills the user's window): a new connection writes it again
+    /// first (the session's `owed`), and not twice.
     pub conn: u64,
 }
 
@@ -201,23 +202,12 @@ impl User {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An in-flight item was settled: forgets it, frees its slot in the
-    /// window of the connection that wrote it (if that one is still the
-    /// user's), and wakes the connection if it waits for a slot.
+    /// An in-flight item was settled: forgets it, and wakes the user's
+    /// connection if it waits for a window slot (after the removal, under
+    /// the lock the session counts its window with).
     pub fn settled(&self, seq: u64) -> Option<Inflight> {
-        let mut inflight = self.inflight();
-        // Read under the lock: an entry a new connection wrote was written
-        // after its mailbox was attached.
-        let mb = self.mailbox();
-        let entry = inflight.remove(&seq);
-        if let (Some(entry), Some(mb)) = (&entry, &mb) {
-            if mb.id == entry.conn {
-                // Under the lock the session counts its window with.
-                mb.left_window();
-            }
-        }
-        drop(inflight);
-        if let Some(mb) = mb {
+        let entry = self.inflight().remove(&seq);
+        if let Some(mb) = self.mailbox() {
             mb.slot_freed();
         }
         entry

@@ -596,6 +596,9 @@ impl Upkeep {
                 Ok(()) => {
                     c.metrics.store_recoveries.fetch_add(1, Ordering::Relaxed);
                     resync(c);
+                    // Only now: a client that reconnects once `/readyz`
+                    // says healthy is not closed by `resync`.
+                    c.store.recovered();
                 }
                 Err(e) => tracing::debug!(error = %e, "store not recovered yet"),
             }
@@ -657,6 +660,7 @@ fn resync(c: &Committer) {
     for user in c.dir.users() {
         if let Some(mb) = user.mailbox() {
             mb.close(ErrorCode::SHUTDOWN);
+            mb.wake();
         }
     }
 }

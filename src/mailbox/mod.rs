@@ -109,9 +109,6 @@ pub struct Mailbox {
     /// Unique among the process's mailboxes: marks the in-flight entries
     /// this connection wrote (`directory::Inflight::conn`).
     pub id: u64,
-    /// In-flight entries with this `id`: the connection's window in use.
-    /// Moved under the user's in-flight lock only.
-    in_window: AtomicUsize,
     /// How the owner's event loop is woken.
     notify: Arc<dyn Notify>,
     /// Stored items, in commit (= SEQ) order; pushed by the commit thread only.
@@ -137,7 +134,6 @@ impl Mailbox {
         Mailbox {
             owner,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            in_window: AtomicUsize::new(0),
             notify,
             durable: Ring::new(DURABLE_CAPACITY),
             overflow: AtomicBool::new(false),
@@ -154,26 +150,6 @@ impl Mailbox {
     /// one settled before it freed its slot before the window was counted.
     pub fn window_full(&self) {
         self.window_full.store(true, Ordering::Release);
-    }
-
-    /// In-flight entries this connection wrote and that are not settled.
-    /// Read and moved under the user's in-flight lock.
-    pub fn in_window(&self) -> usize {
-        self.in_window.load(Ordering::Relaxed)
-    }
-
-    /// The owner wrote an item (or wrote again one an earlier connection
-    /// had written): one more in its window. Under the in-flight lock.
-    pub fn counted_in_window(&self) {
-        self.in_window.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// An in-flight entry this connection wrote was settled. Under the
-    /// in-flight lock, before [`Mailbox::slot_freed`].
-    pub fn left_window(&self) {
-        let _ = self
-            .in_window
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// An ACK's item left the in-flight map (removed under its lock): wakes

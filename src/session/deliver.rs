@@ -42,7 +42,35 @@ impl Active {
             }
             let more = self.take(ctx);
             let mut inflight = self.user.inflight();
+            if self.mailbox.closed().is_some() {
+                // Replaced (or shut): the in-flight entries are the next
+                // connection's now, which took its `owed` under this lock
+                // after the close; this one writes no more.
+                return;
+            }
+            let conn = self.mailbox.id;
             let mut wrote = false;
+            // What earlier connections wrote and got no ACK for goes out
+            // again first: those entries fill the window already, so the
+            // window alone would hold them back for good.
+            while ctx.out.len() < conn_buffer {
+                let Some(item) = self.owed.pop_front() else {
+                    break;
+                };
+                let Some(entry) = inflight.get_mut(&item.seq) else {
+                    continue; // settled meanwhile
+                };
+                if entry.conn == conn {
+                    continue; // written again here already
+                }
+                let Some(view) = item.view() else { continue };
+                if view.expire_at() <= ctx.now {
+                    continue; // the sweeper settles it
+                }
+                entry.conn = conn;
+                write_item(ctx, &item, Some(view), true);
+                wrote = true;
+            }
             while ctx.out.len() < conn_buffer {
                 let Some(entry) = self.staged.first_entry() else {
                     break;
@@ -69,28 +97,31 @@ impl Active {
                     wrote = true;
                     continue;
                 }
-                // The window counts what this connection wrote: deliveries
-                // of an earlier one that were not ACKed come again on this
-                // one like the rest, and count once they are written.
-                if self.mailbox.in_window() >= window {
-                    // Under the in-flight lock: see `Mailbox::window_full`.
-                    self.mailbox.window_full();
-                    break;
+                match inflight.get(&item.seq).map(|e| e.conn == conn) {
+                    // Written on this connection already (from `owed`).
+                    Some(true) => {
+                        entry.remove();
+                        continue;
+                    }
+                    None if inflight.len() >= window => {
+                        // Under the in-flight lock: see `Mailbox::window_full`.
+                        self.mailbox.window_full();
+                        break;
+                    }
+                    // New, or written on an earlier connection (its slot
+                    // is taken already).
+                    _ => {}
                 }
                 entry.remove();
                 let Some(view) = item.view() else { continue };
                 if view.expire_at() <= ctx.now {
                     continue; // the sweeper settles it
                 }
-                let conn = self.mailbox.id;
                 let written_before = match inflight.entry(item.seq) {
                     Entry::Occupied(mut o) => {
                         let entry = o.get_mut();
                         entry.item = Some(item.clone());
-                        if entry.conn != conn {
-                            entry.conn = conn;
-                            self.mailbox.counted_in_window();
-                        }
+                        entry.conn = conn;
                         true
                     }
                     Entry::Vacant(v) => {
@@ -101,7 +132,6 @@ impl Active {
                             item: Some(item.clone()),
                             conn,
                         });
-                        self.mailbox.counted_in_window();
                         false
                     }
                 };

@@ -36,7 +36,7 @@ pub mod accept;
 mod deliver;
 mod receipts;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -207,6 +207,10 @@ struct Active {
     unsent_acks: Vec<(u64, u8)>,
     /// When `unsent_acks` are offered again, ms.
     retry_at: u64,
+    /// Stored items earlier connections wrote and got no ACK for, in
+    /// (priority, SEQ) order, taken at login: written again first
+    /// (`Active::pump`). At most `max_inflight`, the user's window.
+    owed: VecDeque<Arc<Item>>,
 }
 
 impl Session {
@@ -333,6 +337,15 @@ impl Session {
             old.close(ErrorCode::REPLACED);
             old.wake();
         }
+        // After the close: the old session writes nothing once it sees it,
+        // under the same lock (`Active::pump`), so this is all it wrote.
+        let owed = {
+            let inflight = user.inflight();
+            let mut owed: Vec<Arc<Item>> =
+                inflight.values().filter_map(|e| e.item.clone()).collect();
+            owed.sort_unstable_by_key(|item| (item.priority, item.seq));
+            owed.into()
+        };
         tracing::info!(user = %user.address, client = hello.client.unwrap_or(""), "logged in");
         ctx.write(&Frame::Welcome(wire::Welcome {
             version: Some(wire::VERSION),
@@ -351,6 +364,7 @@ impl Session {
             ephemeral_reads: HashSet::default(),
             unsent_acks: Vec::new(),
             retry_at: 0,
+            owed,
         }));
         self.pump(ctx);
         Flow::Continue

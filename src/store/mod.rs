@@ -283,7 +283,8 @@ impl Store {
     }
 
     /// Closes and reopens the database, which clears RocksDB's
-    /// background-error state, then proves it with a synced write. Waits up
+    /// background-error state, then proves it with a synced write. The
+    /// fault stays until [`Store::recovered`]. Waits up
     /// to [`REOPEN_WAIT`] for operations holding the old handle; on any
     /// failure the fault stays and the caller tries again later.
     pub fn reopen(&self) -> Result<()> {
@@ -319,8 +320,14 @@ impl Store {
         wo.set_sync(true);
         db.write_opt(probe, &wo)?;
         *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db);
-        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
+    }
+
+    /// After a [`Store::reopen`] and what must follow it (`commit::resync`:
+    /// every session closed, so clients reconnect to a consistent store):
+    /// the fault is cleared, and `/readyz` and new SENDs see a healthy store.
+    pub fn recovered(&self) {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Bytes available to tern on the filesystem that holds the database.

@@ -218,14 +218,14 @@ fn a_later_urgent_send_overtakes_queued_ones() {
     barrier(&mut alice, &mut bob);
 }
 
-/// The in-flight map outlives a connection (an ACK of a SEQ written on an
-/// earlier one still settles it), but the window counts what the current
-/// connection wrote. With `max_inflight` 1, bob reads one message and drops
-/// the connection without an ACK; 600 urgent ones arrive meanwhile (more
-/// than a session stages at once). Reconnected, he gets them in priority
-/// order, one per ACK, then the first one again (REDELIVERY, its SEQ), then
-/// the last. (It stalled for good: the full window of the old connection
-/// stopped every delivery of the new one, and nothing could free it.)
+/// The in-flight map, which the window counts, outlives a connection (an
+/// ACK of a SEQ written on an earlier one still settles it). With
+/// `max_inflight` 1, bob reads one message and drops the connection without
+/// an ACK; 600 urgent ones arrive meanwhile (more than a session stages at
+/// once). Reconnected, he gets the first one again at once (its SEQ,
+/// REDELIVERY), then, one per ACK, the urgent ones and the last. (It
+/// stalled for good: the full window stopped every delivery of the new
+/// connection, the un-ACKed one included, and nothing could free it.)
 #[test]
 fn a_reconnect_with_a_full_window_delivers_again() {
     const URGENT: u64 = 600;
@@ -256,9 +256,36 @@ fn a_reconnect_with_a_full_window_delivers_again() {
         got.push(m.id);
         bob.ack(&[m.seq]).unwrap();
     }
-    let want: Vec<u64> = (3..3 + URGENT).chain([1, 2]).collect();
+    let want: Vec<u64> = [1].into_iter().chain(3..3 + URGENT).chain([2]).collect();
     assert_eq!(got, want);
     barrier(&mut alice, &mut bob);
+}
+
+/// A reconnect writes each un-ACKed delivery again once: first from what
+/// the earlier connection left in flight, and not a second time when the
+/// catch-up scan of the store finds it.
+#[test]
+fn a_reconnect_writes_each_unacked_delivery_again_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let mut bob = server.connect(&tb);
+    for id in 1..=3 {
+        let out = Outgoing::to("bob", b"hi").id(id).flags(0);
+        assert_eq!(alice.send_wait(&out).unwrap(), StatusCode::SENT);
+    }
+    let seqs: Vec<u64> = (1..=3).map(|_| msg(next(&mut bob, 10)).seq).collect();
+    drop(bob);
+    let mut bob = server.connect(&tb);
+    for (id, &seq) in (1..=3).zip(&seqs) {
+        let m = msg(next(&mut bob, 10));
+        assert_eq!((m.id, m.seq), (id, seq));
+        assert_ne!(m.flags & flags::REDELIVERY, 0, "flagged REDELIVERY");
+        bob.ack(&[m.seq]).unwrap();
+    }
+    // Nothing more before bob's own marker.
+    barrier_self(&mut bob);
 }
 
 /// With EXPIRY as long as `dedup_window` (the defaults are a week and a
