@@ -97,6 +97,11 @@ impl Active {
                     wrote = true;
                     continue;
                 }
+                if self.owed_seqs.remove(&item.seq) {
+                    // Written from `owed` (or settled or expired since).
+                    entry.remove();
+                    continue;
+                }
                 match inflight.get(&item.seq).map(|e| e.conn == conn) {
                     // Written on this connection already (from `owed`).
                     Some(true) => {

@@ -211,6 +211,10 @@ struct Active {
     /// (priority, SEQ) order, taken at login: written again first
     /// (`Active::pump`). At most `max_inflight`, the user's window.
     owed: VecDeque<Arc<Item>>,
+    /// The SEQs of `owed`: their copies from the store or the mailbox are
+    /// dropped (each one once: the cursors never stage an item twice), so
+    /// none goes out a second time, even after its ACK.
+    owed_seqs: HashSet<u64>,
 }
 
 impl Session {
@@ -339,13 +343,12 @@ impl Session {
         }
         // After the close: the old session writes nothing once it sees it,
         // under the same lock (`Active::pump`), so this is all it wrote.
-        let owed = {
+        let mut owed: Vec<Arc<Item>> = {
             let inflight = user.inflight();
-            let mut owed: Vec<Arc<Item>> =
-                inflight.values().filter_map(|e| e.item.clone()).collect();
-            owed.sort_unstable_by_key(|item| (item.priority, item.seq));
-            owed.into()
+            inflight.values().filter_map(|e| e.item.clone()).collect()
         };
+        owed.sort_unstable_by_key(|item| (item.priority, item.seq));
+        let owed_seqs = owed.iter().map(|item| item.seq).collect();
         tracing::info!(user = %user.address, client = hello.client.unwrap_or(""), "logged in");
         ctx.write(&Frame::Welcome(wire::Welcome {
             version: Some(wire::VERSION),
@@ -364,7 +367,8 @@ impl Session {
             ephemeral_reads: HashSet::default(),
             unsent_acks: Vec::new(),
             retry_at: 0,
-            owed,
+            owed: owed.into(),
+            owed_seqs,
         }));
         self.pump(ctx);
         Flow::Continue
