@@ -51,11 +51,6 @@ pub struct Inflight {
     pub written_us: u64,
     /// The item as last written, for its ACK (see `Item::settle_hint`).
     pub item: Option<Arc<Item>>,
-    /// The connection that wrote it last (`Mailbox::id`). The entry
-    /// outlives the connection (an ACK on a later one still settles it, and
-    /// it still fills the user's window): a new connection writes it again
-    /// first (the session's `owed`), and not twice.
-    pub conn: u64,
 }
 
 /// One user, shared by everything that delivers to or from them.

@@ -562,8 +562,8 @@ impl Upkeep {
     /// Nothing to commit for [`UPKEEP_INTERVAL`]: sync what was written
     /// without an fsync (the writer thread does within [`MAX_UNSYNCED`];
     /// this covers batches written here when it could not start), and
-    /// after a busy spell, give the memory freed
-    /// meanwhile back to the OS (once per spell).
+    /// after a busy spell, give the memory freed meanwhile back to the OS
+    /// (once per spell).
     fn idle(&mut self, c: &Committer) {
         if let Err(e) = c.store.sync_wal() {
             // A store fault now (`Store::failed`): `run` reopens the store.
@@ -742,8 +742,8 @@ impl Completion {
 /// write is in the kernel); a power cut before the next synced write may,
 /// and then its items are delivered again after the restart, flagged
 /// REDELIVERY: what the protocol allows for an ACK not durably recorded yet
-/// (an ACK is known to be durable only through its DELIVERED or READ, which
-/// are pushed, so synced).
+/// (an ACK is known to be durable only through its DELIVERED, which is
+/// pushed, so synced).
 fn needs_sync(done: &[Completion]) -> bool {
     done.iter().any(Completion::tells)
 }

@@ -117,7 +117,6 @@ fn acking(item: Option<Arc<crate::store::Item>>) -> crate::directory::Inflight {
         acking: true,
         written_us: 0,
         item,
-        conn: 0,
     }
 }
 
@@ -940,6 +939,26 @@ fn shares_are_held_only_within_the_bounds() {
     );
 }
 
+/// Connects `name`: items committed for them are pushed to the mailbox returned.
+fn attach(f: &Fixture, name: &str) -> (Arc<User>, Arc<Mailbox>) {
+    let user = f.c.dir.user(name).unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    user.attached.store(Some(mb.clone()));
+    (user, mb)
+}
+
+/// Takes the next item pushed to `user`'s mailbox, as written to them, and
+/// commits their ACK of it in a batch of its own.
+fn ack_next(f: &Fixture, user: &Arc<User>, mb: &Mailbox) {
+    let item = mb.pop_durable().expect("an item pushed");
+    user.inflight().insert(item.seq, acking(Some(item.clone())));
+    let mut batch = vec![Request::Ack {
+        user: user.clone(),
+        items: vec![(item.seq, item.priority)],
+    }];
+    commit_batch(&f.c, &mut batch);
+}
+
 /// A batch is synced when a completion tells anyone it is written (an
 /// answer, a pushed item or status, a held share); a batch of settlements
 /// that owe no one a status is written without an fsync, and synced by the
@@ -948,23 +967,9 @@ fn shares_are_held_only_within_the_bounds() {
 #[test]
 fn only_settlements_that_tell_no_one_are_written_unsynced() {
     let f = fixture(&["alice", "bob", "m"]);
-    let attach = |name: &str| {
-        let user = f.c.dir.user(name).unwrap();
-        let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
-        user.attached.store(Some(mb.clone()));
-        (user, mb)
-    };
     let ((alice, alice_mb), (bob, bob_mb), (m, m_mb)) =
-        (attach("alice"), attach("bob"), attach("m"));
-    let ack_next = |user: &Arc<User>, mb: &Mailbox| {
-        let item = mb.pop_durable().expect("an item pushed");
-        user.inflight().insert(item.seq, acking(Some(item.clone())));
-        let mut batch = vec![Request::Ack {
-            user: user.clone(),
-            items: vec![(item.seq, item.priority)],
-        }];
-        commit_batch(&f.c, &mut batch);
-    };
+        (attach(&f, "alice"), attach(&f, "bob"), attach(&f, "m"));
+    let ack_next = |user: &Arc<User>, mb: &Mailbox| ack_next(&f, user, mb);
     let writes = || {
         (
             f.c.metrics.commits.load(Ordering::Relaxed),
@@ -1029,17 +1034,9 @@ fn only_settlements_that_tell_no_one_are_written_unsynced() {
 #[test]
 fn the_writer_syncs_an_unsynced_write_by_itself() {
     let f = fixture(&["alice", "m"]);
-    let m = f.c.dir.user("m").unwrap();
-    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
-    m.attached.store(Some(mb.clone()));
+    let (m, mb) = attach(&f, "m");
     commit_batch(&f.c, &mut vec![group_send(&f, "alice", &["m"], 1, 0, 0)]);
-    let item = mb.pop_durable().expect("the held share");
-    m.inflight().insert(item.seq, acking(Some(item.clone())));
-    let mut ack = vec![Request::Ack {
-        user: m.clone(),
-        items: vec![(item.seq, item.priority)],
-    }];
-    commit_batch(&f.c, &mut ack);
+    ack_next(&f, &m, &mb);
     assert!(
         f.c.store.unsynced_for().is_some(),
         "the ACK was written unsynced"

@@ -19,7 +19,7 @@
 //! port of the event loops (implemented by `net`), so a producer (the commit
 //! thread, another session, the admin API) needs nothing but the mailbox.
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam::queue::SegQueue;
@@ -106,9 +106,6 @@ impl Ring {
 pub struct Mailbox {
     /// The connection that drains this mailbox (for wake-ups).
     pub owner: ConnRef,
-    /// Unique among the process's mailboxes: marks the in-flight entries
-    /// this connection wrote (`directory::Inflight::conn`).
-    pub id: u64,
     /// How the owner's event loop is woken.
     notify: Arc<dyn Notify>,
     /// Stored items, in commit (= SEQ) order; pushed by the commit thread only.
@@ -130,10 +127,8 @@ pub struct Mailbox {
 impl Mailbox {
     /// An empty, open mailbox for `owner`, woken through `notify`.
     pub fn new(owner: ConnRef, notify: Arc<dyn Notify>) -> Mailbox {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Mailbox {
             owner,
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             notify,
             durable: Ring::new(DURABLE_CAPACITY),
             overflow: AtomicBool::new(false),

@@ -48,7 +48,6 @@ impl Active {
                 // after the close; this one writes no more.
                 return;
             }
-            let conn = self.mailbox.id;
             let mut wrote = false;
             // What earlier connections wrote and got no ACK for goes out
             // again first: those entries fill the window already, so the
@@ -57,17 +56,13 @@ impl Active {
                 let Some(item) = self.owed.pop_front() else {
                     break;
                 };
-                let Some(entry) = inflight.get_mut(&item.seq) else {
+                if !inflight.contains_key(&item.seq) {
                     continue; // settled meanwhile
-                };
-                if entry.conn == conn {
-                    continue; // written again here already
                 }
                 let Some(view) = item.view() else { continue };
                 if view.expire_at() <= ctx.now {
                     continue; // the sweeper settles it
                 }
-                entry.conn = conn;
                 write_item(ctx, &item, Some(view), true);
                 wrote = true;
             }
@@ -99,23 +94,17 @@ impl Active {
                 }
                 if self.owed_seqs.remove(&item.seq) {
                     // Written from `owed` (or settled or expired since).
+                    // The staged loop runs only once `owed` is written (the
+                    // owed loop stops only when it is empty or the output
+                    // full), so this copy never goes out first.
                     entry.remove();
                     continue;
                 }
-                match inflight.get(&item.seq).map(|e| e.conn == conn) {
-                    // Written on this connection already (from `owed`).
-                    Some(true) => {
-                        entry.remove();
-                        continue;
-                    }
-                    None if inflight.len() >= window => {
-                        // Under the in-flight lock: see `Mailbox::window_full`.
-                        self.mailbox.window_full();
-                        break;
-                    }
-                    // New, or written on an earlier connection (its slot
-                    // is taken already).
-                    _ => {}
+                // An item still in flight holds its slot already.
+                if inflight.len() >= window && !inflight.contains_key(&item.seq) {
+                    // Under the in-flight lock: see `Mailbox::window_full`.
+                    self.mailbox.window_full();
+                    break;
                 }
                 entry.remove();
                 let Some(view) = item.view() else { continue };
@@ -124,9 +113,7 @@ impl Active {
                 }
                 let written_before = match inflight.entry(item.seq) {
                     Entry::Occupied(mut o) => {
-                        let entry = o.get_mut();
-                        entry.item = Some(item.clone());
-                        entry.conn = conn;
+                        o.get_mut().item = Some(item.clone());
                         true
                     }
                     Entry::Vacant(v) => {
@@ -135,7 +122,6 @@ impl Active {
                             acking: false,
                             written_us: if item.born_us != 0 { ctx.now_us } else { 0 },
                             item: Some(item.clone()),
-                            conn,
                         });
                         false
                     }
