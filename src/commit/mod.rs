@@ -108,17 +108,27 @@ pub struct GroupSendRequest {
     pub recipients: Vec<Arc<User>>,
 }
 
+/// One item an ACK settles.
+#[derive(Clone, Debug)]
+pub struct Acked {
+    pub seq: u64,
+    /// Where the item sits in the inbox (the key needs it).
+    pub priority: u8,
+    /// The item as its session wrote it (`directory::Inflight::item`): the
+    /// commit thread settles from it rather than look the item up again,
+    /// where it can prove it is still what the store has (`settle::known`),
+    /// and a held share's bitmap says whether it is still held.
+    pub item: Option<Arc<Item>>,
+}
+
 /// A change to queued state.
 pub enum Request {
     /// Store a message.
     Send(SendRequest),
     /// Store a group message.
     GroupSend(GroupSendRequest),
-    /// The user's application processed these (SEQ, priority) items.
-    Ack {
-        user: Arc<User>,
-        items: Vec<(u64, u8)>,
-    },
+    /// The user's application processed these items.
+    Ack { user: Arc<User>, items: Vec<Acked> },
     /// The user read message `id` from `from` (sent to `group`, if set).
     Read {
         reader: Arc<User>,

@@ -489,10 +489,10 @@ fn failed(req: Request, done: &mut Vec<Completion>) {
             conn: s.accept.conn,
         }),
         Request::Ack { user, items } => {
-            for (seq, _) in items {
+            for a in items {
                 done.push(Completion::Unsettled {
                     user: user.clone(),
-                    seq,
+                    seq: a.seq,
                 });
             }
         }

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::pass::{Pass, Refs};
-use super::{Completion, MessageFilter};
+use super::{Acked, Completion, MessageFilter};
 use crate::directory::User;
 use crate::store::keys::*;
 use crate::store::record::{
@@ -53,8 +53,9 @@ impl Settle {
 }
 
 impl Pass<'_> {
-    pub(super) fn ack(&mut self, user: &Arc<User>, items: &[(u64, u8)]) -> Result<()> {
-        for &(seq, priority) in items {
+    pub(super) fn ack(&mut self, user: &Arc<User>, items: &[Acked]) -> Result<()> {
+        for a in items {
+            let (seq, priority) = (a.seq, a.priority);
             let key = inbox_key(&user.address, priority, seq);
             self.then(Completion::Settled {
                 user: user.clone(),
@@ -63,14 +64,21 @@ impl Pass<'_> {
             if self.inbox_deleted(&key) {
                 continue; // settled earlier in this batch (or the one before)
             }
-            if let Some(item) = user.share(priority, seq) {
-                if self.settle_held(user, key.clone(), &item, Settle::Acked)? {
+            // The item as the session wrote it: a held share's bitmap says
+            // whether it is still held, so the session's copy is as good as
+            // the one in `User::shares` (and not another look-up).
+            let item = match &a.item {
+                Some(item) if item.seq == seq && item.priority == priority => Some(item.clone()),
+                _ => user.share(priority, seq),
+            };
+            if let Some(item) = item.as_ref().filter(|i| is_held_share(i)) {
+                if self.settle_held(user, key.clone(), item, Settle::Acked)? {
                     continue;
                 }
                 // Not held any more (its REF was written after a failed
-                // write): settled as stored, below.
+                // write, or it expired): settled as stored, below.
             }
-            match known(user, priority, seq) {
+            match item.filter(|i| known(user, i)) {
                 Some(item) => match item.stored_view() {
                     Some(view) => {
                         self.settle_view(user, key, seq, view, &item.record, Settle::Acked, None)?
@@ -458,21 +466,25 @@ impl Pass<'_> {
     }
 }
 
-/// The item an ACK settles as its session wrote it, if it is certainly still
-/// stored: handed to the mailbox right after it was written, and no
+/// Whether `item` is a member's share of a group send that was held in
+/// memory when it was written.
+fn is_held_share(item: &Item) -> bool {
+    item.group_ref.is_some_and(|g| g.held.is_some())
+}
+
+/// Whether the item an ACK settles, as its session wrote it, is certainly
+/// still stored: handed to the mailbox right after it was written, and no
 /// settlement of the user's items but ACKs since (an ACK of the same item
 /// twice is stopped by the in-flight entry, which its first settlement
 /// removes and only a new write puts back, with the item as read then).
 ///
 /// A share that was held in memory when it was written is never "known":
 /// it had no REF then (if it has one now, it was written later).
-fn known(user: &User, priority: u8, seq: u64) -> Option<Arc<Item>> {
-    let item = user.inflight().get(&seq)?.item.clone()?;
-    if item.group_ref.is_some_and(|g| g.held.is_some()) {
-        return None;
+fn known(user: &User, item: &Item) -> bool {
+    if is_held_share(item) {
+        return false;
     }
     let hint = item.settle_hint.load(Ordering::Relaxed);
     let settles = user.other_settles.load(Ordering::Relaxed);
-    (hint != 0 && hint == settles + 1 && item.priority == priority && item.seq == seq)
-        .then_some(item)
+    hint != 0 && hint == settles + 1
 }

@@ -110,6 +110,24 @@ fn accept(
     }
 }
 
+/// An ACK of `items` (SEQ, priority) by `user`, each with the item its
+/// in-flight entry holds, as the session sends it.
+fn ack_req(user: &Arc<User>, items: &[(u64, u8)]) -> Request {
+    let inflight = user.inflight();
+    let items = items
+        .iter()
+        .map(|&(seq, priority)| Acked {
+            seq,
+            priority,
+            item: inflight.get(&seq).and_then(|e| e.item.clone()),
+        })
+        .collect();
+    Request::Ack {
+        user: user.clone(),
+        items,
+    }
+}
+
 /// The in-flight entry of a priority-0 item its session is ACKing.
 fn acking(item: Option<Arc<crate::store::Item>>) -> crate::directory::Inflight {
     crate::directory::Inflight {
@@ -225,10 +243,7 @@ fn ack_settles_once_and_owes_delivered() {
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let item = mb.pop_durable().expect("pushed after commit");
     bob.inflight().insert(item.seq, acking(None));
-    let ack = || Request::Ack {
-        user: bob.clone(),
-        items: vec![(item.seq, 0)],
-    };
+    let ack = || ack_req(&bob, &[(item.seq, 0)]);
     // Two ACKs of the same item in one batch and one more later: one settlement.
     commit_batch(&f.c, &mut vec![ack(), ack()]);
     commit_batch(&f.c, &mut vec![ack()]);
@@ -254,10 +269,7 @@ fn requests_before_a_failure_still_commit() {
     // Fail the ACK's request by making the batch's request list contain a
     // failing SEND after it; the ACK itself commits.
     FAIL_ID.with(|c| c.set(9));
-    let ack = Request::Ack {
-        user: bob.clone(),
-        items: vec![(seq, 0)],
-    };
+    let ack = ack_req(&bob, &[(seq, 0)]);
     commit_batch(&f.c, &mut vec![ack, send(&f, "alice", "bob", 9)]);
     FAIL_ID.with(|c| c.set(0));
     assert!(
@@ -288,10 +300,7 @@ fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
         },
         done,
     };
-    let ack = Request::Ack {
-        user: bob.clone(),
-        items: vec![(seq, 0)],
-    };
+    let ack = ack_req(&bob, &[(seq, 0)]);
     commit_batch(&f.c, &mut vec![ack, delete]);
     assert_eq!(count.recv().unwrap(), 1);
     assert_eq!(
@@ -418,13 +427,7 @@ fn refs_with_their_own_expiry_entries_still_settle() {
     b.commit(true).unwrap();
     let keys = |cf| f.c.store.count_keys(cf).unwrap();
     let bob = f.c.dir.user("bob").unwrap();
-    commit_batch(
-        &f.c,
-        &mut vec![Request::Ack {
-            user: bob,
-            items: vec![(5, 0)],
-        }],
-    );
+    commit_batch(&f.c, &mut vec![ack_req(&bob, &[(5, 0)])]);
     assert_eq!(
         (keys(CF_INBOX), keys(CF_EXPIRY), keys(CF_MESSAGES)),
         (1, 1, 2)
@@ -465,10 +468,7 @@ fn a_group_send_shares_one_expiry_entry() {
         (3, 1, 3)
     );
     let seq = |u: &str| f.c.store.scan_inbox(u, &[0; 16], 10).unwrap().0[0].seq;
-    let ack = |i: usize, u: &str| Request::Ack {
-        user: members[i].clone(),
-        items: vec![(seq(u), 3)],
-    };
+    let ack = |i: usize, u: &str| ack_req(&members[i], &[(seq(u), 3)]);
     commit_batch(&f.c, &mut vec![ack(0, "bob"), ack(1, "carol")]);
     assert_eq!(
         (keys(CF_INBOX), keys(CF_EXPIRY), keys(CF_MESSAGES)),
@@ -497,13 +497,13 @@ fn a_group_send_shares_one_expiry_entry() {
     assert_eq!(f.c.metrics.expired.load(Ordering::Relaxed), 1);
 }
 
-/// An ACK settles an item its session got from the commit thread without
-/// reading it back, unless one of the user's items was settled otherwise
-/// (expired, deleted) since: then the item may be gone, and the ACK must
-/// not settle it again. Here bob's copy of a group send is deleted while a
-/// copy is still staged in his session, which then writes it and gets its
-/// ACK: releasing the group message a second time would delete it while
-/// carol still has it queued.
+/// An ACK must not settle again an item that is gone. Here bob's share of
+/// a group send (held in memory: both members are online) is deleted while
+/// a copy is still staged in his session, which then writes it and gets its
+/// ACK: the send's `held` bitmap no longer has bob's bit, so the ACK settles
+/// nothing. Releasing the group message a second time would delete it while
+/// carol still has it queued. (The next test is the same for a 1:1 message,
+/// settled from the session's copy.)
 #[test]
 fn an_ack_after_a_delete_does_not_settle_twice() {
     use crate::store::keys::*;
@@ -535,10 +535,7 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
             .inflight()
             .insert(items[i].seq, acking(Some(items[i].clone())));
     };
-    let ack = |i: usize| Request::Ack {
-        user: members[i].clone(),
-        items: vec![(items[i].seq, 0)],
-    };
+    let ack = |i: usize| ack_req(&members[i], &[(items[i].seq, 0)]);
     let (done, deleted) = channel::bounded(1);
     let filter = MessageFilter::Id {
         from: "alice".into(),
@@ -568,6 +565,46 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
         1,
         "alice's DELETED"
     );
+}
+
+/// The same for a 1:1 message: an ACK of the copy its session wrote, sent
+/// before an operator deleted it and committed after, settles nothing (the
+/// copy is stale: the user's count of other settlements moved past its
+/// hint).
+#[test]
+fn an_ack_of_a_deleted_message_settles_nothing() {
+    let f = fixture(&["alice", "bob"]);
+    let bob = f.c.dir.user("bob").unwrap();
+    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+    bob.attached.store(Some(mb.clone()));
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let item = mb.pop_durable().expect("pushed after commit");
+    bob.inflight().insert(item.seq, acking(Some(item.clone())));
+    // Sent by the session before the delete's batch removed the entry.
+    let ack = ack_req(&bob, &[(item.seq, 0)]);
+    let (done, deleted) = channel::bounded(1);
+    let filter = MessageFilter::Id {
+        from: "alice".into(),
+        id: 1,
+    };
+    commit_batch(
+        &f.c,
+        &mut vec![Request::DeleteMessages {
+            user: bob.clone(),
+            filter,
+            done,
+        }],
+    );
+    assert_eq!(deleted.recv().unwrap(), 1);
+    commit_batch(&f.c, &mut vec![ack]);
+    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 0);
+    assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
+    let record = f.c.store.get(CF_DEDUP, &dedup_key("alice", 1)).unwrap();
+    let record = record
+        .as_deref()
+        .and_then(crate::store::record::Dedup::decode)
+        .expect("a record");
+    assert_eq!(record.status, StatusCode::DELETED);
 }
 
 /// Dedup records expire by point deletes, never by a range delete (range
@@ -660,13 +697,7 @@ fn dedup_records_past_their_window_are_forgotten_once_settled() {
     let two = two[0].seq;
     let inflight = acking(None);
     bob.inflight().insert(two, inflight);
-    commit_batch(
-        &f.c,
-        &mut vec![Request::Ack {
-            user: bob.clone(),
-            items: vec![(two, 0)],
-        }],
-    );
+    commit_batch(&f.c, &mut vec![ack_req(&bob, &[(two, 0)])]);
     assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 1);
     let old = Dedup {
         status: StatusCode::DELIVERED,
@@ -768,10 +799,7 @@ fn an_ack_repeated_while_the_first_is_written_settles_once() {
     let item = mb.pop_durable().expect("pushed after commit");
     // As the session records an item it wrote: the ACK may settle from it.
     bob.inflight().insert(item.seq, acking(Some(item.clone())));
-    let ack = || Request::Ack {
-        user: bob.clone(),
-        items: vec![(item.seq, 0)],
-    };
+    let ack = || ack_req(&bob, &[(item.seq, 0)]);
     let (mut pipe, taken, answer) = pipeline(&f);
     pipe.commit(&mut vec![ack()]);
     let first = taken.try_recv().unwrap();
@@ -845,10 +873,7 @@ fn an_ack_built_while_its_items_delete_is_written_settles_nothing() {
     }]);
     let first = taken.try_recv().unwrap();
     answer.send(true).unwrap();
-    pipe.commit(&mut vec![Request::Ack {
-        user: bob.clone(),
-        items: vec![(item.seq, 0)],
-    }]);
+    pipe.commit(&mut vec![ack_req(&bob, &[(item.seq, 0)])]);
     assert!(write_batch(&f.c, first));
     assert_eq!(deleted.recv().unwrap(), 1);
     assert!(write_batch(&f.c, taken.try_recv().unwrap()));
@@ -952,10 +977,7 @@ fn attach(f: &Fixture, name: &str) -> (Arc<User>, Arc<Mailbox>) {
 fn ack_next(f: &Fixture, user: &Arc<User>, mb: &Mailbox) {
     let item = mb.pop_durable().expect("an item pushed");
     user.inflight().insert(item.seq, acking(Some(item.clone())));
-    let mut batch = vec![Request::Ack {
-        user: user.clone(),
-        items: vec![(item.seq, item.priority)],
-    }];
+    let mut batch = vec![ack_req(user, &[(item.seq, item.priority)])];
     commit_batch(&f.c, &mut batch);
 }
 

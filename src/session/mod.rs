@@ -45,7 +45,7 @@ use foldhash::{HashMap, HashSet};
 pub use accept::{Dest, Outcome};
 
 use crate::admission::Logins;
-use crate::commit::{Full, Request};
+use crate::commit::{Acked, Full, Request};
 use crate::config::Config;
 use crate::directory::{Directory, User};
 use crate::mailbox::{Answer, ConnRef, Mailbox, Notify};
@@ -200,11 +200,11 @@ struct Active {
     /// (sender, ID) of real-time messages written with READ_RECEIPT, so a
     /// READ for one is answered live (bounded; forgotten on reconnect).
     ephemeral_reads: HashSet<(Arc<str>, u64)>,
-    /// ACKed (SEQ, priority) pairs the commit queue refused (it was full):
+    /// ACKed items the commit queue refused (it was full):
     /// offered again at the next call, never dropped. Bounded by
     /// `max_inflight`, since each inflight item is ACKed to the commit
     /// thread once.
-    unsent_acks: Vec<(u64, u8)>,
+    unsent_acks: Vec<Acked>,
     /// When `unsent_acks` are offered again, ms.
     retry_at: u64,
     /// Stored items earlier connections wrote and got no ACK for, in

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{Active, Ctx, RETRY_MS};
-use crate::commit::{Full, Request};
+use crate::commit::{Acked, Full, Request};
 use crate::directory::User;
 use crate::store::record::encode_status;
 use crate::store::{Item, ItemView, StatusView};
@@ -22,7 +22,11 @@ pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = 
             if let Some(entry) = inflight.get_mut(&seq) {
                 if !entry.acking {
                     entry.acking = true;
-                    stored.push((seq, entry.priority));
+                    stored.push(Acked {
+                        seq,
+                        priority: entry.priority,
+                        item: entry.item.clone(),
+                    });
                 }
             } else if let Some(item) = a.ephemeral.remove(&seq) {
                 if let Some(ItemView::Msg(m)) = item.view() {
