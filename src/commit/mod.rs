@@ -413,6 +413,8 @@ struct Pipeline<'c> {
     in_flight: bool,
     /// What the batch being written changes.
     prev: pass::Overlay,
+    /// How big the last batch built was.
+    sizes: pass::Sizes,
 }
 
 impl<'c> Pipeline<'c> {
@@ -422,6 +424,7 @@ impl<'c> Pipeline<'c> {
             writer,
             in_flight: false,
             prev: pass::Overlay::default(),
+            sizes: pass::Sizes::default(),
         }
     }
 
@@ -432,7 +435,8 @@ impl<'c> Pipeline<'c> {
             self.drain();
         }
         let prev = std::mem::take(&mut self.prev);
-        let (built, overlay) = build_batch(self.c, requests, prev);
+        let (built, overlay) = build_batch(self.c, requests, prev, self.sizes);
+        self.sizes = pass::Sizes::of(built.batch.as_ref(), &built.done);
         if !self.wait() {
             // The batch it was built on was not written.
             refuse_batch(self.c, built);
@@ -677,7 +681,12 @@ fn resync(c: &Committer) {
 
 /// Applies, writes and completes one batch of requests.
 pub fn commit_batch(c: &Committer, requests: &mut Vec<Request>) {
-    let (built, _) = build_batch(c, requests, pass::Overlay::default());
+    let (built, _) = build_batch(
+        c,
+        requests,
+        pass::Overlay::default(),
+        pass::Sizes::default(),
+    );
     write_batch(c, built);
 }
 
@@ -699,10 +708,11 @@ fn build_batch<'c>(
     c: &'c Committer,
     requests: &mut Vec<Request>,
     prev: pass::Overlay,
+    hint: pass::Sizes,
 ) -> (Built<'c>, pass::Overlay) {
     let count = requests.len() as u64;
     let clock = StageClock::start(requests);
-    let mut pass = pass::Pass::new(c, now_ms(), requests.len(), prev);
+    let mut pass = pass::Pass::new(c, now_ms(), requests.len(), prev, hint);
     for req in requests.drain(..) {
         pass.apply(req);
     }

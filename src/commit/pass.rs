@@ -3,10 +3,11 @@
 //! run once it is durable.
 //!
 //! Every request runs under a save point. Its writes are staged in the store
-//! batch, its overlay changes in `cur`, its completions in `pending` and its
-//! counters in `cur_tally`; success seals all four into the batch, failure
-//! drops all four and queues the request's failure completions instead (the
-//! SEND is answered OVERLOADED, an ACK can be retried, a waiter is released).
+//! batch, its overlay changes in `cur`, its completions after `sealed` in
+//! `done` and its counters in `cur_tally`; success seals all four into the
+//! batch, failure drops all four and queues the request's failure
+//! completions instead (the SEND is answered OVERLOADED, an ACK can be
+//! retried, a waiter is released).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,10 +126,10 @@ pub(super) struct Pass<'c> {
     /// What the batch before this one changed, if it may not be in the
     /// store yet (it is being written while this one is built).
     prev: Overlay,
-    /// Completions of sealed requests, in order.
+    /// Completions, in order: of sealed requests up to `sealed`, of the
+    /// current request after it.
     done: Vec<Completion>,
-    /// Completions of the current request.
-    pending: Vec<Completion>,
+    sealed: usize,
     /// Counters of sealed requests.
     tally: Tally,
     /// Counters of the current request.
@@ -140,18 +141,49 @@ pub(super) struct Pass<'c> {
     pub held_new: usize,
 }
 
+/// How big a batch was: the next one starts with room for as much (a
+/// group send to a thousand members queues a thousand completions, and
+/// growing the buffers request by request copied them over and over).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sizes {
+    /// Staged changes.
+    pub ops: usize,
+    /// Their keys and values, bytes.
+    pub bytes: usize,
+    /// Completions.
+    pub done: usize,
+}
+
+impl Sizes {
+    /// The sizes of a batch and its completions.
+    pub fn of(batch: Option<&Batch<'_>>, done: &[Completion]) -> Sizes {
+        let (ops, bytes) = batch.map_or((0, 0), Batch::size);
+        Sizes {
+            ops,
+            bytes,
+            done: done.len(),
+        }
+    }
+}
+
 impl<'c> Pass<'c> {
     /// A new batch, built on `prev` (what the batch being written changes;
     /// empty when the store has everything).
-    pub fn new(c: &'c Committer, now: u64, requests: usize, prev: Overlay) -> Pass<'c> {
+    pub fn new(
+        c: &'c Committer,
+        now: u64,
+        requests: usize,
+        prev: Overlay,
+        hint: Sizes,
+    ) -> Pass<'c> {
         Pass {
             c,
-            batch: c.store.batch(),
+            batch: c.store.batch_with_capacity(hint.ops, hint.bytes),
             base: Overlay::default(),
             cur: Overlay::default(),
             prev,
-            done: Vec::with_capacity(requests * 2),
-            pending: Vec::new(),
+            done: Vec::with_capacity((requests * 2).max(hint.done)),
+            sealed: 0,
             tally: Tally::default(),
             cur_tally: Tally::default(),
             now,
@@ -169,17 +201,18 @@ impl<'c> Pass<'c> {
             Ok(()) => {
                 self.batch.seal();
                 self.base.absorb(&mut self.cur);
-                self.done.append(&mut self.pending);
+                self.sealed = self.done.len();
                 self.tally.merge(std::mem::take(&mut self.cur_tally));
             }
             Err(e) => {
                 tracing::error!(error = %e, "store error: one request rolled back");
                 self.batch.rollback();
                 self.cur = Overlay::default();
-                self.pending.clear();
+                self.done.truncate(self.sealed);
                 self.cur_tally = Tally::default();
                 self.tally.failed += 1;
                 failed(req, &mut self.done);
+                self.sealed = self.done.len();
             }
         }
     }
@@ -268,7 +301,7 @@ impl<'c> Pass<'c> {
 
     /// Queues a completion of the current request.
     pub fn then(&mut self, completion: Completion) {
-        self.pending.push(completion);
+        self.done.push(completion);
     }
 
     /// The dedup record of a send, unless it is [`Dedup::gone`] (then it

@@ -474,9 +474,12 @@ fn is_held_share(item: &Item) -> bool {
 
 /// Whether the item an ACK settles, as its session wrote it, is certainly
 /// still stored: handed to the mailbox right after it was written, and no
-/// settlement of the user's items but ACKs since (an ACK of the same item
-/// twice is stopped by the in-flight entry, which its first settlement
-/// removes and only a new write puts back, with the item as read then).
+/// settlement of the user's items but ACKs since. An ACK of the same item
+/// twice is stopped by the session: its in-flight entry is marked `acking`
+/// when the first ACK request is built, and the first settlement removes
+/// the entry, which only a new write puts back, with the item as read then
+/// (no hint). Within the batch and the one being written, `inbox_deleted`
+/// stops it too.
 ///
 /// A share that was held in memory when it was written is never "known":
 /// it had no REF then (if it has one now, it was written later).

@@ -178,9 +178,11 @@ fn stored(f: &Fixture, from: &str, id: u64) -> bool {
 fn a_store_error_rolls_back_only_its_own_request() {
     let f = fixture(&["alice", "bob"]);
     FAIL_ID.with(|c| c.set(2));
+    // Two failures in a row: each keeps its answer.
     let mut batch = vec![
         send(&f, "alice", "bob", 1),
         send(&f, "alice", "bob", 2),
+        send(&f, "bob", "alice", 2),
         send(&f, "alice", "bob", 3),
     ];
     commit_batch(&f.c, &mut batch);
@@ -190,19 +192,20 @@ fn a_store_error_rolls_back_only_its_own_request() {
         [
             (1, Some(StatusCode::SENT)),
             (2, Some(StatusCode::OVERLOADED)),
+            (2, Some(StatusCode::OVERLOADED)),
             (3, Some(StatusCode::SENT)),
         ]
     );
     assert!(stored(&f, "alice", 1) && stored(&f, "alice", 3));
     assert!(
-        !stored(&f, "alice", 2),
-        "the failed request's keys were written"
+        !stored(&f, "alice", 2) && !stored(&f, "bob", 2),
+        "the failed requests' keys were written"
     );
     // Only two inbox items (+ nothing half-written from the failed one).
     assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 2);
     let bob = f.c.dir.user("bob").unwrap();
     assert_eq!(bob.queued.load(Ordering::Relaxed), 2);
-    assert_eq!(f.c.metrics.failed_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(f.c.metrics.failed_requests.load(Ordering::Relaxed), 2);
     assert_eq!(f.c.metrics.accepted.load(Ordering::Relaxed), 2);
     // The sender retries the same ID: now it is stored, once.
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 2)]);

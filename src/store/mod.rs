@@ -869,10 +869,16 @@ impl Store {
 
     /// A batch builder bound to this store's column families.
     pub fn batch(&self) -> Batch<'_> {
+        self.batch_with_capacity(0, 0)
+    }
+
+    /// An empty batch with room for `ops` changes of `bytes` bytes of keys
+    /// and values ([`Batch::size`] of an earlier one).
+    pub fn batch_with_capacity(&self, ops: usize, bytes: usize) -> Batch<'_> {
         Batch {
             store: self,
-            ops: Vec::new(),
-            bytes: Vec::new(),
+            ops: Vec::with_capacity(ops),
+            bytes: Vec::with_capacity(bytes),
             sealed: (0, 0),
         }
     }
@@ -1224,6 +1230,11 @@ pub struct Batch<'s> {
 }
 
 impl Batch<'_> {
+    /// Changes staged, and the bytes of their keys and values.
+    pub fn size(&self) -> (usize, usize) {
+        (self.ops.len(), self.bytes.len())
+    }
+
     fn stage(&mut self, kind: OpKind, cf: &'static str, key: &[u8], value: &[u8]) -> Result<()> {
         let cf = ALL_CFS
             .iter()
