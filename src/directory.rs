@@ -39,6 +39,19 @@ pub fn hash_token(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// One item an ACK settles.
+#[derive(Clone, Debug)]
+pub struct Acked {
+    pub seq: u64,
+    /// Where the item sits in the inbox (the key needs it).
+    pub priority: u8,
+    /// The item as its session wrote it ([`Inflight::item`]): the commit
+    /// thread settles from it rather than look the item up again, where it
+    /// can prove it is still what the store has (`commit::settle::known`),
+    /// and a held share's bitmap says whether it is still held.
+    pub item: Option<Arc<Item>>,
+}
+
 /// A stored item written to the user and not yet ACKed.
 #[derive(Clone, Debug)]
 pub struct Inflight {
@@ -98,6 +111,14 @@ pub struct User {
     /// (`commit::resync`). SeqCst, raised and read: the scan that misses a
     /// raise must be sure that the push after it sees its mailbox.
     pub visible: AtomicU64,
+    /// ACKs the commit queue refused (it was full), each of an in-flight
+    /// entry marked `acking`: offered again by whichever session of the
+    /// user runs next, so that they outlive the connection that got them
+    /// (the marks do: a new connection's ACKs of those items are not sent
+    /// again). Bounded by the window, like the marks.
+    unsent_acks: Mutex<Vec<Acked>>,
+    /// `unsent_acks` is not empty; read without the lock.
+    has_unsent_acks: AtomicBool,
 }
 
 impl User {
@@ -117,7 +138,34 @@ impl User {
             held: AtomicUsize::new(0),
             // Everything stored before this boot.
             visible: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
+            unsent_acks: Mutex::new(Vec::new()),
+            has_unsent_acks: AtomicBool::new(false),
         }
+    }
+
+    /// Takes the ACKs the commit queue refused, to offer them again.
+    pub fn take_unsent_acks(&self) -> Vec<Acked> {
+        if !self.has_unsent_acks() {
+            return Vec::new();
+        }
+        let mut unsent = self.unsent_acks.lock().unwrap_or_else(|e| e.into_inner());
+        self.has_unsent_acks.store(false, Ordering::Release);
+        std::mem::take(&mut *unsent)
+    }
+
+    /// Keeps ACKs the commit queue refused, for the next offer.
+    pub fn keep_unsent_acks(&self, acks: Vec<Acked>) {
+        if acks.is_empty() {
+            return;
+        }
+        let mut unsent = self.unsent_acks.lock().unwrap_or_else(|e| e.into_inner());
+        unsent.extend(acks);
+        self.has_unsent_acks.store(true, Ordering::Release);
+    }
+
+    /// Whether ACKs refused by the commit queue wait to be offered again.
+    pub fn has_unsent_acks(&self) -> bool {
+        self.has_unsent_acks.load(Ordering::Acquire)
     }
 
     fn shares(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u8, u64), Arc<Item>>> {

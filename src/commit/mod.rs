@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use crate::clock::{mono_us, now_ms};
+pub use crate::directory::Acked;
 use crate::directory::{Directory, User};
 use crate::mailbox::{Answer, ConnRef, Notify};
 use crate::metrics::{Metrics, Stage};
@@ -106,19 +107,6 @@ pub struct GroupSendRequest {
     pub group: Arc<str>,
     /// The members with `recv` at the time of sending, less the sender.
     pub recipients: Vec<Arc<User>>,
-}
-
-/// One item an ACK settles.
-#[derive(Clone, Debug)]
-pub struct Acked {
-    pub seq: u64,
-    /// Where the item sits in the inbox (the key needs it).
-    pub priority: u8,
-    /// The item as its session wrote it (`directory::Inflight::item`): the
-    /// commit thread settles from it rather than look the item up again,
-    /// where it can prove it is still what the store has (`settle::known`),
-    /// and a held share's bitmap says whether it is still held.
-    pub item: Option<Arc<Item>>,
 }
 
 /// A change to queued state.

@@ -45,7 +45,7 @@ use foldhash::{HashMap, HashSet};
 pub use accept::{Dest, Outcome};
 
 use crate::admission::Logins;
-use crate::commit::{Acked, Full, Request};
+use crate::commit::{Full, Request};
 use crate::config::Config;
 use crate::directory::{Directory, User};
 use crate::mailbox::{Answer, ConnRef, Mailbox, Notify};
@@ -200,12 +200,8 @@ struct Active {
     /// (sender, ID) of real-time messages written with READ_RECEIPT, so a
     /// READ for one is answered live (bounded; forgotten on reconnect).
     ephemeral_reads: HashSet<(Arc<str>, u64)>,
-    /// ACKed items the commit queue refused (it was full):
-    /// offered again at the next call, never dropped. Bounded by
-    /// `max_inflight`, since each inflight item is ACKed to the commit
-    /// thread once.
-    unsent_acks: Vec<Acked>,
-    /// When `unsent_acks` are offered again, ms.
+    /// When the user's ACKs the commit queue refused (it was full) are
+    /// offered again, ms (`User::take_unsent_acks`; 0 at login: at once).
     retry_at: u64,
     /// Stored items earlier connections wrote and got no ACK for, in
     /// (priority, SEQ) order, taken at login: written again first
@@ -251,9 +247,9 @@ impl Session {
             None => self.hello_deadline,
             Some(a) => {
                 let idle = self.last_read + u64::from(self.keepalive) * 1500;
-                match a.unsent_acks.is_empty() {
-                    true => idle,
-                    false => idle.min(a.retry_at),
+                match a.user.has_unsent_acks() {
+                    false => idle,
+                    true => idle.min(a.retry_at),
                 }
             }
         }
@@ -365,7 +361,6 @@ impl Session {
             staged: BTreeMap::new(),
             ephemeral: HashMap::default(),
             ephemeral_reads: HashSet::default(),
-            unsent_acks: Vec::new(),
             retry_at: 0,
             owed: owed.into(),
             owed_seqs,
@@ -432,7 +427,7 @@ impl Session {
                 )
             }
             Some(active) => {
-                if !active.unsent_acks.is_empty() && ctx.now >= active.retry_at {
+                if active.user.has_unsent_acks() && ctx.now >= active.retry_at {
                     receipts::ack(ctx, active, std::iter::empty());
                     self.pump(ctx);
                 }

@@ -15,7 +15,7 @@ use crate::wire::{flags, StatusCode};
 /// a flood of ACKs costs no commit work. ACKs are never dropped: a full
 /// commit queue keeps them for a retry (the event loop never blocks).
 pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>) {
-    let mut stored = std::mem::take(&mut a.unsent_acks);
+    let mut stored = a.user.take_unsent_acks();
     {
         let mut inflight = a.user.inflight();
         for seq in seqs {
@@ -46,7 +46,7 @@ pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = 
     };
     if let Err(Full(req)) = ctx.env.submit(req) {
         if let Request::Ack { items, .. } = *req {
-            a.unsent_acks = items;
+            a.user.keep_unsent_acks(items);
             a.retry_at = ctx.now + RETRY_MS;
         }
     }

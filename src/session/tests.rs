@@ -826,6 +826,32 @@ fn an_ack_flood_costs_one_commit_request() {
     assert!(env.take_submitted().is_empty());
 }
 
+/// ACKs refused by a full commit queue are the user's, not the
+/// connection's: the next connection offers them. Else their in-flight
+/// entries stayed marked as ACKed, the new connection's ACKs of the items
+/// written again were ignored, and the items held their window slots
+/// until a restart.
+#[test]
+fn acks_refused_by_a_full_queue_outlive_their_connection() {
+    let env = FakeEnv::new();
+    let item = env.store("bob", 0, 1);
+    let mut bob = Conn::login(&env, "bob", 1);
+    bob.msgs();
+    env.full.set(true);
+    bob.ack(&env, &[item.seq]);
+    assert!(env.take_submitted().is_empty());
+    bob.session.on_close();
+    env.full.set(false);
+    let mut again = Conn::login(&env, "bob", 2);
+    // Written again, ACKed again: that ACK is not sent twice.
+    assert!(matches!(again.msgs()[..], [(seq, _, true)] if seq == item.seq));
+    again.ack(&env, &[item.seq]);
+    again.now = again.session.poll_timeout().max(again.now);
+    again.call(&env, |s, ctx| s.handle_timeout(ctx));
+    let reqs = env.take_submitted();
+    assert!(matches!(&reqs[..], [Request::Ack { items, .. }] if seqs(items) == [(item.seq, 0)]));
+}
+
 #[test]
 fn acks_refused_by_a_full_queue_are_retried_not_dropped() {
     let env = FakeEnv::new();
