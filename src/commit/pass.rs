@@ -155,13 +155,16 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The sizes of a batch and its completions.
+    /// The sizes of a batch and its completions, as a hint for the next
+    /// one: capped, so that one huge batch (an operator's purge) does not
+    /// make the next, small one reserve as much.
     pub fn of(batch: Option<&Batch<'_>>, done: &[Completion]) -> Sizes {
+        const MAX_OPS: usize = 1 << 16;
         let (ops, bytes) = batch.map_or((0, 0), Batch::size);
         Sizes {
-            ops,
-            bytes,
-            done: done.len(),
+            ops: ops.min(MAX_OPS),
+            bytes: bytes.min(MAX_OPS * 256),
+            done: done.len().min(MAX_OPS),
         }
     }
 }
