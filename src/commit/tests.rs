@@ -128,6 +128,21 @@ fn ack_req(user: &Arc<User>, items: &[(u64, u8)]) -> Request {
     }
 }
 
+/// An operator's delete of message `id` from `from` in `user`'s queue, and
+/// where its count of deleted items comes.
+fn delete_id(user: &Arc<User>, from: &str, id: u64) -> (Request, channel::Receiver<usize>) {
+    let (done, deleted) = channel::bounded(1);
+    let delete = Request::DeleteMessages {
+        user: user.clone(),
+        filter: MessageFilter::Id {
+            from: from.into(),
+            id,
+        },
+        done,
+    };
+    (delete, deleted)
+}
+
 /// The in-flight entry of a priority-0 item its session is ACKing.
 fn acking(item: Option<Arc<crate::store::Item>>) -> crate::directory::Inflight {
     crate::directory::Inflight {
@@ -294,15 +309,7 @@ fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
     let (items, _) = f.c.store.scan_inbox("bob", &[0; 16], 10).unwrap();
     let seq = items[0].seq;
     bob.inflight().insert(seq, acking(None));
-    let (done, count) = channel::bounded(1);
-    let delete = Request::DeleteMessages {
-        user: bob.clone(),
-        filter: MessageFilter::Id {
-            from: "alice".into(),
-            id: 1,
-        },
-        done,
-    };
+    let (delete, count) = delete_id(&bob, "alice", 1);
     let ack = ack_req(&bob, &[(seq, 0)]);
     commit_batch(&f.c, &mut vec![ack, delete]);
     assert_eq!(count.recv().unwrap(), 1);
@@ -539,19 +546,8 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
             .insert(items[i].seq, acking(Some(items[i].clone())));
     };
     let ack = |i: usize| ack_req(&members[i], &[(items[i].seq, 0)]);
-    let (done, deleted) = channel::bounded(1);
-    let filter = MessageFilter::Id {
-        from: "alice".into(),
-        id: 1,
-    };
-    commit_batch(
-        &f.c,
-        &mut vec![Request::DeleteMessages {
-            user: members[0].clone(),
-            filter,
-            done,
-        }],
-    );
+    let (delete, deleted) = delete_id(&members[0], "alice", 1);
+    commit_batch(&f.c, &mut vec![delete]);
     assert_eq!(deleted.recv().unwrap(), 1);
     written(0);
     commit_batch(&f.c, &mut vec![ack(0)]);
@@ -577,27 +573,14 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
 #[test]
 fn an_ack_of_a_deleted_message_settles_nothing() {
     let f = fixture(&["alice", "bob"]);
-    let bob = f.c.dir.user("bob").unwrap();
-    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
-    bob.attached.store(Some(mb.clone()));
+    let (bob, mb) = attach(&f, "bob");
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let item = mb.pop_durable().expect("pushed after commit");
     bob.inflight().insert(item.seq, acking(Some(item.clone())));
     // Sent by the session before the delete's batch removed the entry.
     let ack = ack_req(&bob, &[(item.seq, 0)]);
-    let (done, deleted) = channel::bounded(1);
-    let filter = MessageFilter::Id {
-        from: "alice".into(),
-        id: 1,
-    };
-    commit_batch(
-        &f.c,
-        &mut vec![Request::DeleteMessages {
-            user: bob.clone(),
-            filter,
-            done,
-        }],
-    );
+    let (delete, deleted) = delete_id(&bob, "alice", 1);
+    commit_batch(&f.c, &mut vec![delete]);
     assert_eq!(deleted.recv().unwrap(), 1);
     commit_batch(&f.c, &mut vec![ack]);
     assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 0);
@@ -863,17 +846,9 @@ fn an_ack_built_while_its_items_delete_is_written_settles_nothing() {
     commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
     let item = mb.pop_durable().expect("pushed after commit");
     bob.inflight().insert(item.seq, acking(Some(item.clone())));
-    let (done, deleted) = channel::bounded(1);
-    let filter = MessageFilter::Id {
-        from: "alice".into(),
-        id: 1,
-    };
+    let (delete, deleted) = delete_id(&bob, "alice", 1);
     let (mut pipe, taken, answer) = pipeline(&f);
-    pipe.commit(&mut vec![Request::DeleteMessages {
-        user: bob.clone(),
-        filter,
-        done,
-    }]);
+    pipe.commit(&mut vec![delete]);
     let first = taken.try_recv().unwrap();
     answer.send(true).unwrap();
     pipe.commit(&mut vec![ack_req(&bob, &[(item.seq, 0)])]);

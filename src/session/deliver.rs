@@ -59,10 +59,9 @@ impl Active {
                 if !inflight.contains_key(&item.seq) {
                     continue; // settled meanwhile
                 }
-                let Some(view) = item.view() else { continue };
-                if view.expire_at() <= ctx.now {
-                    continue; // the sweeper settles it
-                }
+                let Some(view) = unexpired(&item, ctx.now) else {
+                    continue;
+                };
                 write_item(ctx, &item, Some(view), true);
                 wrote = true;
             }
@@ -107,10 +106,9 @@ impl Active {
                     break;
                 }
                 entry.remove();
-                let Some(view) = item.view() else { continue };
-                if view.expire_at() <= ctx.now {
-                    continue; // the sweeper settles it
-                }
+                let Some(view) = unexpired(&item, ctx.now) else {
+                    continue;
+                };
                 let written_before = match inflight.entry(item.seq) {
                     Entry::Occupied(mut o) => {
                         o.get_mut().item = Some(item.clone());
@@ -201,6 +199,12 @@ impl Active {
         *cursor = (*cursor).max(item.seq);
         self.staged.insert((item.priority, item.seq), item);
     }
+}
+
+/// A stored item decoded, unless it is corrupt or past its expiry (the
+/// sweeper settles those; they are not written).
+fn unexpired(item: &Item, now: u64) -> Option<ItemView<'_>> {
+    item.view().filter(|view| view.expire_at() > now)
 }
 
 /// Encodes one delivery, `item` decoded as `view`, into the output buffer.

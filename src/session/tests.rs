@@ -801,9 +801,25 @@ fn the_window_holds_deliveries_until_acked() {
     assert_eq!(bob.msgs().len(), 1);
 }
 
-/// The (SEQ, priority) of each item of an ACK request.
-fn seqs(items: &[crate::commit::Acked]) -> Vec<(u64, u8)> {
-    items.iter().map(|a| (a.seq, a.priority)).collect()
+/// The (SEQ, priority) of each item ACKed, if `reqs` is one ACK request.
+fn one_ack(reqs: &[Request]) -> Option<Vec<(u64, u8)>> {
+    match reqs {
+        [Request::Ack { items, .. }] => Some(items.iter().map(|a| (a.seq, a.priority)).collect()),
+        _ => None,
+    }
+}
+
+/// Bob, logged in, got one stored item and ACKed it while the commit queue
+/// was full: the ACK is kept, not submitted. Returns his connection and the
+/// item's SEQ.
+fn refused_ack(env: &FakeEnv) -> (Conn, u64) {
+    let item = env.store("bob", 0, 1);
+    let mut bob = Conn::login(env, "bob", 1);
+    bob.msgs();
+    env.full.set(true);
+    bob.ack(env, &[item.seq]);
+    assert!(env.take_submitted().is_empty());
+    (bob, item.seq)
 }
 
 #[test]
@@ -815,12 +831,7 @@ fn an_ack_flood_costs_one_commit_request() {
     for _ in 0..1000 {
         bob.ack(&env, &[item.seq, item.seq]);
     }
-    let reqs = env.take_submitted();
-    assert_eq!(reqs.len(), 1);
-    let Request::Ack { items, .. } = &reqs[0] else {
-        panic!("an ACK request expected");
-    };
-    assert_eq!(seqs(items), [(item.seq, 0)]);
+    assert_eq!(one_ack(&env.take_submitted()), Some(vec![(item.seq, 0)]));
     // An ACK for nothing written is ignored.
     bob.ack(&env, &[999]);
     assert!(env.take_submitted().is_empty());
@@ -834,23 +845,17 @@ fn an_ack_flood_costs_one_commit_request() {
 #[test]
 fn acks_refused_by_a_full_queue_outlive_their_connection() {
     let env = FakeEnv::new();
-    let item = env.store("bob", 0, 1);
-    let mut bob = Conn::login(&env, "bob", 1);
-    bob.msgs();
-    env.full.set(true);
-    bob.ack(&env, &[item.seq]);
-    assert!(env.take_submitted().is_empty());
+    let (mut bob, seq) = refused_ack(&env);
     bob.session.on_close();
     env.full.set(false);
     let mut again = Conn::login(&env, "bob", 2);
-    assert!(matches!(again.msgs()[..], [(seq, _, true)] if seq == item.seq));
+    assert!(matches!(again.msgs()[..], [(s, _, true)] if s == seq));
     // The new connection's timer offers the kept ACK at once.
     assert!(again.session.poll_timeout() <= again.now);
     again.call(&env, |s, ctx| s.handle_timeout(ctx));
-    let reqs = env.take_submitted();
-    assert!(matches!(&reqs[..], [Request::Ack { items, .. }] if seqs(items) == [(item.seq, 0)]));
+    assert_eq!(one_ack(&env.take_submitted()), Some(vec![(seq, 0)]));
     // The item, written again and ACKed again: that ACK is not sent twice.
-    again.ack(&env, &[item.seq]);
+    again.ack(&env, &[seq]);
     assert!(env.take_submitted().is_empty());
     assert!(again.session.poll_timeout() > again.now);
 }
@@ -858,12 +863,7 @@ fn acks_refused_by_a_full_queue_outlive_their_connection() {
 #[test]
 fn acks_refused_by_a_full_queue_are_retried_not_dropped() {
     let env = FakeEnv::new();
-    let item = env.store("bob", 0, 1);
-    let mut bob = Conn::login(&env, "bob", 1);
-    bob.msgs();
-    env.full.set(true);
-    bob.ack(&env, &[item.seq]);
-    assert!(env.take_submitted().is_empty());
+    let (mut bob, seq) = refused_ack(&env);
     let retry = bob.session.poll_timeout();
     assert_eq!(retry, bob.now + RETRY_MS);
     // Still full at the retry: kept again.
@@ -876,8 +876,7 @@ fn acks_refused_by_a_full_queue_are_retried_not_dropped() {
         bob.call(&env, |s, ctx| s.handle_timeout(ctx)),
         Flow::Continue
     );
-    let reqs = env.take_submitted();
-    assert!(matches!(&reqs[..], [Request::Ack { items, .. }] if seqs(items) == [(item.seq, 0)]));
+    assert_eq!(one_ack(&env.take_submitted()), Some(vec![(seq, 0)]));
     // Back to the keepalive deadline.
     assert!(bob.session.poll_timeout() > bob.now + RETRY_MS);
 }
