@@ -67,6 +67,8 @@ pub struct Conn {
     pub tls: Option<Box<rustls::ServerConnection>>,
     /// Whether TLS close_notify is queued.
     pub tls_closed: bool,
+    /// Whether the loop is to settle it at the end of this turn.
+    pub due: bool,
 }
 
 impl Conn {

@@ -1,10 +1,20 @@
 //! One event loop: a mio `Poll` over the connections it owns.
 //!
-//! mio's readiness contract, literally: after a readable event, read until
+//! mio's readiness contract: after a readable event, read until
 //! `WouldBlock` (or until backpressure pauses reading, remembered in
 //! `read_paused` so the loop resumes by itself); write until `WouldBlock` and
 //! keep WRITABLE interest only while output is pending; retry `Interrupted`;
-//! ignore events and notices for stale tokens or generations.
+//! ignore events and notices for stale tokens or generations. One shortcut,
+//! tokio's: a read that fills less than the buffer drained the socket, so
+//! the `read` that would only return `WouldBlock` is skipped (epoll, which
+//! mio drives edge-triggered, reports every later arrival as a new event).
+//! Not when the event also says the peer closed: that end of the stream
+//! has no later event, so the loop reads on to it.
+//!
+//! Output is written once per turn: every event, notice and timer of a
+//! connection marks it due ([`Worker::after`]), and at the end of the turn
+//! each due connection is pumped and flushed once ([`Worker::settle`]), so
+//! a turn's answers, deliveries and pongs to one peer share one `send`.
 //!
 //! Every drain is bounded: notices ([`NOTICE_BATCH`] per turn), delivery
 //! rounds per connection ([`ROUNDS`]); work left over is picked up on the
@@ -73,6 +83,9 @@ struct Worker {
     origins: Vec<String>,
     /// Plaintext out of TLS records, before it is handled.
     plain: Box<[u8]>,
+    /// (slot, generation) of the connections to settle at the end of this
+    /// turn, each once (`Conn::due`).
+    due: Vec<(usize, u64)>,
 }
 
 /// Runs an event loop until it receives [`Notice::Shutdown`].
@@ -90,6 +103,7 @@ pub fn run(glue: Arc<Glue>, loops: Arc<Loops>, index: usize, poll: Poll) {
         unauthenticated: 0,
         origins: Vec::new(),
         plain: vec![0; READ_CHUNK].into_boxed_slice(),
+        due: Vec::new(),
     };
     worker.origins = worker
         .glue
@@ -118,7 +132,12 @@ pub fn run(glue: Arc<Glue>, loops: Arc<Loops>, index: usize, poll: Poll) {
         for event in events.iter() {
             match event.token() {
                 WAKER => {}
-                Token(t) => worker.on_event(t, event.is_readable(), event.is_writable()),
+                Token(t) => {
+                    // The peer's end of the stream (or an error) is reported
+                    // once: read on to it, past a short read.
+                    let drain = event.is_read_closed() || event.is_error();
+                    worker.on_event(t, event.is_readable(), event.is_writable(), drain)
+                }
             }
         }
         let more_notices = match worker.drain_notices() {
@@ -127,6 +146,7 @@ pub fn run(glue: Arc<Glue>, loops: Arc<Loops>, index: usize, poll: Poll) {
         };
         worker.run_ready();
         busy = worker.run_timers(now_ms()) || more_notices;
+        worker.settle_due();
     }
 }
 
@@ -225,6 +245,7 @@ impl Worker {
             ws_closed: false,
             tls,
             tls_closed: false,
+            due: false,
             read_paused: false,
             write_interest: false,
             phase: Phase::Open,
@@ -316,7 +337,7 @@ impl Worker {
         }
     }
 
-    fn on_event(&mut self, t: usize, readable: bool, writable: bool) {
+    fn on_event(&mut self, t: usize, readable: bool, writable: bool, drain: bool) {
         if !self.conns.contains(t) {
             return; // stale event for a closed connection
         }
@@ -324,13 +345,15 @@ impl Worker {
             self.flush(t);
         }
         if readable {
-            self.read(t);
+            self.read(t, drain);
         }
         self.after(t);
     }
 
-    /// Reads until `WouldBlock`, EOF, or backpressure.
-    fn read(&mut self, t: usize) {
+    /// Reads until `WouldBlock`, EOF, or backpressure; with `drain` false,
+    /// also stops after a read that did not fill the buffer (the socket is
+    /// empty, and epoll reports anything that arrives later).
+    fn read(&mut self, t: usize, drain: bool) {
         let conn_buffer = self.glue.config.conn_buffer;
         loop {
             let Some(conn) = self.conns.get_mut(t) else {
@@ -370,6 +393,9 @@ impl Worker {
                         self.input(t, &scratch[..n]);
                     }
                     self.scratch = scratch;
+                    if !drain && n < self.scratch.len() {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -507,28 +533,58 @@ impl Worker {
         feed(&self.glue, self.index, t, conn, bytes);
     }
 
-    fn flush(&mut self, t: usize) {
+    /// Writes the connection's pending output; returns the bytes the
+    /// socket took (0 if it is gone, or closed on a write error).
+    fn flush(&mut self, t: usize) -> usize {
         let Some(conn) = self.conns.get_mut(t) else {
-            return;
+            return 0;
         };
         match conn.flush() {
             Ok(n) => {
                 let m = &self.glue.metrics;
                 m.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                n
             }
             Err(e) => {
                 conn.span
                     .in_scope(|| tracing::debug!(error = %e, "write failed"));
                 self.close(t);
+                0
             }
         }
     }
 
-    /// After anything happened to a connection: deliver, flush, fix interest,
-    /// resume paused reading, finish closing. Delivery is driven by what the
-    /// socket accepts: when a flush empties the output, deliveries continue
-    /// at once, without waiting for the peer to send anything.
+    /// After anything happened to a connection: it is settled at the end of
+    /// the turn, once however many events, notices and timers it had.
     fn after(&mut self, t: usize) {
+        if let Some(conn) = self.conns.get_mut(t) {
+            if !conn.due {
+                conn.due = true;
+                self.due.push((t, conn.generation));
+            }
+        }
+    }
+
+    /// Settles every connection marked due this turn that is still the one
+    /// marked (a slot closed and reused meanwhile is skipped).
+    fn settle_due(&mut self) {
+        let mut i = 0;
+        while let Some(&(t, generation)) = self.due.get(i) {
+            i += 1;
+            match self.conns.get_mut(t) {
+                Some(conn) if conn.generation == generation => conn.due = false,
+                _ => continue,
+            }
+            self.settle(t);
+        }
+        self.due.clear();
+    }
+
+    /// Delivers, flushes, fixes interest, resumes paused reading, finishes
+    /// closing. Delivery is driven by what the socket accepts: when a flush
+    /// empties the output, deliveries continue at once, without waiting for
+    /// the peer to send anything.
+    fn settle(&mut self, t: usize) {
         for _ in 0..ROUNDS {
             let Some(conn) = self.conns.get(t) else {
                 return;
@@ -540,8 +596,12 @@ impl Worker {
                     Flow::Continue
                 });
             }
+            // Progress: this round's pump wrote, or the socket took output
+            // written before it (by the frames just read, say a login's
+            // first deliveries). Either way, room may have opened: pump
+            // again.
             let wrote = self.conns.get(t).is_some_and(|c| c.out.len() > before);
-            self.flush(t);
+            let wrote = self.flush(t) > 0 || wrote;
             let Some(conn) = self.conns.get_mut(t) else {
                 return;
             };
@@ -552,7 +612,7 @@ impl Worker {
                     conn.phase = Phase::Draining {
                         until: now_ms() + DRAIN_MS,
                     };
-                    self.read(t);
+                    self.read(t, true);
                     self.schedule(t);
                     return self.set_interest(t);
                 }
@@ -562,7 +622,7 @@ impl Worker {
                             .session
                             .wants_read(conn.pending_out(), self.glue.config.conn_buffer) =>
                 {
-                    self.read(t);
+                    self.read(t, true);
                 }
                 Phase::Open if wrote && !pending => {}
                 _ => {

@@ -309,3 +309,78 @@ fn a_peer_that_never_reads_is_closed() {
         (scrape(server.http).value("tern_connections") == 1.0).then_some(())
     });
 }
+
+/// A peer that writes its last frames and closes at once: the data and the
+/// end of the stream are in the socket together when the server reads, and
+/// epoll reports them once. The server must read on past the frames (not
+/// stop at the short read, as it does otherwise) to see the end: the
+/// frames are handled, the connection closes at once (not after the
+/// keepalive), and every message arrives once.
+#[test]
+fn frames_followed_by_a_close_are_all_answered_then_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    const CONNS: u64 = 20;
+    for i in 0..CONNS {
+        let mut bytes = hello(&ta);
+        let payload = i.to_be_bytes();
+        for frame in [
+            Frame::Send(wire::Send {
+                id: Some(i + 1),
+                to: Some("bob"),
+                expiry: Some(3600),
+                payload: Some(&payload),
+                ..Default::default()
+            }),
+            Frame::Ping(wire::Ping { time: Some(i) }),
+        ] {
+            wire::encode(&frame, &mut bytes).unwrap();
+        }
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.write_all(&bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        // The keepalive is 30 s or more: 10 s is the server seeing the end.
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("connection {i}: {e}, not closed (got {buf:02x?})"),
+            }
+        }
+        let mut kinds = Vec::new();
+        while let Ok((frame, len)) = wire::decode_frame(&buf, u32::MAX) {
+            match &frame {
+                Frame::Welcome(_) => kinds.push("WELCOME".to_owned()),
+                Frame::Status(st) => {
+                    assert_eq!((st.id, st.status), (Some(i + 1), Some(StatusCode::SENT)));
+                    kinds.push("SENT".to_owned());
+                }
+                Frame::Pong(p) => {
+                    assert_eq!(p.time, Some(i));
+                    kinds.push("PONG".to_owned());
+                }
+                other => kinds.push(format!("{other:?}")),
+            }
+            buf.drain(..len);
+        }
+        // The SENT may come after the close has begun, and is then not
+        // written (the message is stored all the same: bob gets it below).
+        kinds.retain(|k| k != "SENT");
+        assert_eq!(kinds, ["WELCOME", "PONG"], "connection {i}");
+    }
+    let mut bob = server.connect(&tb);
+    let mut got = Vec::new();
+    for _ in 0..CONNS {
+        let m = crate::util::msg(next(&mut bob, 10));
+        bob.ack(&[m.seq]).unwrap();
+        got.push(m.id);
+    }
+    got.sort_unstable();
+    assert_eq!(got, (1..=CONNS).collect::<Vec<_>>());
+    bob.ping(Some(7)).unwrap();
+    assert_eq!(next(&mut bob, 5), Event::Pong(Some(7)));
+}
