@@ -533,23 +533,19 @@ impl Worker {
         feed(&self.glue, self.index, t, conn, bytes);
     }
 
-    /// Writes the connection's pending output; returns the bytes the
-    /// socket took (0 if it is gone, or closed on a write error).
-    fn flush(&mut self, t: usize) -> usize {
+    fn flush(&mut self, t: usize) {
         let Some(conn) = self.conns.get_mut(t) else {
-            return 0;
+            return;
         };
         match conn.flush() {
             Ok(n) => {
                 let m = &self.glue.metrics;
                 m.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                n
             }
             Err(e) => {
                 conn.span
                     .in_scope(|| tracing::debug!(error = %e, "write failed"));
                 self.close(t);
-                0
             }
         }
     }
@@ -585,6 +581,7 @@ impl Worker {
     /// empties the output, deliveries continue at once, without waiting for
     /// the peer to send anything.
     fn settle(&mut self, t: usize) {
+        let conn_buffer = self.glue.config.conn_buffer;
         for _ in 0..ROUNDS {
             let Some(conn) = self.conns.get(t) else {
                 return;
@@ -596,12 +593,14 @@ impl Worker {
                     Flow::Continue
                 });
             }
-            // Progress: this round's pump wrote, or the socket took output
-            // written before it (by the frames just read, say a login's
-            // first deliveries). Either way, room may have opened: pump
-            // again.
-            let wrote = self.conns.get(t).is_some_and(|c| c.out.len() > before);
-            let wrote = self.flush(t) > 0 || wrote;
+            // Another round if this one wrote (more may have come in), or
+            // if the socket is about to take a full buffer, whoever filled
+            // it: this pump, or the frames just read (a login's first
+            // deliveries), since the pump stops early only there.
+            let (wrote, full) = self.conns.get(t).map_or((false, false), |c| {
+                (c.out.len() > before, c.out.len() >= conn_buffer)
+            });
+            self.flush(t);
             let Some(conn) = self.conns.get_mut(t) else {
                 return;
             };
@@ -618,13 +617,11 @@ impl Worker {
                 }
                 Phase::Open
                     if conn.read_paused
-                        && conn
-                            .session
-                            .wants_read(conn.pending_out(), self.glue.config.conn_buffer) =>
+                        && conn.session.wants_read(conn.pending_out(), conn_buffer) =>
                 {
                     self.read(t, true);
                 }
-                Phase::Open if wrote && !pending => {}
+                Phase::Open if (wrote || full) && !pending => {}
                 _ => {
                     self.schedule(t);
                     return self.set_interest(t);
