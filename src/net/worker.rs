@@ -5,16 +5,21 @@
 //! `read_paused` so the loop resumes by itself); write until `WouldBlock` and
 //! keep WRITABLE interest only while output is pending; retry `Interrupted`;
 //! ignore events and notices for stale tokens or generations. One shortcut,
-//! tokio's: a read that fills less than the buffer drained the socket, so
-//! the `read` that would only return `WouldBlock` is skipped (epoll, which
-//! mio drives edge-triggered, reports every later arrival as a new event).
-//! Not when the event also says the peer closed: that end of the stream
-//! has no later event, so the loop reads on to it.
+//! tokio's, on Linux only ([`SHORT_READ_DRAINS`]): a read that fills less
+//! than the buffer drained the socket, so the `read` that would only return
+//! `WouldBlock` is skipped (epoll, which mio drives edge-triggered, reports
+//! every later arrival as a new event). Not when the event also says the
+//! peer closed: that end of the stream has no later event, so the loop
+//! reads on to it.
 //!
-//! Output is written once per turn: every event, notice and timer of a
-//! connection marks it due ([`Worker::after`]), and at the end of the turn
-//! each due connection is pumped and flushed once ([`Worker::settle`]), so
-//! a turn's answers, deliveries and pongs to one peer share one `send`.
+//! Output is written per turn, not per event: every event, notice and timer
+//! of a connection marks it due ([`Worker::after`]), and at the end of the
+//! turn each due connection is settled once ([`Worker::settle`]: pumped and
+//! flushed, in more rounds only if its output buffer filled), so a turn's
+//! answers, deliveries and pongs to one peer usually share one `send`. The
+//! price is that an answer waits for the rest of its turn (at most
+//! [`NOTICE_BATCH`] notices and timers, and one read per ready socket);
+//! a connection whose output buffer fills is settled at once instead.
 //!
 //! Every drain is bounded: notices ([`NOTICE_BATCH`] per turn), delivery
 //! rounds per connection ([`ROUNDS`]); work left over is picked up on the
@@ -48,6 +53,10 @@ const READ_CHUNK: usize = 64 * 1024;
 const DRAIN_MS: u64 = 2_000;
 /// Notices handled per turn of the loop before sockets get their turn.
 const NOTICE_BATCH: usize = 1024;
+/// Whether a read shorter than its buffer means the socket is empty, with
+/// any later arrival reported as a new event (epoll's edge-triggered mode;
+/// elsewhere the loop reads until `WouldBlock`).
+const SHORT_READ_DRAINS: bool = cfg!(any(target_os = "linux", target_os = "android"));
 /// Deliver-flush rounds for one connection before others get their turn
 /// (a peer that reads as fast as we write would otherwise hold the loop).
 const ROUNDS: usize = 8;
@@ -393,7 +402,7 @@ impl Worker {
                         self.input(t, &scratch[..n]);
                     }
                     self.scratch = scratch;
-                    if !drain && n < self.scratch.len() {
+                    if SHORT_READ_DRAINS && !drain && n < self.scratch.len() {
                         return;
                     }
                 }
@@ -551,13 +560,18 @@ impl Worker {
     }
 
     /// After anything happened to a connection: it is settled at the end of
-    /// the turn, once however many events, notices and timers it had.
+    /// the turn, once however many events, notices and timers it had; at
+    /// once if its output buffer is full (a pump would write nothing more).
     fn after(&mut self, t: usize) {
-        if let Some(conn) = self.conns.get_mut(t) {
-            if !conn.due {
-                conn.due = true;
-                self.due.push((t, conn.generation));
-            }
+        let Some(conn) = self.conns.get_mut(t) else {
+            return;
+        };
+        if conn.out.len() >= self.glue.config.conn_buffer {
+            return self.settle(t);
+        }
+        if !conn.due {
+            conn.due = true;
+            self.due.push((t, conn.generation));
         }
     }
 
@@ -594,9 +608,9 @@ impl Worker {
                 });
             }
             // Another round if this one wrote (more may have come in), or
-            // if the socket is about to take a full buffer, whoever filled
-            // it: this pump, or the frames just read (a login's first
-            // deliveries), since the pump stops early only there.
+            // if the output buffer reached `conn_buffer`, whoever filled it
+            // (this pump, or the frames just read: a login's first
+            // deliveries), since that is the pump's only early stop.
             let (wrote, full) = self.conns.get(t).map_or((false, false), |c| {
                 (c.out.len() > before, c.out.len() >= conn_buffer)
             });
@@ -689,6 +703,9 @@ impl Worker {
             }
             match conn.phase {
                 Phase::Draining { .. } => self.close(t),
+                // Its last output went out this turn (a writable event),
+                // and it is settled at the end of it: shut down and drained.
+                Phase::Closing if conn.pending_out() == 0 => self.after(t),
                 Phase::Closing => {
                     conn.span
                         .in_scope(|| tracing::debug!("peer does not read: closed"));

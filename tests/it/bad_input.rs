@@ -311,8 +311,8 @@ fn a_peer_that_never_reads_is_closed() {
 }
 
 /// A peer that writes its last frames and closes at once: the data and the
-/// end of the stream are in the socket together when the server reads, and
-/// epoll reports them once. The server must read on past the frames (not
+/// end of the stream arrive in one segment (`TCP_CORK` holds the data until
+/// the FIN joins it), and epoll reports them once. The server must read on past the frames (not
 /// stop at the short read, as it does otherwise) to see the end: the
 /// frames are handled, the connection closes at once (not after the
 /// keepalive), and every message arrives once.
@@ -338,6 +338,7 @@ fn frames_followed_by_a_close_are_all_answered_then_closed() {
             wire::encode(&frame, &mut bytes).unwrap();
         }
         let mut s = TcpStream::connect(server.addr).unwrap();
+        socket2::SockRef::from(&s).set_tcp_cork(true).unwrap();
         s.write_all(&bytes).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
         // The keepalive is 30 s or more: 10 s is the server seeing the end.
