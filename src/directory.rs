@@ -87,7 +87,7 @@ pub struct User {
     pub inflight: Mutex<HashMap<u64, Inflight>>,
     /// Settlements of this user's items other than by an ACK (expiry,
     /// deletion), and settlements whose write failed, counted by the commit
-    /// writer's completions, in order with its pushes: after one, an item
+    /// syncer's completions, in order with its pushes: after one, an item
     /// handed to the mailbox before it may be gone from the store, so its
     /// ACK reads it back (`Item::settle_hint`).
     pub other_settles: AtomicU64,
@@ -97,15 +97,15 @@ pub struct User {
     /// user was online when the send was written, so no REF was stored
     /// for them; the send's `held` bitmap (`store::record::encode_refs`)
     /// records them, and the store writes their REFs at the next start
-    /// (`Store::store_held_shares`). Inserted by the commit writer before
+    /// (`Store::store_held_shares`). Inserted by the commit syncer before
     /// the item is pushed, so an inbox scan sees them as if stored; removed
     /// when settled. See `commit::send` for the rules.
     shares: Mutex<BTreeMap<(u8, u64), Arc<Item>>>,
     /// `shares.len()`, read without the lock.
     held: AtomicUsize,
     /// The highest SEQ of this user whose item is visible everywhere an
-    /// inbox scan looks: its batch is written and, if held, it is in
-    /// `shares`. The commit writer raises it for each item, in SEQ order,
+    /// inbox scan looks: its batch is written and synced and, if held, it is
+    /// in `shares`. The commit syncer raises it for each item, in SEQ order,
     /// before offering the item to the mailbox; a scan takes only items
     /// up to it (see [`merge_scan`]); after a store reopen, to everything
     /// (`commit::resync`). SeqCst, raised and read: the scan that misses a
@@ -385,8 +385,12 @@ pub struct Directory {
     /// Group shares held in memory, all users together ([`Directory::hold`]).
     pub held: AtomicUsize,
     /// Their cost, bytes ([`held_cost`]): what `commit::send::HELD_MAX_BYTES`
-    /// bounds.
+    /// bounds, with `held_pending`.
     pub held_bytes: AtomicUsize,
+    /// The cost of shares that batches built but not yet completed will
+    /// hold (the commit thread counts them in, a completion out, written
+    /// or not).
+    pub held_pending: AtomicUsize,
 }
 
 impl Directory {
@@ -400,6 +404,7 @@ impl Directory {
             retired: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
+            held_pending: AtomicUsize::new(0),
         }
     }
 

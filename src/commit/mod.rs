@@ -2,14 +2,15 @@
 //!
 //! Event loops, the expiry sweeper and the admin API send [`Request`]s over a
 //! bounded channel. The thread blocks only when idle; otherwise it drains up to
-//! [`MAX_BATCH`] requests, applies them one by one to one batch, writes it with
-//! `sync = true` (one fsync for the lot; see [`needs_sync`] for the batches
-//! that need none), and only then runs their effects
-//! ([`Completion`]s): STATUS SENT to senders, items to connected recipients'
-//! mailboxes, inflight bookkeeping, counters. This is the durability point of
-//! the server: nothing is acknowledged before the write returns. The write
-//! and the effects run on a second thread, the writer, while the next batch
-//! is built ([`Pipeline`]).
+//! [`MAX_BATCH`] requests, applies them one by one to one batch, writes it,
+//! syncs the WAL (one fsync for the lot, or for several batches; see
+//! [`needs_sync`] for the batches that need none), and only then runs their
+//! effects ([`Completion`]s): STATUS SENT to senders, items to connected
+//! recipients' mailboxes, inflight bookkeeping, counters. This is the
+//! durability point of the server: nothing is acknowledged before the sync
+//! returns. The write runs on a second thread, the writer, and the sync and
+//! the effects on a third, the syncer, while the next batches are written
+//! and built ([`Pipeline`]).
 //!
 //! Each request is applied under its own save point ([`pass`]): a store
 //! error part-way through one request rolls back only that request's keys and
@@ -34,7 +35,7 @@ mod receipts;
 mod send;
 mod settle;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -44,7 +45,7 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError}
 
 use crate::clock::{mono_us, now_ms};
 pub use crate::directory::Acked;
-use crate::directory::{Directory, User};
+use crate::directory::{held_cost, Directory, User};
 use crate::mailbox::{Answer, ConnRef, Notify};
 use crate::metrics::{Metrics, Stage};
 use crate::store::{Batch, Item, Store};
@@ -295,23 +296,36 @@ fn raise_priority() {
 
 fn run(c: &Committer, rx: &Receiver<Request>) {
     thread::scope(|scope| {
-        let (jobs, writer_jobs) = channel::bounded::<Built<'_>>(1);
+        let (jobs, writer_jobs) = channel::bounded::<Job<'_>>(1);
         let (writer_results, results) = channel::bounded(1);
-        let writer = thread::Builder::new()
-            .name("tern-commit-w".into())
+        let (staged, syncer_jobs) = channel::bounded::<Staged>(SYNC_GROUP);
+        let failed = Arc::new(AtomicBool::new(false));
+        let sync_failed = failed.clone();
+        let syncer = thread::Builder::new()
+            .name("tern-commit-s".into())
             .spawn_scoped(scope, move || {
                 raise_priority();
-                while let Some(built) = next_job(c, &writer_jobs) {
-                    let written = write_batch(c, built);
-                    if writer_results.send(written).is_err() {
-                        break;
-                    }
-                }
+                sync_loop(c, &syncer_jobs, &sync_failed);
             });
+        let writer = syncer.and_then(|_| {
+            thread::Builder::new()
+                .name("tern-commit-w".into())
+                .spawn_scoped(scope, move || {
+                    raise_priority();
+                    write_loop(&writer_jobs, &staged, &writer_results);
+                })
+        });
         let mut pipe = match writer {
-            Ok(_) => Pipeline::new(c, Some((jobs, results))),
+            Ok(_) => Pipeline::new(
+                c,
+                Some(Writer {
+                    jobs,
+                    results,
+                    failed,
+                }),
+            ),
             Err(e) => {
-                tracing::error!(error = %e, "no commit writer thread: batches are written one at a time");
+                tracing::error!(error = %e, "no commit writer or syncer thread: batches are written one at a time");
                 Pipeline::new(c, None)
             }
         };
@@ -321,23 +335,119 @@ fn run(c: &Committer, rx: &Receiver<Request>) {
     });
 }
 
-/// The writer's next batch; `None` once the commit thread is gone. While a
-/// write is unsynced, waits at most until it is [`MAX_UNSYNCED`] old and
-/// syncs the WAL then: only this thread writes without `sync`, so it keeps
-/// the bound when no batch follows.
-fn next_job<'c>(c: &Committer, jobs: &Receiver<Built<'c>>) -> Option<Built<'c>> {
+/// The writer: writes each batch it is handed without an fsync, passes it
+/// on to the syncer, then tells the commit thread whether the write went
+/// through (so that the next batch, built on this one's overlay, may be
+/// handed over).
+fn write_loop<'c>(jobs: &Receiver<Job<'c>>, staged: &Sender<Staged>, results: &Sender<bool>) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Batch(built) => {
+                let written = write_phase(built);
+                let ok = written.written;
+                if staged.send(Staged::Batch(written)).is_err() || results.send(ok).is_err() {
+                    return;
+                }
+            }
+            Job::Fence(tx) => {
+                if staged.send(Staged::Fence(tx)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Batches written and waiting for the syncer, at most; also the most it
+/// syncs with one fsync.
+const SYNC_GROUP: usize = 8;
+
+/// The syncer: takes the batches the writer wrote, as many as are there
+/// (up to [`SYNC_GROUP`]), syncs the WAL once for all of them if one
+/// needs it ([`needs_sync`]), then runs their completions in order.
+///
+/// A failed sync refuses its batches and every batch after them, up to the
+/// next fence: they were built on the refused ones' overlays, and may rest
+/// on what those would have stored (a dedup record). `failed` tells the
+/// commit thread, which stops building on them and sends a fence.
+fn sync_loop(c: &Committer, rx: &Receiver<Staged>, failed: &AtomicBool) {
+    let mut syncer = Syncer::new(c, failed);
+    let mut group = Vec::with_capacity(SYNC_GROUP);
+    while let Some(first) = next_staged(c, rx) {
+        let mut fence = None;
+        let mut next = Some(first);
+        while let Some(staged) = next.take() {
+            match staged {
+                Staged::Batch(w) => group.push(w),
+                Staged::Fence(tx) => {
+                    fence = Some(tx);
+                    break;
+                }
+            }
+            if group.len() < SYNC_GROUP {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !group.is_empty() {
+            syncer.sync(&mut group);
+        }
+        if let Some(tx) = fence {
+            syncer.fence();
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// What the syncer remembers between groups: whether a sync failed since
+/// the last fence.
+struct Syncer<'a> {
+    c: &'a Committer,
+    /// Tells the commit thread of a failed sync.
+    failed: &'a AtomicBool,
+    /// A sync failed since the last fence: refuse every batch.
+    poisoned: bool,
+}
+
+impl<'a> Syncer<'a> {
+    fn new(c: &'a Committer, failed: &'a AtomicBool) -> Syncer<'a> {
+        Syncer {
+            c,
+            failed,
+            poisoned: false,
+        }
+    }
+
+    /// Syncs and completes a group of written batches (drained).
+    fn sync(&mut self, group: &mut Vec<Written>) {
+        if !finish(self.c, group, self.poisoned) && !self.poisoned {
+            self.poisoned = true;
+            self.failed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Every batch built on a refused one is through.
+    fn fence(&mut self) {
+        self.poisoned = false;
+    }
+}
+
+/// The syncer's next batch or fence; `None` once the writer is gone. While
+/// a write is unsynced, waits at most until it is [`MAX_UNSYNCED`] old and
+/// syncs the WAL then: only the writer writes without `sync`, so this
+/// keeps the bound when no batch follows.
+fn next_staged(c: &Committer, rx: &Receiver<Staged>) -> Option<Staged> {
     loop {
         let Some(age) = c.store.unsynced_for() else {
-            return jobs.recv().ok();
+            return rx.recv().ok();
         };
-        match jobs.recv_timeout(MAX_UNSYNCED.saturating_sub(age)) {
-            Ok(built) => return Some(built),
+        match rx.recv_timeout(MAX_UNSYNCED.saturating_sub(age)) {
+            Ok(staged) => return Some(staged),
             Err(RecvTimeoutError::Disconnected) => return None,
             Err(RecvTimeoutError::Timeout) => {
                 if !sync_wal(c) {
                     // A store fault now (the upkeep reopens the store):
                     // no retry until the next batch.
-                    return jobs.recv().ok();
+                    return rx.recv().ok();
                 }
             }
         }
@@ -377,40 +487,88 @@ fn build_loop(c: &Committer, rx: &Receiver<Request>, pipe: &mut Pipeline<'_>) {
     }
 }
 
-/// Batches are built on the commit thread and written on a second one, the
-/// writer: while batch N is written (memtable inserts, WAL, fsync) and
-/// completed, batch N+1 is built. N+1 reads what N changes from N's
-/// overlay, since N may not be in the store yet; it is handed to the writer
-/// only once N is written and completed, so batches reach the store, and
-/// their completions run, in the order they were built.
+/// Batches are built on the commit thread, written on a second one (the
+/// writer, without an fsync) and synced and completed on a third (the
+/// syncer): while batch N is synced and completed, N+1 is written (memtable
+/// inserts, WAL) and N+2 is built. N+2 reads what N+1 changes from N+1's
+/// overlay, since N+1 may not be in the store yet; it is handed to the
+/// writer only once N+1 is written, so batches reach the store, and their
+/// completions run, in the order they were built.
 ///
+/// - A write lands in RocksDB's memtable before its fsync: nothing that
+///   tells a client reads it from there before its completions run. An
+///   inbox scan takes items only up to [`User::visible`], which a
+///   completion raises; a dedup record read by a later batch is only
+///   acted on in a batch that is synced after it, or refused with it.
 /// - A batch built on one whose write failed is refused unwritten (its
 ///   SENDs answered OVERLOADED, its ACKs left to retry): it may rest on
-///   what that batch would have stored, such as a dedup record.
+///   what that batch would have stored, such as a dedup record. A failed
+///   sync refuses its batches and every one after them up to a fence
+///   ([`sync_loop`]), and the commit thread then refuses the batch it has
+///   built and sends one ([`Pipeline::drain`]).
 /// - Requests that scan the store (an admin delete or purge, an expiry
-///   sweep) and the upkeep (a reopen) wait for the batch being written.
-/// - Only completions, on the writer, change what a later batch's
-///   decisions read from the directory (in-flight entries, settle counts),
-///   and the overlay covers the batch in between.
+///   sweep) and the upkeep (a reopen) wait for every batch handed over to
+///   be synced and completed.
+/// - Only completions, on the syncer, change what a later batch's
+///   decisions read from the directory, and they lag by up to two batches
+///   (in-flight entries, held shares, settle counts): the overlay covers the
+///   batch not yet written; the one before it is in the store. A settle
+///   count that a completion changes (an item expired or deleted) comes
+///   from a request that waits for both, and a failed batch's refusals
+///   refuse the batches after it too. Budgets (the held shares' bytes)
+///   may be overshot by what two batches hold.
 struct Pipeline<'c> {
     c: &'c Committer,
     /// The writer thread's queue and answers (`None`: no writer thread;
-    /// each batch is written by the commit thread itself).
-    writer: Option<(Sender<Built<'c>>, Receiver<bool>)>,
+    /// each batch is written and synced by the commit thread itself).
+    writer: Option<Writer<'c>>,
     /// A batch was handed to the writer and its answer is not read yet.
     in_flight: bool,
+    /// A batch was handed to the writer since the last fence.
+    unfenced: bool,
     /// What the batch being written changes.
     prev: pass::Overlay,
     /// How big the last batch built was.
     sizes: pass::Sizes,
 }
 
+/// The commit thread's ends of the writer's queues.
+struct Writer<'c> {
+    /// Batches to write, and fences.
+    jobs: Sender<Job<'c>>,
+    /// Whether each batch was written (not yet synced).
+    results: Receiver<bool>,
+    /// Set by the syncer when a sync failed; cleared after the next fence.
+    failed: Arc<AtomicBool>,
+}
+
+/// What the writer takes from the commit thread. (A fence is rare, and a
+/// batch moves through a queue of one: nothing gained by boxing it.)
+#[allow(clippy::large_enum_variant)]
+enum Job<'c> {
+    /// A batch to write.
+    Batch(Built<'c>),
+    /// Fires once every batch handed over before it is synced (or refused)
+    /// and completed.
+    Fence(Sender<()>),
+}
+
+/// What the syncer takes from the writer (not boxed, as [`Job`]).
+#[allow(clippy::large_enum_variant)]
+enum Staged {
+    /// A batch written (or not), to sync and complete.
+    Batch(Written),
+    /// See [`Job::Fence`].
+    Fence(Sender<()>),
+}
+
 impl<'c> Pipeline<'c> {
-    fn new(c: &'c Committer, writer: Option<(Sender<Built<'c>>, Receiver<bool>)>) -> Pipeline<'c> {
+    fn new(c: &'c Committer, writer: Option<Writer<'c>>) -> Pipeline<'c> {
         Pipeline {
             c,
             writer,
             in_flight: false,
+            unfenced: false,
             prev: pass::Overlay::default(),
             sizes: pass::Sizes::default(),
         }
@@ -426,20 +584,31 @@ impl<'c> Pipeline<'c> {
         let (built, overlay) = build_batch(self.c, requests, prev, self.sizes);
         self.sizes = pass::Sizes::of(built.batch.as_ref(), &built.done);
         if !self.wait() {
-            // The batch it was built on was not written.
-            refuse_batch(self.c, built);
+            refuse_batch(self.c, built, "the batch before this one was not written");
             return;
         }
-        let Some((jobs, _)) = &self.writer else {
+        let Some(writer) = &self.writer else {
             write_batch(self.c, built);
             return;
         };
-        match jobs.send(built) {
+        if writer.failed.load(Ordering::Acquire) {
+            // The syncer refuses every batch handed over since a failed
+            // sync, and this one was built on the last of them.
+            refuse_batch(self.c, built, "a sync before this batch failed");
+            self.drain();
+            return;
+        }
+        match writer.jobs.send(Job::Batch(built)) {
             Ok(()) => {
                 self.in_flight = true;
+                self.unfenced = true;
                 self.prev = overlay;
             }
-            Err(channel::SendError(built)) => refuse_batch(self.c, built),
+            Err(channel::SendError(job)) => {
+                if let Job::Batch(built) = job {
+                    refuse_batch(self.c, built, "the commit writer is gone");
+                }
+            }
         }
     }
 
@@ -449,14 +618,25 @@ impl<'c> Pipeline<'c> {
             return true;
         }
         match &self.writer {
-            Some((_, results)) => results.recv().unwrap_or(false),
+            Some(writer) => writer.results.recv().unwrap_or(false),
             None => true,
         }
     }
 
-    /// Waits for the batch being written: then the store has everything.
+    /// Waits for every batch handed over to be written, synced and
+    /// completed: then the store and the directory have everything.
     fn drain(&mut self) {
         self.wait();
+        if std::mem::take(&mut self.unfenced) {
+            if let Some(writer) = &self.writer {
+                let (tx, rx) = channel::bounded(1);
+                if writer.jobs.send(Job::Fence(tx)).is_ok() {
+                    let _ = rx.recv();
+                }
+                // The syncer refuses nothing after the fence.
+                writer.failed.store(false, Ordering::Release);
+            }
+        }
         self.prev = pass::Overlay::default();
     }
 }
@@ -705,6 +885,18 @@ fn build_batch<'c>(
         pass.apply(req);
     }
     let (batch, done, tally, overlay) = pass.finish();
+    // The shares it will hold count against the budget from now on: up to
+    // SYNC_GROUP + 2 batches may wait for their completions.
+    let pending: usize = done
+        .iter()
+        .map(|d| match d {
+            Completion::Hold { item, .. } => held_cost(&item.record),
+            _ => 0,
+        })
+        .sum();
+    if pending > 0 {
+        c.dir.held_pending.fetch_add(pending, Ordering::Relaxed);
+    }
     let mut built = Built {
         batch,
         done,
@@ -718,7 +910,7 @@ fn build_batch<'c>(
 
 /// The longest a written batch stays unsynced: the first batch written
 /// after that is synced, whatever it holds, and without one the writer
-/// syncs the WAL by itself ([`next_job`]).
+/// syncs the WAL by itself ([`next_staged`]).
 pub const MAX_UNSYNCED: Duration = Duration::from_millis(100);
 
 impl Completion {
@@ -756,47 +948,104 @@ fn needs_sync(done: &[Completion]) -> bool {
     done.iter().any(Completion::tells)
 }
 
-/// Writes a built batch, synced if [`needs_sync`] or if an earlier write
-/// has waited [`MAX_UNSYNCED`], and runs its completions; whether it was
-/// written.
-fn write_batch(c: &Committer, built: Built<'_>) -> bool {
+/// A batch after its write, before its sync: what the syncer takes.
+struct Written {
+    /// The write went through (not synced yet).
+    written: bool,
+    /// It wrote something.
+    writes: bool,
+    done: Vec<Completion>,
+    tally: Tally,
+    clock: StageClock,
+    count: u64,
+    /// When its write began.
+    started: Instant,
+}
+
+/// Writes a built batch without an fsync (a crash of the process loses
+/// nothing of it; a power cut may, until [`finish`] syncs it).
+fn write_phase(built: Built<'_>) -> Written {
     let Built {
         batch,
         done,
         tally,
-        mut clock,
+        clock,
         count,
     } = built;
-    let started = std::time::Instant::now();
-    let sync = needs_sync(&done)
-        || c.store
-            .unsynced_for()
-            .is_some_and(|waited| waited >= MAX_UNSYNCED);
+    let started = Instant::now();
     let writes = batch.as_ref().is_some_and(|b| !b.is_empty());
     let written = match batch {
         None => false,
-        // Nothing to write, but a barrier or an answer still means durable.
-        Some(batch) if batch.is_empty() => !sync || sync_wal(c),
-        Some(batch) => match batch.commit(sync) {
+        // Nothing to write, but a barrier or an answer still means durable:
+        // `finish` syncs what is not.
+        Some(batch) if batch.is_empty() => true,
+        Some(batch) => match batch.commit(false) {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!(error = %e, sync, "write failed; the batch is refused");
+                tracing::error!(error = %e, "write failed; the batch is refused");
                 false
             }
         },
     };
-    if writes || sync {
-        c.metrics.record_commit(started.elapsed(), count, sync);
+    Written {
+        written,
+        writes,
+        done,
+        tally,
+        clock,
+        count,
+        started,
     }
-    clock.lap(Stage::Sync);
-    if written {
-        tally.add_to(&c.metrics);
+}
+
+/// Syncs the WAL once for a group of written batches (drained), if one of
+/// them [`needs_sync`] or an earlier write has waited [`MAX_UNSYNCED`], and
+/// runs their completions in order; whether the sync (if any) worked.
+/// With `refuse`, or a failed sync, every batch in it is refused.
+fn finish(c: &Committer, group: &mut Vec<Written>, refuse: bool) -> bool {
+    let sync = group.iter().any(|w| w.written && needs_sync(&w.done))
+        || c.store
+            .unsynced_for()
+            .is_some_and(|waited| waited >= MAX_UNSYNCED);
+    let synced = !refuse && (!sync || sync_wal(c));
+    if !synced && !refuse {
+        tracing::error!(
+            batches = group.len(),
+            "WAL sync failed; the batches it covered are refused"
+        );
     }
-    for completion in done {
-        complete(c, completion, written, &mut clock);
+    for w in group.drain(..) {
+        let Written {
+            written,
+            writes,
+            done,
+            tally,
+            mut clock,
+            count,
+            started,
+        } = w;
+        let written = written && synced;
+        if !refuse && (writes || sync) {
+            c.metrics.record_commit(started.elapsed(), count, sync);
+        }
+        clock.lap(Stage::Sync);
+        if written {
+            tally.add_to(&c.metrics);
+        }
+        for completion in done {
+            complete(c, completion, written, &mut clock);
+        }
+        clock.record(&c.metrics);
     }
-    clock.record(&c.metrics);
-    written
+    synced
+}
+
+/// Writes, syncs (if [`needs_sync`]) and completes a built batch on this
+/// thread; whether it was written.
+fn write_batch(c: &Committer, built: Built<'_>) -> bool {
+    let written = write_phase(built);
+    let ok = written.written;
+    finish(c, &mut vec![written], false) && ok
 }
 
 /// Syncs writes made without an fsync; whether that worked.
@@ -811,11 +1060,8 @@ fn sync_wal(c: &Committer) -> bool {
 }
 
 /// Runs a built batch's completions as if its write had failed.
-fn refuse_batch(c: &Committer, built: Built<'_>) {
-    tracing::error!(
-        requests = built.count,
-        "the batch before this one was not written; this one is refused"
-    );
+fn refuse_batch(c: &Committer, built: Built<'_>, why: &str) {
+    tracing::error!(requests = built.count, why, "a batch is refused unwritten");
     let mut clock = built.clock;
     for completion in built.done {
         complete(c, completion, false, &mut clock);
@@ -902,9 +1148,15 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
                 }
             }
         }
-        Completion::Hold { user, item } if written => {
-            c.dir.hold(&user, item.clone());
-            push(&user, item, clock);
+        Completion::Hold { user, item } => {
+            let cost = held_cost(&item.record);
+            if written {
+                c.dir.hold(&user, item.clone());
+            }
+            c.dir.held_pending.fetch_sub(cost, Ordering::Relaxed);
+            if written {
+                push(&user, item, clock);
+            }
         }
         Completion::Unhold {
             user,
@@ -944,10 +1196,7 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             // A failed write deleted nothing.
             let _ = tx.send(if written { n } else { 0 });
         }
-        Completion::Push { .. }
-        | Completion::Hold { .. }
-        | Completion::Unhold { .. }
-        | Completion::Queued { .. } => {}
+        Completion::Push { .. } | Completion::Unhold { .. } | Completion::Queued { .. } => {}
     }
 }
 

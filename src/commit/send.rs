@@ -18,13 +18,15 @@ use crate::wire::{flags, StatusCode};
 
 /// Group shares one user may hold in memory (`directory::User::shares`);
 /// beyond it (a member online but not reading), its shares are stored as
-/// REFs. Exceeded by at most the two batches in the pipeline (the one
-/// being written has not counted its shares yet).
+/// REFs. Exceeded by what the batches in the pipeline hold for the user
+/// (their completions have not counted them yet); [`HELD_MAX_BYTES`] bounds
+/// those too.
 pub const HELD_PER_USER: usize = 4096;
 /// Memory for group shares held, all users together, bytes
 /// (`directory::held_cost`: each share counted with its whole MSG record,
-/// though a send's members share one). Beyond it, shares are stored as
-/// REFs. Exceeded by at most the two batches in the pipeline, as above.
+/// though a send's members share one), with the shares of batches not yet
+/// completed (`Directory::held_pending`). Beyond it, shares are stored as
+/// REFs.
 pub const HELD_MAX_BYTES: usize = 64 << 20;
 /// The largest group send whose shares may be held (its `held` bitmap is
 /// read and written whole per batch that settles one: at most 1 KiB).
@@ -189,7 +191,11 @@ impl Pass<'_> {
         if user.attached.load().is_none()
             || user.deleted.load(Ordering::Acquire)
             || user.held() >= HELD_PER_USER
-            || self.c.dir.held_bytes.load(Ordering::Relaxed) + self.held_new + cost > HELD_MAX_BYTES
+            || self.c.dir.held_bytes.load(Ordering::Relaxed)
+                + self.c.dir.held_pending.load(Ordering::Relaxed)
+                + self.held_new
+                + cost
+                > HELD_MAX_BYTES
         {
             return false;
         }

@@ -743,12 +743,25 @@ fn a_late_dedup_entry_spares_a_later_send_of_the_same_id() {
 }
 
 /// A pipeline whose writer is the test: batches handed over are taken from
-/// the returned channel and written with `write_batch`; the test answers
-/// for each on the other one.
-fn pipeline(f: &Fixture) -> (Pipeline<'_>, Receiver<Built<'_>>, Sender<bool>) {
+/// the returned channel (with [`handed`]) and written with `write_batch`;
+/// the test answers for each on the other one.
+fn pipeline(f: &Fixture) -> (Pipeline<'_>, Receiver<Job<'_>>, Sender<bool>) {
     let (jobs, taken) = channel::bounded(1);
     let (answer, results) = channel::bounded(1);
-    (Pipeline::new(&f.c, Some((jobs, results))), taken, answer)
+    let writer = Writer {
+        jobs,
+        results,
+        failed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    (Pipeline::new(&f.c, Some(writer)), taken, answer)
+}
+
+/// The batch handed to the writer, if one was.
+fn handed<'c>(taken: &Receiver<Job<'c>>) -> Option<Built<'c>> {
+    match taken.try_recv().ok()? {
+        Job::Batch(built) => Some(built),
+        Job::Fence(_) => panic!("a fence, not a batch"),
+    }
 }
 
 #[test]
@@ -756,7 +769,7 @@ fn a_batch_built_while_the_one_before_is_written_sees_its_changes() {
     let f = fixture(&["alice", "bob"]);
     let (mut pipe, taken, answer) = pipeline(&f);
     pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    let first = taken.try_recv().expect("handed to the writer");
+    let first = handed(&taken).expect("handed to the writer");
     assert!(!stored(&f, "alice", 1), "not written yet");
     // The writer's answer for the first batch, given ahead: the second is
     // built before the first is written, and handed over after.
@@ -764,7 +777,7 @@ fn a_batch_built_while_the_one_before_is_written_sees_its_changes() {
     // Alice's retry of the same ID, built on the first batch's changes.
     pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
     assert!(write_batch(&f.c, first));
-    let second = taken.try_recv().expect("handed to the writer");
+    let second = handed(&taken).expect("handed to the writer");
     assert!(write_batch(&f.c, second));
     assert_eq!(
         answers(&f),
@@ -788,13 +801,13 @@ fn an_ack_repeated_while_the_first_is_written_settles_once() {
     let ack = || ack_req(&bob, &[(item.seq, 0)]);
     let (mut pipe, taken, answer) = pipeline(&f);
     pipe.commit(&mut vec![ack()]);
-    let first = taken.try_recv().unwrap();
+    let first = handed(&taken).unwrap();
     answer.send(true).unwrap();
     // Built while the first is not written: the in-flight entry is still
     // there (its removal is a completion of the first batch).
     pipe.commit(&mut vec![ack()]);
     assert!(write_batch(&f.c, first));
-    assert!(write_batch(&f.c, taken.try_recv().unwrap()));
+    assert!(write_batch(&f.c, handed(&taken).unwrap()));
     assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 1);
     assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
     // One DELIVERED for alice, not two.
@@ -807,7 +820,7 @@ fn a_batch_built_on_one_whose_write_failed_is_refused() {
     let f = fixture(&["alice", "bob"]);
     let (mut pipe, taken, answer) = pipeline(&f);
     pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    let first = taken.try_recv().unwrap();
+    let first = handed(&taken).unwrap();
     // The first batch's write fails.
     let db = f.c.store.swap_db(None);
     assert!(!write_batch(&f.c, first));
@@ -816,7 +829,7 @@ fn a_batch_built_on_one_whose_write_failed_is_refused() {
     // Alice's retry was built on what the failed batch would have stored:
     // answering it SENT from there would lose the message.
     pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    assert!(taken.try_recv().is_err(), "not handed to the writer");
+    assert!(handed(&taken).is_none(), "not handed to the writer");
     assert_eq!(
         answers(&f),
         vec![
@@ -827,9 +840,67 @@ fn a_batch_built_on_one_whose_write_failed_is_refused() {
     assert!(!stored(&f, "alice", 1));
     // The next retry is built on the store alone, and stored.
     pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    assert!(write_batch(&f.c, taken.try_recv().unwrap()));
+    assert!(write_batch(&f.c, handed(&taken).unwrap()));
     assert_eq!(answers(&f), vec![(1, Some(StatusCode::SENT))]);
     assert!(stored(&f, "alice", 1));
+}
+
+/// A batch written but whose sync failed is refused (its SENDs answered
+/// OVERLOADED), and so is every batch built on it: the next one handed
+/// over, refused by the syncer even though the sync after it works, and
+/// the one the commit thread built meanwhile, refused before the writer
+/// sees it. After the fence, batches are built on the store alone again.
+#[test]
+fn batches_built_on_one_whose_sync_failed_are_refused() {
+    let f = fixture(&["alice", "bob"]);
+    let (mut pipe, taken, answer) = pipeline(&f);
+    let failed = pipe.writer.as_ref().unwrap().failed.clone();
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    let first = handed(&taken).unwrap();
+    answer.send(true).unwrap();
+    // Alice's retry, built on the first batch's overlay: answered from it.
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    let second = handed(&taken).unwrap();
+    let (first, second) = (write_phase(first), write_phase(second));
+    assert!(first.written && second.written);
+
+    let mut syncer = Syncer::new(&f.c, &failed);
+    // The first batch's sync fails; the second's would work.
+    let db = f.c.store.swap_db(None);
+    syncer.sync(&mut vec![first]);
+    f.c.store.swap_db(db);
+    syncer.sync(&mut vec![second]);
+    assert!(failed.load(Ordering::Acquire), "the commit thread is told");
+    assert_eq!(
+        answers(&f),
+        vec![
+            (1, Some(StatusCode::OVERLOADED)),
+            (1, Some(StatusCode::OVERLOADED))
+        ]
+    );
+
+    // Built on the second batch's overlay: refused, then a fence.
+    answer.send(true).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| match taken.recv().unwrap() {
+            Job::Fence(tx) => {
+                syncer.fence();
+                tx.send(()).unwrap();
+            }
+            Job::Batch(_) => panic!("handed to the writer"),
+        });
+        pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    });
+    assert_eq!(answers(&f), vec![(1, Some(StatusCode::OVERLOADED))]);
+    assert!(!failed.load(Ordering::Acquire));
+
+    // Built on the store: the first write is there (unsynced), and this
+    // batch's sync covers it.
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    syncer.sync(&mut vec![write_phase(handed(&taken).unwrap())]);
+    assert_eq!(answers(&f), vec![(1, Some(StatusCode::SENT))]);
+    assert_eq!(f.c.store.unsynced_for(), None);
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1, "stored once");
 }
 
 /// An operator's delete being written, and the recipient's ACK of the same
@@ -849,12 +920,12 @@ fn an_ack_built_while_its_items_delete_is_written_settles_nothing() {
     let (delete, deleted) = delete_id(&bob, "alice", 1);
     let (mut pipe, taken, answer) = pipeline(&f);
     pipe.commit(&mut vec![delete]);
-    let first = taken.try_recv().unwrap();
+    let first = handed(&taken).unwrap();
     answer.send(true).unwrap();
     pipe.commit(&mut vec![ack_req(&bob, &[(item.seq, 0)])]);
     assert!(write_batch(&f.c, first));
     assert_eq!(deleted.recv().unwrap(), 1);
-    assert!(write_batch(&f.c, taken.try_recv().unwrap()));
+    assert!(write_batch(&f.c, handed(&taken).unwrap()));
     assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 0);
     assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
     // Alice is owed DELETED, and nothing else.
@@ -940,6 +1011,32 @@ fn shares_are_held_only_within_the_bounds() {
         (HELD_PER_USER, 3),
         "at the user's count: a REF"
     );
+}
+
+/// Shares that a batch not yet completed will hold count against the byte
+/// budget from the moment it is built: with the syncer behind, every batch
+/// built meanwhile would otherwise see the same room, and hold as much.
+#[test]
+fn shares_of_batches_not_yet_completed_count_against_the_budget() {
+    use super::send::HELD_MAX_BYTES;
+    let f = fixture(&["boss", "m"]);
+    let (m, _mb) = attach(&f, "m");
+    let (mut pipe, taken, answer) = pipeline(&f);
+    pipe.commit(&mut vec![group_send(&f, "boss", &["m"], 1, 0, 0)]);
+    let first = handed(&taken).unwrap();
+    let cost = f.c.dir.held_pending.load(Ordering::Relaxed);
+    assert!(cost > 0, "counted when built");
+    // Room for one more such share besides the pending one, less a byte.
+    f.c.dir
+        .held_bytes
+        .store(HELD_MAX_BYTES - 2 * cost + 1, Ordering::Relaxed);
+    answer.send(true).unwrap();
+    pipe.commit(&mut vec![group_send(&f, "boss", &["m"], 2, 0, 0)]);
+    assert!(write_batch(&f.c, first));
+    assert!(write_batch(&f.c, handed(&taken).unwrap()));
+    assert_eq!(m.held(), 1, "the first held, the second not");
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1, "a REF");
+    assert_eq!(f.c.dir.held_pending.load(Ordering::Relaxed), 0);
 }
 
 /// Connects `name`: items committed for them are pushed to the mailbox returned.
@@ -1029,10 +1126,10 @@ fn only_settlements_that_tell_no_one_are_written_unsynced() {
     assert_eq!((m.held(), f.c.store.unsynced_for()), (0, None));
 }
 
-/// With no batch after an unsynced write, the writer thread syncs the WAL
+/// With no batch after an unsynced write, the syncer thread syncs the WAL
 /// by itself once the write is [`MAX_UNSYNCED`] old.
 #[test]
-fn the_writer_syncs_an_unsynced_write_by_itself() {
+fn the_syncer_syncs_an_unsynced_write_by_itself() {
     let f = fixture(&["alice", "m"]);
     let (m, mb) = attach(&f, "m");
     commit_batch(&f.c, &mut vec![group_send(&f, "alice", &["m"], 1, 0, 0)]);
@@ -1042,9 +1139,9 @@ fn the_writer_syncs_an_unsynced_write_by_itself() {
         "the ACK was written unsynced"
     );
     f.c.store.age_unsynced(MAX_UNSYNCED);
-    let (jobs, writer_jobs) = channel::bounded::<Built<'_>>(1);
+    let (jobs, syncer_jobs) = channel::bounded::<Staged>(1);
     std::thread::scope(|s| {
-        let writer = s.spawn(|| next_job(&f.c, &writer_jobs).is_none());
+        let syncer = s.spawn(|| next_staged(&f.c, &syncer_jobs).is_none());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while f.c.store.unsynced_for().is_some() {
             assert!(
@@ -1054,9 +1151,6 @@ fn the_writer_syncs_an_unsynced_write_by_itself() {
             std::thread::yield_now();
         }
         drop(jobs);
-        assert!(
-            writer.join().unwrap(),
-            "no job, then the commit thread gone"
-        );
+        assert!(syncer.join().unwrap(), "no batch, then the writer gone");
     });
 }
