@@ -38,7 +38,21 @@ struct Page {
 }
 
 impl Browser {
+    /// Starts Chromium. On this two-core machine, with the whole suite
+    /// running at once, a start has printed no DevTools address within
+    /// 30 s: that start is killed and a second one, with a fresh profile,
+    /// is made (what a user would do too).
     fn launch() -> Browser {
+        for attempt in 1..=2 {
+            match Browser::try_launch(Duration::from_secs(30)) {
+                Some(browser) => return browser,
+                None => eprintln!("chromium printed no DevTools address (start {attempt})"),
+            }
+        }
+        panic!("chromium printed no DevTools address, twice");
+    }
+
+    fn try_launch(wait: Duration) -> Option<Browser> {
         let exe = std::env::var("TERN_CHROMIUM").unwrap_or_else(|_| "chromium".into());
         let profile = tempfile::tempdir().unwrap();
         let mut child = Command::new(&exe)
@@ -72,9 +86,11 @@ impl Browser {
                 }
             }
         });
-        let url = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("chromium printed no DevTools address");
+        let Ok(url) = rx.recv_timeout(wait) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        };
         let host = url
             .trim_start_matches("ws://")
             .split('/')
@@ -86,12 +102,12 @@ impl Browser {
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         let (cdp, _) = tungstenite::client(url.as_str(), stream).expect("DevTools WebSocket");
-        Browser {
+        Some(Browser {
             child,
             cdp,
             next_id: 1,
             _profile: profile,
-        }
+        })
     }
 
     /// Sends a DevTools command (to a page's session, if given) and returns
