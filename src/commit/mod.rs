@@ -231,7 +231,7 @@ pub struct Committer {
     pub max_expiry: u32,
 }
 
-/// Completion of a request, run after its batch is written.
+/// Completion of a request, run after its batch is written and synced.
 pub enum Completion {
     /// Answer a SEND.
     Reply { conn: ReplyTo, answer: Answer },
@@ -358,22 +358,21 @@ fn write_loop<'c>(jobs: &Receiver<Job<'c>>, staged: &Sender<Staged>, results: &S
     }
 }
 
-/// Batches written and waiting for the syncer, at most; also the most it
-/// syncs with one fsync.
+/// Batches written and waiting for the syncer, at most (as many again may
+/// be in the group it is syncing); also the most it syncs with one fsync.
+/// So completions lag the commit thread by up to 2 × SYNC_GROUP + 2
+/// batches.
 const SYNC_GROUP: usize = 8;
 
 /// The syncer: takes the batches the writer wrote, as many as are there
 /// (up to [`SYNC_GROUP`]), syncs the WAL once for all of them if one
 /// needs it ([`needs_sync`]), then runs their completions in order.
 ///
-/// A failed sync refuses its batches and every batch after them, up to the
-/// next fence: they were built on the refused ones' overlays, and may rest
-/// on what those would have stored (a dedup record). `failed` tells the
-/// commit thread, which stops building on them and sends a fence.
+/// A failed sync refuses its batches and every batch after them ([`Syncer`]).
 fn sync_loop(c: &Committer, rx: &Receiver<Staged>, failed: &AtomicBool) {
     let mut syncer = Syncer::new(c, failed);
     let mut group = Vec::with_capacity(SYNC_GROUP);
-    while let Some(first) = next_staged(c, rx) {
+    while let Some(first) = next_staged(c, rx, &mut syncer) {
         let mut fence = None;
         let mut next = Some(first);
         while let Some(staged) = next.take() {
@@ -392,42 +391,42 @@ fn sync_loop(c: &Committer, rx: &Receiver<Staged>, failed: &AtomicBool) {
             syncer.sync(&mut group);
         }
         if let Some(tx) = fence {
-            syncer.fence();
             let _ = tx.send(());
         }
     }
 }
 
-/// What the syncer remembers between groups: whether a sync failed since
-/// the last fence.
+/// The syncer's state between groups: whether it refuses every batch.
+///
+/// After a failed sync the written batches are in RocksDB's memtable but
+/// may not be on disk, and later batches were built on them (a dedup
+/// record, a SEQ): so every batch is refused, written or not, until the
+/// commit thread has waited for all of them and the store has no fault
+/// (it was reopened: its WAL replayed, what is in it now is what
+/// survives); see [`Pipeline::drain`]. The flag is shared with the commit
+/// thread, which refuses what it builds meanwhile.
 struct Syncer<'a> {
     c: &'a Committer,
-    /// Tells the commit thread of a failed sync.
+    /// Refuse every batch (set here, cleared by the commit thread).
     failed: &'a AtomicBool,
-    /// A sync failed since the last fence: refuse every batch.
-    poisoned: bool,
 }
 
 impl<'a> Syncer<'a> {
     fn new(c: &'a Committer, failed: &'a AtomicBool) -> Syncer<'a> {
-        Syncer {
-            c,
-            failed,
-            poisoned: false,
-        }
+        Syncer { c, failed }
     }
 
     /// Syncs and completes a group of written batches (drained).
     fn sync(&mut self, group: &mut Vec<Written>) {
-        if !finish(self.c, group, self.poisoned) && !self.poisoned {
-            self.poisoned = true;
-            self.failed.store(true, Ordering::Release);
+        let refuse = self.failed.load(Ordering::Acquire);
+        if !finish(self.c, group, refuse) {
+            self.poison();
         }
     }
 
-    /// Every batch built on a refused one is through.
-    fn fence(&mut self) {
-        self.poisoned = false;
+    /// A sync failed: refuse everything from here.
+    fn poison(&mut self) {
+        self.failed.store(true, Ordering::Release);
     }
 }
 
@@ -435,7 +434,7 @@ impl<'a> Syncer<'a> {
 /// a write is unsynced, waits at most until it is [`MAX_UNSYNCED`] old and
 /// syncs the WAL then: only the writer writes without `sync`, so this
 /// keeps the bound when no batch follows.
-fn next_staged(c: &Committer, rx: &Receiver<Staged>) -> Option<Staged> {
+fn next_staged(c: &Committer, rx: &Receiver<Staged>, syncer: &mut Syncer<'_>) -> Option<Staged> {
     loop {
         let Some(age) = c.store.unsynced_for() else {
             return rx.recv().ok();
@@ -445,6 +444,7 @@ fn next_staged(c: &Committer, rx: &Receiver<Staged>) -> Option<Staged> {
             Err(RecvTimeoutError::Disconnected) => return None,
             Err(RecvTimeoutError::Timeout) => {
                 if !sync_wal(c) {
+                    syncer.poison();
                     // A store fault now (the upkeep reopens the store):
                     // no retry until the next batch.
                     return rx.recv().ok();
@@ -489,34 +489,41 @@ fn build_loop(c: &Committer, rx: &Receiver<Request>, pipe: &mut Pipeline<'_>) {
 
 /// Batches are built on the commit thread, written on a second one (the
 /// writer, without an fsync) and synced and completed on a third (the
-/// syncer): while batch N is synced and completed, N+1 is written (memtable
-/// inserts, WAL) and N+2 is built. N+2 reads what N+1 changes from N+1's
-/// overlay, since N+1 may not be in the store yet; it is handed to the
-/// writer only once N+1 is written, so batches reach the store, and their
-/// completions run, in the order they were built.
+/// syncer): while the syncer syncs batch N (and up to [`SYNC_GROUP`] - 1
+/// before it, with the same fsync) and completes it, the writer writes
+/// N+1 (memtable inserts, WAL; up to [`SYNC_GROUP`] written batches may
+/// wait for the syncer) and the commit thread builds N+2. N+2 reads what
+/// N+1 changes from N+1's overlay, since N+1 may not be in the store yet;
+/// it is handed to the writer only once N+1 is written, so batches reach
+/// the store, and their completions run, in the order they were built.
 ///
 /// - A write lands in RocksDB's memtable before its fsync: nothing that
 ///   tells a client reads it from there before its completions run. An
 ///   inbox scan takes items only up to [`User::visible`], which a
-///   completion raises; a dedup record read by a later batch is only
-///   acted on in a batch that is synced after it, or refused with it.
+///   completion raises; a later batch that acts on a dedup record read
+///   from there is synced after it, or refused with it. (The operator's
+///   message list reads the store as it is, and may show a message whose
+///   batch is not synced yet.)
 /// - A batch built on one whose write failed is refused unwritten (its
 ///   SENDs answered OVERLOADED, its ACKs left to retry): it may rest on
 ///   what that batch would have stored, such as a dedup record. A failed
-///   sync refuses its batches and every one after them up to a fence
-///   ([`sync_loop`]), and the commit thread then refuses the batch it has
-///   built and sends one ([`Pipeline::drain`]).
+///   sync refuses its batches and every one after them until the store is
+///   reopened ([`Syncer`]); the commit thread refuses what it builds
+///   meanwhile. A refusal on the commit thread first waits for the batches
+///   before it, so that completions still run in build order.
 /// - Requests that scan the store (an admin delete or purge, an expiry
 ///   sweep) and the upkeep (a reopen) wait for every batch handed over to
 ///   be synced and completed.
 /// - Only completions, on the syncer, change what a later batch's
-///   decisions read from the directory, and they lag by up to two batches
-///   (in-flight entries, held shares, settle counts): the overlay covers the
-///   batch not yet written; the one before it is in the store. A settle
-///   count that a completion changes (an item expired or deleted) comes
-///   from a request that waits for both, and a failed batch's refusals
-///   refuse the batches after it too. Budgets (the held shares' bytes)
-///   may be overshot by what two batches hold.
+///   decisions read from the directory, and they lag by up to
+///   2 × [`SYNC_GROUP`] + 2 batches: in-flight entries, held shares,
+///   settle counts. The store and the overlay of the batch not yet written
+///   cover what those decide on, with two exceptions. An item's settle
+///   count (`settle::known`) moves when a batch expires or deletes items,
+///   so the batch after one that does waits for it to complete. And a
+///   user's count of held shares may be exceeded by what the batches in
+///   the pipeline hold for it; their bytes count against the byte budget
+///   from the moment they are built (`Directory::held_pending`).
 struct Pipeline<'c> {
     c: &'c Committer,
     /// The writer thread's queue and answers (`None`: no writer thread;
@@ -538,7 +545,8 @@ struct Writer<'c> {
     jobs: Sender<Job<'c>>,
     /// Whether each batch was written (not yet synced).
     results: Receiver<bool>,
-    /// Set by the syncer when a sync failed; cleared after the next fence.
+    /// Set by the syncer while it refuses every batch (a sync failed);
+    /// cleared by [`Pipeline::drain`] once the store is reopened.
     failed: Arc<AtomicBool>,
 }
 
@@ -580,24 +588,33 @@ impl<'c> Pipeline<'c> {
         if requests.iter().any(Request::scans_store) {
             self.drain();
         }
+        // Nothing handed over since the last drain: built on the store alone.
+        let on_store = !self.unfenced;
         let prev = std::mem::take(&mut self.prev);
         let (built, overlay) = build_batch(self.c, requests, prev, self.sizes);
         self.sizes = pass::Sizes::of(built.batch.as_ref(), &built.done);
+        // Refusals wait for the batches before them to complete: their
+        // completions (an OVERLOADED, a barrier) run in build order.
         if !self.wait() {
+            self.drain();
             refuse_batch(self.c, built, "the batch before this one was not written");
             return;
+        }
+        if self.refusing() {
+            // The syncer refuses every batch handed over since a failed
+            // sync, and this one may be built on the last of them. Once
+            // the store is reopened, one built on the store alone goes on.
+            self.drain();
+            if !on_store || self.refusing() {
+                refuse_batch(self.c, built, "a sync before this batch failed");
+                return;
+            }
         }
         let Some(writer) = &self.writer else {
             write_batch(self.c, built);
             return;
         };
-        if writer.failed.load(Ordering::Acquire) {
-            // The syncer refuses every batch handed over since a failed
-            // sync, and this one was built on the last of them.
-            refuse_batch(self.c, built, "a sync before this batch failed");
-            self.drain();
-            return;
-        }
+        let settles_otherwise = built.settles_otherwise;
         match writer.jobs.send(Job::Batch(built)) {
             Ok(()) => {
                 self.in_flight = true;
@@ -608,7 +625,15 @@ impl<'c> Pipeline<'c> {
                 if let Job::Batch(built) = job {
                     refuse_batch(self.c, built, "the commit writer is gone");
                 }
+                return;
             }
+        }
+        if settles_otherwise {
+            // An ACK of an item it expires or deletes, built after the next
+            // batch, would find neither the item's deletion in its overlay
+            // nor the settle count raised (`settle::known`), and settle the
+            // item again from its session's copy.
+            self.drain();
         }
     }
 
@@ -624,20 +649,31 @@ impl<'c> Pipeline<'c> {
     }
 
     /// Waits for every batch handed over to be written, synced and
-    /// completed: then the store and the directory have everything.
+    /// completed: then the store and the directory have everything. If
+    /// the syncer refuses batches (a sync failed) and the store has no
+    /// fault any more (the upkeep reopened it), it stops: every batch that
+    /// may rest on a refused one is through.
     fn drain(&mut self) {
         self.wait();
-        if std::mem::take(&mut self.unfenced) {
-            if let Some(writer) = &self.writer {
+        if let Some(writer) = &self.writer {
+            if std::mem::take(&mut self.unfenced) {
                 let (tx, rx) = channel::bounded(1);
                 if writer.jobs.send(Job::Fence(tx)).is_ok() {
                     let _ = rx.recv();
                 }
-                // The syncer refuses nothing after the fence.
+            }
+            if writer.failed.load(Ordering::Acquire) && self.c.store.fault().is_none() {
                 writer.failed.store(false, Ordering::Release);
             }
         }
         self.prev = pass::Overlay::default();
+    }
+
+    /// Whether the syncer refuses every batch.
+    fn refusing(&self) -> bool {
+        self.writer
+            .as_ref()
+            .is_some_and(|w| w.failed.load(Ordering::Acquire))
     }
 }
 
@@ -742,7 +778,7 @@ impl Upkeep {
     }
 
     /// Nothing to commit for [`UPKEEP_INTERVAL`]: sync what was written
-    /// without an fsync (the writer thread does within [`MAX_UNSYNCED`];
+    /// without an fsync (the syncer thread does within [`MAX_UNSYNCED`];
     /// this covers batches written here when it could not start), and
     /// after a busy spell, give the memory freed meanwhile back to the OS
     /// (once per spell).
@@ -868,6 +904,8 @@ struct Built<'c> {
     clock: StageClock,
     /// Requests in it.
     count: u64,
+    /// It expires or deletes items (see [`Pipeline::commit`]).
+    settles_otherwise: bool,
 }
 
 /// Applies `requests` (drained) to a new batch built on `prev`; returns it
@@ -880,13 +918,14 @@ fn build_batch<'c>(
 ) -> (Built<'c>, pass::Overlay) {
     let count = requests.len() as u64;
     let clock = StageClock::start(requests);
-    let mut pass = pass::Pass::new(c, now_ms(), requests.len(), prev, hint);
+    let prefetched = pass::Prefetch::read(&c.store, requests);
+    let mut pass = pass::Pass::new(c, now_ms(), requests.len(), prev, hint, prefetched);
     for req in requests.drain(..) {
         pass.apply(req);
     }
     let (batch, done, tally, overlay) = pass.finish();
     // The shares it will hold count against the budget from now on: up to
-    // SYNC_GROUP + 2 batches may wait for their completions.
+    // 2 × SYNC_GROUP + 2 batches may wait for their completions.
     let pending: usize = done
         .iter()
         .map(|d| match d {
@@ -897,19 +936,23 @@ fn build_batch<'c>(
     if pending > 0 {
         c.dir.held_pending.fetch_add(pending, Ordering::Relaxed);
     }
+    let settles_otherwise = done
+        .iter()
+        .any(|d| matches!(d, Completion::SettledOtherwise { .. }));
     let mut built = Built {
         batch,
         done,
         tally,
         clock,
         count,
+        settles_otherwise,
     };
     built.clock.lap(Stage::Batch);
     (built, overlay)
 }
 
 /// The longest a written batch stays unsynced: the first batch written
-/// after that is synced, whatever it holds, and without one the writer
+/// after that is synced, whatever it holds, and without one the syncer
 /// syncs the WAL by itself ([`next_staged`]).
 pub const MAX_UNSYNCED: Duration = Duration::from_millis(100);
 
@@ -971,6 +1014,7 @@ fn write_phase(built: Built<'_>) -> Written {
         tally,
         clock,
         count,
+        ..
     } = built;
     let started = Instant::now();
     let writes = batch.as_ref().is_some_and(|b| !b.is_empty());
@@ -1000,8 +1044,9 @@ fn write_phase(built: Built<'_>) -> Written {
 
 /// Syncs the WAL once for a group of written batches (drained), if one of
 /// them [`needs_sync`] or an earlier write has waited [`MAX_UNSYNCED`], and
-/// runs their completions in order; whether the sync (if any) worked.
-/// With `refuse`, or a failed sync, every batch in it is refused.
+/// runs their completions in order; whether the sync (if any) worked, and
+/// `false` with `refuse`, when every batch in it is refused unsynced (as
+/// with a failed sync).
 fn finish(c: &Committer, group: &mut Vec<Written>, refuse: bool) -> bool {
     let sync = group.iter().any(|w| w.written && needs_sync(&w.done))
         || c.store
@@ -1014,20 +1059,20 @@ fn finish(c: &Committer, group: &mut Vec<Written>, refuse: bool) -> bool {
             "WAL sync failed; the batches it covered are refused"
         );
     }
+    if synced {
+        for w in group.iter().filter(|w| w.written && (w.writes || sync)) {
+            c.metrics.record_commit(w.started.elapsed(), w.count, sync);
+        }
+    }
     for w in group.drain(..) {
         let Written {
             written,
-            writes,
             done,
             tally,
             mut clock,
-            count,
-            started,
+            ..
         } = w;
         let written = written && synced;
-        if !refuse && (writes || sync) {
-            c.metrics.record_commit(started.elapsed(), count, sync);
-        }
         clock.lap(Stage::Sync);
         if written {
             tally.add_to(&c.metrics);

@@ -62,7 +62,7 @@ impl Pass<'_> {
                 seq,
             });
             if self.inbox_deleted(&key) {
-                continue; // settled earlier in this batch (or the one before)
+                continue; // settled earlier in this batch (or the one not yet written)
             }
             // The item as the session wrote it: a held share's bitmap says
             // whether it is still held, so the session's copy is as good as
@@ -479,7 +479,10 @@ fn is_held_share(item: &Item) -> bool {
 /// when the first ACK request is built, and the first settlement removes
 /// the entry, which only a new write puts back, with the item as read then
 /// (no hint). Within the batch and the one being written, `inbox_deleted`
-/// stops it too.
+/// stops it too. A batch that expires or deletes items is completed (its
+/// settle counts raised) before the batch after it is built (see
+/// `commit::Pipeline`): a count that lagged would let an ACK built later
+/// settle an item twice.
 ///
 /// A share that was held in memory when it was written is never "known":
 /// it had no REF then (if it has one now, it was written later).

@@ -827,9 +827,16 @@ fn a_batch_built_on_one_whose_write_failed_is_refused() {
     f.c.store.swap_db(db);
     answer.send(false).unwrap();
     // Alice's retry was built on what the failed batch would have stored:
-    // answering it SENT from there would lose the message.
-    pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    assert!(handed(&taken).is_none(), "not handed to the writer");
+    // answering it SENT from there would lose the message. It is refused
+    // after a fence (nothing left before it here).
+    std::thread::scope(|s| {
+        s.spawn(|| match taken.recv_timeout(Duration::from_secs(10)) {
+            Ok(Job::Fence(tx)) => tx.send(()).unwrap(),
+            Ok(Job::Batch(_)) => panic!("handed to the writer"),
+            Err(e) => panic!("no fence: {e}"),
+        });
+        pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
+    });
     assert_eq!(
         answers(&f),
         vec![
@@ -847,9 +854,11 @@ fn a_batch_built_on_one_whose_write_failed_is_refused() {
 
 /// A batch written but whose sync failed is refused (its SENDs answered
 /// OVERLOADED), and so is every batch built on it: the next one handed
-/// over, refused by the syncer even though the sync after it works, and
-/// the one the commit thread built meanwhile, refused before the writer
-/// sees it. After the fence, batches are built on the store alone again.
+/// over, refused by the syncer without a sync though the store works
+/// again, and the one the commit thread built meanwhile, refused before
+/// the writer sees it. After the fence (with the store's fault cleared:
+/// here there was none, the store was only unavailable), batches are
+/// built on the store alone again.
 #[test]
 fn batches_built_on_one_whose_sync_failed_are_refused() {
     let f = fixture(&["alice", "bob"]);
@@ -882,12 +891,10 @@ fn batches_built_on_one_whose_sync_failed_are_refused() {
     // Built on the second batch's overlay: refused, then a fence.
     answer.send(true).unwrap();
     std::thread::scope(|s| {
-        s.spawn(|| match taken.recv().unwrap() {
-            Job::Fence(tx) => {
-                syncer.fence();
-                tx.send(()).unwrap();
-            }
-            Job::Batch(_) => panic!("handed to the writer"),
+        s.spawn(|| match taken.recv_timeout(Duration::from_secs(10)) {
+            Ok(Job::Fence(tx)) => tx.send(()).unwrap(),
+            Ok(Job::Batch(_)) => panic!("handed to the writer"),
+            Err(e) => panic!("no fence: {e}"),
         });
         pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
     });
@@ -901,36 +908,6 @@ fn batches_built_on_one_whose_sync_failed_are_refused() {
     assert_eq!(answers(&f), vec![(1, Some(StatusCode::SENT))]);
     assert_eq!(f.c.store.unsynced_for(), None);
     assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1, "stored once");
-}
-
-/// An operator's delete being written, and the recipient's ACK of the same
-/// item built meanwhile: the delete's completions have not run, so the
-/// session's copy still looks current; the ACK must see the delete in the
-/// batch being written and settle nothing.
-#[test]
-fn an_ack_built_while_its_items_delete_is_written_settles_nothing() {
-    let f = fixture(&["alice", "bob"]);
-    let bob = f.c.dir.user("bob").unwrap();
-    let alice = f.c.dir.user("alice").unwrap();
-    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
-    bob.attached.store(Some(mb.clone()));
-    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
-    let item = mb.pop_durable().expect("pushed after commit");
-    bob.inflight().insert(item.seq, acking(Some(item.clone())));
-    let (delete, deleted) = delete_id(&bob, "alice", 1);
-    let (mut pipe, taken, answer) = pipeline(&f);
-    pipe.commit(&mut vec![delete]);
-    let first = handed(&taken).unwrap();
-    answer.send(true).unwrap();
-    pipe.commit(&mut vec![ack_req(&bob, &[(item.seq, 0)])]);
-    assert!(write_batch(&f.c, first));
-    assert_eq!(deleted.recv().unwrap(), 1);
-    assert!(write_batch(&f.c, handed(&taken).unwrap()));
-    assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 0);
-    assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
-    // Alice is owed DELETED, and nothing else.
-    assert_eq!(alice.queued.load(Ordering::Relaxed), 1);
-    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
 }
 
 /// An inbox scan that overlaps a batch holding a stored 1:1 item and, at
@@ -1010,6 +987,120 @@ fn shares_are_held_only_within_the_bounds() {
         (m.held(), refs()),
         (HELD_PER_USER, 3),
         "at the user's count: a REF"
+    );
+}
+
+/// Runs `body` on a pipeline whose writer writes each batch at once and
+/// whose syncer syncs and completes nothing until a fence asks it to: the
+/// most its completions can lag.
+fn with_lazy_syncer<'f>(f: &'f Fixture, body: impl FnOnce(&mut Pipeline<'f>)) {
+    let (mut pipe, taken, answer) = pipeline(f);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let failed = std::sync::atomic::AtomicBool::new(false);
+            let mut syncer = Syncer::new(&f.c, &failed);
+            let mut written = Vec::new();
+            while let Ok(job) = taken.recv() {
+                match job {
+                    Job::Batch(built) => {
+                        written.push(write_phase(built));
+                        answer.send(true).unwrap();
+                    }
+                    Job::Fence(tx) => {
+                        syncer.sync(&mut written);
+                        tx.send(()).unwrap();
+                    }
+                }
+            }
+        });
+        body(&mut pipe);
+        pipe.drain();
+        drop(pipe);
+    });
+}
+
+/// An operator's delete, then the recipient's ACK of the same item, right
+/// after it or with an unrelated batch between them, while the syncer
+/// lags: the ACK must not settle the item again from its session's copy.
+/// Only the delete's completion (the settle count it raises,
+/// `settle::known`) can stop an ACK built after the batch that follows
+/// the delete: so the batch after a delete waits for it.
+#[test]
+fn an_ack_built_after_its_items_delete_settles_nothing() {
+    for gap in [false, true] {
+        let f = fixture(&["alice", "bob"]);
+        let bob = f.c.dir.user("bob").unwrap();
+        let alice = f.c.dir.user("alice").unwrap();
+        let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
+        bob.attached.store(Some(mb.clone()));
+        commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+        let item = mb.pop_durable().expect("pushed after commit");
+        bob.inflight().insert(item.seq, acking(Some(item.clone())));
+        let (delete, deleted) = delete_id(&bob, "alice", 1);
+        with_lazy_syncer(&f, |pipe| {
+            pipe.commit(&mut vec![delete]);
+            if gap {
+                pipe.commit(&mut vec![send(&f, "alice", "bob", 2)]);
+            }
+            pipe.commit(&mut vec![ack_req(&bob, &[(item.seq, 0)])]);
+        });
+        assert_eq!(deleted.recv().unwrap(), 1);
+        assert_eq!(
+            f.c.metrics.delivered.load(Ordering::Relaxed),
+            0,
+            "gap {gap}"
+        );
+        // Alice is owed DELETED, and nothing else.
+        assert_eq!(alice.queued.load(Ordering::Relaxed), 1, "gap {gap}");
+        assert_eq!(bob.queued.load(Ordering::Relaxed), u64::from(gap));
+    }
+}
+
+/// A batch refused on the commit thread (the write before it failed) is
+/// answered after the batches handed over before it: alice's SENT for 5,
+/// then OVERLOADED for 6 and 7, and the barrier only after all three.
+#[test]
+fn a_refusal_waits_for_the_batches_before_it() {
+    let f = fixture(&["alice", "bob"]);
+    let (mut pipe, taken, answer) = pipeline(&f);
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 5)]);
+    let first = handed(&taken).unwrap();
+    answer.send(true).unwrap();
+    pipe.commit(&mut vec![send(&f, "alice", "bob", 6)]);
+    let second = handed(&taken).unwrap();
+    // The first is written, not yet synced; the second's write fails.
+    let first = write_phase(first);
+    let db = f.c.store.swap_db(None);
+    let second = write_phase(second);
+    f.c.store.swap_db(db);
+    assert!(first.written && !second.written);
+    answer.send(false).unwrap();
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let mut syncer = Syncer::new(&f.c, &failed);
+    let (barrier, fired) = channel::bounded(1);
+    std::thread::scope(|s| {
+        s.spawn(|| match taken.recv_timeout(Duration::from_secs(10)) {
+            Ok(Job::Fence(tx)) => {
+                assert!(fired.try_recv().is_err(), "the barrier waits");
+                syncer.sync(&mut vec![first, second]);
+                tx.send(()).unwrap();
+            }
+            Ok(Job::Batch(_)) => panic!("handed to the writer"),
+            Err(e) => panic!("no fence before the refusal: {e}"),
+        });
+        pipe.commit(&mut vec![
+            send(&f, "alice", "bob", 7),
+            Request::Barrier(barrier),
+        ]);
+    });
+    fired.try_recv().expect("the barrier fired");
+    assert_eq!(
+        answers(&f),
+        vec![
+            (5, Some(StatusCode::SENT)),
+            (6, Some(StatusCode::OVERLOADED)),
+            (7, Some(StatusCode::OVERLOADED))
+        ]
     );
 }
 
@@ -1140,8 +1231,12 @@ fn the_syncer_syncs_an_unsynced_write_by_itself() {
     );
     f.c.store.age_unsynced(MAX_UNSYNCED);
     let (jobs, syncer_jobs) = channel::bounded::<Staged>(1);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
-        let syncer = s.spawn(|| next_staged(&f.c, &syncer_jobs).is_none());
+        let syncer = s.spawn(|| {
+            let mut syncer = Syncer::new(&f.c, &failed);
+            next_staged(&f.c, &syncer_jobs, &mut syncer).is_none()
+        });
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while f.c.store.unsynced_for().is_some() {
             assert!(
