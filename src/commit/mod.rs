@@ -231,7 +231,8 @@ pub struct Committer {
     pub max_expiry: u32,
 }
 
-/// Completion of a request, run after its batch is written and synced.
+/// Completion of a request, run after its batch is written and synced
+/// (or written only, for a batch that [`needs_sync`] exempts).
 pub enum Completion {
     /// Answer a SEND.
     Reply { conn: ReplyTo, answer: Answer },
@@ -507,13 +508,17 @@ fn build_loop(c: &Committer, rx: &Receiver<Request>, pipe: &mut Pipeline<'_>) {
 /// - A batch built on one whose write failed is refused unwritten (its
 ///   SENDs answered OVERLOADED, its ACKs left to retry): it may rest on
 ///   what that batch would have stored, such as a dedup record. A failed
-///   sync refuses its batches and every one after them until the store is
-///   reopened ([`Syncer`]); the commit thread refuses what it builds
+///   sync refuses its batches and every one after them until the first
+///   drain after the store is reopened ([`Syncer`]); the commit thread refuses what it builds
 ///   meanwhile. A refusal on the commit thread first waits for the batches
 ///   before it, so that completions still run in build order.
 /// - Requests that scan the store (an admin delete or purge, an expiry
 ///   sweep) and the upkeep (a reopen) wait for every batch handed over to
-///   be synced and completed.
+///   be written, synced if it needs it, and completed.
+/// - Only the syncer syncs while batches are in flight (the commit
+///   thread's own syncs, and the synced write of `resync`, come after a
+///   drain): a sync elsewhere could clear the unsynced marker for a write
+///   it did not cover, and a group would skip its fsync.
 /// - Only completions, on the syncer, change what a later batch's
 ///   decisions read from the directory, and they lag by up to
 ///   2 × [`SYNC_GROUP`] + 2 batches: in-flight entries, held shares,
@@ -648,11 +653,11 @@ impl<'c> Pipeline<'c> {
         }
     }
 
-    /// Waits for every batch handed over to be written, synced and
-    /// completed: then the store and the directory have everything. If
-    /// the syncer refuses batches (a sync failed) and the store has no
-    /// fault any more (the upkeep reopened it), it stops: every batch that
-    /// may rest on a refused one is through.
+    /// Waits for every batch handed over to be written, synced (if it
+    /// needs it) and completed: then the store and the directory have
+    /// everything. If the syncer refuses batches (a sync failed) and the
+    /// store has no fault any more (the upkeep reopened it), clears the
+    /// flag: every batch that may rest on a refused one is through.
     fn drain(&mut self) {
         self.wait();
         if let Some(writer) = &self.writer {
@@ -664,6 +669,11 @@ impl<'c> Pipeline<'c> {
             }
             if writer.failed.load(Ordering::Acquire) && self.c.store.fault().is_none() {
                 writer.failed.store(false, Ordering::Release);
+                // The syncer's timed sync may have failed just now: it sets
+                // the store's fault before the flag, so look again.
+                if self.c.store.fault().is_some() {
+                    writer.failed.store(true, Ordering::Release);
+                }
             }
         }
         self.prev = pass::Overlay::default();
@@ -1044,9 +1054,9 @@ fn write_phase(built: Built<'_>) -> Written {
 
 /// Syncs the WAL once for a group of written batches (drained), if one of
 /// them [`needs_sync`] or an earlier write has waited [`MAX_UNSYNCED`], and
-/// runs their completions in order; whether the sync (if any) worked, and
-/// `false` with `refuse`, when every batch in it is refused unsynced (as
-/// with a failed sync).
+/// runs their completions in order. Returns whether the sync (if any)
+/// worked; with `refuse`, every batch in the group is refused without a
+/// sync, as after a failed one, and it returns `false`.
 fn finish(c: &Committer, group: &mut Vec<Written>, refuse: bool) -> bool {
     let sync = group.iter().any(|w| w.written && needs_sync(&w.done))
         || c.store

@@ -153,7 +153,9 @@ pub(super) struct Pass<'c> {
 ///
 /// What the store holds under these keys changes meanwhile only by the
 /// batch being written, whose changes the batch reads first from its
-/// overlay; so a prefetched value is what a `get` would return then.
+/// overlay, and by the compaction filter, which drops records that are
+/// gone (and read as absent either way); so a prefetched value is what a
+/// `get` would return then.
 #[derive(Default)]
 pub(super) struct Prefetch(HashMap<Vec<u8>, Option<Vec<u8>>>);
 
