@@ -753,9 +753,25 @@ impl Queues {
             let n = self.settle.len().min(MAX_SETTLE_BATCH);
             batch.extend(self.settle.drain(..n));
         } else {
-            std::mem::swap(batch, &mut self.first);
+            // An operator's delete or a purge lists the user's items in the
+            // store and in memory: what is queued before it (a SEND to that
+            // user) is committed and completed first, in a batch of its own.
+            let cut = self.first.iter().skip(1).position(Request::lists_items);
+            match cut {
+                Some(i) => batch.extend(self.first.drain(..=i)),
+                None => std::mem::swap(batch, &mut self.first),
+            }
         }
         self.settle_turn = !settle;
+    }
+}
+
+impl Request {
+    /// Whether applying it lists a user's queued items (from the store and
+    /// the held shares), so it must not share a batch with the requests
+    /// queued before it.
+    fn lists_items(&self) -> bool {
+        matches!(self, Request::DeleteMessages { .. } | Request::Purge { .. })
     }
 }
 

@@ -329,6 +329,7 @@ fn kinds(batch: &[Request]) -> String {
             Request::Send(_) => 'S',
             Request::Expire { .. } => 'E',
             Request::Barrier(_) => 'B',
+            Request::DeleteMessages { .. } => 'D',
             _ => '?',
         })
         .collect()
@@ -376,6 +377,36 @@ fn batches_take_turns_and_a_barrier_keeps_order() {
     q.next_batch(&mut batch);
     assert_eq!(kinds(&batch), "E");
     assert!(q.is_empty());
+}
+
+/// An operator's delete lists what the store holds: a SEND queued before
+/// it, in the same drain, is committed in a batch of its own first, so
+/// that the delete finds it; one queued after it goes with it, and stays.
+#[test]
+fn a_delete_finds_what_was_sent_before_it_in_the_same_drain() {
+    let f = fixture(&["alice", "bob"]);
+    let bob = f.c.dir.user("bob").unwrap();
+    let mut q = Queues::default();
+    q.add(send(&f, "alice", "bob", 1));
+    let (delete, deleted) = delete_id(&bob, "alice", 1);
+    q.add(delete);
+    q.add(send(&f, "alice", "bob", 2));
+    let mut batch = Vec::new();
+    q.next_batch(&mut batch);
+    assert_eq!(kinds(&batch), "S");
+    commit_batch(&f.c, &mut batch);
+    q.next_batch(&mut batch);
+    assert_eq!(kinds(&batch), "DS");
+    commit_batch(&f.c, &mut batch);
+    assert!(q.is_empty());
+    assert_eq!(deleted.recv().unwrap(), 1, "message 1 deleted");
+    let alice = f.c.dir.user("alice").unwrap();
+    assert_eq!(
+        alice.queued.load(Ordering::Relaxed),
+        1,
+        "alice owed DELETED"
+    );
+    assert_eq!(bob.queued.load(Ordering::Relaxed), 1, "message 2 stays");
 }
 
 /// A settlement batch holds at most `MAX_SETTLE_BATCH` requests.
@@ -573,10 +604,7 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
 #[test]
 fn an_ack_of_a_deleted_message_settles_nothing() {
     let f = fixture(&["alice", "bob"]);
-    let (bob, mb) = attach(&f, "bob");
-    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
-    let item = mb.pop_durable().expect("pushed after commit");
-    bob.inflight().insert(item.seq, acking(Some(item.clone())));
+    let (bob, item) = bob_holds_message_1(&f);
     // Sent by the session before the delete's batch removed the entry.
     let ack = ack_req(&bob, &[(item.seq, 0)]);
     let (delete, deleted) = delete_id(&bob, "alice", 1);
@@ -790,14 +818,8 @@ fn a_batch_built_while_the_one_before_is_written_sees_its_changes() {
 #[test]
 fn an_ack_repeated_while_the_first_is_written_settles_once() {
     let f = fixture(&["alice", "bob"]);
-    let bob = f.c.dir.user("bob").unwrap();
     let alice = f.c.dir.user("alice").unwrap();
-    let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
-    bob.attached.store(Some(mb.clone()));
-    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
-    let item = mb.pop_durable().expect("pushed after commit");
-    // As the session records an item it wrote: the ACK may settle from it.
-    bob.inflight().insert(item.seq, acking(Some(item.clone())));
+    let (bob, item) = bob_holds_message_1(&f);
     let ack = || ack_req(&bob, &[(item.seq, 0)]);
     let (mut pipe, taken, answer) = pipeline(&f);
     pipe.commit(&mut vec![ack()]);
@@ -1029,13 +1051,8 @@ fn with_lazy_syncer<'f>(f: &'f Fixture, body: impl FnOnce(&mut Pipeline<'f>)) {
 fn an_ack_built_after_its_items_delete_settles_nothing() {
     for gap in [false, true] {
         let f = fixture(&["alice", "bob"]);
-        let bob = f.c.dir.user("bob").unwrap();
         let alice = f.c.dir.user("alice").unwrap();
-        let mb = Arc::new(Mailbox::new(CONN, f.rec.clone()));
-        bob.attached.store(Some(mb.clone()));
-        commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
-        let item = mb.pop_durable().expect("pushed after commit");
-        bob.inflight().insert(item.seq, acking(Some(item.clone())));
+        let (bob, item) = bob_holds_message_1(&f);
         let (delete, deleted) = delete_id(&bob, "alice", 1);
         with_lazy_syncer(&f, |pipe| {
             pipe.commit(&mut vec![delete]);
@@ -1128,6 +1145,17 @@ fn shares_of_batches_not_yet_completed_count_against_the_budget() {
     assert_eq!(m.held(), 1, "the first held, the second not");
     assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1, "a REF");
     assert_eq!(f.c.dir.held_pending.load(Ordering::Relaxed), 0);
+}
+
+/// Alice's message 1, committed and written to bob's connection, as his
+/// session records it: an in-flight entry with the item (so his ACK may
+/// settle from it), marked as being ACKed. Returns bob and the item.
+fn bob_holds_message_1(f: &Fixture) -> (Arc<User>, Arc<crate::store::Item>) {
+    let (bob, mb) = attach(f, "bob");
+    commit_batch(&f.c, &mut vec![send(f, "alice", "bob", 1)]);
+    let item = mb.pop_durable().expect("pushed after commit");
+    bob.inflight().insert(item.seq, acking(Some(item.clone())));
+    (bob, item)
 }
 
 /// Connects `name`: items committed for them are pushed to the mailbox returned.
