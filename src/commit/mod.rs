@@ -369,11 +369,11 @@ const SYNC_GROUP: usize = 8;
 /// (up to [`SYNC_GROUP`]), syncs the WAL once for all of them if one
 /// needs it ([`needs_sync`]), then runs their completions in order.
 ///
-/// A failed sync refuses its batches and every batch after them ([`Syncer`]).
+/// A failed sync refuses its batches and every batch after them
+/// ([`sync_group`]).
 fn sync_loop(c: &Committer, rx: &Receiver<Staged>, failed: &AtomicBool) {
-    let mut syncer = Syncer::new(c, failed);
     let mut group = Vec::with_capacity(SYNC_GROUP);
-    while let Some(first) = next_staged(c, rx, &mut syncer) {
+    while let Some(first) = next_staged(c, rx, failed) {
         let mut fence = None;
         let mut next = Some(first);
         while let Some(staged) = next.take() {
@@ -389,7 +389,7 @@ fn sync_loop(c: &Committer, rx: &Receiver<Staged>, failed: &AtomicBool) {
             }
         }
         if !group.is_empty() {
-            syncer.sync(&mut group);
+            sync_group(c, &mut group, failed);
         }
         if let Some(tx) = fence {
             let _ = tx.send(());
@@ -397,37 +397,19 @@ fn sync_loop(c: &Committer, rx: &Receiver<Staged>, failed: &AtomicBool) {
     }
 }
 
-/// The syncer's state between groups: whether it refuses every batch.
+/// Syncs and completes a group of written batches (drained), refusing
+/// them all while `failed` is set, and setting it when the sync fails.
 ///
 /// After a failed sync the written batches are in RocksDB's memtable but
 /// may not be on disk, and later batches were built on them (a dedup
 /// record, a SEQ): so every batch is refused, written or not, until the
 /// commit thread has waited for all of them and the store has no fault
 /// (it was reopened: its WAL replayed, what is in it now is what
-/// survives); see [`Pipeline::drain`]. The flag is shared with the commit
-/// thread, which refuses what it builds meanwhile.
-struct Syncer<'a> {
-    c: &'a Committer,
-    /// Refuse every batch (set here, cleared by the commit thread).
-    failed: &'a AtomicBool,
-}
-
-impl<'a> Syncer<'a> {
-    fn new(c: &'a Committer, failed: &'a AtomicBool) -> Syncer<'a> {
-        Syncer { c, failed }
-    }
-
-    /// Syncs and completes a group of written batches (drained).
-    fn sync(&mut self, group: &mut Vec<Written>) {
-        let refuse = self.failed.load(Ordering::Acquire);
-        if !finish(self.c, group, refuse) {
-            self.poison();
-        }
-    }
-
-    /// A sync failed: refuse everything from here.
-    fn poison(&mut self) {
-        self.failed.store(true, Ordering::Release);
+/// survives); see [`Pipeline::drain`], which clears the flag. The commit
+/// thread refuses what it builds meanwhile.
+fn sync_group(c: &Committer, group: &mut Vec<Written>, failed: &AtomicBool) {
+    if !finish(c, group, failed.load(Ordering::Acquire)) {
+        failed.store(true, Ordering::Release);
     }
 }
 
@@ -435,7 +417,7 @@ impl<'a> Syncer<'a> {
 /// a write is unsynced, waits at most until it is [`MAX_UNSYNCED`] old and
 /// syncs the WAL then: only the writer writes without `sync`, so this
 /// keeps the bound when no batch follows.
-fn next_staged(c: &Committer, rx: &Receiver<Staged>, syncer: &mut Syncer<'_>) -> Option<Staged> {
+fn next_staged(c: &Committer, rx: &Receiver<Staged>, failed: &AtomicBool) -> Option<Staged> {
     loop {
         let Some(age) = c.store.unsynced_for() else {
             return rx.recv().ok();
@@ -445,7 +427,8 @@ fn next_staged(c: &Committer, rx: &Receiver<Staged>, syncer: &mut Syncer<'_>) ->
             Err(RecvTimeoutError::Disconnected) => return None,
             Err(RecvTimeoutError::Timeout) => {
                 if !sync_wal(c) {
-                    syncer.poison();
+                    // Refuse what comes next, as after a group's failed sync.
+                    failed.store(true, Ordering::Release);
                     // A store fault now (the upkeep reopens the store):
                     // no retry until the next batch.
                     return rx.recv().ok();
@@ -509,7 +492,7 @@ fn build_loop(c: &Committer, rx: &Receiver<Request>, pipe: &mut Pipeline<'_>) {
 ///   SENDs answered OVERLOADED, its ACKs left to retry): it may rest on
 ///   what that batch would have stored, such as a dedup record. A failed
 ///   sync refuses its batches and every one after them until the first
-///   drain after the store is reopened ([`Syncer`]); the commit thread refuses what it builds
+///   drain after the store is reopened ([`sync_group`]); the commit thread refuses what it builds
 ///   meanwhile. A refusal on the commit thread first waits for the batches
 ///   before it, so that completions still run in build order.
 /// - Requests that scan the store (an admin delete or purge, an expiry
@@ -952,19 +935,17 @@ fn build_batch<'c>(
     let (batch, done, tally, overlay) = pass.finish();
     // The shares it will hold count against the budget from now on: up to
     // 2 × SYNC_GROUP + 2 batches may wait for their completions.
-    let pending: usize = done
-        .iter()
-        .map(|d| match d {
-            Completion::Hold { item, .. } => held_cost(&item.record),
-            _ => 0,
-        })
-        .sum();
+    let (mut pending, mut settles_otherwise) = (0, false);
+    for d in &done {
+        match d {
+            Completion::Hold { item, .. } => pending += held_cost(&item.record),
+            Completion::SettledOtherwise { .. } => settles_otherwise = true,
+            _ => {}
+        }
+    }
     if pending > 0 {
         c.dir.held_pending.fetch_add(pending, Ordering::Relaxed);
     }
-    let settles_otherwise = done
-        .iter()
-        .any(|d| matches!(d, Completion::SettledOtherwise { .. }));
     let mut built = Built {
         batch,
         done,

@@ -837,6 +837,28 @@ fn an_ack_repeated_while_the_first_is_written_settles_once() {
     assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
 }
 
+/// Commits `requests`, which must be refused after a fence (within 10 s)
+/// and never handed to the writer; `at_fence` runs when the fence comes,
+/// before it is answered.
+fn commit_refused_after_a_fence<'c>(
+    pipe: &mut Pipeline<'c>,
+    taken: &Receiver<Job<'c>>,
+    mut requests: Vec<Request>,
+    at_fence: impl FnOnce() + Send,
+) {
+    std::thread::scope(|s| {
+        s.spawn(|| match taken.recv_timeout(Duration::from_secs(10)) {
+            Ok(Job::Fence(tx)) => {
+                at_fence();
+                tx.send(()).unwrap();
+            }
+            Ok(Job::Batch(_)) => panic!("handed to the writer"),
+            Err(e) => panic!("no fence: {e}"),
+        });
+        pipe.commit(&mut requests);
+    });
+}
+
 #[test]
 fn a_batch_built_on_one_whose_write_failed_is_refused() {
     let f = fixture(&["alice", "bob"]);
@@ -851,14 +873,7 @@ fn a_batch_built_on_one_whose_write_failed_is_refused() {
     // Alice's retry was built on what the failed batch would have stored:
     // answering it SENT from there would lose the message. It is refused
     // after a fence (nothing left before it here).
-    std::thread::scope(|s| {
-        s.spawn(|| match taken.recv_timeout(Duration::from_secs(10)) {
-            Ok(Job::Fence(tx)) => tx.send(()).unwrap(),
-            Ok(Job::Batch(_)) => panic!("handed to the writer"),
-            Err(e) => panic!("no fence: {e}"),
-        });
-        pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    });
+    commit_refused_after_a_fence(&mut pipe, &taken, vec![send(&f, "alice", "bob", 1)], || {});
     assert_eq!(
         answers(&f),
         vec![
@@ -895,12 +910,11 @@ fn batches_built_on_one_whose_sync_failed_are_refused() {
     let (first, second) = (write_phase(first), write_phase(second));
     assert!(first.written && second.written);
 
-    let mut syncer = Syncer::new(&f.c, &failed);
     // The first batch's sync fails; the second's would work.
     let db = f.c.store.swap_db(None);
-    syncer.sync(&mut vec![first]);
+    sync_group(&f.c, &mut vec![first], &failed);
     f.c.store.swap_db(db);
-    syncer.sync(&mut vec![second]);
+    sync_group(&f.c, &mut vec![second], &failed);
     assert!(failed.load(Ordering::Acquire), "the commit thread is told");
     assert_eq!(
         answers(&f),
@@ -912,21 +926,18 @@ fn batches_built_on_one_whose_sync_failed_are_refused() {
 
     // Built on the second batch's overlay: refused, then a fence.
     answer.send(true).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| match taken.recv_timeout(Duration::from_secs(10)) {
-            Ok(Job::Fence(tx)) => tx.send(()).unwrap(),
-            Ok(Job::Batch(_)) => panic!("handed to the writer"),
-            Err(e) => panic!("no fence: {e}"),
-        });
-        pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    });
+    commit_refused_after_a_fence(&mut pipe, &taken, vec![send(&f, "alice", "bob", 1)], || {});
     assert_eq!(answers(&f), vec![(1, Some(StatusCode::OVERLOADED))]);
     assert!(!failed.load(Ordering::Acquire));
 
     // Built on the store: the first write is there (unsynced), and this
     // batch's sync covers it.
     pipe.commit(&mut vec![send(&f, "alice", "bob", 1)]);
-    syncer.sync(&mut vec![write_phase(handed(&taken).unwrap())]);
+    sync_group(
+        &f.c,
+        &mut vec![write_phase(handed(&taken).unwrap())],
+        &failed,
+    );
     assert_eq!(answers(&f), vec![(1, Some(StatusCode::SENT))]);
     assert_eq!(f.c.store.unsynced_for(), None);
     assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1, "stored once");
@@ -1020,7 +1031,6 @@ fn with_lazy_syncer<'f>(f: &'f Fixture, body: impl FnOnce(&mut Pipeline<'f>)) {
     std::thread::scope(|s| {
         s.spawn(move || {
             let failed = std::sync::atomic::AtomicBool::new(false);
-            let mut syncer = Syncer::new(&f.c, &failed);
             let mut written = Vec::new();
             while let Ok(job) = taken.recv() {
                 match job {
@@ -1029,7 +1039,7 @@ fn with_lazy_syncer<'f>(f: &'f Fixture, body: impl FnOnce(&mut Pipeline<'f>)) {
                         answer.send(true).unwrap();
                     }
                     Job::Fence(tx) => {
-                        syncer.sync(&mut written);
+                        sync_group(&f.c, &mut written, &failed);
                         tx.send(()).unwrap();
                     }
                 }
@@ -1093,22 +1103,11 @@ fn a_refusal_waits_for_the_batches_before_it() {
     assert!(first.written && !second.written);
     answer.send(false).unwrap();
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let mut syncer = Syncer::new(&f.c, &failed);
     let (barrier, fired) = channel::bounded(1);
-    std::thread::scope(|s| {
-        s.spawn(|| match taken.recv_timeout(Duration::from_secs(10)) {
-            Ok(Job::Fence(tx)) => {
-                assert!(fired.try_recv().is_err(), "the barrier waits");
-                syncer.sync(&mut vec![first, second]);
-                tx.send(()).unwrap();
-            }
-            Ok(Job::Batch(_)) => panic!("handed to the writer"),
-            Err(e) => panic!("no fence before the refusal: {e}"),
-        });
-        pipe.commit(&mut vec![
-            send(&f, "alice", "bob", 7),
-            Request::Barrier(barrier),
-        ]);
+    let refused = vec![send(&f, "alice", "bob", 7), Request::Barrier(barrier)];
+    commit_refused_after_a_fence(&mut pipe, &taken, refused, || {
+        assert!(fired.try_recv().is_err(), "the barrier waits");
+        sync_group(&f.c, &mut vec![first, second], &failed);
     });
     fired.try_recv().expect("the barrier fired");
     assert_eq!(
@@ -1261,10 +1260,7 @@ fn the_syncer_syncs_an_unsynced_write_by_itself() {
     let (jobs, syncer_jobs) = channel::bounded::<Staged>(1);
     let failed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
-        let syncer = s.spawn(|| {
-            let mut syncer = Syncer::new(&f.c, &failed);
-            next_staged(&f.c, &syncer_jobs, &mut syncer).is_none()
-        });
+        let syncer = s.spawn(|| next_staged(&f.c, &syncer_jobs, &failed).is_none());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while f.c.store.unsynced_for().is_some() {
             assert!(
