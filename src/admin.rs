@@ -175,8 +175,12 @@ impl Admin {
             }
         }
         let (done, wait) = channel::bounded(1);
-        if self.commit.submit(Request::Purge { user, done }) {
-            let _ = wait.recv();
+        if !self.commit.submit(Request::Purge { user, done }) || wait.recv() != Ok(true) {
+            // Its queued items are still stored: the user stays in the
+            // directory (marked deleted, unreachable), so that the delete
+            // can be retried, and its items never reach a user created
+            // again under the same address.
+            return Err(StoreError::Unavailable);
         }
         self.dir.remove_user(address);
         Ok(true)

@@ -125,8 +125,11 @@ pub fn sweep_once(
         return Ok(0);
     };
     let (done, wait) = channel::bounded(1);
-    if commit.submit(Request::Expire { keys, done }) {
-        let _ = wait.recv();
+    if !commit.submit(Request::Expire { keys, done }) || wait.recv() != Ok(true) {
+        // Not committed (the store failed a write): the next sweep starts
+        // where this one did.
+        cursor.from = start.map(Box::from);
+        return Err(crate::store::StoreError::Unavailable);
     }
     cursor.from = Some(last);
     Ok(n)
@@ -140,11 +143,26 @@ mod tests {
     /// A commit queue that deletes the expiry keys handed to it, and says
     /// which it was handed.
     fn committer(store: Arc<Store>) -> (Commit, channel::Receiver<Vec<Box<[u8]>>>) {
+        committer_refusing(store, 0)
+    }
+
+    /// The same, refusing the first `refused` requests (as the commit
+    /// thread refuses a batch whose write failed: nothing deleted).
+    fn committer_refusing(
+        store: Arc<Store>,
+        mut refused: usize,
+    ) -> (Commit, channel::Receiver<Vec<Box<[u8]>>>) {
         let (commit, queue) = crate::commit::queue();
         let (seen, handed) = channel::unbounded();
         thread::spawn(move || {
             for req in queue.into_receiver() {
                 if let Request::Expire { keys, done } = req {
+                    if refused > 0 {
+                        refused -= 1;
+                        let _ = seen.send(keys);
+                        let _ = done.send(false);
+                        continue;
+                    }
                     let mut batch = store.batch();
                     for k in &keys {
                         batch.delete(CF_EXPIRY, k).unwrap();
@@ -152,7 +170,7 @@ mod tests {
                     batch.seal();
                     batch.commit(false).unwrap();
                     let _ = seen.send(keys);
-                    let _ = done.send(());
+                    let _ = done.send(true);
                 }
             }
         });
@@ -201,6 +219,23 @@ mod tests {
                 expiry_key(3_000, 0, b"c").into()
             ]
         );
+        assert!(store.due_expiries(u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn keys_whose_expiry_was_refused_are_swept_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        let (commit, handed) = committer_refusing(store.clone(), 1);
+        let mut cursor = Cursor::new();
+        cursor.every = Duration::from_secs(3600);
+        put(&store, 1_000, b"a");
+        assert!(sweep_once(&store, &commit, &mut cursor).is_err());
+        put(&store, 2_000, b"b");
+        // The next sweep starts where the refused one did, not after "a".
+        let swept = sweep_all(&store, &commit, &mut cursor, &handed);
+        let (a, b) = (expiry_key(1_000, 0, b"a"), expiry_key(2_000, 0, b"b"));
+        assert_eq!(swept, vec![a.clone().into(), a.into(), b.into()]);
         assert!(store.due_expiries(u64::MAX, 10).unwrap().is_empty());
     }
 

@@ -125,24 +125,27 @@ pub enum Request {
         id: u64,
         group: Option<String>,
     },
-    /// Expiry-index keys found due by the sweeper; `done` fires after commit.
+    /// Expiry-index keys found due by the sweeper; `done` gets whether
+    /// their expiry was committed.
     Expire {
         keys: Vec<Box<[u8]>>,
-        done: Sender<()>,
+        done: Sender<bool>,
     },
     /// Deletes a user's queued (and retained) messages that match `filter`;
-    /// senders of undelivered ones get STATUS DELETED. `done` gets the count.
+    /// senders of undelivered ones get STATUS DELETED. `done` gets the count,
+    /// or `None` if the delete was not committed.
     DeleteMessages {
         user: Arc<User>,
         filter: MessageFilter,
-        done: Sender<usize>,
+        done: Sender<Option<usize>>,
     },
     /// Deletes everything queued for a user (deleted by the admin API);
-    /// senders of undelivered messages get STATUS DELETED. `done` fires after
-    /// commit.
-    Purge { user: Arc<User>, done: Sender<()> },
-    /// Fires once everything submitted before it is committed.
-    Barrier(Sender<()>),
+    /// senders of undelivered messages get STATUS DELETED. `done` gets
+    /// whether it was committed.
+    Purge { user: Arc<User>, done: Sender<bool> },
+    /// Fires once everything submitted before it is committed (or refused):
+    /// `true` if its own batch was written.
+    Barrier(Sender<bool>),
 }
 
 /// Which messages an admin delete removes.
@@ -206,7 +209,7 @@ impl Commit {
         self.tx.send(req).is_ok()
     }
 
-    /// Waits until everything submitted so far is committed.
+    /// Waits until everything submitted so far is committed or refused.
     pub fn barrier(&self) {
         let (tx, rx) = channel::bounded(1);
         if self.submit(Request::Barrier(tx)) {
@@ -257,10 +260,11 @@ pub enum Completion {
     SettledOtherwise { user: Arc<User> },
     /// Items were added to (positive) or removed from a user's queue.
     Queued { user: Arc<User>, delta: i64 },
-    /// Fire a barrier.
-    Done(Sender<()>),
-    /// Answer a count (deleted messages).
-    Count(Sender<usize>, usize),
+    /// Tell a waiter whether its request was committed: `false` if the
+    /// request was rolled back (the second field) or its batch not written.
+    Done(Sender<bool>, bool),
+    /// Answer a count (deleted messages; `None`: rolled back).
+    Count(Sender<Option<usize>>, Option<usize>),
 }
 
 /// Starts the commit thread. It exits when every [`Commit`] is dropped and
@@ -974,7 +978,7 @@ impl Completion {
             Completion::Reply { .. }
             | Completion::Push { .. }
             | Completion::Hold { .. }
-            | Completion::Done(_)
+            | Completion::Done(..)
             | Completion::Count(..) => true,
             Completion::Unhold { .. }
             | Completion::Settled { .. }
@@ -1241,12 +1245,12 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
                     Some(n.saturating_add_signed(delta))
                 });
         }
-        Completion::Done(tx) => {
-            let _ = tx.send(());
+        Completion::Done(tx, staged) => {
+            let _ = tx.send(staged && written);
         }
         Completion::Count(tx, n) => {
             // A failed write deleted nothing.
-            let _ = tx.send(if written { n } else { 0 });
+            let _ = tx.send(n.filter(|_| written));
         }
         Completion::Push { .. } | Completion::Unhold { .. } | Completion::Queued { .. } => {}
     }

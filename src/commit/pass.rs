@@ -306,21 +306,21 @@ impl<'c> Pass<'c> {
                 for key in keys {
                     self.expire(key)?;
                 }
-                self.then(Completion::Done(done.clone()));
+                self.then(Completion::Done(done.clone(), true));
                 Ok(())
             }
             Request::DeleteMessages { user, filter, done } => {
                 let n = self.delete_messages(user, filter)?;
-                self.then(Completion::Count(done.clone(), n));
+                self.then(Completion::Count(done.clone(), Some(n)));
                 Ok(())
             }
             Request::Purge { user, done } => {
                 self.purge(user)?;
-                self.then(Completion::Done(done.clone()));
+                self.then(Completion::Done(done.clone(), true));
                 Ok(())
             }
             Request::Barrier(tx) => {
-                self.then(Completion::Done(tx.clone()));
+                self.then(Completion::Done(tx.clone(), true));
                 Ok(())
             }
         }
@@ -603,7 +603,7 @@ fn failed(req: Request, done: &mut Vec<Completion>) {
         Request::Read { .. } => {}
         Request::Expire { done: tx, .. }
         | Request::Purge { done: tx, .. }
-        | Request::Barrier(tx) => done.push(Completion::Done(tx)),
-        Request::DeleteMessages { done: tx, .. } => done.push(Completion::Count(tx, 0)),
+        | Request::Barrier(tx) => done.push(Completion::Done(tx, false)),
+        Request::DeleteMessages { done: tx, .. } => done.push(Completion::Count(tx, None)),
     }
 }

@@ -130,7 +130,7 @@ fn ack_req(user: &Arc<User>, items: &[(u64, u8)]) -> Request {
 
 /// An operator's delete of message `id` from `from` in `user`'s queue, and
 /// where its count of deleted items comes.
-fn delete_id(user: &Arc<User>, from: &str, id: u64) -> (Request, channel::Receiver<usize>) {
+fn delete_id(user: &Arc<User>, from: &str, id: u64) -> (Request, channel::Receiver<Option<usize>>) {
     let (done, deleted) = channel::bounded(1);
     let delete = Request::DeleteMessages {
         user: user.clone(),
@@ -312,7 +312,7 @@ fn a_delete_sees_a_message_retained_earlier_in_its_batch() {
     let (delete, count) = delete_id(&bob, "alice", 1);
     let ack = ack_req(&bob, &[(seq, 0)]);
     commit_batch(&f.c, &mut vec![ack, delete]);
-    assert_eq!(count.recv().unwrap(), 1);
+    assert_eq!(count.recv().unwrap(), Some(1));
     assert_eq!(
         f.c.store
             .count_keys(crate::store::keys::CF_HISTORY)
@@ -399,7 +399,7 @@ fn a_delete_finds_what_was_sent_before_it_in_the_same_drain() {
     assert_eq!(kinds(&batch), "DS");
     commit_batch(&f.c, &mut batch);
     assert!(q.is_empty());
-    assert_eq!(deleted.recv().unwrap(), 1, "message 1 deleted");
+    assert_eq!(deleted.recv().unwrap(), Some(1), "message 1 deleted");
     let alice = f.c.dir.user("alice").unwrap();
     assert_eq!(
         alice.queued.load(Ordering::Relaxed),
@@ -579,7 +579,7 @@ fn an_ack_after_a_delete_does_not_settle_twice() {
     let ack = |i: usize| ack_req(&members[i], &[(items[i].seq, 0)]);
     let (delete, deleted) = delete_id(&members[0], "alice", 1);
     commit_batch(&f.c, &mut vec![delete]);
-    assert_eq!(deleted.recv().unwrap(), 1);
+    assert_eq!(deleted.recv().unwrap(), Some(1));
     written(0);
     commit_batch(&f.c, &mut vec![ack(0)]);
     let message = |f: &Fixture| f.c.store.get(CF_MESSAGES, &message_key(msgno)).unwrap();
@@ -609,7 +609,7 @@ fn an_ack_of_a_deleted_message_settles_nothing() {
     let ack = ack_req(&bob, &[(item.seq, 0)]);
     let (delete, deleted) = delete_id(&bob, "alice", 1);
     commit_batch(&f.c, &mut vec![delete]);
-    assert_eq!(deleted.recv().unwrap(), 1);
+    assert_eq!(deleted.recv().unwrap(), Some(1));
     commit_batch(&f.c, &mut vec![ack]);
     assert_eq!(f.c.metrics.delivered.load(Ordering::Relaxed), 0);
     assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
@@ -1071,7 +1071,7 @@ fn an_ack_built_after_its_items_delete_settles_nothing() {
             }
             pipe.commit(&mut vec![ack_req(&bob, &[(item.seq, 0)])]);
         });
-        assert_eq!(deleted.recv().unwrap(), 1);
+        assert_eq!(deleted.recv().unwrap(), Some(1));
         assert_eq!(
             f.c.metrics.delivered.load(Ordering::Relaxed),
             0,
@@ -1109,7 +1109,7 @@ fn a_refusal_waits_for_the_batches_before_it() {
         assert!(fired.try_recv().is_err(), "the barrier waits");
         sync_group(&f.c, &mut vec![first, second], &failed);
     });
-    fired.try_recv().expect("the barrier fired");
+    assert_eq!(fired.try_recv(), Ok(false), "the barrier fired, refused");
     assert_eq!(
         answers(&f),
         vec![
@@ -1118,6 +1118,67 @@ fn a_refusal_waits_for_the_batches_before_it() {
             (7, Some(StatusCode::OVERLOADED))
         ]
     );
+}
+
+/// An operator's purge or delete, and a barrier, are told whether they
+/// were committed: a purge rolled back (the store failed its reads) or in
+/// a batch whose write failed must not report the user's queue gone (the
+/// admin API keeps the user then, so that the delete can be retried, and
+/// the items never reach a user created again under that address), nor a
+/// delete report a count.
+#[test]
+fn waiters_are_told_when_their_request_was_not_committed() {
+    let f = fixture(&["alice", "bob"]);
+    commit_batch(&f.c, &mut vec![send(&f, "alice", "bob", 1)]);
+    let bob = f.c.dir.user("bob").unwrap();
+    let purge = || {
+        let (done, purged) = channel::bounded(1);
+        (
+            Request::Purge {
+                user: bob.clone(),
+                done,
+            },
+            purged,
+        )
+    };
+    let build = |requests: Vec<Request>| {
+        let mut requests = requests;
+        build_batch(
+            &f.c,
+            &mut requests,
+            pass::Overlay::default(),
+            pass::Sizes::default(),
+        )
+        .0
+    };
+    let queued = || f.c.store.inbox_keys("bob").unwrap().len();
+
+    // Rolled back; its batch, empty, is written.
+    let (request, purged) = purge();
+    let db = f.c.store.swap_db(None);
+    let built = build(vec![request]);
+    f.c.store.swap_db(db);
+    assert!(write_batch(&f.c, built));
+    assert_eq!(purged.try_recv(), Ok(false), "a purge rolled back");
+
+    // Built, but the write fails.
+    let (delete, deleted) = delete_id(&bob, "alice", 1);
+    let (request, purged) = purge();
+    let (barrier, fired) = channel::bounded(1);
+    let built = build(vec![delete, request, Request::Barrier(barrier)]);
+    let db = f.c.store.swap_db(None);
+    assert!(!write_batch(&f.c, built));
+    f.c.store.swap_db(db);
+    assert_eq!(deleted.try_recv(), Ok(None), "a delete not written");
+    assert_eq!(purged.try_recv(), Ok(false), "a purge not written");
+    assert_eq!(fired.try_recv(), Ok(false), "a barrier not written");
+    assert_eq!(queued(), 1);
+
+    // Written.
+    let (request, purged) = purge();
+    commit_batch(&f.c, &mut vec![request]);
+    assert_eq!(purged.try_recv(), Ok(true));
+    assert_eq!(queued(), 0);
 }
 
 /// Shares that a batch not yet completed will hold count against the byte
@@ -1221,7 +1282,7 @@ fn only_settlements_that_tell_no_one_are_written_unsynced() {
     assert!(f.c.store.unsynced_for().is_some());
     let (tx, rx) = channel::bounded(1);
     commit_batch(&f.c, &mut vec![Request::Barrier(tx)]);
-    rx.try_recv().expect("the barrier fired");
+    assert_eq!(rx.try_recv(), Ok(true), "the barrier fired");
     assert_eq!(f.c.store.unsynced_for(), None, "synced by the barrier");
 
     // Once an unsynced write has waited MAX_UNSYNCED, the next batch is

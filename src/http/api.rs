@@ -638,7 +638,12 @@ fn delete_messages(core: &Backend, req: &Req<'_>, address: &str) -> Reply {
         deleted: usize,
     }
     match wait.recv_timeout(std::time::Duration::from_secs(60)) {
-        Ok(deleted) => Reply::json(200, &Deleted { deleted }),
+        Ok(Some(deleted)) => Reply::json(200, &Deleted { deleted }),
+        Ok(None) => Reply::error(
+            503,
+            "unavailable",
+            "the store refused the delete (a write failed); nothing was deleted: retry",
+        ),
         Err(_) => Reply::error(503, "overloaded", "the delete did not finish in time"),
     }
 }
