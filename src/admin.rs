@@ -48,6 +48,10 @@ pub enum GroupError {
 pub enum UserError {
     #[error("invalid address")]
     InvalidAddress,
+    /// A delete of the user failed half-way (its queue is still stored):
+    /// only a retry of the delete may go on.
+    #[error("the user's delete did not finish")]
+    BeingDeleted,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -100,6 +104,13 @@ impl Admin {
             return Err(UserError::InvalidAddress);
         }
         let _admin = self.user_admin.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .dir
+            .any_user(address)
+            .is_some_and(|u| u.deleted.load(Ordering::Acquire))
+        {
+            return Err(UserError::BeingDeleted);
+        }
         let existing = self.dir.user(address);
         let token = new_token();
         let now = now_ms();
@@ -161,7 +172,8 @@ impl Admin {
     /// get STATUS DELETED). `false` if there is no such user.
     pub fn delete_user(&self, address: &str) -> Result<bool, StoreError> {
         let _admin = self.user_admin.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(user) = self.dir.user(address) else {
+        // Also a user whose earlier delete failed half-way: this retries it.
+        let Some(user) = self.dir.any_user(address) else {
             return Ok(false);
         };
         user.deleted.store(true, Ordering::Release);
@@ -177,7 +189,7 @@ impl Admin {
         let (done, wait) = channel::bounded(1);
         if !self.commit.submit(Request::Purge { user, done }) || wait.recv() != Ok(true) {
             // Its queued items are still stored: the user stays in the
-            // directory (marked deleted, unreachable), so that the delete
+            // directory (marked deleted: unreachable), so that the delete
             // can be retried, and its items never reach a user created
             // again under the same address.
             return Err(StoreError::Unavailable);
@@ -283,4 +295,46 @@ fn expiry(now: u64, ttl_secs: Option<u64>) -> u64 {
 pub fn new_token() -> String {
     let bytes: [u8; 32] = rand::random();
     hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A delete whose queue purge was not committed (its write failed)
+    /// ends in an error and leaves the user listed, unable to get a token
+    /// or to be created again, until a retry of the delete goes through.
+    #[test]
+    fn a_delete_whose_purge_was_not_committed_can_be_retried() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        let dir = Arc::new(Directory::new(1));
+        let (commit, queue) = crate::commit::queue();
+        // The commit thread's answers: the first purge refused, then done.
+        std::thread::spawn(move || {
+            let mut refuse = true;
+            for req in queue.into_receiver() {
+                if let Request::Purge { done, .. } = req {
+                    let _ = done.send(!std::mem::replace(&mut refuse, false));
+                }
+            }
+        });
+        let admin = Admin::new(dir.clone(), store, commit, 100);
+        admin.create_user("bob", None, None).unwrap();
+        assert!(matches!(
+            admin.delete_user("bob"),
+            Err(StoreError::Unavailable)
+        ));
+        assert!(dir.user("bob").is_none(), "unreachable");
+        assert!(dir.any_user("bob").is_some(), "but still there");
+        assert!(matches!(
+            admin.create_user("bob", None, None),
+            Err(UserError::BeingDeleted)
+        ));
+        assert_eq!(admin.add_token("bob", None).unwrap(), None);
+        assert!(admin.delete_user("bob").unwrap(), "the retry");
+        assert!(dir.any_user("bob").is_none());
+        let (created, _) = admin.create_user("bob", None, None).unwrap();
+        assert!(created, "a new bob");
+    }
 }

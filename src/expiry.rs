@@ -230,12 +230,18 @@ mod tests {
         let mut cursor = Cursor::new();
         cursor.every = Duration::from_secs(3600);
         put(&store, 1_000, b"a");
+        put(&store, 1_500, b"a2");
         assert!(sweep_once(&store, &commit, &mut cursor).is_err());
         put(&store, 2_000, b"b");
-        // The next sweep starts where the refused one did, not after "a".
+        // The next sweep starts where the refused one did, not at its last
+        // key ("a2").
         let swept = sweep_all(&store, &commit, &mut cursor, &handed);
-        let (a, b) = (expiry_key(1_000, 0, b"a"), expiry_key(2_000, 0, b"b"));
-        assert_eq!(swept, vec![a.clone().into(), a.into(), b.into()]);
+        let [a, a2, b]: [Box<[u8]>; 3] = [
+            expiry_key(1_000, 0, b"a").into(),
+            expiry_key(1_500, 0, b"a2").into(),
+            expiry_key(2_000, 0, b"b").into(),
+        ];
+        assert_eq!(swept, vec![a.clone(), a2.clone(), a, a2, b]);
         assert!(store.due_expiries(u64::MAX, 10).unwrap().is_empty());
     }
 

@@ -170,6 +170,11 @@ fn create_user(core: &Backend, req: &Req<'_>) -> Reply {
             "invalid_address",
             "an address is 1-255 bytes of ASCII letters, digits and ._@+-",
         ),
+        Err(UserError::BeingDeleted) => Reply::error(
+            409,
+            "conflict",
+            "an earlier DELETE of this user failed half-way: retry the DELETE first",
+        ),
         Err(UserError::Store(e)) => {
             tracing::error!(error = %e, "creating a user failed");
             Reply::error(500, "internal", "storage error")
