@@ -1072,24 +1072,23 @@ fn open_db(dir: &Path) -> Result<DB> {
             // peerbench's fan-out (10-12-byte addresses) ~15 %.
             // Setter-less in rust-rocksdb; the options string has it.
             // (Used as long as writes are not concurrent: one writer.)
-            //
-            // The dedup family's keys (length byte, sender, ID) arrive in
-            // the same way, a sender's IDs growing: the same 16-byte prefix
-            // (its records are not deleted within seconds, so its
-            // memtables are full of them, and their skip lists deep). So do
-            // the expiry index's (time, kind, key): a batch writes its
-            // entries with one clock reading, and settles entries written
-            // together, so the hint is per millisecond (8 bytes). Measured
-            // with both, alternating 10-s runs at the durable maximum:
-            // 138-158k msgs/s against 121-147k (docs/benchmarks.md).
-            Options::default().get_options_from_string(
-                "memtable_insert_with_hint_prefix_extractor=rocksdb.CappedPrefix.16",
-            )?
-        } else if name == CF_DEDUP {
             Options::default().get_options_from_string(
                 "memtable_insert_with_hint_prefix_extractor=rocksdb.CappedPrefix.16",
             )?
         } else if name == CF_EXPIRY {
+            // The expiry index's keys (time, kind, key) arrive in runs: a
+            // batch writes its entries with one clock reading, and settles
+            // entries written together, so the hint is per millisecond (8
+            // bytes), at most a thousand splices a second whatever the
+            // addresses. The dedup family has no hint: its keys (length
+            // byte, sender, ID) would need one per sender, which no fixed
+            // prefix gives. 16 bytes reach into the ID for senders of 7
+            // bytes or less, so each record got a 224-byte splice, and
+            // those records stay in the memtable for the whole window: a
+            // slow consumer's 100,000 messages from "alice" took 22 MiB
+            // more (delivery::slow_consumer_is_bounded_and_loses_nothing
+            // went over its bound). 8 bytes would give senders sharing
+            // their first 7 bytes one hint, wrong at every insert.
             Options::default().get_options_from_string(
                 "memtable_insert_with_hint_prefix_extractor=rocksdb.CappedPrefix.8",
             )?
