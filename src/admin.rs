@@ -176,8 +176,14 @@ impl Admin {
         let Some(user) = self.dir.any_user(address) else {
             return Ok(false);
         };
-        user.deleted.store(true, Ordering::Release);
-        self.store.revoke_tokens(address, true)?;
+        // SeqCst: a login that swaps itself in after the close below sees
+        // the flag (the session's HELLO).
+        user.deleted.store(true, Ordering::SeqCst);
+        // The user's record goes only with its queue (below): a delete
+        // whose purge failed leaves a user that a restart loads again,
+        // with its items, rather than items no user owns, which a user
+        // created again under the address would get.
+        self.store.revoke_tokens(address, false)?;
         close_session(&user, ErrorCode::AUTH_FAILED);
         for name in self.dir.groups_of(address) {
             match self.change_members(&name, Vec::new(), &[address.to_owned()]) {
@@ -194,6 +200,7 @@ impl Admin {
             // again under the same address.
             return Err(StoreError::Unavailable);
         }
+        self.store.revoke_tokens(address, true)?;
         self.dir.remove_user(address);
         Ok(true)
     }
@@ -319,7 +326,7 @@ mod tests {
                 }
             }
         });
-        let admin = Admin::new(dir.clone(), store, commit, 100);
+        let admin = Admin::new(dir.clone(), store.clone(), commit, 100);
         admin.create_user("bob", None, None).unwrap();
         assert!(matches!(
             admin.delete_user("bob"),
@@ -327,6 +334,9 @@ mod tests {
         ));
         assert!(dir.user("bob").is_none(), "unreachable");
         assert!(dir.any_user("bob").is_some(), "but still there");
+        // And still stored: a restart loads bob again, with his items.
+        let stored = |a: &str| store.load_users().unwrap().iter().any(|u| u.address == a);
+        assert!(stored("bob"));
         assert!(matches!(
             admin.create_user("bob", None, None),
             Err(UserError::BeingDeleted)
@@ -334,6 +344,7 @@ mod tests {
         assert_eq!(admin.add_token("bob", None).unwrap(), None);
         assert!(admin.delete_user("bob").unwrap(), "the retry");
         assert!(dir.any_user("bob").is_none());
+        assert!(!stored("bob"));
         let (created, _) = admin.create_user("bob", None, None).unwrap();
         assert!(created, "a new bob");
     }

@@ -11,7 +11,7 @@ use crate::admin::{GroupError, MemberSpec, UserError};
 use crate::commit::{MessageFilter, ReplyTo, Request};
 use crate::directory::{Group, User};
 use crate::session::Outcome;
-use crate::store::ItemView;
+use crate::store::{ItemView, StoreError};
 use crate::wire::StatusCode;
 
 /// Every route the HTTP API serves, as (method, path pattern; `{..}` is one
@@ -67,6 +67,11 @@ pub fn route(core: &Backend, req: &Req<'_>) -> Reply {
             Method::Delete => match core.admin.delete_user(address) {
                 Ok(true) => Reply::empty(204),
                 Ok(false) => no_user(),
+                Err(StoreError::Unavailable) => Reply::error(
+                    503,
+                    "unavailable",
+                    "the store refused the purge (a write failed); the user stays: retry",
+                ),
                 Err(e) => internal(&e),
             },
             _ => not_allowed(),
