@@ -215,6 +215,22 @@ impl Pass<'_> {
         if self.refused_for_space(req, &to, false) {
             return Ok(());
         }
+        if recipient.deleted.load(Ordering::Acquire) {
+            // Deleted since the SEND was accepted. The flag is set before
+            // the purge is submitted, so an item queued now could come after
+            // the purge and outlive the user: INVALID_DEST, as for a SEND
+            // accepted after the delete. Nothing is written.
+            self.then(Completion::Reply {
+                conn: req.conn.clone(),
+                answer: Answer {
+                    id: req.id,
+                    to,
+                    group: false,
+                    status: (req.id != 0).then_some(StatusCode::INVALID_DEST),
+                },
+            });
+            return Ok(());
+        }
         let seq = self.enqueue(recipient, req, &req.record, None)?;
         self.accepted(req, dedup, seq, to, false)
     }
@@ -231,6 +247,12 @@ impl Pass<'_> {
         if self.refused_for_space(req, group, true) {
             return Ok(());
         }
+        // Members deleted since the send was accepted get no share (their
+        // purge, submitted after the flag was set, would not see it).
+        let recipients: Vec<&Arc<User>> = recipients
+            .iter()
+            .filter(|u| !u.deleted.load(Ordering::Acquire))
+            .collect();
         let msgno = self.c.dir.next_msgno();
         let count = u32::try_from(recipients.len()).unwrap_or(u32::MAX);
         let reference = encode_ref(&RefView {
@@ -252,7 +274,7 @@ impl Pass<'_> {
             0
         };
         let mut held = vec![0u8; bitmap_len];
-        for (i, user) in (0u32..).zip(recipients) {
+        for (i, &user) in (0u32..).zip(&recipients) {
             let hold = may_hold && self.may_hold(user, &req.record);
             if hold {
                 set_bit(&mut held, i);

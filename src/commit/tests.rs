@@ -1334,3 +1334,37 @@ fn the_syncer_syncs_an_unsynced_write_by_itself() {
         assert!(syncer.join().unwrap(), "no batch, then the writer gone");
     });
 }
+
+/// A recipient deleted between a SEND's acceptance and its batch: the purge
+/// that follows the deletion would not see an item queued now, so none is
+/// (INVALID_DEST for a 1:1 send; no share for a group member).
+#[test]
+fn a_recipient_deleted_after_the_send_was_accepted_gets_nothing() {
+    let f = fixture(&["alice", "bob", "carol"]);
+    let (one, group) = (
+        send(&f, "alice", "bob", 1),
+        group_send(&f, "alice", &["bob", "carol"], 2, 0, 0),
+    );
+    let bob = f.c.dir.user("bob").unwrap();
+    bob.deleted.store(true, Ordering::Release);
+    commit_batch(&f.c, &mut vec![one, group]);
+    assert_eq!(
+        answers(&f),
+        vec![
+            (1, Some(StatusCode::INVALID_DEST)),
+            (2, Some(StatusCode::SENT))
+        ]
+    );
+    assert!(!stored(&f, "alice", 1));
+    assert_eq!(bob.queued.load(Ordering::Relaxed), 0);
+    let carol = f.c.dir.user("carol").unwrap();
+    assert_eq!(carol.queued.load(Ordering::Relaxed), 1);
+    assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1);
+    assert!(f
+        .c
+        .store
+        .scan_inbox("bob", &[0; 16], 10)
+        .unwrap()
+        .0
+        .is_empty());
+}
