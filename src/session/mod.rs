@@ -38,6 +38,7 @@ mod receipts;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use foldhash::{HashMap, HashSet};
@@ -336,6 +337,13 @@ impl Session {
         if let Some(old) = user.attached.swap(Some(mailbox.clone())) {
             old.close(ErrorCode::REPLACED);
             old.wake();
+        }
+        if user.deleted.load(Ordering::SeqCst) {
+            // Deleted since the token was checked: the delete sets the flag
+            // and then closes whatever session is attached (both SeqCst, as
+            // this swap and load), so it saw this one or this sees the flag.
+            user.attached.compare_and_swap(&Some(mailbox), None);
+            return ctx.fatal(ErrorCode::AUTH_FAILED, "unknown, expired or revoked token");
         }
         // After the close: the old session writes nothing once it sees it,
         // under the same lock (`Active::pump`), so this is all it wrote.
