@@ -143,13 +143,15 @@ mod tests {
     /// A commit queue that deletes the expiry keys handed to it, and says
     /// which it was handed.
     fn committer(store: Arc<Store>) -> (Commit, channel::Receiver<Vec<Box<[u8]>>>) {
-        committer_refusing(store, 0)
+        committer_refusing(store, 0, 0)
     }
 
-    /// The same, refusing the first `refused` requests (as the commit
-    /// thread refuses a batch whose write failed: nothing deleted).
+    /// The same, refusing `refused` requests after the first `accepted` (as
+    /// the commit thread refuses a batch whose write failed: nothing
+    /// deleted).
     fn committer_refusing(
         store: Arc<Store>,
+        mut accepted: usize,
         mut refused: usize,
     ) -> (Commit, channel::Receiver<Vec<Box<[u8]>>>) {
         let (commit, queue) = crate::commit::queue();
@@ -157,7 +159,9 @@ mod tests {
         thread::spawn(move || {
             for req in queue.into_receiver() {
                 if let Request::Expire { keys, done } = req {
-                    if refused > 0 {
+                    if accepted > 0 {
+                        accepted -= 1;
+                    } else if refused > 0 {
                         refused -= 1;
                         let _ = seen.send(keys);
                         let _ = done.send(false);
@@ -226,7 +230,7 @@ mod tests {
     fn keys_whose_expiry_was_refused_are_swept_again() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(tmp.path()).unwrap());
-        let (commit, handed) = committer_refusing(store.clone(), 1);
+        let (commit, handed) = committer_refusing(store.clone(), 0, 1);
         let mut cursor = Cursor::new();
         cursor.every = Duration::from_secs(3600);
         put(&store, 1_000, b"a");
@@ -242,6 +246,28 @@ mod tests {
             expiry_key(2_000, 0, b"b").into(),
         ];
         assert_eq!(swept, vec![a.clone(), a2.clone(), a, a2, b]);
+        assert!(store.due_expiries(u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_entry_behind_the_cursor_whose_expiry_was_refused_is_swept_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        let (commit, handed) = committer_refusing(store.clone(), 1, 1);
+        let mut cursor = Cursor::new();
+        cursor.every = Duration::from_secs(3600);
+        put(&store, 3_000, b"c");
+        assert_eq!(sweep_once(&store, &commit, &mut cursor).unwrap(), 1);
+        // Behind the cursor: the next sweep starts from the store's note of
+        // it, which it takes. Refused, the one after must start there again.
+        put(&store, 1_000, b"a");
+        assert!(sweep_once(&store, &commit, &mut cursor).is_err());
+        let swept = sweep_all(&store, &commit, &mut cursor, &handed);
+        let [a, c]: [Box<[u8]>; 2] = [
+            expiry_key(1_000, 0, b"a").into(),
+            expiry_key(3_000, 0, b"c").into(),
+        ];
+        assert_eq!(swept, vec![c, a.clone(), a]);
         assert!(store.due_expiries(u64::MAX, 10).unwrap().is_empty());
     }
 
