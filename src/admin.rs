@@ -200,6 +200,9 @@ impl Admin {
             // again under the same address.
             return Err(StoreError::Unavailable);
         }
+        // The record, and the tokens again: one that `add_token` (which
+        // checks the directory without the admin lock) put between the two
+        // revokes goes too.
         self.store.revoke_tokens(address, true)?;
         self.dir.remove_user(address);
         Ok(true)

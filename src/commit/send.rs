@@ -86,16 +86,22 @@ impl Pass<'_> {
             return false;
         }
         self.cur_tally.refused_space += 1;
+        self.answer(req, to.clone(), group, StatusCode::OVERLOADED);
+        true
+    }
+
+    /// Answers the sender of `req` with `status` (nothing for ID 0: a
+    /// fire-and-forget SEND gets no STATUS).
+    fn answer(&mut self, req: &Accept, to: Arc<str>, group: bool, status: StatusCode) {
         self.then(Completion::Reply {
             conn: req.conn.clone(),
             answer: Answer {
                 id: req.id,
-                to: to.clone(),
+                to,
                 group,
-                status: (req.id != 0).then_some(StatusCode::OVERLOADED),
+                status: (req.id != 0).then_some(status),
             },
         });
-        true
     }
 
     /// The end of an accepted SEND: its dedup record (`seq` of the 1:1 item,
@@ -125,15 +131,7 @@ impl Pass<'_> {
             self.remember(key, record, receipts)?;
         }
         self.cur_tally.accepted += 1;
-        self.then(Completion::Reply {
-            conn: req.conn.clone(),
-            answer: Answer {
-                id: req.id,
-                to,
-                group,
-                status: (req.id != 0).then_some(StatusCode::SENT),
-            },
-        });
+        self.answer(req, to, group, StatusCode::SENT);
         Ok(())
     }
 
@@ -220,15 +218,7 @@ impl Pass<'_> {
             // the purge is submitted, so an item queued now could come after
             // the purge and outlive the user: INVALID_DEST, as for a SEND
             // accepted after the delete. Nothing is written.
-            self.then(Completion::Reply {
-                conn: req.conn.clone(),
-                answer: Answer {
-                    id: req.id,
-                    to,
-                    group: false,
-                    status: (req.id != 0).then_some(StatusCode::INVALID_DEST),
-                },
-            });
+            self.answer(req, to, false, StatusCode::INVALID_DEST);
             return Ok(());
         }
         let seq = self.enqueue(recipient, req, &req.record, None)?;
