@@ -10,20 +10,38 @@
 //! Without moto the tests panic with a message saying how to install it:
 //! `.ci/run` does (`pip install 'moto[server]'`).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::util::{request, wait_for};
+use crate::util::{request, reserve_port, wait_for};
 
 /// The bucket every test server uses.
 pub const BUCKET: &str = "tern-test";
+
+/// Starts moto's server once the test says so: it imports moto (the slow
+/// part), says `imported` on stdout, sends the rest of its stdout to the
+/// log, and binds when a line comes on stdin. The test holds the port until
+/// then, so no other test's listener can take it in between.
+const LAUNCHER: &str = "\
+import os, sys
+import moto.server
+sys.stdout.write('imported\\n')
+sys.stdout.flush()
+os.dup2(2, 1)
+sys.stdin.readline()
+moto.server.main(sys.argv[1:])
+";
 
 /// A moto server process.
 pub struct Moto {
     /// `None` while stopped.
     child: Option<Child>,
+    /// The port, bound and not listening (connections are refused), while
+    /// no moto holds it: from start to each spawn, and while stopped.
+    holder: Option<socket2::Socket>,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its log file.
@@ -44,13 +62,11 @@ impl Moto {
             "moto is not installed: run `python3 -m pip install 'moto[server]'` \
              (.ci/run installs it); the s3 backend is tested against it"
         );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let (holder, addr) = reserve_port(0);
         let mut moto = Moto {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            holder: Some(holder),
+            addr,
             log: dir.join("moto.log"),
         };
         moto.spawn();
@@ -63,17 +79,35 @@ impl Moto {
             .append(true)
             .open(&self.log)
             .expect("moto log");
-        let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+        let mut child = Command::new("python3")
+            .args(["-c", LAUNCHER, "-H", "127.0.0.1", "-p"])
             .arg(self.addr.port().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn python3 -m moto.server");
+        let stdout = child.stdout.take().expect("moto's stdout");
+        let mut stdin = child.stdin.take().expect("moto's stdin");
         self.child = Some(child);
+        // The line, or EOF if python failed; a thread so that a hung
+        // import is a timeout, not a hang.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let imported = rx.recv_timeout(Duration::from_secs(60));
+        if imported.as_deref().map(str::trim) != Ok("imported") {
+            self.fail(&format!("moto did not start ({imported:?})"));
+        }
+        // Free the port for moto alone, then let it bind.
+        self.holder = None;
+        if let Err(e) = stdin.write_all(b"go\n") {
+            self.fail(&format!("moto exited before binding ({e})"));
+        }
         let addr = self.addr;
-        let log = self.log.clone();
         let started = std::panic::catch_unwind(|| {
             wait_for(Duration::from_secs(30), "moto to listen", || {
                 TcpStream::connect_timeout(&addr, Duration::from_millis(200))
@@ -82,8 +116,7 @@ impl Moto {
             })
         });
         if started.is_err() {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!("moto did not start on {addr}; its log:\n{text}");
+            self.fail(&format!("moto did not listen on {addr}"));
         }
         let r = request("PUT", &format!("/{BUCKET}"))
             .header("Content-Length", "0")
@@ -91,13 +124,25 @@ impl Moto {
         assert_eq!(r.status, 200, "creating the bucket: {}", r.text());
     }
 
+    /// Panics with `what` and moto's log.
+    fn fail(&self, what: &str) -> ! {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        panic!("{what}; its log:\n{text}");
+    }
+
     /// The server flags that put a tern's files in this bucket.
     pub fn args(&self) -> Vec<String> {
         server_args(self.addr, "test-key", "test-secret")
     }
 
-    /// Kills the server (an outage).
+    /// Kills the server (an outage: connections are refused) and holds
+    /// its port for [`Moto::restart`].
     pub fn stop(&mut self) {
+        self.kill();
+        self.holder = Some(reserve_port(self.addr.port()).0);
+    }
+
+    fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -142,7 +187,7 @@ impl Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        self.stop();
+        self.kill();
     }
 }
 
@@ -172,33 +217,30 @@ impl S3rver {
              `npm install --prefix ~/.cache/tern/s3rver s3rver@3.7.1`, as .ci/run does)",
             bin.display()
         );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let data = dir.join("s3rver");
         std::fs::create_dir_all(&data).expect("s3rver dir");
-        let log = std::fs::File::create(dir.join("s3rver.log")).expect("s3rver log");
+        let log_path = dir.join("s3rver.log");
+        let log = std::fs::File::create(&log_path).expect("s3rver log");
+        // Port 0: s3rver binds a free port itself and says which.
         let child = Command::new("node")
             .arg(&bin)
             .arg("-d")
             .arg(&data)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-a", "127.0.0.1", "-p", "0"])
             .args(["--no-vhost-buckets", "--configure-bucket", BUCKET])
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn node s3rver");
-        let server = S3rver {
+        let mut server = S3rver {
             child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let addr = server.addr;
-        wait_for(Duration::from_secs(30), "s3rver to listen", || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                .ok()
-                .map(|_| ())
+        server.addr = wait_for(Duration::from_secs(30), "s3rver to listen", || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let addr = text.split("S3rver listening on ").nth(1)?.lines().next()?;
+            Some(addr.trim().parse().expect("s3rver's address"))
         });
         server
     }

@@ -18,7 +18,7 @@ use tern_sdk::{
 };
 
 use crate::proxy::Proxy;
-use crate::util::{http, wait_for, TestServer, ADMIN};
+use crate::util::{http, reserve_port, wait_for, TestServer, ADMIN};
 
 /// An SDK configuration for tests: a short keepalive and reconnect delays.
 pub fn config(addr: SocketAddr, token: &str, db: PathBuf) -> Config {
@@ -630,21 +630,12 @@ fn real_time_and_fire_and_forget_never_enter_the_outbox() {
     );
     alice.shutdown();
     bob.shutdown();
-    // Offline, a live send is refused.
-    let (offline, _) = open(config(
-        proxy_nowhere(),
-        &alice_token,
-        dir.path().join("c.db"),
-    ));
+    // Offline (nothing listens at its address), a live send is refused.
+    let (_held, nowhere) = reserve_port(0);
+    let (offline, _) = open(config(nowhere, &alice_token, dir.path().join("c.db")));
     assert!(matches!(
         offline.send_live(&Draft::text(bob_peer, "x")),
         Err(Error::Offline)
     ));
     offline.shutdown();
-}
-
-/// An address where nothing listens (bound, then closed).
-fn proxy_nowhere() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }

@@ -279,6 +279,26 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// A loopback port held by a bound, non-listening socket: connections to
+/// it are refused, and no other socket can bind it (not even a `bind(0)`,
+/// which skips ports in use) until the socket is dropped. `port` 0 takes a
+/// free one; another is bound with `SO_REUSEADDR`, so that the TIME_WAIT
+/// connections of a process just killed do not stand in the way.
+pub fn reserve_port(port: u16) -> (socket2::Socket, SocketAddr) {
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    s.set_reuse_address(port != 0).expect("SO_REUSEADDR");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    s.bind(&addr.into())
+        .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+    let addr = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("a bound address");
+    (s, addr)
+}
+
 /// Polls `poll` every 20 ms until it gives a value, or panics after
 /// `within` naming `what`. For waiting on a state change the test cannot be
 /// told about; never for proving that something does *not* happen.
