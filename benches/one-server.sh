@@ -4,6 +4,7 @@
 #   OUT=/tmp/x; . benches/one-server.sh   # checks TERN_BIN and PEERBENCH
 #   start_server                          # sets PID and TOKEN; SERVER_FLAGS are passed on
 #   run_peerbench SCENARIO LABEL DURATION RATE   # writes $OUT/result.json
+#                                         # (PB_ARGS: more peerbench flags)
 #   stop_server                           # by pid
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TERN_BIN=${TERN_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/tern/target}/release/tern}
@@ -24,11 +25,12 @@ start_server() {
     TOKEN=$(cat "$OUT/data/admin.token")
 }
 
+# shellcheck disable=SC2086 # PB_ARGS is a list of flags
 run_peerbench() { # scenario label duration rate
     "$PEERBENCH" "$1" --target tern --addr "127.0.0.1:$PORT" --duration "$3" --warmup 1 \
         --drain 5 --size 256 --pairs 50 --subscribers 1000 --window 64 --rate "$4" \
         --server-pid "$PID" --label "$2" --http "127.0.0.1:$HTTP_PORT" --admin-token "$TOKEN" \
-        >"$OUT/result.json" 2>"$OUT/peerbench.log"
+        ${PB_ARGS:-} >"$OUT/result.json" 2>"$OUT/peerbench.log"
 }
 
 stop_server() {
