@@ -89,57 +89,90 @@ impl Conn {
 
     /// Writes pending output until done or `WouldBlock`. Returns bytes written.
     /// Over a WebSocket, the frames written since the last flush go out as
-    /// one binary message (and, once closing, a Close frame after them).
+    /// one binary message (and, once closing, a Close frame after them),
+    /// once the socket has taken the message before: until then they stay
+    /// in `out`, which the session's pump stops filling at `conn_buffer`,
+    /// so a peer that stops reading holds at most that much, as over TCP.
     pub fn flush(&mut self) -> io::Result<usize> {
-        if let Some(ws) = &mut self.ws {
-            if ws.is_open() && self.out_pos < self.out.len() {
-                ws.send(&self.out[self.out_pos..]);
+        if self.ws.is_none() && self.tls.is_none() {
+            return self.flush_plain();
+        }
+        // Until the socket blocks or all is out: a layer may take only part
+        // of what waits (rustls up to its limit, a WebSocket one message at
+        // a time), and a socket that never blocked sends no new event.
+        let mut written = 0;
+        loop {
+            let (n, blocked) = self.flush_layers()?;
+            written += n;
+            if blocked || n == 0 || self.pending_out() == 0 {
+                return Ok(written);
             }
-            // Nothing of the protocol goes out before the upgrade.
-            self.out.clear();
-            self.out_pos = 0;
-            if self.phase != Phase::Open && !self.ws_closed {
+        }
+    }
+
+    /// One pass of [`Conn::flush`] through the WebSocket and TLS layers:
+    /// bytes written, and whether the socket would block.
+    fn flush_layers(&mut self) -> io::Result<(usize, bool)> {
+        if let Some(ws) = &mut self.ws {
+            if !ws.is_open() {
+                // Nothing of the protocol goes out before the upgrade.
+                self.out.clear();
+                self.out_pos = 0;
+            } else if self.ws_pos == ws.output_len() {
+                if self.out_pos < self.out.len() {
+                    ws.send(&self.out[self.out_pos..]);
+                }
+                self.out.clear();
+                self.out_pos = 0;
+            }
+            if self.phase != Phase::Open && !self.ws_closed && self.out.is_empty() {
                 ws.close(false);
                 self.ws_closed = true;
             }
             if self.tls.is_none() {
-                return write_all_or_block(&mut self.stream, ws.output(), &mut self.ws_pos);
+                let n = write_all_or_block(&mut self.stream, ws.output(), &mut self.ws_pos)?;
+                return Ok((n, self.ws_pos < ws.output_len()));
             }
         }
-        if let Some(tls) = &mut self.tls {
-            let (buf, pos) = match &mut self.ws {
-                Some(ws) => (ws.output(), &mut self.ws_pos),
-                None => (&mut self.out, &mut self.out_pos),
-            };
-            // Plaintext into rustls, as far as its buffer limit allows...
-            while *pos < buf.len() {
-                match tls.writer().write(&buf[*pos..]) {
-                    Ok(0) => break,
-                    Ok(n) => *pos += n,
-                    Err(e) => return Err(e),
-                }
+        let Some(tls) = &mut self.tls else {
+            return Ok((0, false));
+        };
+        let (buf, pos) = match &mut self.ws {
+            Some(ws) => (ws.output(), &mut self.ws_pos),
+            None => (&mut self.out, &mut self.out_pos),
+        };
+        // Plaintext into rustls, as far as its buffer limit allows...
+        while *pos < buf.len() {
+            match tls.writer().write(&buf[*pos..]) {
+                Ok(0) => break,
+                Ok(n) => *pos += n,
+                Err(e) => return Err(e),
             }
-            if *pos == buf.len() {
-                buf.clear();
-                *pos = 0;
-            }
-            if self.phase != Phase::Open && *pos == 0 && !self.tls_closed {
-                tls.send_close_notify();
-                self.tls_closed = true;
-            }
-            // ...and its records to the socket.
-            let mut written = 0;
-            while tls.wants_write() {
-                match tls.write_tls(&mut self.stream) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            return Ok(written);
         }
+        if *pos == buf.len() {
+            buf.clear();
+            *pos = 0;
+        }
+        if self.phase != Phase::Open && *pos == 0 && !self.tls_closed {
+            tls.send_close_notify();
+            self.tls_closed = true;
+        }
+        // ...and its records to the socket.
+        let mut written = 0;
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.stream) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((written, true)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((written, false))
+    }
+
+    /// [`Conn::flush`] of a plain socket.
+    fn flush_plain(&mut self) -> io::Result<usize> {
         let mut written = 0;
         while self.out_pos < self.out.len() {
             match self.stream.write(&self.out[self.out_pos..]) {

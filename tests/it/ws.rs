@@ -347,3 +347,79 @@ fn the_js_client_and_the_web_chat_are_served() {
     assert_eq!(moved.header("location"), Some("/app/"));
     assert_eq!(get("/app/nothing.js").status, 404);
 }
+
+/// A WebSocket client that stops reading while 25,000 messages of 16 KiB
+/// (391 MiB) are sent to it: the server holds at most `conn_buffer` of
+/// output for it, as for a TCP client (the rest waits in the store), and
+/// every message arrives once, once it reads again.
+#[test]
+fn a_websocket_that_stops_reading_holds_bounded_output() {
+    const N: u64 = 25_000;
+    const LEN: usize = 16 * 1024;
+    // Over the server's memory with bob connected: RocksDB's write buffers
+    // (96 MiB) and block cache (64 MiB), bob's mailbox (1,024 items) and
+    // staging (512), all at most; far less than the 391 MiB sent.
+    const GROWTH_BOUND_KIB: u64 = 250 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut bob = WsClient::login(server.addr, &tb);
+    let mut alice = server.connect(&ta);
+    let baseline = server.rss_kib();
+
+    let mut payload = vec![0x5au8; LEN];
+    let (mut sent, mut acked, mut peak) = (0u64, 0u64, 0u64);
+    while acked < N {
+        if sent < N && sent - acked < 64 {
+            let batch: Vec<Vec<u8>> = (sent..N.min(sent + 16))
+                .map(|i| {
+                    payload[..8].copy_from_slice(&i.to_be_bytes());
+                    payload.clone()
+                })
+                .collect();
+            let out: Vec<Outgoing> = batch
+                .iter()
+                .zip(sent..)
+                .map(|(p, i)| Outgoing::to("bob", p).id(i + 1).flags(0))
+                .collect();
+            sent += out.len() as u64;
+            alice.send_many(&out).unwrap();
+            if sent.is_multiple_of(1024) {
+                peak = peak.max(server.rss_kib());
+            }
+            continue;
+        }
+        match next(&mut alice, 30) {
+            Event::Status(s) if s.seq.is_none() => {
+                assert_eq!(s.status, StatusCode::SENT, "message {}", s.id);
+                acked += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    peak = peak.max(server.rss_kib());
+    eprintln!("websocket slow reader: RSS baseline {baseline} KiB, peak {peak} KiB");
+    assert!(
+        peak.saturating_sub(baseline) < GROWTH_BOUND_KIB,
+        "RSS grew by {} KiB, over {GROWTH_BOUND_KIB} KiB: output held for a reader that stopped",
+        peak - baseline
+    );
+
+    let mut seen = std::collections::HashSet::new();
+    let mut seqs = Vec::new();
+    while (seen.len() as u64) < N {
+        let Got::Msg { seq, payload, .. } = bob.next() else {
+            panic!("expected MSG after {} of {N}", seen.len());
+        };
+        let i = u64::from_be_bytes(payload[..8].try_into().unwrap());
+        assert!(seen.insert(i), "message {i} delivered twice");
+        assert_eq!(payload.len(), LEN);
+        seqs.push(seq);
+        if seqs.len() == 256 {
+            bob.send(&[Frame::Ack(wire::Ack {
+                seqs: wire::Seqs::List(&seqs),
+            })]);
+            seqs.clear();
+        }
+    }
+}
