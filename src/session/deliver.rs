@@ -75,6 +75,7 @@ impl Active {
                         break;
                     }
                     entry.remove();
+                    self.staged_live -= 1;
                     let view = item.view();
                     write_item(ctx, &item, view, false);
                     if let Some(ItemView::Msg(m)) = view {
@@ -150,8 +151,11 @@ impl Active {
     /// Moves items from the mailbox (and, when catching up, the store) into
     /// the staging area. Returns whether more may be available right away.
     fn take(&mut self, ctx: &mut Ctx<'_>) -> bool {
-        while let Some(item) = self.mailbox.pop_live() {
-            self.staged.insert((item.priority, item.seq), item);
+        while self.staged_live < LIVE_CAPACITY {
+            let Some(item) = self.mailbox.pop_live() else {
+                break;
+            };
+            self.stage(item);
         }
         if self.live && self.mailbox.overflowed() {
             self.live = false;
@@ -167,7 +171,7 @@ impl Active {
                 let cursor = &mut self.cursors[usize::from(item.priority) % PRIORITIES];
                 if item.seq > *cursor {
                     *cursor = item.seq;
-                    self.staged.insert((item.priority, item.seq), item);
+                    self.stage(item);
                 }
             }
             return self.staged.len() >= STAGE_MAX;
@@ -194,10 +198,29 @@ impl Active {
         }
     }
 
+    /// Adds `item` to the staging area, counting it if it is real-time.
+    fn stage(&mut self, item: Arc<Item>) {
+        let order = if item.seq == 0 {
+            // Live statuses have no SEQ: each one keeps its place.
+            self.unsequenced += 1;
+            self.unsequenced
+        } else {
+            0
+        };
+        if item.ephemeral {
+            self.staged_live += 1;
+        }
+        if let Some(old) = self.staged.insert((item.priority, item.seq, order), item) {
+            if old.ephemeral {
+                self.staged_live -= 1;
+            }
+        }
+    }
+
     fn stage_scanned(&mut self, item: Arc<Item>) {
         let cursor = &mut self.cursors[usize::from(item.priority) % PRIORITIES];
         *cursor = (*cursor).max(item.seq);
-        self.staged.insert((item.priority, item.seq), item);
+        self.stage(item);
     }
 }
 

@@ -194,8 +194,15 @@ struct Active {
     cursors: [u64; PRIORITIES],
     /// Whether the mailbox holds every stored item past the cursors.
     live: bool,
-    /// Taken items not yet written, in delivery order.
-    staged: BTreeMap<(u8, u64), Arc<Item>>,
+    /// Taken items not yet written, in delivery order: (priority, SEQ, and
+    /// for the items without a SEQ, live statuses, the order they came in).
+    staged: BTreeMap<(u8, u64, u64), Arc<Item>>,
+    /// How many of `staged` are real-time items: at most `LIVE_CAPACITY`,
+    /// so that a client that reads and does not ACK them leaves the rest in
+    /// the mailbox's ring, whose senders are told OVERLOADED once it is full.
+    staged_live: usize,
+    /// The last number given to an item without a SEQ in `staged`.
+    unsequenced: u64,
     /// Real-time items written and not yet ACKed (memory only, bounded).
     ephemeral: HashMap<u64, Arc<Item>>,
     /// (sender, ID) of real-time messages written with READ_RECEIPT, so a
@@ -367,6 +374,8 @@ impl Session {
             cursors: [0; PRIORITIES],
             live: false,
             staged: BTreeMap::new(),
+            staged_live: 0,
+            unsequenced: 0,
             ephemeral: HashMap::default(),
             ephemeral_reads: HashSet::default(),
             retry_at: 0,

@@ -532,3 +532,90 @@ fn slow_consumer_is_bounded_and_loses_nothing() {
     bob.ack(&acks).unwrap();
     barrier(&mut alice, &mut bob);
 }
+
+/// A recipient that neither reads nor ACKs real-time messages holds at most
+/// its window of them written, as many staged and as many in its ring
+/// (4,096 each): past that, their sender is told OVERLOADED instead of
+/// SENT, as the protocol says. Every one answered SENT arrives, once,
+/// when the recipient reads again.
+#[test]
+fn real_time_messages_nobody_acks_are_refused_past_their_bound() {
+    const N: u64 = 20_000;
+    const LIVE_CAPACITY: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut bob = server.connect(&tb);
+    let mut alice = server.connect(&ta);
+    let payload = [0x11u8; 64];
+    let (mut sent, mut answered, mut accepted) = (0u64, 0u64, 0u64);
+    while answered < N {
+        if sent < N && sent - answered < 1_000 {
+            let batch: Vec<Outgoing> = (sent..N.min(sent + 250))
+                .map(|i| Outgoing::to("bob", &payload).id(i + 1).expiry(0).flags(0))
+                .collect();
+            sent += batch.len() as u64;
+            alice.send_many(&batch).unwrap();
+            continue;
+        }
+        let s = status(next(&mut alice, 30));
+        match s.status {
+            StatusCode::SENT => accepted += 1,
+            StatusCode::OVERLOADED => {}
+            other => panic!("message {}: {other:?}", s.id),
+        }
+        answered += 1;
+    }
+    assert!(
+        accepted <= 3 * LIVE_CAPACITY,
+        "{accepted} of {N} real-time messages accepted for a recipient that ACKs none"
+    );
+
+    let mut seen = HashSet::new();
+    let mut seqs = Vec::new();
+    while (seen.len() as u64) < accepted {
+        let m = msg(next(&mut bob, 30));
+        assert!(seen.insert(m.id), "message {} delivered twice", m.id);
+        seqs.push(m.seq);
+        if seqs.len() == 500 {
+            bob.ack(&seqs).unwrap();
+            seqs.clear();
+        }
+    }
+    bob.ack(&seqs).unwrap();
+    barrier(&mut alice, &mut bob);
+}
+
+/// Live receipts of real-time messages ACKed in one ACK all reach the
+/// sender: they have no SEQ, and none may take another's place.
+#[test]
+fn live_receipts_acked_together_all_arrive() {
+    const N: u64 = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let mut bob = server.connect(&tb);
+    let batch: Vec<Outgoing> = (1..=N)
+        .map(|i| Outgoing::to("bob", b"live").id(i).expiry(0))
+        .collect();
+    alice.send_many(&batch).unwrap();
+    let mut seqs = Vec::new();
+    for _ in 0..N {
+        seqs.push(msg(next(&mut bob, 10)).seq);
+    }
+    bob.ack(&seqs).unwrap();
+    let mut delivered = HashSet::new();
+    while (delivered.len() as u64) < N {
+        let s = status(next(&mut alice, 10));
+        match s.status {
+            StatusCode::SENT => {}
+            StatusCode::DELIVERED => {
+                assert_eq!(s.seq, None, "a live receipt has no SEQ");
+                assert!(delivered.insert(s.id), "DELIVERED {} twice", s.id);
+            }
+            other => panic!("message {}: {other:?}", s.id),
+        }
+    }
+    barrier(&mut bob, &mut alice);
+}
