@@ -91,6 +91,8 @@ pub struct User {
     /// handed to the mailbox before it may be gone from the store, so its
     /// ACK reads it back (`Item::settle_hint`).
     pub other_settles: AtomicU64,
+    /// READs of this user at the commit thread (`commit::ReadTicket`).
+    pub reads_queued: AtomicUsize,
     /// Set when the user is deleted; sessions and sends stop seeing it.
     pub deleted: AtomicBool,
     /// Shares of group sends held in memory only, by (priority, SEQ): the
@@ -133,6 +135,7 @@ impl User {
             attached: ArcSwapOption::empty(),
             inflight: Mutex::new(HashMap::new()),
             other_settles: AtomicU64::new(0),
+            reads_queued: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
             shares: Mutex::new(BTreeMap::new()),
             held: AtomicUsize::new(0),

@@ -110,6 +110,34 @@ pub struct GroupSendRequest {
     pub recipients: Vec<Arc<User>>,
 }
 
+/// READs of one user at the commit thread at most: past them, a READ is
+/// dropped (a READ receipt is best effort), so that one client's flood of
+/// READs cannot fill the commit queue that every user's SENDs share.
+pub const MAX_QUEUED_READS: usize = 4096;
+
+/// A READ's place among its reader's [`MAX_QUEUED_READS`]: taken when the
+/// session submits it, given back when the request is dropped (done,
+/// refused, or never queued).
+pub struct ReadTicket(Arc<User>);
+
+impl ReadTicket {
+    /// A place for one more READ of `user`, if there is one.
+    pub fn take(user: &Arc<User>) -> Option<ReadTicket> {
+        let queued = user.reads_queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= MAX_QUEUED_READS {
+            user.reads_queued.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ReadTicket(user.clone()))
+    }
+}
+
+impl Drop for ReadTicket {
+    fn drop(&mut self) {
+        self.0.reads_queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A change to queued state.
 pub enum Request {
     /// Store a message.
@@ -124,6 +152,8 @@ pub enum Request {
         from: String,
         id: u64,
         group: Option<String>,
+        /// Its place among the reader's READs at the commit thread.
+        ticket: ReadTicket,
     },
     /// Expiry-index keys found due by the sweeper; `done` gets whether
     /// their expiry was committed.

@@ -295,12 +295,14 @@ impl<'c> Pass<'c> {
                 from,
                 id,
                 group: None,
+                ..
             } => self.read(reader, from, *id),
             Request::Read {
                 reader,
                 from,
                 id,
                 group: Some(group),
+                ..
             } => self.group_read(reader, from, *id, group),
             Request::Expire { keys, done } => {
                 for key in keys {

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use super::{Active, Ctx, RETRY_MS};
-use crate::commit::{Acked, Full, Request};
+use crate::admission::Summary;
+use crate::commit::{Acked, Full, ReadTicket, Request};
 use crate::directory::User;
 use crate::store::record::encode_status;
 use crate::store::{Item, ItemView, StatusView};
-use crate::wire::{flags, StatusCode};
+use crate::wire::{flags, is_valid_address, StatusCode};
 
 /// Handles an ACK (and offers ACKs the commit queue refused earlier again).
 /// A repeated ACK while the first is at the commit thread is not sent again:
@@ -55,21 +56,35 @@ pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = 
 /// Handles a READ: live for a real-time message delivered on this
 /// connection, else through the commit thread (dropped if it is full: a READ
 /// receipt is best effort, and the server never blocks a loop for one).
+/// A READ naming no address or group that can exist is ignored, and so is
+/// one past the user's [`crate::commit::MAX_QUEUED_READS`] at the commit thread.
 pub(super) fn read(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64, group: Option<&str>) {
+    if !is_valid_address(from) || group.is_some_and(|g| !is_valid_address(g)) {
+        return;
+    }
     if a.ephemeral_reads.remove(&(Arc::from(from), id)) {
         live_receipt(ctx, &a.user, from, id, group, StatusCode::READ);
         return;
     }
+    let Some(ticket) = ReadTicket::take(&a.user) else {
+        READS_OVER_QUOTA.note(ctx.now);
+        return;
+    };
     let req = Request::Read {
         reader: a.user.clone(),
         from: from.to_owned(),
         id,
         group: group.map(str::to_owned),
+        ticket,
     };
     if ctx.env.submit(req).is_err() {
-        tracing::warn!(user = %a.user.address, "commit queue full: READ receipt dropped");
+        READS_REFUSED.note(ctx.now);
     }
 }
+
+static READS_OVER_QUOTA: Summary =
+    Summary::new("READ receipts dropped: the user had 4096 READs waiting for the commit thread");
+static READS_REFUSED: Summary = Summary::new("READ receipts dropped: the commit queue was full");
 
 /// Sends a memory-only STATUS (no SEQ) about message `id` (to `group`, if
 /// set) to its sender, if the sender is connected.

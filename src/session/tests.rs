@@ -899,6 +899,44 @@ fn read_goes_to_the_commit_thread() {
 }
 
 #[test]
+fn reads_queued_at_the_commit_thread_are_bounded_per_user() {
+    let env = FakeEnv::new();
+    let mut bob = Conn::login(&env, "bob", 1);
+    let read = |from, id| {
+        Frame::Read(wire::Read {
+            from: Some(from),
+            id: Some(id),
+            group: None,
+        })
+    };
+    for id in 0..crate::commit::MAX_QUEUED_READS as u64 + 100 {
+        bob.frame(&env, read("carol", id));
+    }
+    // The commit thread has not taken any: the rest were dropped.
+    let queued = env.take_submitted();
+    assert_eq!(queued.len(), crate::commit::MAX_QUEUED_READS);
+    bob.frame(&env, read("carol", 1));
+    assert!(env.take_submitted().is_empty());
+    // Once done, they give their places back.
+    drop(queued);
+    bob.frame(&env, read("carol", 1));
+    assert_eq!(env.take_submitted().len(), 1);
+    // A READ naming no possible sender or group is ignored.
+    let long = "c".repeat(256);
+    bob.frame(&env, read(&long, 1));
+    bob.frame(
+        &env,
+        Frame::Read(wire::Read {
+            from: Some("carol"),
+            id: Some(1),
+            group: Some("no spaces"),
+        }),
+    );
+    assert!(env.take_submitted().is_empty());
+    assert_eq!(bob.written(), []);
+}
+
+#[test]
 fn items_written_before_are_redelivered_with_the_flag() {
     let env = FakeEnv::new();
     let item = env.store("bob", 0, 1);
