@@ -49,6 +49,7 @@ use super::{bearer, Reply};
 use crate::clock::now_ms;
 use crate::config::{Config, FilesBackend};
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Lifetime of the signed URL returned by an upload, seconds (7 days).
 const URL_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -208,7 +209,7 @@ impl Files {
     /// Opens (creating) the file catalog, its store and its signing key;
     /// removes what interrupted uploads left behind. Errors name the path
     /// or key they concern. The store itself is not contacted.
-    pub fn open(config: &Config, metrics: Arc<Metrics>) -> io::Result<Files> {
+    pub fn open(config: &Config, metrics: Arc<Metrics>, store: Arc<Store>) -> io::Result<Files> {
         let in_path = |path: &Path| {
             let path = path.display().to_string();
             move |e: io::Error| io::Error::new(e.kind(), format!("{path}: {e}"))
@@ -231,7 +232,7 @@ impl Files {
                  and s3_secret_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
             ));
         }
-        let disk = Disk::open(
+        let mut disk = Disk::open(
             &dir,
             blobs,
             config.max_file_size,
@@ -239,6 +240,7 @@ impl Files {
             metrics.clone(),
         )
         .map_err(in_path(&dir))?;
+        disk.keep_free(store);
         let secret = config.data_dir.join("files.secret");
         let signer = Signer::open(&secret).map_err(in_path(&secret))?;
         Ok(Files {
@@ -806,7 +808,9 @@ fn check_content_type(value: &str) -> Result<&str, Fail> {
 fn upload_failure(e: UploadError) -> Fail {
     match e {
         UploadError::TooLarge { .. } => Fail::new(413, "payload_too_large", e.to_string()),
-        UploadError::Quota { .. } => Fail::new(507, "insufficient_storage", e.to_string()),
+        UploadError::Quota { .. } | UploadError::NoSpace { .. } => {
+            Fail::new(507, "insufficient_storage", e.to_string())
+        }
         UploadError::Truncated { .. } | UploadError::Body(_) => {
             tracing::debug!(error = %e, "upload abandoned");
             Fail::new(400, "bad_request", e.to_string())

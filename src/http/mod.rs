@@ -141,7 +141,11 @@ pub fn start(
     admin_token: String,
     tls: Option<Arc<crate::tls::Certs>>,
 ) -> std::io::Result<Http> {
-    let files = Arc::new(files::Files::open(&core.config, core.metrics.clone())?);
+    let files = Arc::new(files::Files::open(
+        &core.config,
+        core.metrics.clone(),
+        core.admin.store.clone(),
+    )?);
     files::Files::start_sweep(&files, &core.config)?;
     let tls = tls.map(|certs| -> tiny_http::TlsSource { Arc::new(move || certs.current()) });
     let server = Server::from_listener_admitting(listener, tls, admission(&core.config))

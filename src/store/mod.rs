@@ -162,6 +162,11 @@ impl Store {
         self.min_free.store(bytes, Ordering::Relaxed);
     }
 
+    /// The free-space reserve (`min_free_space`), in bytes.
+    pub fn min_free_space(&self) -> u64 {
+        self.min_free.load(Ordering::Relaxed)
+    }
+
     /// Measures the free space and returns whether it is below the reserve.
     /// A failed measurement keeps the last verdict.
     pub fn check_space(&self) -> bool {

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -268,4 +268,98 @@ fn held_group_shares_survive_a_full_disk_recovery() {
     }
     let mut bob = server.connect(&tb);
     drain_exactly(&mut alice, &mut bob, &sent);
+}
+
+/// Files and messages share the data directory's disk: an upload that
+/// would take it below `min_free_space` is refused (507) before its body is
+/// read, one that streams while the disk fills is cut off at the reserve,
+/// and new messages are still accepted after the first.
+#[test]
+fn uploads_leave_min_free_space_to_the_messages() {
+    let fs = Tmpfs::mount(256);
+    let server = TestServer::start_with(
+        fs.path(),
+        &["--min-free-space", "32MiB", "--max-file-size", "1073741824"],
+    );
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    // (RocksDB preallocates its WAL: about 180 MiB are left.)
+    let free = fs.free();
+    assert!(
+        free > 96 << 20,
+        "{free} bytes free on a fresh 256 MiB tmpfs"
+    );
+
+    // Announced larger than the room above the reserve: refused before its
+    // body is read (here, 3 bytes and the end).
+    let len = free - (16 << 20);
+    let mut s = request("POST", "/v1/files")
+        .bearer(Some(&ta))
+        .header("Content-Length", len.to_string())
+        .open(server.http)
+        .unwrap();
+    s.write_all(b"abc").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = crate::util::read_resp(s, false).unwrap();
+    r.expect(507, "insufficient_storage");
+    assert!(r.text().contains("min_free_space"), "{}", r.text());
+    let mut alice = server.connect(&ta);
+    let m = Outgoing::to("bob", b"still room").id(1).flags(0);
+    assert_eq!(alice.send_wait(&m).unwrap(), StatusCode::SENT);
+
+    // Admitted, then the disk fills while it streams: cut off at the
+    // next look at the free space, and nothing of it kept.
+    let ballast = std::cell::RefCell::new(None);
+    let body = FillAfter {
+        left: 24 << 20,
+        at: 20 << 20,
+        fill: || *ballast.borrow_mut() = Some(fs.fill(24 << 20)),
+    };
+    let (r, _) = crate::files::upload_from(server.http, Some(&ta), None, 24 << 20, body, false);
+    r.expect(507, "insufficient_storage");
+    let ballast = ballast.into_inner().expect("the body filled the disk");
+    let files = fs.path().join("files");
+    let kept: Vec<_> = [files.clone(), files.join("tmp")]
+        .iter()
+        .flat_map(|d| fs::read_dir(d).unwrap())
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .collect();
+    assert!(kept.is_empty(), "left behind: {kept:?}");
+
+    // Room again: uploads are taken.
+    fs::remove_file(&ballast).unwrap();
+    let (r, _) = crate::files::upload_from(
+        server.http,
+        Some(&tb),
+        None,
+        1 << 20,
+        std::io::repeat(9).take(1 << 20),
+        false,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+/// A request body of `left` bytes that calls `fill` once `at` bytes were
+/// read from it.
+struct FillAfter<F: FnMut()> {
+    left: u64,
+    at: u64,
+    fill: F,
+}
+
+impl<F: FnMut()> std::io::Read for FillAfter<F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == 0 {
+            (self.fill)();
+            self.at = u64::MAX;
+        }
+        let n = (buf.len() as u64).min(self.left).min(self.at) as usize;
+        buf[..n].fill(0x3c);
+        self.left -= n as u64;
+        if self.at != u64::MAX {
+            self.at -= n as u64;
+        }
+        Ok(n)
+    }
 }

@@ -37,6 +37,7 @@ use super::blobs::{sync_dir, BlobError, Blobs, Part};
 use super::s3::StoreDown;
 use super::thumb;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Bytes read from the request and written to the store per step.
 const CHUNK: usize = 64 * 1024;
@@ -141,6 +142,18 @@ pub enum UploadError {
     /// Reading the body failed (the client went away).
     #[error("cannot read request body: {0}")]
     Body(io::Error),
+    /// Storing the body would leave less free disk space than
+    /// `min_free_space`, which the message store needs.
+    #[error(
+        "{free} bytes free on the disk, and the messages need {reserve} (min_free_space): \
+         files are refused until there is more"
+    )]
+    NoSpace {
+        /// Bytes free on the data directory's file system.
+        free: u64,
+        /// `min_free_space`.
+        reserve: u64,
+    },
     /// Writing the local disk failed.
     #[error("file store: {0}")]
     Io(#[from] io::Error),
@@ -206,7 +219,15 @@ pub struct Disk {
     used: AtomicU64,
     /// Thumbnail counters.
     metrics: Arc<Metrics>,
+    /// The message store, whose free-space reserve (`min_free_space`)
+    /// uploads leave alone: files and the database share the data
+    /// directory's disk.
+    space: Option<Arc<Store>>,
 }
+
+/// How often a streaming upload to the local disk looks at the free space
+/// again, bytes.
+const SPACE_CHECK: u64 = 8 << 20;
 
 impl Disk {
     /// Opens (creating) the catalog under `dir`: removes leftover `.part`
@@ -284,7 +305,38 @@ impl Disk {
             quota,
             used: AtomicU64::new(used),
             metrics,
+            space: None,
         })
+    }
+
+    /// Leaves `store`'s free-space reserve to it: uploads that would take
+    /// the disk below `min_free_space` are refused.
+    pub fn keep_free(&mut self, store: Arc<Store>) {
+        self.space = Some(store);
+    }
+
+    /// Refuses `more` bytes for the local disk if they would leave less
+    /// free space than the message store's reserve. A failed measurement
+    /// refuses nothing (the write itself then fails if the disk is full).
+    fn check_space(&self, more: u64) -> Result<(), UploadError> {
+        let Some(store) = &self.space else {
+            return Ok(());
+        };
+        let reserve = store.min_free_space();
+        match crate::store::free_space(&self.dir) {
+            Ok(free) if free.saturating_sub(more) < reserve => {
+                Err(UploadError::NoSpace { free, reserve })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes of an upload of `size` that land on the local disk.
+    fn local_bytes(&self, size: u64) -> u64 {
+        match self.blobs {
+            Blobs::Local { .. } => size,
+            Blobs::S3(_) => 0,
+        }
     }
 
     /// Where the bytes live.
@@ -304,7 +356,7 @@ impl Disk {
         if self.quota != 0 && used.saturating_add(announced) > self.quota {
             return Err(UploadError::Quota { quota: self.quota });
         }
-        Ok(())
+        self.check_space(self.local_bytes(announced))
     }
 
     /// Streams `body`, `announced` bytes long, into the store; returns the
@@ -351,6 +403,12 @@ impl Disk {
                 });
             }
             reserved.add(n as u64, self.quota)?;
+            if self.local_bytes(size) / SPACE_CHECK
+                != self.local_bytes(size - n as u64) / SPACE_CHECK
+            {
+                // Other uploads (and the messages) share the disk.
+                self.check_space(0)?;
+            }
             hasher.update(&buf[..n]);
             data.write(&buf[..n])?;
             if let Some(copy) = &mut copy {
