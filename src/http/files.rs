@@ -752,6 +752,7 @@ fn send<R: Read>(request: Request, status: u16, headers: Vec<Header>, body: R, l
     let Ok(len) = usize::try_from(len) else {
         return Fail::new(500, "internal", "file too large for this platform").send(request);
     };
+    let body = super::MinRate::response(body);
     let response = Response::new(StatusCode(status), headers, body, Some(len), None)
         .with_chunked_threshold(usize::MAX);
     if let Err(e) = request.respond(response) {

@@ -482,35 +482,88 @@ pub const BODY_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// A body reader that fails with `TimedOut` once the body falls behind
 /// [`MIN_BODY_RATE`] (after [`BODY_GRACE`]). Each read can still wait one
 /// socket read timeout (10 s), so the bound is the rate plus 10 s.
+///
+/// A response body is wrapped the same way ([`MinRate::response`]): its
+/// reads come as the client takes what was written, so a client that
+/// takes it slower than the rate is cut off, and cannot hold a handler
+/// thread for long by reading a large file a trickle at a time (each write
+/// still waits at most the 30 s write timeout).
 pub struct MinRate<R> {
     inner: R,
     started: std::time::Instant,
     read: u64,
+    grace: std::time::Duration,
+    rate: u64,
+    what: &'static str,
 }
 
 impl<R> MinRate<R> {
-    /// Starts the clock.
+    /// Starts the clock on a request body.
     pub fn new(inner: R) -> MinRate<R> {
+        MinRate::with(
+            inner,
+            BODY_GRACE,
+            MIN_BODY_RATE,
+            "request body arrives too slowly",
+        )
+    }
+
+    /// Starts the clock on a response body.
+    pub fn response(inner: R) -> MinRate<R> {
+        MinRate::with(
+            inner,
+            BODY_GRACE,
+            MIN_BODY_RATE,
+            "response taken too slowly",
+        )
+    }
+
+    fn with(inner: R, grace: std::time::Duration, rate: u64, what: &'static str) -> MinRate<R> {
         MinRate {
             inner,
             started: std::time::Instant::now(),
             read: 0,
+            grace,
+            rate,
+            what,
         }
     }
 }
 
 impl<R: Read> Read for MinRate<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let allowed = BODY_GRACE + std::time::Duration::from_secs(self.read / MIN_BODY_RATE);
+        let allowed = self.grace + std::time::Duration::from_secs(self.read / self.rate);
         if self.started.elapsed() > allowed {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "request body arrives too slowly",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, self.what));
         }
         let n = self.inner.read(buf)?;
         self.read += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod min_rate_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_body_behind_the_rate_is_cut_off_after_the_grace() {
+        let data = vec![7u8; 64];
+        let mut r = MinRate::with(&data[..], Duration::from_millis(50), 1, "slow");
+        let mut buf = [0u8; 8];
+        assert_eq!(r.read(&mut buf).unwrap(), 8);
+        // 8 bytes at 1 byte/s buy 8 s: still in time after the grace.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(r.read(&mut buf).unwrap(), 8);
+        let mut late = MinRate::with(&data[..], Duration::from_millis(50), 1 << 20, "slow");
+        assert_eq!(late.read(&mut buf).unwrap(), 8);
+        std::thread::sleep(Duration::from_millis(60));
+        let e = late.read(&mut buf).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (std::io::ErrorKind::TimedOut, "slow".into())
+        );
     }
 }
 
