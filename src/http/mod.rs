@@ -542,14 +542,28 @@ impl<R: Read> Read for MinRate<R> {
     }
 }
 
+/// The bearer token of a request, if any.
+pub fn bearer(request: &Request) -> Option<String> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Authorization"))
+        .and_then(|h| {
+            h.value
+                .as_str()
+                .strip_prefix("Bearer ")
+                .map(|t| t.trim().to_owned())
+        })
+}
+
 #[cfg(test)]
-mod min_rate_tests {
+mod tests {
     use super::*;
     use std::time::Duration;
 
     #[test]
     fn a_body_behind_the_rate_is_cut_off_after_the_grace() {
-        let data = vec![7u8; 64];
+        let data = [7u8; 64];
         let mut r = MinRate::with(&data[..], Duration::from_millis(50), 1, "slow");
         let mut buf = [0u8; 8];
         assert_eq!(r.read(&mut buf).unwrap(), 8);
@@ -565,18 +579,4 @@ mod min_rate_tests {
             (std::io::ErrorKind::TimedOut, "slow".into())
         );
     }
-}
-
-/// The bearer token of a request, if any.
-pub fn bearer(request: &Request) -> Option<String> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .and_then(|h| {
-            h.value
-                .as_str()
-                .strip_prefix("Bearer ")
-                .map(|t| t.trim().to_owned())
-        })
 }
