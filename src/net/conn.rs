@@ -134,6 +134,9 @@ impl Conn {
                 return Ok((n, self.ws_pos < ws.output_len()));
             }
         }
+        // Over a WebSocket, the TLS close follows its Close frame, and with
+        // it every frame before (queued only once `out` is in a message).
+        let ws_done = self.ws.is_none() || self.ws_closed;
         let Some(tls) = &mut self.tls else {
             return Ok((0, false));
         };
@@ -153,7 +156,7 @@ impl Conn {
             buf.clear();
             *pos = 0;
         }
-        if self.phase != Phase::Open && *pos == 0 && !self.tls_closed {
+        if self.phase != Phase::Open && *pos == 0 && ws_done && !self.tls_closed {
             tls.send_close_notify();
             self.tls_closed = true;
         }

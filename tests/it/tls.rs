@@ -433,3 +433,59 @@ fn a_trickled_tls_handshake_is_cut_off() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A WebSocket over TLS closed (here, replaced by a second login) while a
+/// backlog larger than rustls' buffer waits for the socket: the client
+/// reads the backlog, then ERROR REPLACED, then the WebSocket Close; the
+/// TLS close_notify comes only after them.
+#[test]
+fn websocket_over_tls_replaced_with_a_backlog_gets_its_error() {
+    use crate::util::status;
+    use crate::ws::{Got, WsClient};
+    use tern::client::Outgoing;
+    use tern::wire::{ErrorCode, StatusCode};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), pki.path());
+    let ca = pki.path().join("ca.pem");
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let socket = std::net::TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let session =
+        rustls::ClientConnection::new(tls_config(&ca).unwrap(), "localhost".try_into().unwrap())
+            .unwrap();
+    let stream = rustls::StreamOwned::new(session, socket);
+    let mut bob = WsClient::open_over(server.addr, Box::new(stream)).hello(&tb);
+    // 9.4 MiB for bob, who does not read yet: his socket blocks with a
+    // WebSocket message of up to conn_buffer (1 MiB) on its way.
+    let mut alice = Client::connect_with(server.addr, &ta, tls_options(&ca)).unwrap();
+    let payload = vec![0x42u8; 16 << 10];
+    for batch in 0..12u64 {
+        let out: Vec<Outgoing> = (0..50)
+            .map(|i| {
+                Outgoing::to("bob", &payload)
+                    .id(batch * 50 + i + 1)
+                    .flags(0)
+            })
+            .collect();
+        alice.send_many(&out).unwrap();
+        for _ in 0..50 {
+            assert_eq!(status(next(&mut alice, 10)).status, StatusCode::SENT);
+        }
+    }
+    let _bob_again = Client::connect_with(server.addr, &tb, tls_options(&ca)).unwrap();
+    let mut got = 0;
+    loop {
+        match bob.next() {
+            Got::Msg { .. } => got += 1,
+            Got::Error(code) => {
+                assert_eq!(code, ErrorCode::REPLACED);
+                break;
+            }
+            other => panic!("after {got} messages: {other:?}, not ERROR REPLACED"),
+        }
+    }
+    assert_eq!(bob.next(), Got::Closed);
+}
