@@ -46,6 +46,9 @@ pub struct Metrics {
     pub files_stored: AtomicU64,
     /// Uploads streaming now (proxied through tern), a gauge.
     pub files_uploading: AtomicU64,
+    /// Uploads to the object store past 1 MiB, buffering now, a gauge
+    /// (`files::s3::MAX_LARGE_UPLOADS` at most; more wait for a place).
+    pub files_large_uploads: AtomicU64,
     /// Files deleted by `files_max_age`.
     pub files_expired: AtomicU64,
     /// Uploads started and never completed, removed by the sweep (direct

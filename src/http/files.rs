@@ -215,16 +215,17 @@ impl Files {
             move |e: io::Error| io::Error::new(e.kind(), format!("{path}: {e}"))
         };
         let dir = config.data_dir.join("files");
-        let blobs =
-            match config.files_backend {
-                FilesBackend::Local => Blobs::Local {
-                    dir: dir.clone(),
-                    tmp: dir.join("tmp"),
-                },
-                FilesBackend::S3 => Blobs::S3(Box::new(s3::S3::open(config).map_err(|e| {
-                    io::Error::new(e.kind(), format!("files_backend = \"s3\": {e}"))
-                })?)),
-            };
+        let blobs = match config.files_backend {
+            FilesBackend::Local => Blobs::Local {
+                dir: dir.clone(),
+                tmp: dir.join("tmp"),
+            },
+            FilesBackend::S3 => {
+                Blobs::S3(Box::new(s3::S3::open(config, metrics.clone()).map_err(
+                    |e| io::Error::new(e.kind(), format!("files_backend = \"s3\": {e}")),
+                )?))
+            }
+        };
         let direct = config.files_direct && blobs.s3().is_some_and(|s3| s3.can_presign());
         if config.files_direct && !direct {
             return Err(io::Error::other(

@@ -111,6 +111,13 @@ pub fn render(core: &Backend) -> Reply {
         "Uploads streaming through tern now.",
         m.files_uploading.load(Ordering::Relaxed),
     );
+    metric(
+        &mut out,
+        "tern_files_large_uploads",
+        "gauge",
+        "Uploads to the object store past 1 MiB buffering in memory now; at most 32 at once, more wait for a place.",
+        m.files_large_uploads.load(Ordering::Relaxed),
+    );
     for (name, help, value) in [
         (
             "tern_files_expired_total",

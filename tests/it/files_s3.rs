@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::files::{
     call, get, sha_hex, start, stored_size, upload, upload_from, Backend, Noise, Setup, MIB,
 };
-use crate::util::{barrier, http, request, scrape, ADMIN};
+use crate::util::{barrier, http, request, scrape, wait_for, ADMIN};
 
 /// A direct-upload request; returns the answer.
 fn announce(setup: &Setup, token: &str, body: &Value) -> crate::util::Resp {
@@ -392,4 +392,82 @@ fn cli_uploads_and_downloads_through_the_store() {
         ]);
         assert_eq!(std::fs::read(&copy).unwrap().len(), bytes.len());
     }
+}
+
+/// Large uploads to the store buffer up to a part (and then parts in
+/// flight) in memory: at most 32 of them do at once. With 32 stalled after
+/// 2 MiB, a 33rd large one waits for a place, then gets 503, while a small
+/// one goes through; once the stalled ones are gone, large ones are taken
+/// again.
+#[test]
+fn large_uploads_buffering_at_once_are_bounded() {
+    use std::io::Write;
+    const PLACES: usize = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = start(Backend::S3, dir.path(), &[]);
+    let alice = setup.user("alice");
+    let len = 8 * MIB;
+    let chunk = vec![0x77u8; 2 * MIB as usize];
+    let stalled: Vec<_> = (0..PLACES)
+        .map(|_| {
+            let mut s = request("POST", "/v1/files")
+                .bearer(Some(&alice))
+                .header("Content-Length", len.to_string())
+                .open(setup.http)
+                .unwrap();
+            s.write_all(&chunk).unwrap();
+            s
+        })
+        .collect();
+    // Every stalled upload holds its place once the server has read more
+    // than 1 MiB of it: the 33rd waits (up to 10 s), then is refused.
+    wait_for(Duration::from_secs(30), "32 places taken", || {
+        (scrape(setup.http).value("tern_files_large_uploads") == PLACES as f64).then_some(())
+    });
+    // A byte a second each, so that no stalled upload reaches the server's
+    // 10 s read timeout (and gives its place back) meanwhile.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let stop = stop.clone();
+        let mut sockets: Vec<_> = stalled.iter().map(|s| s.try_clone().unwrap()).collect();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &mut sockets {
+                    let _ = s.write_all(b"x");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let started = Instant::now();
+    let (r, _) = upload_from(
+        setup.http,
+        Some(&alice),
+        None,
+        len,
+        Noise::new(5, len),
+        false,
+    );
+    r.expect(503, "store_unavailable");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "refused after {:?}, without waiting for a place",
+        started.elapsed()
+    );
+    upload(setup.http, &alice, None, &[1u8; 100 << 10]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    trickle.join().unwrap();
+    drop(stalled);
+    let (r, _) = upload_from(
+        setup.http,
+        Some(&alice),
+        None,
+        len,
+        Noise::new(6, len),
+        false,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_for(Duration::from_secs(10), "every place given back", || {
+        (scrape(setup.http).value("tern_files_large_uploads") == 0.0).then_some(())
+    });
 }

@@ -20,7 +20,8 @@
 //! [`StoreDown`], which the files API answers 503.
 
 use std::io::{self, Read};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -35,12 +36,66 @@ use rusty_s3::S3Action;
 use tokio::runtime::Runtime;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// Bytes per part of a multipart upload (S3's smallest part is 5 MiB).
 pub const PART: usize = 5 << 20;
 /// Parts of one upload sent at once; with the part being filled, an
 /// upload holds at most `(PARTS_IN_FLIGHT + 1) * PART` bytes.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Uploads past [`SMALL`] bytes buffered at once, each holding up to about
+/// 20 MiB (a part growing to 8 MiB of capacity, then the parts in flight):
+/// so at most about 640 MiB for all of them. More wait for a place, up to
+/// [`PLACE_WAIT`], then get 503. Smaller uploads never wait: the HTTP
+/// threads bound them.
+pub const MAX_LARGE_UPLOADS: usize = 32;
+/// Bytes an upload buffers before it needs a place.
+const SMALL: usize = 1 << 20;
+/// How long an upload waits for a place.
+const PLACE_WAIT: Duration = Duration::from_secs(10);
+
+/// The places of [`MAX_LARGE_UPLOADS`].
+struct Places {
+    free: Mutex<usize>,
+    freed: Condvar,
+    /// `tern_files_large_uploads`: the places taken.
+    metrics: Arc<Metrics>,
+}
+
+impl Places {
+    /// A place, waiting up to [`PLACE_WAIT`] for one.
+    fn take(&self) -> Result<Place<'_>, StoreDown> {
+        let free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut free, _) = self
+            .freed
+            .wait_timeout_while(free, PLACE_WAIT, |free| *free == 0)
+            .unwrap_or_else(|e| e.into_inner());
+        if *free == 0 {
+            return Err(StoreDown(format!(
+                "{MAX_LARGE_UPLOADS} large uploads to the store already in progress"
+            )));
+        }
+        *free -= 1;
+        self.metrics
+            .files_large_uploads
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Place(self))
+    }
+}
+
+/// One of [`MAX_LARGE_UPLOADS`], given back when dropped.
+struct Place<'a>(&'a Places);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0
+            .metrics
+            .files_large_uploads
+            .fetch_sub(1, Ordering::Relaxed);
+        self.0.freed.notify_one();
+    }
+}
 
 /// The store could not be reached or refused the request; the message says
 /// why (it goes to the log, and a short form to the client).
@@ -65,13 +120,15 @@ pub struct S3 {
     /// Static credentials for presigning; `None` when neither the config
     /// nor the environment gives keys (then direct transfers are off).
     credentials: Option<rusty_s3::Credentials>,
+    /// Places for large uploads.
+    places: Places,
 }
 
 impl S3 {
     /// Builds the clients from the `s3_*` keys, with the standard `AWS_*`
     /// environment variables where the config leaves the credentials out.
     /// Nothing is contacted here.
-    pub fn open(config: &Config) -> io::Result<S3> {
+    pub fn open(config: &Config, metrics: Arc<Metrics>) -> io::Result<S3> {
         let bucket = config.s3_bucket.clone().unwrap_or_default();
         let endpoint = config.s3_endpoint.clone();
         let options = ClientOptions::new()
@@ -149,6 +206,11 @@ impl S3 {
             store: Arc::new(store),
             bucket: signing,
             credentials,
+            places: Places {
+                free: Mutex::new(MAX_LARGE_UPLOADS),
+                freed: Condvar::new(),
+                metrics,
+            },
         })
     }
 
@@ -165,6 +227,7 @@ impl S3 {
             key: Key::from(key),
             buf: Vec::new(),
             upload: None,
+            place: None,
         }
     }
 
@@ -282,11 +345,18 @@ pub struct S3Writer<'a> {
     buf: Vec<u8>,
     /// The multipart upload, once the body passed one part.
     upload: Option<WriteMultipart>,
+    /// Its place among the large uploads, once past [`SMALL`] bytes
+    /// (given back after the upload is completed or aborted).
+    place: Option<Place<'a>>,
 }
 
 impl S3Writer<'_> {
-    /// Adds bytes; blocks while [`PARTS_IN_FLIGHT`] parts are on their way.
+    /// Adds bytes; blocks while [`PARTS_IN_FLIGHT`] parts are on their way,
+    /// and, past [`SMALL`] bytes, until the upload has a place.
     pub fn write(&mut self, data: &[u8]) -> Result<(), StoreDown> {
+        if self.place.is_none() && self.buf.len() + data.len() > SMALL {
+            self.place = Some(self.s3.places.take()?);
+        }
         let rt = &self.s3.rt;
         if self.upload.is_none() {
             self.buf.extend_from_slice(data);
