@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tern::client::{Event, Outgoing};
 use tern::wire::{flags, StatusCode};
 
-use crate::util::{barrier, barrier_self, msg, next, now_ms, status, TestServer};
+use crate::util::{
+    barrier, barrier_self, msg, next, now_ms, receive_all, send_pipelined, status, TestServer,
+};
 
 /// Acceptance 1: alice → bob online; SENT, then DELIVERED after ACK, then
 /// READ after READ; every MSG field intact.
@@ -487,30 +489,19 @@ fn slow_consumer_is_bounded_and_loses_nothing() {
 
     // Pipelined: up to 2,000 SENDs outstanding.
     let payload = [0xabu8; 100];
-    let mut sent = 0u64;
-    let mut acked = 0u64;
     let mut peak = 0;
-    while acked < N {
-        let window = 2_000 - (sent - acked);
-        if sent < N && window >= 500 {
-            let batch: Vec<Outgoing> = (sent..N.min(sent + 500))
-                .map(|i| Outgoing::to("bob", &payload).id(i + 1).flags(0))
-                .collect();
-            sent += batch.len() as u64;
-            alice.send_many(&batch).unwrap();
+    let accepted = send_pipelined(
+        &mut alice,
+        N,
+        (500, 2_000),
+        |i| Outgoing::to("bob", &payload).id(i + 1).flags(0),
+        |sent| {
             if sent.is_multiple_of(10_000) {
                 peak = peak.max(server.rss_kib());
             }
-            continue;
-        }
-        match next(&mut alice, 30) {
-            Event::Status(s) if s.seq.is_none() => {
-                assert_eq!(s.status, StatusCode::SENT, "message {}", s.id);
-                acked += 1;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+        },
+    );
+    assert_eq!(accepted, N);
     peak = peak.max(server.rss_kib());
     eprintln!("slow consumer: RSS baseline {baseline} KiB, peak {peak} KiB");
     assert!(
@@ -518,18 +509,7 @@ fn slow_consumer_is_bounded_and_loses_nothing() {
         "RSS {peak} KiB over the {RSS_BOUND_KIB} KiB bound"
     );
 
-    let mut seen = HashSet::new();
-    let mut acks = Vec::new();
-    while (seen.len() as u64) < N {
-        let m = msg(next(&mut bob, 30));
-        assert!(seen.insert(m.id), "message {} delivered twice", m.id);
-        acks.push(m.seq);
-        if acks.len() == 1000 {
-            bob.ack(&acks).unwrap();
-            acks.clear();
-        }
-    }
-    bob.ack(&acks).unwrap();
+    receive_all(&mut bob, N, 1000);
     barrier(&mut alice, &mut bob);
 }
 
@@ -548,41 +528,19 @@ fn real_time_messages_nobody_acks_are_refused_past_their_bound() {
     let mut bob = server.connect(&tb);
     let mut alice = server.connect(&ta);
     let payload = [0x11u8; 64];
-    let (mut sent, mut answered, mut accepted) = (0u64, 0u64, 0u64);
-    while answered < N {
-        if sent < N && sent - answered < 1_000 {
-            let batch: Vec<Outgoing> = (sent..N.min(sent + 250))
-                .map(|i| Outgoing::to("bob", &payload).id(i + 1).expiry(0).flags(0))
-                .collect();
-            sent += batch.len() as u64;
-            alice.send_many(&batch).unwrap();
-            continue;
-        }
-        let s = status(next(&mut alice, 30));
-        match s.status {
-            StatusCode::SENT => accepted += 1,
-            StatusCode::OVERLOADED => {}
-            other => panic!("message {}: {other:?}", s.id),
-        }
-        answered += 1;
-    }
+    let accepted = send_pipelined(
+        &mut alice,
+        N,
+        (250, 1_000),
+        |i| Outgoing::to("bob", &payload).id(i + 1).expiry(0).flags(0),
+        |_| {},
+    );
     assert!(
         accepted <= 3 * LIVE_CAPACITY,
         "{accepted} of {N} real-time messages accepted for a recipient that ACKs none"
     );
 
-    let mut seen = HashSet::new();
-    let mut seqs = Vec::new();
-    while (seen.len() as u64) < accepted {
-        let m = msg(next(&mut bob, 30));
-        assert!(seen.insert(m.id), "message {} delivered twice", m.id);
-        seqs.push(m.seq);
-        if seqs.len() == 500 {
-            bob.ack(&seqs).unwrap();
-            seqs.clear();
-        }
-    }
-    bob.ack(&seqs).unwrap();
+    receive_all(&mut bob, accepted, 500);
     barrier(&mut alice, &mut bob);
 }
 

@@ -356,22 +356,14 @@ fn sighup_reloads_the_certificate() {
 /// TCP client under TLS.
 #[test]
 fn websocket_over_tls() {
-    use crate::ws::{Got, WsClient};
+    use crate::ws::Got;
     use tern::wire::{self, Frame, StatusCode};
     let dir = tempfile::tempdir().unwrap();
     let pki = tempfile::tempdir().unwrap();
     let server = tls_server(dir.path(), pki.path());
     let ca = pki.path().join("ca.pem");
     let (ta, tb) = (server.user("alice"), server.user("bob"));
-    let socket = std::net::TcpStream::connect(server.addr).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let session =
-        rustls::ClientConnection::new(tls_config(&ca).unwrap(), "localhost".try_into().unwrap())
-            .unwrap();
-    let stream = rustls::StreamOwned::new(session, socket);
-    let mut alice = WsClient::open_over(server.addr, Box::new(stream)).hello(&ta);
+    let mut alice = wss_login(&server, &ca, &ta);
     let mut bob = Client::connect_with(server.addr, &tb, tls_options(&ca)).unwrap();
     alice.send(&[Frame::Send(wire::Send {
         id: Some(1),
@@ -440,41 +432,28 @@ fn a_trickled_tls_handshake_is_cut_off() {
 /// TLS close_notify comes only after them.
 #[test]
 fn websocket_over_tls_replaced_with_a_backlog_gets_its_error() {
-    use crate::util::status;
-    use crate::ws::{Got, WsClient};
+    use crate::util::send_pipelined;
+    use crate::ws::Got;
     use tern::client::Outgoing;
-    use tern::wire::{ErrorCode, StatusCode};
+    use tern::wire::ErrorCode;
     let dir = tempfile::tempdir().unwrap();
     let pki = tempfile::tempdir().unwrap();
     let server = tls_server(dir.path(), pki.path());
     let ca = pki.path().join("ca.pem");
     let (ta, tb) = (server.user("alice"), server.user("bob"));
-    let socket = std::net::TcpStream::connect(server.addr).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let session =
-        rustls::ClientConnection::new(tls_config(&ca).unwrap(), "localhost".try_into().unwrap())
-            .unwrap();
-    let stream = rustls::StreamOwned::new(session, socket);
-    let mut bob = WsClient::open_over(server.addr, Box::new(stream)).hello(&tb);
+    let mut bob = wss_login(&server, &ca, &tb);
     // 9.4 MiB for bob, who does not read yet: his socket blocks with a
     // WebSocket message of up to conn_buffer (1 MiB) on its way.
     let mut alice = Client::connect_with(server.addr, &ta, tls_options(&ca)).unwrap();
     let payload = vec![0x42u8; 16 << 10];
-    for batch in 0..12u64 {
-        let out: Vec<Outgoing> = (0..50)
-            .map(|i| {
-                Outgoing::to("bob", &payload)
-                    .id(batch * 50 + i + 1)
-                    .flags(0)
-            })
-            .collect();
-        alice.send_many(&out).unwrap();
-        for _ in 0..50 {
-            assert_eq!(status(next(&mut alice, 10)).status, StatusCode::SENT);
-        }
-    }
+    let accepted = send_pipelined(
+        &mut alice,
+        600,
+        (50, 50),
+        |i| Outgoing::to("bob", &payload).id(i + 1).flags(0),
+        |_| {},
+    );
+    assert_eq!(accepted, 600);
     let _bob_again = Client::connect_with(server.addr, &tb, tls_options(&ca)).unwrap();
     let mut got = 0;
     loop {
@@ -488,4 +467,17 @@ fn websocket_over_tls_replaced_with_a_backlog_gets_its_error() {
         }
     }
     assert_eq!(bob.next(), Got::Closed);
+}
+
+/// A WebSocket client over TLS (trusting `ca`), logged in with `token`.
+fn wss_login(server: &TestServer, ca: &Path, token: &str) -> crate::ws::WsClient {
+    let socket = std::net::TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let session =
+        rustls::ClientConnection::new(tls_config(ca).unwrap(), "localhost".try_into().unwrap())
+            .unwrap();
+    let stream = rustls::StreamOwned::new(session, socket);
+    crate::ws::WsClient::open_over(server.addr, Box::new(stream)).hello(token)
 }

@@ -378,6 +378,58 @@ pub fn is_marker(m: &Message, from: &str, marker: &Outgoing) -> bool {
     m.id == marker.id && m.from == from && m.payload == marker.payload
 }
 
+/// Sends `n` messages, `make(i)` for `i` in `0..n`, pipelined: in batches
+/// of `batch`, at most `window` unanswered, calling `after_batch(sent)`
+/// after each batch is written. Returns how many were answered SENT; an
+/// answer other than SENT or OVERLOADED panics.
+#[track_caller]
+pub fn send_pipelined(
+    c: &mut Client,
+    n: u64,
+    (batch, window): (u64, u64),
+    mut make: impl FnMut(u64) -> Outgoing,
+    mut after_batch: impl FnMut(u64),
+) -> u64 {
+    let (mut sent, mut answered, mut accepted) = (0u64, 0u64, 0u64);
+    while answered < n {
+        if sent < n && sent - answered + batch <= window {
+            let out: Vec<Outgoing> = (sent..n.min(sent + batch)).map(&mut make).collect();
+            sent += out.len() as u64;
+            c.send_many(&out).unwrap();
+            after_batch(sent);
+            continue;
+        }
+        let s = status(next(c, 30));
+        match s.status {
+            StatusCode::SENT => accepted += 1,
+            StatusCode::OVERLOADED => {}
+            other => panic!("message {}: {other:?}", s.id),
+        }
+        answered += 1;
+    }
+    accepted
+}
+
+/// Receives `n` MSGs, ACKing them `ack_every` at a time (and the rest at
+/// the end); panics on anything else, or on an ID delivered twice. Returns
+/// the IDs.
+#[track_caller]
+pub fn receive_all(c: &mut Client, n: u64, ack_every: usize) -> HashSet<u64> {
+    let mut seen = HashSet::new();
+    let mut seqs = Vec::new();
+    while (seen.len() as u64) < n {
+        let m = msg(next(c, 30));
+        assert!(seen.insert(m.id), "message {} delivered twice", m.id);
+        seqs.push(m.seq);
+        if seqs.len() == ack_every {
+            c.ack(&seqs).unwrap();
+            seqs.clear();
+        }
+    }
+    c.ack(&seqs).unwrap();
+    seen
+}
+
 /// The marker barrier, for proving that nothing else reaches `to`: `from`
 /// sends a [`marker`] to `to`, which must be the very next event `to` sees
 /// (it is then ACKed, and returned).

@@ -10,7 +10,7 @@ use tern::wire::{self, ErrorCode, Frame, StatusCode};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
-use crate::util::{msg, next, status, TestServer};
+use crate::util::{msg, next, send_pipelined, status, TestServer};
 
 /// What a test looks at in a frame from the server.
 #[derive(Debug, PartialEq, Eq)]
@@ -368,35 +368,22 @@ fn a_websocket_that_stops_reading_holds_bounded_output() {
     let baseline = server.rss_kib();
 
     let mut payload = vec![0x5au8; LEN];
-    let (mut sent, mut acked, mut peak) = (0u64, 0u64, 0u64);
-    while acked < N {
-        if sent < N && sent - acked < 64 {
-            let batch: Vec<Vec<u8>> = (sent..N.min(sent + 16))
-                .map(|i| {
-                    payload[..8].copy_from_slice(&i.to_be_bytes());
-                    payload.clone()
-                })
-                .collect();
-            let out: Vec<Outgoing> = batch
-                .iter()
-                .zip(sent..)
-                .map(|(p, i)| Outgoing::to("bob", p).id(i + 1).flags(0))
-                .collect();
-            sent += out.len() as u64;
-            alice.send_many(&out).unwrap();
+    let mut peak = 0;
+    let accepted = send_pipelined(
+        &mut alice,
+        N,
+        (16, 64),
+        |i| {
+            payload[..8].copy_from_slice(&i.to_be_bytes());
+            Outgoing::to("bob", &payload).id(i + 1).flags(0)
+        },
+        |sent| {
             if sent.is_multiple_of(1024) {
                 peak = peak.max(server.rss_kib());
             }
-            continue;
-        }
-        match next(&mut alice, 30) {
-            Event::Status(s) if s.seq.is_none() => {
-                assert_eq!(s.status, StatusCode::SENT, "message {}", s.id);
-                acked += 1;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+        },
+    );
+    assert_eq!(accepted, N);
     peak = peak.max(server.rss_kib());
     eprintln!("websocket slow reader: RSS baseline {baseline} KiB, peak {peak} KiB");
     assert!(
