@@ -119,6 +119,7 @@ pub fn sweep_once(
         }
     }
     let keys = store.due_expiries_from(start, now_ms(), SWEEP_BATCH)?;
+    store.note_swept(keys.first().map(|k| &k[..]));
     let n = keys.len();
     let Some(last) = keys.last().cloned() else {
         // Nothing due from there on: the cursor stays.
@@ -224,6 +225,30 @@ mod tests {
             ]
         );
         assert!(store.due_expiries(u64::MAX, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_lag_is_what_the_last_sweep_found_due() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(tmp.path()).unwrap());
+        let (commit, handed) = committer_refusing(store.clone(), 0, 1);
+        let mut cursor = Cursor::new();
+        assert_eq!(store.expiry_lag(10_000), 0);
+        put(&store, 1_000, b"a");
+        put(&store, 4_000, b"b");
+        // Refused: both still due, the earliest since 1,000.
+        assert!(sweep_once(&store, &commit, &mut cursor).is_err());
+        assert_eq!(store.expiry_lag(10_000), 9_000);
+        assert_eq!(
+            store.expiry_lag(11_000),
+            10_000,
+            "it grows while no sweep runs"
+        );
+        assert_eq!(
+            sweep_all(&store, &commit, &mut cursor, &handed).len(),
+            2 + 2
+        );
+        assert_eq!(store.expiry_lag(u64::MAX), 0, "nothing due any more");
     }
 
     #[test]

@@ -265,16 +265,13 @@ fn quantiles(out: &mut String, name: &str, labels: &str, h: &Mutex<Option<Histog
 /// RocksDB's figures per column family (`tern_store_*{cf=…}`): whether
 /// compaction keeps up with the deletes. Left out while the store is down.
 fn store_stats(out: &mut String, core: &Backend) {
-    if let Ok(first) = core.store().first_expiry() {
-        let late = first.map_or(0, |t| crate::clock::now_ms().saturating_sub(t));
-        metric(
-            out,
-            "tern_expiry_lag_ms",
-            "gauge",
-            "How long the earliest expiry-index entry (item or dedup record) has been due, ms: 0 while the sweeper keeps up.",
-            late,
-        );
-    }
+    metric(
+        out,
+        "tern_expiry_lag_ms",
+        "gauge",
+        "How long the earliest expiry-index entry (item or dedup record) the expiry sweep last found has been due, ms: 0 while the sweeper keeps up.",
+        core.store().expiry_lag(crate::clock::now_ms()),
+    );
     let Ok(stats) = core.store().cf_stats() else {
         return;
     };

@@ -125,6 +125,9 @@ pub struct Store {
     /// none. The sweeper resumes after the last key it handed over, and
     /// this tells it when an entry was written behind that point.
     expiry_floor: AtomicU64,
+    /// The due time (ms) of the first entry the expiry sweep last found
+    /// due; `u64::MAX`: it found none ([`Store::expiry_lag`]).
+    earliest_due: AtomicU64,
     /// When the oldest write not known to be synced was made
     /// (`clock::mono_us`); 0: every write is synced.
     unsynced_since: AtomicU64,
@@ -145,6 +148,7 @@ impl Store {
             free: AtomicU64::new(u64::MAX),
             low: AtomicBool::new(false),
             expiry_floor: AtomicU64::new(u64::MAX),
+            earliest_due: AtomicU64::new(u64::MAX),
             unsynced_since: AtomicU64::new(0),
             #[cfg(test)]
             unsynced_aged: AtomicU64::new(0),
@@ -854,15 +858,23 @@ impl Store {
         Ok(out)
     }
 
-    /// The time (ms since the epoch) of the earliest expiry-index entry.
-    pub fn first_expiry(&self) -> Result<Option<u64>> {
-        let db = self.db()?;
-        let cf = cf(&db, CF_EXPIRY)?;
-        let mut it = db.raw_iterator_cf(cf);
-        it.seek_to_first();
-        let first = it.key().map(expiry_due);
-        it.status()?;
-        Ok(first)
+    /// Records what an expiry sweep found due: `first`, the earliest key
+    /// (`None`: nothing was due).
+    pub fn note_swept(&self, first: Option<&[u8]>) {
+        let due = first.map_or(u64::MAX, expiry_due);
+        self.earliest_due.store(due, Ordering::Relaxed);
+    }
+
+    /// How long, at `now` (ms), the earliest entry the expiry sweep last
+    /// found due has been due: 0 while the sweep keeps up. Taken from the
+    /// sweep rather than by reading the index, whose start is a run of
+    /// tombstones until compaction removes them: `/metrics`, which needs
+    /// no token, must not walk them at each request.
+    pub fn expiry_lag(&self, now: u64) -> u64 {
+        match self.earliest_due.load(Ordering::Relaxed) {
+            u64::MAX => 0,
+            due => now.saturating_sub(due),
+        }
     }
 
     /// Point read in a column family.
