@@ -115,9 +115,9 @@ pub struct GroupSendRequest {
 /// READs cannot fill the commit queue that every user's SENDs share.
 pub const MAX_QUEUED_READS: usize = 4096;
 
-/// A READ's place among its reader's [`MAX_QUEUED_READS`]: taken when the
-/// session submits it, given back when the request is dropped (done,
-/// refused, or never queued).
+/// The reader of a READ, holding its place among the reader's
+/// [`MAX_QUEUED_READS`]: taken when the session submits it, given back when
+/// the request is dropped (done, refused, or never queued).
 pub struct ReadTicket(Arc<User>);
 
 impl ReadTicket {
@@ -129,6 +129,11 @@ impl ReadTicket {
             return None;
         }
         Some(ReadTicket(user.clone()))
+    }
+
+    /// The reader.
+    pub fn user(&self) -> &Arc<User> {
+        &self.0
     }
 }
 
@@ -148,12 +153,11 @@ pub enum Request {
     Ack { user: Arc<User>, items: Vec<Acked> },
     /// The user read message `id` from `from` (sent to `group`, if set).
     Read {
-        reader: Arc<User>,
+        /// The reader, with its place among its READs at the commit thread.
+        reader: ReadTicket,
         from: String,
         id: u64,
         group: Option<String>,
-        /// Its place among the reader's READs at the commit thread.
-        ticket: ReadTicket,
     },
     /// Expiry-index keys found due by the sweeper; `done` gets whether
     /// their expiry was committed.

@@ -295,15 +295,13 @@ impl<'c> Pass<'c> {
                 from,
                 id,
                 group: None,
-                ..
-            } => self.read(reader, from, *id),
+            } => self.read(reader.user(), from, *id),
             Request::Read {
                 reader,
                 from,
                 id,
                 group: Some(group),
-                ..
-            } => self.group_read(reader, from, *id, group),
+            } => self.group_read(reader.user(), from, *id, group),
             Request::Expire { keys, done } => {
                 for key in keys {
                     self.expire(key)?;

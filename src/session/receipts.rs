@@ -56,8 +56,10 @@ pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = 
 /// Handles a READ: live for a real-time message delivered on this
 /// connection, else through the commit thread (dropped if it is full: a READ
 /// receipt is best effort, and the server never blocks a loop for one).
-/// A READ naming no address or group that can exist is ignored, and so is
-/// one past the user's [`crate::commit::MAX_QUEUED_READS`] at the commit thread.
+/// A READ naming no address or group that can exist is ignored here, before
+/// anything is copied (the commit thread checks again where it builds the
+/// keys), and so is one past the user's [`crate::commit::MAX_QUEUED_READS`]
+/// at the commit thread.
 pub(super) fn read(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64, group: Option<&str>) {
     if !is_valid_address(from) || group.is_some_and(|g| !is_valid_address(g)) {
         return;
@@ -66,16 +68,15 @@ pub(super) fn read(ctx: &mut Ctx<'_>, a: &mut Active, from: &str, id: u64, group
         live_receipt(ctx, &a.user, from, id, group, StatusCode::READ);
         return;
     }
-    let Some(ticket) = ReadTicket::take(&a.user) else {
+    let Some(reader) = ReadTicket::take(&a.user) else {
         READS_OVER_QUOTA.note(ctx.now);
         return;
     };
     let req = Request::Read {
-        reader: a.user.clone(),
+        reader,
         from: from.to_owned(),
         id,
         group: group.map(str::to_owned),
-        ticket,
     };
     if ctx.env.submit(req).is_err() {
         READS_REFUSED.note(ctx.now);
