@@ -262,8 +262,9 @@ fn quantiles(out: &mut String, name: &str, labels: &str, h: &Mutex<Option<Histog
     );
 }
 
-/// RocksDB's figures per column family (`tern_store_*{cf=…}`): whether
-/// compaction keeps up with the deletes. Left out while the store is down.
+/// The expiry sweep's lag, and RocksDB's figures per column family
+/// (`tern_store_*{cf=…}`): whether compaction keeps up with the deletes.
+/// The figures are left out while the store is down.
 fn store_stats(out: &mut String, core: &Backend) {
     metric(
         out,

@@ -331,14 +331,6 @@ impl Disk {
         }
     }
 
-    /// Bytes of an upload of `size` that land on the local disk.
-    fn local_bytes(&self, size: u64) -> u64 {
-        match self.blobs {
-            Blobs::Local { .. } => size,
-            Blobs::S3(_) => 0,
-        }
-    }
-
     /// Where the bytes live.
     pub fn blobs(&self) -> &Blobs {
         &self.blobs
@@ -356,7 +348,14 @@ impl Disk {
         if self.quota != 0 && used.saturating_add(announced) > self.quota {
             return Err(UploadError::Quota { quota: self.quota });
         }
-        self.check_space(self.local_bytes(announced))
+        // With the s3 backend the bytes go to the bucket: only the reserve
+        // itself is checked.
+        let local = if self.blobs.s3().is_none() {
+            announced
+        } else {
+            0
+        };
+        self.check_space(local)
     }
 
     /// Streams `body`, `announced` bytes long, into the store; returns the
@@ -403,9 +402,7 @@ impl Disk {
                 });
             }
             reserved.add(n as u64, self.quota)?;
-            if self.local_bytes(size) / SPACE_CHECK
-                != self.local_bytes(size - n as u64) / SPACE_CHECK
-            {
+            if self.blobs.s3().is_none() && size / SPACE_CHECK != (size - n as u64) / SPACE_CHECK {
                 // Other uploads (and the messages) share the disk.
                 self.check_space(0)?;
             }
