@@ -7,6 +7,7 @@
 #
 #   RATE=40000 TERN_BIN=target/release/tern benches/syscalls.sh
 #   RATE=0 SCENARIO=fanout benches/syscalls.sh
+#   EVENTS=syscalls:sys_enter_sched_yield,syscalls:sys_enter_fdatasync RATE=10000 benches/syscalls.sh
 set -euo pipefail
 
 SCENARIO=${SCENARIO:-durable-1to1}
@@ -19,7 +20,7 @@ run_peerbench "$SCENARIO" syscalls 10 "${RATE:-0}" &
 BENCH=$!
 sleep 4
 perf stat --per-thread -p "$PID" -o "$OUT/stat.txt" \
-    -e syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait \
+    -e "${EVENTS:-syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait}" \
     -- sleep 3 >/dev/null 2>&1 || true
 wait "$BENCH"
 stop_server

@@ -415,12 +415,18 @@ impl Files {
             uploader,
             created_ms: now,
             expires_ms,
+            staged: true,
         };
         let id = self.disk.announce(&pending).map_err(upload_failure)?;
         let Some(s3) = self.disk.blobs().s3() else {
             return Err(Fail::internal("direct upload", &"no object store"));
         };
-        let upload_url = s3.presign_put(&id, pending.size, &pending.content_type, self.direct_ttl);
+        let upload_url = s3.presign_put(
+            &pending.upload_key(&id),
+            pending.size,
+            &pending.content_type,
+            self.direct_ttl,
+        );
         tracing::debug!(%id, size = pending.size, "direct upload announced");
         let answer = DirectAnswer {
             id: &id,

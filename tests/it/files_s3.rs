@@ -135,6 +135,65 @@ fn direct_upload_and_redirected_download() {
     get(setup.http, &path, Some(&alice)).expect(404, "not_found");
 }
 
+/// The bytes behind a download's redirect.
+fn fetch_redirected(setup: &Setup, path: &str, token: &str) -> Vec<u8> {
+    let r = get(setup.http, path, Some(token));
+    assert_eq!(r.status, 302, "{path}: {}", r.text());
+    let resp = ureq::get(r.header("location").unwrap()).call().unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut resp.into_reader(), &mut got).unwrap();
+    got
+}
+
+/// A presigned PUT URL stays good until it expires, but the store keeps
+/// what it puts apart from the file: PUT again after the completion, the
+/// file stays what was completed (and hashed); PUT again after a delete,
+/// nothing comes back.
+#[test]
+fn a_presigned_url_cannot_change_a_completed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = start(Backend::S3, dir.path(), &["--files-direct", "true"]);
+    let alice = setup.user("alice");
+    let first = Noise::bytes(31, 200_000);
+    let second = Noise::bytes(32, first.len() as u64);
+    let v = announce(
+        &setup,
+        &alice,
+        &json!({"direct": true, "size": first.len()}),
+    )
+    .json();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let url = v["upload_url"].as_str().unwrap().to_owned();
+    let content_type = v["headers"]["Content-Type"].as_str().unwrap().to_owned();
+    assert_eq!(put(&url, &content_type, &first), 200);
+    let r = complete(&setup, &alice, &id);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["sha256"], sha_hex(&first).as_str());
+
+    // The same URL, other bytes of the same size: the store takes them...
+    assert_eq!(put(&url, &content_type, &second), 200);
+    // ...and the file is still what was completed.
+    let path = format!("/v1/files/{id}");
+    assert_eq!(
+        sha_hex(&fetch_redirected(&setup, &path, &alice)),
+        sha_hex(&first)
+    );
+    assert_eq!(
+        complete(&setup, &alice, &id).json()["sha256"],
+        sha_hex(&first).as_str()
+    );
+
+    // Deleted, then PUT again: the file stays gone.
+    assert_eq!(
+        call(setup.http, "DELETE", &path, Some(&alice), &[]).status,
+        204
+    );
+    assert_eq!(put(&url, &content_type, &second), 200);
+    assert_eq!(stored_size(&setup, &id), None);
+    get(setup.http, &path, Some(&alice)).expect(404, "not_found");
+    complete(&setup, &alice, &id).expect(404, "not_found");
+}
+
 #[test]
 fn direct_uploads_are_checked_at_completion() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,8 +3,9 @@
 //! [`Blobs::Local`] keeps them in `<data_dir>/files/` beside the metadata,
 //! [`Blobs::S3`] in a bucket ([`super::s3`]). Both answer the same calls:
 //! a writer that commits an object whole or leaves nothing, a ranged
-//! reader, a delete, and (for the sweep) a listing. Keys are `<id>` and
-//! `<id>.thumb`, never client text.
+//! reader, a copy, a delete, and (for the sweep) a listing. Keys are
+//! `<id>`, `<id>.thumb` and `<id>.upload` (a direct upload's bytes before
+//! completion), never client text.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -128,6 +129,23 @@ impl Blobs {
                 Err(e) => Err(e.into()),
             },
             Blobs::S3(s3) => Ok(s3.size(key)?),
+        }
+    }
+
+    /// Copies object `from` to `to` (replacing it), durably: in a bucket,
+    /// a copy made by the store itself.
+    pub fn copy(&self, from: &str, to: &str) -> Result<(), BlobError> {
+        match self {
+            Blobs::Local { dir, tmp } => {
+                let mut part = Part::create(tmp)?;
+                io::copy(&mut File::open(dir.join(from))?, &mut part.file)?;
+                part.file.sync_all()?;
+                part.rename(dir.join(to))?;
+                sync_dir(dir)?;
+                part.keep();
+                Ok(())
+            }
+            Blobs::S3(s3) => Ok(s3.copy(from, to)?),
         }
     }
 

@@ -10,7 +10,11 @@
 //! <data_dir>/files/pending/<id>.json  direct uploads announced, not completed (s3)
 //! ```
 //!
-//! With the s3 backend, `<id>` and `<id>.thumb` are objects of the bucket.
+//! With the s3 backend, `<id>` and `<id>.thumb` are objects of the bucket,
+//! and so is `<id>.upload`, where a direct upload's presigned URL puts the
+//! bytes: completion copies them to `<id>` and checks the copy, so the URL,
+//! good until it expires, can neither change a completed file nor bring
+//! back a deleted one.
 //! `<id>` is 32 lowercase hex characters (128 random bits) made here, and
 //! `<r>` likewise: no path or key ever holds client-supplied text, and
 //! [`is_id`] gates every id that comes from a URL before any path is built
@@ -24,11 +28,12 @@
 //! sweep for objects) and no answer to the client. A delete removes
 //! `<id>.json` first, then the bytes.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -114,6 +119,25 @@ pub struct Pending {
     pub created_ms: u64,
     /// When its presigned URL expires, unix ms.
     pub expires_ms: u64,
+    /// Its URL puts the bytes at `<id>.upload` ([`Pending::upload_key`]).
+    /// Announcements made before tern staged direct uploads have `false`:
+    /// their URL puts them at `<id>` itself.
+    #[serde(default)]
+    pub staged: bool,
+}
+
+/// What a direct upload's key ends with before it is completed.
+pub const UPLOAD_SUFFIX: &str = ".upload";
+
+impl Pending {
+    /// The key direct upload `id`'s presigned URL writes.
+    pub fn upload_key(&self, id: &str) -> String {
+        if self.staged {
+            format!("{id}{UPLOAD_SUFFIX}")
+        } else {
+            id.to_owned()
+        }
+    }
 }
 
 /// Why an upload was not stored. Every variant leaves nothing behind.
@@ -223,6 +247,41 @@ pub struct Disk {
     /// uploads leave alone: files and the database share the data
     /// directory's disk.
     space: Option<Arc<Store>>,
+    /// Direct uploads being completed (id → completions running), which
+    /// the orphan sweep leaves alone: between the claim of its
+    /// announcement and its metadata, a completion's objects are named by
+    /// neither. The sweep looks and deletes under this lock.
+    completing: Mutex<HashMap<String, u32>>,
+}
+
+/// Marks a direct upload as being completed while it lives
+/// ([`Disk::completing`]).
+struct Completing<'a> {
+    set: &'a Mutex<HashMap<String, u32>>,
+    id: &'a str,
+}
+
+impl<'a> Completing<'a> {
+    fn mark(set: &'a Mutex<HashMap<String, u32>>, id: &'a str) -> Completing<'a> {
+        *lock(set).entry(id.to_owned()).or_default() += 1;
+        Completing { set, id }
+    }
+}
+
+impl Drop for Completing<'_> {
+    fn drop(&mut self) {
+        let mut set = lock(self.set);
+        if let Some(n) = set.get_mut(self.id) {
+            *n -= 1;
+            if *n == 0 {
+                set.remove(self.id);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How often a streaming upload to the local disk looks at the free space
@@ -306,6 +365,7 @@ impl Disk {
             used: AtomicU64::new(used),
             metrics,
             space: None,
+            completing: Mutex::default(),
         })
     }
 
@@ -547,12 +607,14 @@ impl Disk {
         }
     }
 
-    /// Completes direct upload `id` once its object is in the store: reads
-    /// the object once to check its size and hash it (and make the
-    /// thumbnail), then writes the metadata. An object that is not what
-    /// was announced is deleted with the announcement.
+    /// Completes direct upload `id` once its object is in the store:
+    /// copies it from where its URL put it to `<id>`, reads the copy once
+    /// to check its size and hash it (and make the thumbnail), writes the
+    /// metadata, then deletes the upload's object. An object that is not
+    /// what was announced is deleted with the announcement.
     pub fn complete(&self, id: &str, now_ms: u64) -> Result<(Meta, bool), CompleteError> {
         debug_assert!(is_id(id));
+        let _completing = Completing::mark(&self.completing, id);
         // Claim the announcement: of two concurrent completions (or a
         // completion and the sweep) only one moves it.
         let record = self.pending.join(format!("{id}.json"));
@@ -577,14 +639,17 @@ impl Disk {
             Ok(p) => p,
             Err(e) => return Err(UploadError::Io(e).into()),
         };
+        let source = pending.upload_key(id);
         let refuse = |why: String| {
             self.release(pending.size);
-            if let Err(e) = self.blobs.delete(id) {
-                tracing::warn!(id, error = %e, "cannot remove a refused upload");
+            for key in [source.as_str(), id] {
+                if let Err(e) = self.blobs.delete(key) {
+                    tracing::warn!(key, error = %e, "cannot remove a refused upload");
+                }
             }
             Err(CompleteError::Mismatch(why))
         };
-        let found = match self.blobs.size(id) {
+        let found = match self.blobs.size(&source) {
             Ok(Some(n)) => n,
             Ok(None) => {
                 give_back(claim);
@@ -601,9 +666,17 @@ impl Disk {
                 pending.size
             ));
         }
+        // From here on the bytes are tern's copy: the URL may still put
+        // others where it points, but never at `<id>`.
+        if pending.staged {
+            if let Err(e) = self.blobs.copy(&source, id) {
+                give_back(claim);
+                return Err(UploadError::from(e).into());
+            }
+        }
         let image =
             thumb::expected(&pending.content_type).filter(|_| pending.size <= thumb::MAX_INPUT);
-        let hashed = (|| -> Result<(String, Option<Part>), UploadError> {
+        let hashed = (|| -> Result<(String, u64, Option<Part>), UploadError> {
             let mut copy = match image {
                 Some(_) => Some(Part::create(&self.tmp)?),
                 None => None,
@@ -613,6 +686,7 @@ impl Disk {
             };
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; CHUNK];
+            let mut read = 0u64;
             loop {
                 let n = match reader.read(&mut buf) {
                     Ok(0) => break,
@@ -621,19 +695,26 @@ impl Disk {
                     Err(e) => return Err(StoreDown(e.to_string()).into()),
                 };
                 hasher.update(&buf[..n]);
+                read += n as u64;
                 if let Some(copy) = &mut copy {
                     copy.file.write_all(&buf[..n])?;
                 }
             }
-            Ok((hex::encode(hasher.finalize()), copy))
+            Ok((hex::encode(hasher.finalize()), read, copy))
         })();
-        let (sha256, copy) = match hashed {
+        let (sha256, read, copy) = match hashed {
             Ok(h) => h,
             Err(e) => {
                 give_back(claim);
                 return Err(e.into());
             }
         };
+        if read != found {
+            return refuse(format!(
+                "the store holds {read} bytes, {} were announced",
+                pending.size
+            ));
+        }
         if let Some(announced) = &pending.sha256 {
             if !announced.eq_ignore_ascii_case(&sha256) {
                 return refuse(format!(
@@ -659,6 +740,12 @@ impl Disk {
             return Err(UploadError::Io(e).into());
         }
         drop(claim);
+        if pending.staged {
+            // Left behind, it is an orphan: the sweep removes it.
+            if let Err(e) = self.blobs.delete(&source) {
+                tracing::warn!(key = source, error = %e, "cannot remove a completed upload's object");
+            }
+        }
         Ok((meta, true))
     }
 
@@ -706,7 +793,14 @@ impl Disk {
                 if fs::rename(&path, claim.path()).is_err() {
                     continue;
                 }
-                if let Err(e) = self.blobs.delete(&id) {
+                // `<id>` too: a completion that failed after its copy
+                // leaves one.
+                let source = pending.upload_key(&id);
+                let deleted = self
+                    .blobs
+                    .delete(&source)
+                    .and_then(|()| self.blobs.delete(&id));
+                if let Err(e) = deleted {
                     // Put it back: the next sweep tries again.
                     let back = claim.path().to_path_buf();
                     claim.keep();
@@ -751,13 +845,11 @@ impl Disk {
         }
         if let Blobs::S3(s3) = &self.blobs {
             for (key, modified) in s3.list()? {
-                let id = key.strip_suffix(".thumb").unwrap_or(&key);
-                if !is_id(id) || !stale(modified) {
+                if !stale(modified) {
                     continue;
                 }
-                let known = self.dir.join(format!("{id}.json")).exists()
-                    || self.pending.join(format!("{id}.json")).exists();
-                if !known {
+                let completing = lock(&self.completing);
+                if self.unnamed(&key, &completing) {
                     s3.delete(&key)?;
                     tracing::info!(key, "object without metadata removed");
                     removed += 1;
@@ -765,6 +857,22 @@ impl Disk {
             }
         }
         Ok(removed)
+    }
+
+    /// Whether object `key` is one of tern's that nothing names: no
+    /// metadata (for `<id>` and `<id>.thumb`; a direct upload's own object
+    /// is needed only until its completion copies it), no announcement,
+    /// and no completion running (`completing`, locked by the caller until
+    /// the object is deleted).
+    fn unnamed(&self, key: &str, completing: &HashMap<String, u32>) -> bool {
+        let (id, upload) = match key.strip_suffix(UPLOAD_SUFFIX) {
+            Some(id) => (id, true),
+            None => (key.strip_suffix(".thumb").unwrap_or(key), false),
+        };
+        is_id(id)
+            && !completing.contains_key(id)
+            && !self.pending.join(format!("{id}.json")).exists()
+            && (upload || !self.dir.join(format!("{id}.json")).exists())
     }
 
     /// Every file's id and metadata.
@@ -1027,6 +1135,55 @@ mod tests {
         let later = now() + ABANDONED_AFTER_MS;
         assert_eq!(disk.sweep(later, 0, 0, true).unwrap().abandoned, 1);
         assert!(files(&dir.path().join("tmp")).is_empty());
+    }
+
+    /// A direct upload's bytes are copied from its own object at
+    /// completion, and the orphan sweep takes none of its objects while a
+    /// completion runs (between the claim of the announcement and the
+    /// metadata, nothing else names them).
+    #[test]
+    fn a_completion_copies_the_upload_and_the_sweep_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = local(dir.path(), 100, 0);
+        let pending = Pending {
+            size: 5,
+            content_type: "text/plain".into(),
+            sha256: None,
+            uploader: Uploader::Admin,
+            created_ms: 0,
+            expires_ms: u64::MAX,
+            staged: true,
+        };
+        let id = disk.announce(&pending).unwrap();
+        let upload = pending.upload_key(&id);
+        assert_eq!(upload, format!("{id}{UPLOAD_SUFFIX}"));
+        let thumb = format!("{id}.thumb");
+        let unnamed = |key: &str| disk.unnamed(key, &lock(&disk.completing));
+        assert!(!unnamed(&id) && !unnamed(&upload));
+        assert!(!unnamed("tern.txt"));
+        fs::write(dir.path().join(&upload), b"hello").unwrap();
+
+        // A completion between its claim and its metadata.
+        let record = dir.path().join(format!("pending/{id}.json"));
+        let claimed = dir.path().join("claimed");
+        fs::rename(&record, &claimed).unwrap();
+        {
+            let _running = Completing::mark(&disk.completing, &id);
+            assert!(!unnamed(&id) && !unnamed(&upload) && !unnamed(&thumb));
+        }
+        assert!(unnamed(&id) && unnamed(&upload));
+        fs::rename(&claimed, &record).unwrap();
+
+        let (meta, new) = disk.complete(&id, 1).unwrap();
+        assert!(new);
+        assert_eq!(meta.size, 5);
+        assert_eq!(read_all(&disk, &id, 5), b"hello");
+        assert!(!dir.path().join(&upload).exists());
+        assert!(lock(&disk.completing).is_empty());
+        // Completed: the file is named by its metadata; what the URL puts
+        // at its own key from now on is an orphan.
+        assert!(!unnamed(&id) && !unnamed(&thumb));
+        assert!(unnamed(&upload));
     }
 
     fn now() -> u64 {

@@ -284,6 +284,14 @@ impl S3 {
         )))
     }
 
+    /// Copies object `from` to `to` inside the bucket (the store copies;
+    /// no byte comes through tern).
+    pub fn copy(&self, from: &str, to: &str) -> Result<(), StoreDown> {
+        self.rt
+            .block_on(self.store.copy(&Key::from(from), &Key::from(to)))?;
+        Ok(())
+    }
+
     /// Deletes object `key`; one that is not there is no error.
     pub fn delete(&self, key: &str) -> Result<(), StoreDown> {
         match self.rt.block_on(self.store.delete(&Key::from(key))) {
