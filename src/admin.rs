@@ -68,9 +68,11 @@ pub struct Admin {
     max_group_size: usize,
     /// Serializes group changes (read-modify-write of a snapshot).
     group_admin: Mutex<()>,
-    /// Serializes creating and deleting users: a user created while one of
-    /// the same address is being deleted would otherwise start its SEQs
-    /// where the old one's still-stored items are (`Directory::new_user`).
+    /// Serializes creating and deleting users, and adding tokens: a user
+    /// created while one of the same address is being deleted would
+    /// otherwise start its SEQs where the old one's still-stored items are
+    /// (`Directory::new_user`), and a token added meanwhile would outlive
+    /// the delete.
     user_admin: Mutex<()>,
 }
 
@@ -146,6 +148,10 @@ impl Admin {
         address: &str,
         token_ttl_secs: Option<u64>,
     ) -> Result<Option<String>, StoreError> {
+        // Under the lock a delete holds throughout: a token put between a
+        // delete's look at the user and its last revoke would survive it,
+        // and log into a user created again under the address.
+        let _admin = self.user_admin.lock().unwrap_or_else(|e| e.into_inner());
         if self.dir.user(address).is_none() {
             return Ok(None);
         }
@@ -200,9 +206,9 @@ impl Admin {
             // again under the same address.
             return Err(StoreError::Unavailable);
         }
-        // The record, and the tokens again: one that `add_token` (which
-        // checks the directory without the admin lock) put between the two
-        // revokes goes too.
+        // The record, and the tokens again (`create_user` and `add_token`
+        // wait for this lock, so none can have been added meanwhile; this
+        // is the record's delete, which the purge had to come before).
         self.store.revoke_tokens(address, true)?;
         self.dir.remove_user(address);
         Ok(true)
