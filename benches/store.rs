@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tern::commit::{self, Accept, Committer, GroupSendRequest, ReplyTo, Request, SendRequest};
-use tern::directory::{Directory, User};
+use tern::directory::{Directory, Group, Member, User};
 use tern::mailbox::{Answer, ConnRef, Notify};
 use tern::metrics::Metrics;
 use tern::store::record::encode_msg;
@@ -112,9 +112,16 @@ fn group_fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("store_group_fanout");
     group.sample_size(20);
     for members in [100usize, 1000] {
-        let recipients: Vec<Arc<User>> = (0..members)
-            .map(|i| Arc::new(User::new(&format!("m{i}"), String::new(), 1)))
-            .collect();
+        let big = Arc::new(Group {
+            name: "big".into(),
+            members: (0..members)
+                .map(|i| Member {
+                    user: Arc::new(User::new(&format!("m{i}"), String::new(), 1)),
+                    send: false,
+                    recv: true,
+                })
+                .collect(),
+        });
         let payload = [0x5au8; 256];
         let record = encode_msg(&MsgView {
             time: 1,
@@ -137,8 +144,7 @@ fn group_fanout(c: &mut Criterion) {
                         next_id += 1;
                         vec![Request::GroupSend(GroupSendRequest {
                             accept: accept(&sender, next_id, record.clone()),
-                            group: "big".into(),
-                            recipients: recipients.clone(),
+                            group: big.clone(),
                         })]
                     },
                     |mut requests| commit::commit_batch(&core, &mut requests),

@@ -363,6 +363,17 @@ pub struct Group {
 }
 
 impl Group {
+    /// Who gets a message `sender` sends to the group: the members with
+    /// `recv`, less the sender and members being deleted.
+    pub fn recipients<'a>(&'a self, sender: &'a Arc<User>) -> impl Iterator<Item = &'a Arc<User>> {
+        self.members
+            .iter()
+            .filter(move |m| {
+                m.recv && !Arc::ptr_eq(&m.user, sender) && !m.user.deleted.load(Ordering::Acquire)
+            })
+            .map(|m| &m.user)
+    }
+
     /// The membership of `address`, if any.
     pub fn member(&self, address: &str) -> Option<&Member> {
         self.members

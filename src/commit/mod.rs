@@ -45,7 +45,7 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError}
 
 use crate::clock::{mono_us, now_ms};
 pub use crate::directory::Acked;
-use crate::directory::{held_cost, Directory, User};
+use crate::directory::{held_cost, Directory, Group, User};
 use crate::mailbox::{Answer, ConnRef, Notify};
 use crate::metrics::{Metrics, Stage};
 use crate::store::{Batch, Item, Store};
@@ -55,6 +55,11 @@ pub use pass::Tally;
 
 /// Requests drained into one synced batch at most.
 pub const MAX_BATCH: usize = 4096;
+/// Recipients one batch of sends reaches at most (a group send reaches
+/// each member): past it, the next group send goes in the next batch, so
+/// that 4,096 sends to groups of thousands cannot make one batch of
+/// millions of inbox writes that every other sender waits behind.
+const MAX_BATCH_REACH: usize = 65_536;
 /// Requests waiting for the commit thread before senders get OVERLOADED.
 pub const QUEUE_CAPACITY: usize = 65_536;
 
@@ -104,10 +109,19 @@ pub struct SendRequest {
 pub struct GroupSendRequest {
     /// The message.
     pub accept: Accept,
-    /// The group's name.
-    pub group: Arc<str>,
-    /// The members with `recv` at the time of sending, less the sender.
-    pub recipients: Vec<Arc<User>>,
+    /// The group as it was when the send was accepted: the directory's
+    /// immutable snapshot, shared, so a queued send holds no copy of its
+    /// member list (8,192 members would be 64 KiB a request).
+    pub group: Arc<Group>,
+}
+
+impl GroupSendRequest {
+    /// Who gets the message: the members with `recv` at the time of
+    /// sending, less the sender and members deleted since (their purge,
+    /// submitted after the flag was set, would not see a share).
+    pub fn recipients(&self) -> impl Iterator<Item = &Arc<User>> {
+        self.group.recipients(&self.accept.sender)
+    }
 }
 
 /// READs of one user at the commit thread at most: past them, a READ is
@@ -777,9 +791,15 @@ impl Queues {
             // An operator's delete or a purge lists the user's items in the
             // store and in memory: what is queued before it (a SEND to that
             // user) is committed and completed first, in a batch of its own.
-            let cut = self.first.iter().skip(1).position(Request::lists_items);
+            // And a batch reaches at most MAX_BATCH_REACH recipients (a
+            // first request alone may reach more).
+            let mut reach = 0;
+            let cut = self.first.iter().enumerate().position(|(i, r)| {
+                reach += r.reach();
+                i > 0 && (r.lists_items() || reach > MAX_BATCH_REACH)
+            });
             match cut {
-                Some(i) => batch.extend(self.first.drain(..=i)),
+                Some(i) => batch.extend(self.first.drain(..i)),
                 None => std::mem::swap(batch, &mut self.first),
             }
         }
@@ -788,6 +808,15 @@ impl Queues {
 }
 
 impl Request {
+    /// How many users a send reaches (a group send's members, sender
+    /// included: an upper bound); 1 for anything else.
+    fn reach(&self) -> usize {
+        match self {
+            Request::GroupSend(g) => g.group.members.len(),
+            _ => 1,
+        }
+    }
+
     /// Whether applying it lists a user's queued items (from the store and
     /// the held shares), so it must not share a batch with the requests
     /// queued before it.

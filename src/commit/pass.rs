@@ -586,7 +586,7 @@ fn failed(req: Request, done: &mut Vec<Completion>) {
         Request::GroupSend(s) => done.push(Completion::Reply {
             answer: Answer {
                 id: s.accept.id,
-                to: s.group,
+                to: s.group.name.clone(),
                 group: true,
                 status: overloaded(s.accept.id),
             },

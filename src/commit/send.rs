@@ -226,23 +226,15 @@ impl Pass<'_> {
     }
 
     pub(super) fn group_send(&mut self, send: &GroupSendRequest) -> Result<()> {
-        let GroupSendRequest {
-            accept: req,
-            group,
-            recipients,
-        } = send;
+        let req = &send.accept;
+        let group = &send.group.name;
         let Some(dedup) = self.first_time(&req.sender, req.id, &req.conn, group, true)? else {
             return Ok(());
         };
         if self.refused_for_space(req, group, true) {
             return Ok(());
         }
-        // Members deleted since the send was accepted get no share (their
-        // purge, submitted after the flag was set, would not see it).
-        let recipients: Vec<&Arc<User>> = recipients
-            .iter()
-            .filter(|u| !u.deleted.load(Ordering::Acquire))
-            .collect();
+        let recipients: Vec<&Arc<User>> = send.recipients().collect();
         let msgno = self.c.dir.next_msgno();
         let count = u32::try_from(recipients.len()).unwrap_or(u32::MAX);
         let reference = encode_ref(&RefView {

@@ -170,10 +170,20 @@ fn group_send(
     priority: u8,
     flags: u32,
 ) -> Request {
+    let members = members
+        .iter()
+        .map(|u| crate::directory::Member {
+            user: f.c.dir.user(u).unwrap(),
+            send: true,
+            recv: true,
+        })
+        .collect();
     Request::GroupSend(GroupSendRequest {
         accept: accept(f, from, Some("g"), id, priority, flags),
-        group: "g".into(),
-        recipients: members.iter().map(|u| f.c.dir.user(u).unwrap()).collect(),
+        group: Arc::new(crate::directory::Group {
+            name: "g".into(),
+            members,
+        }),
     })
 }
 
@@ -407,6 +417,41 @@ fn a_delete_finds_what_was_sent_before_it_in_the_same_drain() {
         "alice owed DELETED"
     );
     assert_eq!(bob.queued.load(Ordering::Relaxed), 1, "message 2 stays");
+}
+
+/// Group sends to large groups go into batches that reach at most
+/// `MAX_BATCH_REACH` recipients (a first one alone may reach more); sends
+/// to users fill up what is left.
+#[test]
+fn batches_of_group_sends_reach_a_bounded_number_of_members() {
+    let f = fixture(&["alice", "bob"]);
+    let bob = f.c.dir.user("bob").unwrap();
+    let big = |id| {
+        let mut req = group_send(&f, "alice", &["bob"], id, 0, 0);
+        if let Request::GroupSend(g) = &mut req {
+            let member = crate::directory::Member {
+                user: bob.clone(),
+                send: true,
+                recv: true,
+            };
+            g.group = Arc::new(crate::directory::Group {
+                name: "g".into(),
+                members: vec![member; MAX_BATCH_REACH / 2 + 1],
+            });
+        }
+        req
+    };
+    let mut q = Queues::default();
+    q.add(big(1));
+    q.add(big(2));
+    q.add(send(&f, "alice", "bob", 3));
+    let mut batch = Vec::new();
+    q.next_batch(&mut batch);
+    assert_eq!(batch.len(), 1, "two halves and one are over the bound");
+    batch.clear();
+    q.next_batch(&mut batch);
+    assert_eq!(batch.len(), 2, "one half and one are not");
+    assert!(q.is_empty());
 }
 
 /// A settlement batch holds at most `MAX_SETTLE_BATCH` requests.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::Env;
 use crate::commit::{Accept, GroupSendRequest, ReplyTo, Request, SendRequest};
-use crate::directory::User;
+use crate::directory::{Group, User};
 use crate::store::keys::PRIORITIES;
 use crate::store::record::encode_msg;
 use crate::store::{Item, MsgView};
@@ -27,20 +27,12 @@ pub enum Dest<'a> {
 }
 
 /// Who a SEND reaches.
-enum Recipients<'s> {
+enum Recipients {
     /// One user.
     One(Arc<User>),
-    /// The named group's members with `recv`, less the sender.
-    Group(&'s str, Vec<Arc<User>>),
-}
-
-impl Recipients<'_> {
-    fn iter(&self) -> std::slice::Iter<'_, Arc<User>> {
-        match self {
-            Recipients::One(u) => std::slice::from_ref(u).iter(),
-            Recipients::Group(_, us) => us.iter(),
-        }
-    }
+    /// A group; its members with `recv`, less the sender, get it
+    /// ([`GroupSendRequest::recipients`]).
+    Group(Arc<Group>),
 }
 
 /// What became of a SEND right away.
@@ -114,23 +106,19 @@ pub fn send<'s>(
                 return (dest, Outcome::Now(StatusCode::NOT_MEMBER));
             }
             msg.group = Some(name);
-            Recipients::Group(
-                name,
-                group
-                    .members
-                    .iter()
-                    .filter(|m| m.recv && !Arc::ptr_eq(&m.user, sender))
-                    .filter(|m| !m.user.deleted.load(Ordering::Acquire))
-                    .map(|m| m.user.clone())
-                    .collect(),
-            )
+            Recipients::Group(group)
         }
     };
     if expiry == 0 {
         // Real time: memory only, now or never, to whoever is connected.
         let record = encode_msg(&msg);
         let (mut online, mut full) = (0, 0);
-        for recipient in recipients.iter() {
+        let (one, group) = match &recipients {
+            Recipients::One(user) => (Some(user), None),
+            Recipients::Group(group) => (None, Some(group)),
+        };
+        let members = group.into_iter().flat_map(|g| g.recipients(sender));
+        for recipient in one.into_iter().chain(members) {
             let Some(mb) = recipient.mailbox() else {
                 continue;
             };
@@ -182,11 +170,7 @@ pub fn send<'s>(
     };
     let req = match recipients {
         Recipients::One(recipient) => Request::Send(SendRequest { accept, recipient }),
-        Recipients::Group(name, recipients) => Request::GroupSend(GroupSendRequest {
-            accept,
-            group: name.into(),
-            recipients,
-        }),
+        Recipients::Group(group) => Request::GroupSend(GroupSendRequest { accept, group }),
     };
     match env.submit(req) {
         Ok(()) => (dest, Outcome::Queued),

@@ -677,7 +677,7 @@ fn a_group_send_needs_the_send_permission() {
         panic!("one group SEND expected");
     };
     // The members with recv, less the sender.
-    let to: Vec<&str> = g.recipients.iter().map(|u| &*u.address).collect();
+    let to: Vec<&str> = g.recipients().map(|u| &*u.address).collect();
     assert_eq!(to, ["alice"]);
 }
 
