@@ -250,7 +250,7 @@ pub struct Disk {
     /// Direct uploads being completed (id → completions running), which
     /// the orphan sweep leaves alone: between the claim of its
     /// announcement and its metadata, a completion's objects are named by
-    /// neither. The sweep looks and deletes under this lock.
+    /// neither. The sweep decides under this lock.
     completing: Mutex<HashMap<String, u32>>,
 }
 
@@ -844,26 +844,39 @@ impl Disk {
             }
         }
         if let Blobs::S3(s3) = &self.blobs {
-            for (key, modified) in s3.list()? {
-                if !stale(modified) {
-                    continue;
-                }
-                let completing = lock(&self.completing);
-                if self.unnamed(&key, &completing) {
-                    s3.delete(&key)?;
-                    tracing::info!(key, "object without metadata removed");
-                    removed += 1;
-                }
+            // Decided first, deleted after, so that no call to the store
+            // holds up a completion (an object nothing names stays so).
+            let orphans: Vec<String> = s3
+                .list()?
+                .into_iter()
+                .filter(|(key, modified)| self.is_orphan(key, *modified, now_ms))
+                .map(|(key, _)| key)
+                .collect();
+            for key in orphans {
+                s3.delete(&key)?;
+                tracing::info!(key, "object without metadata removed");
+                removed += 1;
             }
         }
         Ok(removed)
     }
 
+    /// Whether object `key`, last changed at `modified` (unix ms), is an
+    /// orphan at `now_ms`: one of tern's that nothing names, an hour old
+    /// ([`ABANDONED_AFTER_MS`]). A direct upload's own object needs no
+    /// age: its announcement is written before its URL exists, so without
+    /// one (or a completion) it is what the URL put after the completion.
+    /// Once true for a key, it stays true: ids are never made twice, and an
+    /// announcement comes back only to the completion that claimed it.
+    fn is_orphan(&self, key: &str, modified: u64, now_ms: u64) -> bool {
+        let stale = modified.saturating_add(ABANDONED_AFTER_MS) <= now_ms;
+        (key.ends_with(UPLOAD_SUFFIX) || stale) && self.unnamed(key, &lock(&self.completing))
+    }
+
     /// Whether object `key` is one of tern's that nothing names: no
     /// metadata (for `<id>` and `<id>.thumb`; a direct upload's own object
     /// is needed only until its completion copies it), no announcement,
-    /// and no completion running (`completing`, locked by the caller until
-    /// the object is deleted).
+    /// and no completion running (`completing`, locked by the caller).
     fn unnamed(&self, key: &str, completing: &HashMap<String, u32>) -> bool {
         let (id, upload) = match key.strip_suffix(UPLOAD_SUFFIX) {
             Some(id) => (id, true),
@@ -1161,6 +1174,7 @@ mod tests {
         let unnamed = |key: &str| disk.unnamed(key, &lock(&disk.completing));
         assert!(!unnamed(&id) && !unnamed(&upload));
         assert!(!unnamed("tern.txt"));
+        let (fresh, old) = (now(), now() - ABANDONED_AFTER_MS);
         fs::write(dir.path().join(&upload), b"hello").unwrap();
 
         // A completion between its claim and its metadata.
@@ -1170,8 +1184,10 @@ mod tests {
         {
             let _running = Completing::mark(&disk.completing, &id);
             assert!(!unnamed(&id) && !unnamed(&upload) && !unnamed(&thumb));
+            assert!(!disk.is_orphan(&id, old, now()));
         }
         assert!(unnamed(&id) && unnamed(&upload));
+        assert!(disk.is_orphan(&id, old, now()) && !disk.is_orphan(&id, fresh, now()));
         fs::rename(&claimed, &record).unwrap();
 
         let (meta, new) = disk.complete(&id, 1).unwrap();
@@ -1184,6 +1200,8 @@ mod tests {
         // at its own key from now on is an orphan.
         assert!(!unnamed(&id) && !unnamed(&thumb));
         assert!(unnamed(&upload));
+        assert!(!disk.is_orphan(&id, old, now()));
+        assert!(disk.is_orphan(&upload, fresh, now()), "however new");
     }
 
     fn now() -> u64 {

@@ -12,8 +12,10 @@
 //!   (object_store's `Signer::signed_url` signs the host alone, so a client
 //!   could store any size and type with it).
 //!
-//! Keys are `<id>` and `<id>.thumb` at the bucket's root, ids made by tern
-//! (32 hex characters); nothing else in the bucket is ever touched.
+//! Keys are `<id>`, `<id>.thumb` and `<id>.upload` (a direct upload's
+//! bytes until its completion copies them to `<id>`) at the bucket's root,
+//! ids made by tern (32 hex characters); nothing else in the bucket is
+//! ever touched.
 //!
 //! A store that cannot be reached fails fast: 3 s to connect, two retries
 //! within 10 s, 30 s without a byte on a transfer. Every such failure is
