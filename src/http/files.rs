@@ -467,6 +467,7 @@ impl Files {
         let (meta, new) = self.disk.complete(id, now).map_err(|e| match e {
             CompleteError::NotFound => Fail::not_found(),
             CompleteError::NotUploaded => Fail::new(409, "not_uploaded", e.to_string()),
+            CompleteError::Busy => Fail::new(503, "unavailable", e.to_string()),
             CompleteError::Mismatch(why) => {
                 Fail::new(400, "bad_request", format!("upload refused: {why}"))
             }

@@ -33,7 +33,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -210,7 +210,15 @@ pub enum CompleteError {
     /// The local disk or the store failed; the upload can be completed later.
     #[error("{0}")]
     Store(#[from] UploadError),
+    /// Another completion of the upload ran for [`COMPLETE_WAIT`] and is
+    /// still running; the client may retry.
+    #[error("another completion of this upload is still running")]
+    Busy,
 }
+
+/// How long a completion waits for another one of the same upload (a
+/// client retrying one that took long) before it gives up.
+const COMPLETE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What one sweep removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -252,31 +260,51 @@ pub struct Disk {
     /// announcement and its metadata, a completion's objects are named by
     /// neither. The sweep decides under this lock.
     completing: Mutex<HashMap<String, u32>>,
+    /// Signalled whenever a completion ends.
+    completed: Condvar,
 }
 
 /// Marks a direct upload as being completed while it lives
 /// ([`Disk::completing`]).
 struct Completing<'a> {
-    set: &'a Mutex<HashMap<String, u32>>,
+    disk: &'a Disk,
     id: &'a str,
 }
 
 impl<'a> Completing<'a> {
-    fn mark(set: &'a Mutex<HashMap<String, u32>>, id: &'a str) -> Completing<'a> {
-        *lock(set).entry(id.to_owned()).or_default() += 1;
-        Completing { set, id }
+    fn mark(disk: &'a Disk, id: &'a str) -> Completing<'a> {
+        *lock(&disk.completing).entry(id.to_owned()).or_default() += 1;
+        Completing { disk, id }
+    }
+
+    /// Waits until no other completion of this upload runs; `false` if one
+    /// still does at `deadline`.
+    fn wait_alone(&self, deadline: std::time::Instant) -> bool {
+        let mut set = lock(&self.disk.completing);
+        while set.get(self.id).is_some_and(|&n| n > 1) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            set = match self.disk.completed.wait_timeout(set, left) {
+                Ok((set, _)) => set,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
     }
 }
 
 impl Drop for Completing<'_> {
     fn drop(&mut self) {
-        let mut set = lock(self.set);
+        let mut set = lock(&self.disk.completing);
         if let Some(n) = set.get_mut(self.id) {
             *n -= 1;
             if *n == 0 {
                 set.remove(self.id);
             }
         }
+        self.disk.completed.notify_all();
     }
 }
 
@@ -366,6 +394,7 @@ impl Disk {
             metrics,
             space: None,
             completing: Mutex::default(),
+            completed: Condvar::new(),
         })
     }
 
@@ -614,20 +643,39 @@ impl Disk {
     /// what was announced is deleted with the announcement.
     pub fn complete(&self, id: &str, now_ms: u64) -> Result<(Meta, bool), CompleteError> {
         debug_assert!(is_id(id));
-        let _completing = Completing::mark(&self.completing, id);
+        let completing = Completing::mark(self, id);
+        let deadline = std::time::Instant::now() + COMPLETE_WAIT;
         // Claim the announcement: of two concurrent completions (or a
         // completion and the sweep) only one moves it.
         let record = self.pending.join(format!("{id}.json"));
-        let claim = Part::create(&self.tmp).map_err(UploadError::Io)?;
-        if let Err(e) = fs::rename(&record, claim.path()) {
-            if e.kind() != io::ErrorKind::NotFound {
-                return Err(UploadError::Io(e).into());
+        let mut looked_alone = false;
+        let claim = loop {
+            let claim = Part::create(&self.tmp).map_err(UploadError::Io)?;
+            match fs::rename(&record, claim.path()) {
+                Ok(()) => break claim,
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(UploadError::Io(e).into())
+                }
+                Err(_) => {}
             }
-            return match self.meta(id).map_err(UploadError::Io)? {
-                Some(meta) => Ok((meta, false)),
-                None => Err(CompleteError::NotFound),
-            };
-        }
+            if let Some(meta) = self.meta(id).map_err(UploadError::Io)? {
+                return Ok((meta, false));
+            }
+            // Another completion may hold the claim (a client retrying
+            // one that took long): once it has ended, its metadata is
+            // there, or the announcement is back (a failure the client
+            // may retry), or the upload is gone. So look once more after
+            // seeing none run: one may have ended since the look above.
+            let others = lock(&self.completing).get(id).is_some_and(|&n| n > 1);
+            if !others {
+                if looked_alone {
+                    return Err(CompleteError::NotFound);
+                }
+                looked_alone = true;
+            } else if !completing.wait_alone(deadline) {
+                return Err(CompleteError::Busy);
+            }
+        };
         let give_back = |claim: Part| {
             let path = claim.path().to_path_buf();
             claim.keep();
@@ -1150,6 +1198,46 @@ mod tests {
         assert!(files(&dir.path().join("tmp")).is_empty());
     }
 
+    /// A completion that finds another one of the same upload running (a
+    /// client retrying one that took long) waits for it, then answers as
+    /// it ended: here the first gave the announcement back, so the second
+    /// completes the upload, where it used to answer 404 at once.
+    #[test]
+    fn a_completion_waits_for_another_of_the_same_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = local(dir.path(), 100, 0);
+        let pending = Pending {
+            size: 5,
+            content_type: "text/plain".into(),
+            sha256: None,
+            uploader: Uploader::Admin,
+            created_ms: 0,
+            expires_ms: u64::MAX,
+            staged: true,
+        };
+        let id = disk.announce(&pending).unwrap();
+        fs::write(dir.path().join(pending.upload_key(&id)), b"hello").unwrap();
+        // The first completion, holding the claim.
+        let running = Completing::mark(&disk, &id);
+        let record = dir.path().join(format!("pending/{id}.json"));
+        let claimed = dir.path().join("claimed");
+        fs::rename(&record, &claimed).unwrap();
+        std::thread::scope(|s| {
+            let second = s.spawn(|| disk.complete(&id, 2));
+            let waiting = || lock(&disk.completing).get(&id) == Some(&2);
+            while !waiting() && !second.is_finished() {
+                std::thread::yield_now();
+            }
+            // The first ends without completing: the claim goes back.
+            fs::rename(&claimed, &record).unwrap();
+            drop(running);
+            let (meta, new) = second.join().unwrap().expect("completed by the second");
+            assert!(new);
+            assert_eq!(meta.size, 5);
+        });
+        assert!(lock(&disk.completing).is_empty());
+    }
+
     /// A direct upload's bytes are copied from its own object at
     /// completion, and the orphan sweep takes none of its objects while a
     /// completion runs (between the claim of the announcement and the
@@ -1182,7 +1270,7 @@ mod tests {
         let claimed = dir.path().join("claimed");
         fs::rename(&record, &claimed).unwrap();
         {
-            let _running = Completing::mark(&disk.completing, &id);
+            let _running = Completing::mark(&disk, &id);
             assert!(!unnamed(&id) && !unnamed(&upload) && !unnamed(&thumb));
             assert!(!disk.is_orphan(&id, old, now()));
         }
