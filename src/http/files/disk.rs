@@ -685,7 +685,12 @@ impl Disk {
         };
         let pending: Pending = match read_json(claim.path()) {
             Ok(p) => p,
-            Err(e) => return Err(UploadError::Io(e).into()),
+            Err(e) => {
+                // Kept as it was: its bytes stay counted, and a later
+                // completion may read it.
+                give_back(claim);
+                return Err(UploadError::Io(e).into());
+            }
         };
         let source = pending.upload_key(id);
         let refuse = |why: String| {
