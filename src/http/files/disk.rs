@@ -1203,14 +1203,9 @@ mod tests {
         assert!(files(&dir.path().join("tmp")).is_empty());
     }
 
-    /// A completion that finds another one of the same upload running (a
-    /// client retrying one that took long) waits for it, then answers as
-    /// it ended: here the first gave the announcement back, so the second
-    /// completes the upload, where it used to answer 404 at once.
-    #[test]
-    fn a_completion_waits_for_another_of_the_same_upload() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = local(dir.path(), 100, 0);
+    /// Announces a direct upload of 5 bytes and puts "hello" where its URL
+    /// would; returns its id.
+    fn uploaded_hello(disk: &Disk, dir: &Path) -> String {
         let pending = Pending {
             size: 5,
             content_type: "text/plain".into(),
@@ -1221,7 +1216,19 @@ mod tests {
             staged: true,
         };
         let id = disk.announce(&pending).unwrap();
-        fs::write(dir.path().join(pending.upload_key(&id)), b"hello").unwrap();
+        fs::write(dir.join(pending.upload_key(&id)), b"hello").unwrap();
+        id
+    }
+
+    /// A completion that finds another one of the same upload running (a
+    /// client retrying one that took long) waits for it, then answers as
+    /// it ended: here the first gave the announcement back, so the second
+    /// completes the upload, where it used to answer 404 at once.
+    #[test]
+    fn a_completion_waits_for_another_of_the_same_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = local(dir.path(), 100, 0);
+        let id = uploaded_hello(&disk, dir.path());
         // The first completion, holding the claim.
         let running = Completing::mark(&disk, &id);
         let record = dir.path().join(format!("pending/{id}.json"));
@@ -1251,24 +1258,14 @@ mod tests {
     fn a_completion_copies_the_upload_and_the_sweep_leaves_it_alone() {
         let dir = tempfile::tempdir().unwrap();
         let disk = local(dir.path(), 100, 0);
-        let pending = Pending {
-            size: 5,
-            content_type: "text/plain".into(),
-            sha256: None,
-            uploader: Uploader::Admin,
-            created_ms: 0,
-            expires_ms: u64::MAX,
-            staged: true,
-        };
-        let id = disk.announce(&pending).unwrap();
-        let upload = pending.upload_key(&id);
-        assert_eq!(upload, format!("{id}{UPLOAD_SUFFIX}"));
+        let id = uploaded_hello(&disk, dir.path());
+        let upload = format!("{id}{UPLOAD_SUFFIX}");
+        assert!(dir.path().join(&upload).exists());
         let thumb = format!("{id}.thumb");
         let unnamed = |key: &str| disk.unnamed(key, &lock(&disk.completing));
         assert!(!unnamed(&id) && !unnamed(&upload));
         assert!(!unnamed("tern.txt"));
         let (fresh, old) = (now(), now() - ABANDONED_AFTER_MS);
-        fs::write(dir.path().join(&upload), b"hello").unwrap();
 
         // A completion between its claim and its metadata.
         let record = dir.path().join(format!("pending/{id}.json"));
