@@ -194,6 +194,53 @@ fn a_presigned_url_cannot_change_a_completed_file() {
     complete(&setup, &alice, &id).expect(404, "not_found");
 }
 
+/// Completions of one upload sent together (a client retrying one that
+/// took long) all get the file: the later ones wait for the first, where
+/// they used to get 404 while it ran.
+#[test]
+fn completions_sent_together_all_get_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = start(Backend::S3, dir.path(), &["--files-direct", "true"]);
+    let alice = setup.user("alice");
+    let bytes = Noise::bytes(41, 24 * MIB);
+    let v = announce(
+        &setup,
+        &alice,
+        &json!({"direct": true, "size": bytes.len()}),
+    )
+    .json();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let content_type = v["headers"]["Content-Type"].as_str().unwrap();
+    assert_eq!(
+        put(v["upload_url"].as_str().unwrap(), content_type, &bytes),
+        200
+    );
+    let (go, http, path) = (
+        std::sync::Barrier::new(3),
+        setup.http,
+        format!("/v1/files/{id}/complete"),
+    );
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    go.wait();
+                    let r = request("POST", &path)
+                        .bearer(Some(&alice))
+                        .header("Content-Length", "0")
+                        .send(http);
+                    (r.status, r.text())
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for (status, body) in &answers {
+        assert_eq!(*status, 201, "{body}");
+        assert!(body.contains(&sha_hex(&bytes)), "{body}");
+    }
+}
+
 #[test]
 fn direct_uploads_are_checked_at_completion() {
     let dir = tempfile::tempdir().unwrap();

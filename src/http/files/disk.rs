@@ -28,7 +28,7 @@
 //! sweep for objects) and no answer to the client. A delete removes
 //! `<id>.json` first, then the bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -211,7 +211,8 @@ pub enum CompleteError {
     #[error("{0}")]
     Store(#[from] UploadError),
     /// Another completion of the upload ran for [`COMPLETE_WAIT`] and is
-    /// still running; the client may retry.
+    /// still running, or [`MAX_WAITING`] wait for it already; the client
+    /// may retry.
     #[error("another completion of this upload is still running")]
     Busy,
 }
@@ -255,56 +256,35 @@ pub struct Disk {
     /// uploads leave alone: files and the database share the data
     /// directory's disk.
     space: Option<Arc<Store>>,
-    /// Direct uploads being completed (id → completions running), which
-    /// the orphan sweep leaves alone: between the claim of its
-    /// announcement and its metadata, a completion's objects are named by
-    /// neither. The sweep decides under this lock.
-    completing: Mutex<HashMap<String, u32>>,
-    /// Signalled whenever a completion ends.
-    completed: Condvar,
+    /// Direct uploads held by a completion or by the sweep: one at a
+    /// time per upload ([`Disk::claim`]).
+    claims: Mutex<Claims>,
+    /// Signalled whenever a claim is let go.
+    released: Condvar,
 }
 
-/// Marks a direct upload as being completed while it lives
-/// ([`Disk::completing`]).
-struct Completing<'a> {
+/// Direct uploads held ([`Claim`]), and how many completions wait for each.
+#[derive(Default)]
+struct Claims {
+    held: HashSet<String>,
+    waiting: HashMap<String, u32>,
+}
+
+/// Completions of one upload that may wait while another runs (a client
+/// retrying one that took long); one more is answered 503 at once.
+const MAX_WAITING: u32 = 4;
+
+/// Holds a direct upload against every other completion and the sweep
+/// while it lives; taken by [`Disk::claim`] or [`Disk::try_claim`].
+struct Claim<'a> {
     disk: &'a Disk,
     id: &'a str,
 }
 
-impl<'a> Completing<'a> {
-    fn mark(disk: &'a Disk, id: &'a str) -> Completing<'a> {
-        *lock(&disk.completing).entry(id.to_owned()).or_default() += 1;
-        Completing { disk, id }
-    }
-
-    /// Waits until no other completion of this upload runs; `false` if one
-    /// still does at `deadline`.
-    fn wait_alone(&self, deadline: std::time::Instant) -> bool {
-        let mut set = lock(&self.disk.completing);
-        while set.get(self.id).is_some_and(|&n| n > 1) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            set = match self.disk.completed.wait_timeout(set, left) {
-                Ok((set, _)) => set,
-                Err(e) => e.into_inner().0,
-            };
-        }
-        true
-    }
-}
-
-impl Drop for Completing<'_> {
+impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut set = lock(&self.disk.completing);
-        if let Some(n) = set.get_mut(self.id) {
-            *n -= 1;
-            if *n == 0 {
-                set.remove(self.id);
-            }
-        }
-        self.disk.completed.notify_all();
+        lock(&self.disk.claims).held.remove(self.id);
+        self.disk.released.notify_all();
     }
 }
 
@@ -361,14 +341,26 @@ impl Disk {
             }
         }
         let pending = dir.join("pending");
-        let mut announced = 0usize;
+        let (mut announced, mut finished) = (0usize, 0usize);
         if pending.exists() {
             for entry in fs::read_dir(&pending)? {
                 let path = entry?.path();
-                if let Ok(p) = read_json::<Pending>(&path) {
+                let completed = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| dir.join(n).exists());
+                if completed {
+                    // A completion stopped between its metadata and the
+                    // announcement's removal: the file counts, once.
+                    fs::remove_file(&path)?;
+                    finished += 1;
+                } else if let Ok(p) = read_json::<Pending>(&path) {
                     used = used.saturating_add(p.size);
                     announced += 1;
                 }
+            }
+            if finished > 0 {
+                sync_dir(&pending)?;
             }
         }
         if stale + orphans > 0 {
@@ -380,6 +372,7 @@ impl Disk {
             stale,
             orphans,
             announced,
+            finished,
             backend = blobs.name(),
             "file store open"
         );
@@ -393,8 +386,8 @@ impl Disk {
             used: AtomicU64::new(used),
             metrics,
             space: None,
-            completing: Mutex::default(),
-            completed: Condvar::new(),
+            claims: Mutex::default(),
+            released: Condvar::new(),
         })
     }
 
@@ -636,82 +629,112 @@ impl Disk {
         }
     }
 
+    /// Claims direct upload `id` for a completion. While another holds it,
+    /// waits up to [`COMPLETE_WAIT`] for it to be let go, alongside at most
+    /// [`MAX_WAITING`] others; `None` if it is still held then, or if as
+    /// many wait already.
+    fn claim<'a>(&'a self, id: &'a str) -> Option<Claim<'a>> {
+        let mut claims = lock(&self.claims);
+        if claims.held.contains(id) {
+            let waiting = claims.waiting.entry(id.to_owned()).or_default();
+            if *waiting >= MAX_WAITING {
+                return None;
+            }
+            *waiting += 1;
+            let deadline = std::time::Instant::now() + COMPLETE_WAIT;
+            while claims.held.contains(id) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                claims = match self.released.wait_timeout(claims, left) {
+                    Ok((claims, _)) => claims,
+                    Err(e) => e.into_inner().0,
+                };
+            }
+            if let Some(n) = claims.waiting.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    claims.waiting.remove(id);
+                }
+            }
+            if claims.held.contains(id) {
+                return None;
+            }
+        }
+        claims.held.insert(id.to_owned());
+        Some(Claim { disk: self, id })
+    }
+
+    /// Claims direct upload `id` if no one holds it (the sweep never waits).
+    fn try_claim<'a>(&'a self, id: &'a str) -> Option<Claim<'a>> {
+        // (A Claim made and not returned would let go of the claim it
+        // does not hold: made only once the claim is taken.)
+        let taken = lock(&self.claims).held.insert(id.to_owned());
+        taken.then(|| Claim { disk: self, id })
+    }
+
+    /// Removes direct upload `id`'s announcement; a failure is logged (a
+    /// completion then finds its metadata, a start removes it).
+    fn forget(&self, id: &str) {
+        let record = self.pending.join(format!("{id}.json"));
+        let removed = match fs::remove_file(&record) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => sync_dir(&self.pending),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(id, error = %e, "cannot remove a direct upload's announcement");
+        }
+    }
+
     /// Completes direct upload `id` once its object is in the store:
     /// copies it from where its URL put it to `<id>`, reads the copy once
     /// to check its size and hash it (and make the thumbnail), writes the
-    /// metadata, then deletes the upload's object. An object that is not
-    /// what was announced is deleted with the announcement.
+    /// metadata, then removes the announcement and the upload's object. An
+    /// object that is not what was announced is deleted with the
+    /// announcement.
+    ///
+    /// One completion of an upload runs at a time, holding its claim; the
+    /// announcement stays in place meanwhile, so a second one (a client
+    /// retrying) passes the uploader check, waits for the claim, and then
+    /// finds the metadata, or the announcement again if the first failed.
     pub fn complete(&self, id: &str, now_ms: u64) -> Result<(Meta, bool), CompleteError> {
         debug_assert!(is_id(id));
-        let completing = Completing::mark(self, id);
-        let deadline = std::time::Instant::now() + COMPLETE_WAIT;
-        // Claim the announcement: of two concurrent completions (or a
-        // completion and the sweep) only one moves it.
+        let Some(_claim) = self.claim(id) else {
+            return Err(CompleteError::Busy);
+        };
         let record = self.pending.join(format!("{id}.json"));
-        let mut looked_alone = false;
-        let claim = loop {
-            let claim = Part::create(&self.tmp).map_err(UploadError::Io)?;
-            match fs::rename(&record, claim.path()) {
-                Ok(()) => break claim,
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(UploadError::Io(e).into())
-                }
-                Err(_) => {}
-            }
-            if let Some(meta) = self.meta(id).map_err(UploadError::Io)? {
-                return Ok((meta, false));
-            }
-            // Another completion may hold the claim (a client retrying
-            // one that took long): once it has ended, its metadata is
-            // there, or the announcement is back (a failure the client
-            // may retry), or the upload is gone. So look once more after
-            // seeing none run: one may have ended since the look above.
-            let others = lock(&self.completing).get(id).is_some_and(|&n| n > 1);
-            if !others {
-                if looked_alone {
-                    return Err(CompleteError::NotFound);
-                }
-                looked_alone = true;
-            } else if !completing.wait_alone(deadline) {
-                return Err(CompleteError::Busy);
-            }
-        };
-        let give_back = |claim: Part| {
-            let path = claim.path().to_path_buf();
-            claim.keep();
-            if let Err(e) = fs::rename(&path, &record) {
-                tracing::warn!(id, error = %e, "cannot put back a direct upload");
-            }
-        };
-        let pending: Pending = match read_json(claim.path()) {
+        let pending: Pending = match read_json(&record) {
             Ok(p) => p,
-            Err(e) => {
-                // Kept as it was: its bytes stay counted, and a later
-                // completion may read it.
-                give_back(claim);
-                return Err(UploadError::Io(e).into());
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return match self.meta(id).map_err(UploadError::Io)? {
+                    Some(meta) => Ok((meta, false)),
+                    None => Err(CompleteError::NotFound),
+                };
             }
+            Err(e) => return Err(UploadError::Io(e).into()),
         };
+        if let Some(meta) = self.meta(id).map_err(UploadError::Io)? {
+            // Completed, and the announcement's removal failed: its bytes
+            // are the file's now.
+            self.forget(id);
+            return Ok((meta, false));
+        }
         let source = pending.upload_key(id);
         let refuse = |why: String| {
-            self.release(pending.size);
             for key in [source.as_str(), id] {
                 if let Err(e) = self.blobs.delete(key) {
                     tracing::warn!(key, error = %e, "cannot remove a refused upload");
                 }
             }
+            self.forget(id);
+            self.release(pending.size);
             Err(CompleteError::Mismatch(why))
         };
         let found = match self.blobs.size(&source) {
             Ok(Some(n)) => n,
-            Ok(None) => {
-                give_back(claim);
-                return Err(CompleteError::NotUploaded);
-            }
-            Err(e) => {
-                give_back(claim);
-                return Err(UploadError::from(e).into());
-            }
+            Ok(None) => return Err(CompleteError::NotUploaded),
+            Err(e) => return Err(UploadError::from(e).into()),
         };
         if found != pending.size {
             return refuse(format!(
@@ -722,14 +745,11 @@ impl Disk {
         // From here on the bytes are tern's copy: the URL may still put
         // others where it points, but never at `<id>`.
         if pending.staged {
-            if let Err(e) = self.blobs.copy(&source, id) {
-                give_back(claim);
-                return Err(UploadError::from(e).into());
-            }
+            self.blobs.copy(&source, id).map_err(UploadError::from)?;
         }
         let image =
             thumb::expected(&pending.content_type).filter(|_| pending.size <= thumb::MAX_INPUT);
-        let hashed = (|| -> Result<(String, u64, Option<Part>), UploadError> {
+        let (sha256, read, copy) = (|| -> Result<(String, u64, Option<Part>), UploadError> {
             let mut copy = match image {
                 Some(_) => Some(Part::create(&self.tmp)?),
                 None => None,
@@ -754,14 +774,7 @@ impl Disk {
                 }
             }
             Ok((hex::encode(hasher.finalize()), read, copy))
-        })();
-        let (sha256, read, copy) = match hashed {
-            Ok(h) => h,
-            Err(e) => {
-                give_back(claim);
-                return Err(e.into());
-            }
-        };
+        })()?;
         if read != found {
             return refuse(format!(
                 "the store holds {read} bytes, {} were announced",
@@ -788,11 +801,10 @@ impl Disk {
             created_ms: now_ms,
             thumbnail,
         };
-        if let Err(e) = self.write_json(&self.dir, id, &meta) {
-            give_back(claim);
-            return Err(UploadError::Io(e).into());
-        }
-        drop(claim);
+        // The commit point; the announced bytes are the file's from here.
+        self.write_json(&self.dir, id, &meta)
+            .map_err(UploadError::Io)?;
+        self.forget(id);
         if pending.staged {
             // Left behind, it is an orphan: the sweep removes it.
             if let Err(e) = self.blobs.delete(&source) {
@@ -841,25 +853,25 @@ impl Disk {
                 if pending.expires_ms.saturating_add(grace_ms) > now_ms {
                     continue;
                 }
-                // Claimed like a completion, so the two never both act.
-                let claim = Part::create(&self.tmp)?;
-                if fs::rename(&path, claim.path()).is_err() {
+                // Claimed like a completion, so the two never both act: a
+                // completion running now is left to end.
+                let Some(_claim) = self.try_claim(&id) else {
+                    continue;
+                };
+                if !path.exists() {
+                    continue; // completed or refused meanwhile
+                }
+                if self.meta(&id)?.is_some() {
+                    self.forget(&id); // completed; its removal had failed
                     continue;
                 }
                 // `<id>` too: a completion that failed after its copy
-                // leaves one.
-                let source = pending.upload_key(&id);
-                let deleted = self
-                    .blobs
-                    .delete(&source)
-                    .and_then(|()| self.blobs.delete(&id));
-                if let Err(e) = deleted {
-                    // Put it back: the next sweep tries again.
-                    let back = claim.path().to_path_buf();
-                    claim.keep();
-                    let _ = fs::rename(back, &path);
-                    return Err(e);
-                }
+                // leaves one. The announcement goes last: until then the
+                // next sweep tries again.
+                self.blobs.delete(&pending.upload_key(&id))?;
+                self.blobs.delete(&id)?;
+                fs::remove_file(&path)?;
+                sync_dir(&self.pending)?;
                 self.release(pending.size);
                 tracing::info!(
                     id,
@@ -923,20 +935,21 @@ impl Disk {
     /// announcement comes back only to the completion that claimed it.
     fn is_orphan(&self, key: &str, modified: u64, now_ms: u64) -> bool {
         let stale = modified.saturating_add(ABANDONED_AFTER_MS) <= now_ms;
-        (key.ends_with(UPLOAD_SUFFIX) || stale) && self.unnamed(key, &lock(&self.completing))
+        (key.ends_with(UPLOAD_SUFFIX) || stale) && self.unnamed(key, &lock(&self.claims))
     }
 
     /// Whether object `key` is one of tern's that nothing names: no
     /// metadata (for `<id>` and `<id>.thumb`; a direct upload's own object
     /// is needed only until its completion copies it), no announcement,
-    /// and no completion running (`completing`, locked by the caller).
-    fn unnamed(&self, key: &str, completing: &HashMap<String, u32>) -> bool {
+    /// and no completion or sweep holding it (`claims`, locked by the
+    /// caller).
+    fn unnamed(&self, key: &str, claims: &Claims) -> bool {
         let (id, upload) = match key.strip_suffix(UPLOAD_SUFFIX) {
             Some(id) => (id, true),
             None => (key.strip_suffix(".thumb").unwrap_or(key), false),
         };
         is_id(id)
-            && !completing.contains_key(id)
+            && !claims.held.contains(id)
             && !self.pending.join(format!("{id}.json")).exists()
             && (upload || !self.dir.join(format!("{id}.json")).exists())
     }
@@ -1220,40 +1233,72 @@ mod tests {
         id
     }
 
-    /// A completion that finds another one of the same upload running (a
-    /// client retrying one that took long) waits for it, then answers as
-    /// it ended: here the first gave the announcement back, so the second
-    /// completes the upload, where it used to answer 404 at once.
+    /// Waits until `n` completions of `id` wait for its claim, or `done`.
+    fn until_waiting(disk: &Disk, id: &str, n: u32, done: impl Fn() -> bool) {
+        while lock(&disk.claims).waiting.get(id).copied().unwrap_or(0) < n && !done() {
+            std::thread::yield_now();
+        }
+    }
+
+    /// A completion sent while another of the same upload runs (a client
+    /// retrying one that took long) waits for it, then answers as it
+    /// ended; where it used to answer 404 at once. One more than
+    /// `MAX_WAITING` is answered Busy at once.
     #[test]
-    fn a_completion_waits_for_another_of_the_same_upload() {
+    fn completions_of_one_upload_wait_for_each_other_within_a_bound() {
         let dir = tempfile::tempdir().unwrap();
         let disk = local(dir.path(), 100, 0);
         let id = uploaded_hello(&disk, dir.path());
         // The first completion, holding the claim.
-        let running = Completing::mark(&disk, &id);
-        let record = dir.path().join(format!("pending/{id}.json"));
-        let claimed = dir.path().join("claimed");
-        fs::rename(&record, &claimed).unwrap();
+        let first = disk.claim(&id).unwrap();
         std::thread::scope(|s| {
-            let second = s.spawn(|| disk.complete(&id, 2));
-            let waiting = || lock(&disk.completing).get(&id) == Some(&2);
-            while !waiting() && !second.is_finished() {
-                std::thread::yield_now();
-            }
-            // The first ends without completing: the claim goes back.
-            fs::rename(&claimed, &record).unwrap();
-            drop(running);
-            let (meta, new) = second.join().unwrap().expect("completed by the second");
-            assert!(new);
-            assert_eq!(meta.size, 5);
+            let waiters: Vec<_> = (0..MAX_WAITING)
+                .map(|_| s.spawn(|| disk.complete(&id, 2)))
+                .collect();
+            until_waiting(&disk, &id, MAX_WAITING, || {
+                waiters.iter().any(|w| w.is_finished())
+            });
+            let extra = s.spawn(|| disk.complete(&id, 2));
+            until_waiting(&disk, &id, MAX_WAITING + 1, || extra.is_finished());
+            assert!(extra.is_finished(), "one waiter too many waits");
+            assert!(matches!(extra.join().unwrap(), Err(CompleteError::Busy)));
+            // The first ends without completing (the bytes were not there
+            // yet, say): the waiters complete it, one of them first.
+            drop(first);
+            let answers: Vec<(Meta, bool)> = waiters
+                .into_iter()
+                .map(|w| w.join().unwrap().expect("completed"))
+                .collect();
+            assert_eq!(answers.iter().filter(|(_, new)| *new).count(), 1);
+            assert!(answers.iter().all(|(meta, _)| meta.size == 5));
         });
-        assert!(lock(&disk.completing).is_empty());
+        let claims = lock(&disk.claims);
+        assert!(claims.held.is_empty() && claims.waiting.is_empty());
+    }
+
+    /// A completion stopped between its metadata and the removal of the
+    /// announcement: the next start removes the announcement, and the
+    /// file's bytes count once.
+    #[test]
+    fn a_start_forgets_announcements_of_completed_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = local(dir.path(), 100, 0);
+        let id = uploaded_hello(&disk, dir.path());
+        let record = dir.path().join(format!("pending/{id}.json"));
+        let kept = fs::read(&record).unwrap();
+        disk.complete(&id, 1).unwrap();
+        fs::write(&record, kept).unwrap();
+        drop(disk);
+        let disk = local(dir.path(), 100, 0);
+        assert!(!record.exists());
+        assert_eq!(disk.used.load(Ordering::Relaxed), 5);
+        assert!(!disk.complete(&id, 2).unwrap().1);
     }
 
     /// A direct upload's bytes are copied from its own object at
-    /// completion, and the orphan sweep takes none of its objects while a
-    /// completion runs (between the claim of the announcement and the
-    /// metadata, nothing else names them).
+    /// completion, and the orphan sweep takes none of its objects while its
+    /// claim is held (by a completion, or by the sweep of its expired
+    /// announcement).
     #[test]
     fn a_completion_copies_the_upload_and_the_sweep_leaves_it_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -1262,30 +1307,32 @@ mod tests {
         let upload = format!("{id}{UPLOAD_SUFFIX}");
         assert!(dir.path().join(&upload).exists());
         let thumb = format!("{id}.thumb");
-        let unnamed = |key: &str| disk.unnamed(key, &lock(&disk.completing));
+        let unnamed = |key: &str| disk.unnamed(key, &lock(&disk.claims));
         assert!(!unnamed(&id) && !unnamed(&upload));
         assert!(!unnamed("tern.txt"));
         let (fresh, old) = (now(), now() - ABANDONED_AFTER_MS);
 
-        // A completion between its claim and its metadata.
+        // Claimed, with the announcement gone: the expiry sweep between
+        // the two.
         let record = dir.path().join(format!("pending/{id}.json"));
-        let claimed = dir.path().join("claimed");
-        fs::rename(&record, &claimed).unwrap();
+        let aside = dir.path().join("aside");
+        fs::rename(&record, &aside).unwrap();
         {
-            let _running = Completing::mark(&disk, &id);
+            let _held = disk.try_claim(&id).unwrap();
+            assert!(disk.try_claim(&id).is_none());
             assert!(!unnamed(&id) && !unnamed(&upload) && !unnamed(&thumb));
             assert!(!disk.is_orphan(&id, old, now()));
         }
         assert!(unnamed(&id) && unnamed(&upload));
         assert!(disk.is_orphan(&id, old, now()) && !disk.is_orphan(&id, fresh, now()));
-        fs::rename(&claimed, &record).unwrap();
+        fs::rename(&aside, &record).unwrap();
 
         let (meta, new) = disk.complete(&id, 1).unwrap();
         assert!(new);
         assert_eq!(meta.size, 5);
         assert_eq!(read_all(&disk, &id, 5), b"hello");
-        assert!(!dir.path().join(&upload).exists());
-        assert!(lock(&disk.completing).is_empty());
+        assert!(!dir.path().join(&upload).exists() && !record.exists());
+        assert!(lock(&disk.claims).held.is_empty());
         // Completed: the file is named by its metadata; what the URL puts
         // at its own key from now on is an orphan.
         assert!(!unnamed(&id) && !unnamed(&thumb));
