@@ -575,6 +575,10 @@ impl Disk {
             Err(e) => return Err(e),
         }
         // Only the delete that removed the metadata gets here, once per file.
+        // A direct upload's announcement that a completion failed to
+        // remove goes too: left, a PUT to its URL and a completion would
+        // bring the file back.
+        self.forget(id);
         self.release(meta.size);
         self.remove_blobs(id, meta.thumbnail.is_some());
         sync_dir(&self.dir)?;
@@ -676,14 +680,19 @@ impl Disk {
 
     /// Removes direct upload `id`'s announcement; a failure is logged (a
     /// completion then finds its metadata, a start removes it).
-    fn forget(&self, id: &str) {
+    /// Whether it is gone.
+    fn forget(&self, id: &str) -> bool {
         let record = self.pending.join(format!("{id}.json"));
         let removed = match fs::remove_file(&record) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => sync_dir(&self.pending),
         };
-        if let Err(e) = removed {
-            tracing::warn!(id, error = %e, "cannot remove a direct upload's announcement");
+        match removed {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(id, error = %e, "cannot remove a direct upload's announcement");
+                false
+            }
         }
     }
 
@@ -727,8 +736,11 @@ impl Disk {
                     tracing::warn!(key, error = %e, "cannot remove a refused upload");
                 }
             }
-            self.forget(id);
-            self.release(pending.size);
+            // Still there, it keeps its bytes counted until the sweep
+            // removes it at its expiry.
+            if self.forget(id) {
+                self.release(pending.size);
+            }
             Err(CompleteError::Mismatch(why))
         };
         let found = match self.blobs.size(&source) {
@@ -861,9 +873,16 @@ impl Disk {
                 if !path.exists() {
                     continue; // completed or refused meanwhile
                 }
-                if self.meta(&id)?.is_some() {
-                    self.forget(&id); // completed; its removal had failed
-                    continue;
+                match self.meta(&id) {
+                    Ok(None) => {}
+                    Ok(Some(_)) => {
+                        self.forget(&id); // completed; its removal had failed
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "unreadable file metadata");
+                        continue;
+                    }
                 }
                 // `<id>` too: a completion that failed after its copy
                 // leaves one. The announcement goes last: until then the
@@ -932,7 +951,7 @@ impl Disk {
     /// age: its announcement is written before its URL exists, so without
     /// one (or a completion) it is what the URL put after the completion.
     /// Once true for a key, it stays true: ids are never made twice, and an
-    /// announcement comes back only to the completion that claimed it.
+    /// announcement, once removed, never comes back.
     fn is_orphan(&self, key: &str, modified: u64, now_ms: u64) -> bool {
         let stale = modified.saturating_add(ABANDONED_AFTER_MS) <= now_ms;
         (key.ends_with(UPLOAD_SUFFIX) || stale) && self.unnamed(key, &lock(&self.claims))
@@ -1293,6 +1312,25 @@ mod tests {
         assert!(!record.exists());
         assert_eq!(disk.used.load(Ordering::Relaxed), 5);
         assert!(!disk.complete(&id, 2).unwrap().1);
+    }
+
+    /// A file deleted while an announcement its completion failed to
+    /// remove is still there: the announcement goes too, so its URL and a
+    /// completion cannot bring the file back.
+    #[test]
+    fn a_delete_forgets_an_announcement_left_by_its_completion() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = local(dir.path(), 100, 0);
+        let id = uploaded_hello(&disk, dir.path());
+        let record = dir.path().join(format!("pending/{id}.json"));
+        let kept = fs::read(&record).unwrap();
+        let (meta, _) = disk.complete(&id, 1).unwrap();
+        fs::write(&record, kept).unwrap();
+        assert!(disk.delete(&id, &meta).unwrap());
+        assert!(!record.exists());
+        fs::write(dir.path().join(format!("{id}{UPLOAD_SUFFIX}")), b"again").unwrap();
+        assert!(matches!(disk.complete(&id, 2), Err(CompleteError::NotFound)));
+        assert_eq!(disk.used.load(Ordering::Relaxed), 0);
     }
 
     /// A direct upload's bytes are copied from its own object at
