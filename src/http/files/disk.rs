@@ -1329,7 +1329,10 @@ mod tests {
         assert!(disk.delete(&id, &meta).unwrap());
         assert!(!record.exists());
         fs::write(dir.path().join(format!("{id}{UPLOAD_SUFFIX}")), b"again").unwrap();
-        assert!(matches!(disk.complete(&id, 2), Err(CompleteError::NotFound)));
+        assert!(matches!(
+            disk.complete(&id, 2),
+            Err(CompleteError::NotFound)
+        ));
         assert_eq!(disk.used.load(Ordering::Relaxed), 0);
     }
 
