@@ -255,3 +255,70 @@ fn content_length_tricks_are_refused() {
     }
     assert_eq!(http(server.http, "GET", "/healthz", None, "").0, 200);
 }
+
+/// The handler threads of HTTP requests running in the server.
+fn http_handlers(server: &TestServer) -> usize {
+    let tasks = PathBuf::from(format!("/proc/{}/task", server.pid()));
+    std::fs::read_dir(tasks)
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.trim() == "tern-http-req")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A download taken a trickle at a time (2 KiB/s) lets go of its handler
+/// thread: here after 40–75 s, bounded at 150 s. What cuts it is the
+/// 30 s write timeout: the kernel wakes a writer blocked on a full send
+/// buffer only once a third of it is free, which a trickle takes longer
+/// than that to free; a trickle faster than that but under 8 KiB/s meets
+/// the response's minimum rate (`MinRate::response`).
+#[test]
+fn a_trickling_download_lets_go_of_its_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let token = server.user("alice");
+    let bytes = vec![0x5a; 32 << 20];
+    let id = crate::files::upload(server.http, &token, None, &bytes)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut stream = TcpStream::connect(server.http).unwrap();
+    write!(
+        stream,
+        "GET /v1/files/{id} HTTP/1.1\r\nHost: tern\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let mut got = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match std::io::Read::read(&mut stream, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+                // The trickle under test, not a wait for a signal.
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            got
+        })
+    };
+    wait_for(Duration::from_secs(10), "the download under way", || {
+        (http_handlers(&server) == 1).then_some(())
+    });
+    let started = Instant::now();
+    wait_for(
+        Duration::from_secs(150),
+        "the trickling download's handler to end",
+        || (http_handlers(&server) == 0).then_some(()),
+    );
+    eprintln!("handler ended after {:?}", started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let got = reader.join().unwrap();
+    assert!(got < bytes.len(), "the whole file was taken: {got} bytes");
+}
