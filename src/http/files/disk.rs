@@ -288,6 +288,12 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// Whether something last changed at `modified` is abandoned at `now_ms`
+/// (both unix ms): untouched for [`ABANDONED_AFTER_MS`].
+fn abandoned(modified: u64, now_ms: u64) -> bool {
+    modified.saturating_add(ABANDONED_AFTER_MS) <= now_ms
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -678,14 +684,17 @@ impl Disk {
         taken.then(|| Claim { disk: self, id })
     }
 
-    /// Removes direct upload `id`'s announcement; a failure is logged (a
-    /// completion then finds its metadata, a start removes it).
-    /// Whether it is gone.
+    /// Removes direct upload `id`'s announcement, if there is one; returns
+    /// whether it is gone. A failure is logged (a completion then finds the
+    /// metadata, and a start removes the announcement).
     fn forget(&self, id: &str) -> bool {
         let record = self.pending.join(format!("{id}.json"));
+        // Only a removal is synced: every delete of a file calls this, most
+        // with no announcement (and, on the local backend, no `pending/`).
         let removed = match fs::remove_file(&record) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => sync_dir(&self.pending),
+            Ok(()) => sync_dir(&self.pending),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         };
         match removed {
             Ok(()) => true,
@@ -909,7 +918,6 @@ impl Disk {
     /// Removes stale partial files and (s3) objects no metadata names.
     fn sweep_orphans(&self, now_ms: u64) -> Result<u64, BlobError> {
         let mut removed = 0;
-        let stale = |modified: u64| modified.saturating_add(ABANDONED_AFTER_MS) <= now_ms;
         for entry in fs::read_dir(&self.tmp)? {
             let entry = entry?;
             let modified = entry
@@ -921,7 +929,7 @@ impl Disk {
                 })
                 .unwrap_or(u64::MAX);
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "part") && stale(modified) {
+            if path.extension().is_some_and(|e| e == "part") && abandoned(modified, now_ms) {
                 fs::remove_file(&path)?;
                 tracing::info!(path = %path.display(), "abandoned partial upload removed");
                 removed += 1;
@@ -953,8 +961,8 @@ impl Disk {
     /// Once true for a key, it stays true: ids are never made twice, and an
     /// announcement, once removed, never comes back.
     fn is_orphan(&self, key: &str, modified: u64, now_ms: u64) -> bool {
-        let stale = modified.saturating_add(ABANDONED_AFTER_MS) <= now_ms;
-        (key.ends_with(UPLOAD_SUFFIX) || stale) && self.unnamed(key, &lock(&self.claims))
+        (key.ends_with(UPLOAD_SUFFIX) || abandoned(modified, now_ms))
+            && self.unnamed(key, &lock(&self.claims))
     }
 
     /// Whether object `key` is one of tern's that nothing names: no
