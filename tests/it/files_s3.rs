@@ -135,6 +135,16 @@ fn direct_upload_and_redirected_download() {
     get(setup.http, &path, Some(&alice)).expect(404, "not_found");
 }
 
+/// Announces a direct upload of `bytes` (no type given) and PUTs them to
+/// its URL; returns its id, its URL and the type the URL was signed for.
+fn uploaded_direct(setup: &Setup, token: &str, bytes: &[u8]) -> (String, String, String) {
+    let v = announce(setup, token, &json!({"direct": true, "size": bytes.len()})).json();
+    let url = v["upload_url"].as_str().unwrap().to_owned();
+    let content_type = v["headers"]["Content-Type"].as_str().unwrap().to_owned();
+    assert_eq!(put(&url, &content_type, bytes), 200);
+    (v["id"].as_str().unwrap().to_owned(), url, content_type)
+}
+
 /// The bytes behind a download's redirect.
 fn fetch_redirected(setup: &Setup, path: &str, token: &str) -> Vec<u8> {
     let r = get(setup.http, path, Some(token));
@@ -156,16 +166,7 @@ fn a_presigned_url_cannot_change_a_completed_file() {
     let alice = setup.user("alice");
     let first = Noise::bytes(31, 200_000);
     let second = Noise::bytes(32, first.len() as u64);
-    let v = announce(
-        &setup,
-        &alice,
-        &json!({"direct": true, "size": first.len()}),
-    )
-    .json();
-    let id = v["id"].as_str().unwrap().to_owned();
-    let url = v["upload_url"].as_str().unwrap().to_owned();
-    let content_type = v["headers"]["Content-Type"].as_str().unwrap().to_owned();
-    assert_eq!(put(&url, &content_type, &first), 200);
+    let (id, url, content_type) = uploaded_direct(&setup, &alice, &first);
     let r = complete(&setup, &alice, &id);
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["sha256"], sha_hex(&first).as_str());
@@ -203,18 +204,7 @@ fn completions_sent_together_all_get_the_file() {
     let setup = start(Backend::S3, dir.path(), &["--files-direct", "true"]);
     let alice = setup.user("alice");
     let bytes = Noise::bytes(41, 24 * MIB);
-    let v = announce(
-        &setup,
-        &alice,
-        &json!({"direct": true, "size": bytes.len()}),
-    )
-    .json();
-    let id = v["id"].as_str().unwrap().to_owned();
-    let content_type = v["headers"]["Content-Type"].as_str().unwrap();
-    assert_eq!(
-        put(v["upload_url"].as_str().unwrap(), content_type, &bytes),
-        200
-    );
+    let (id, _, _) = uploaded_direct(&setup, &alice, &bytes);
     let (go, http, path) = (
         std::sync::Barrier::new(3),
         setup.http,
