@@ -1303,6 +1303,19 @@ mod tests {
         assert!(claims.held.is_empty() && claims.waiting.is_empty());
     }
 
+    /// A direct upload completed whose announcement is left, as by a
+    /// completion stopped (or failing) between its metadata and the
+    /// announcement's removal; returns its id, its metadata and the
+    /// announcement's path.
+    fn completed_with_its_announcement_left(disk: &Disk, dir: &Path) -> (String, Meta, PathBuf) {
+        let id = uploaded_hello(disk, dir);
+        let record = dir.join(format!("pending/{id}.json"));
+        let kept = fs::read(&record).unwrap();
+        let (meta, _) = disk.complete(&id, 1).unwrap();
+        fs::write(&record, kept).unwrap();
+        (id, meta, record)
+    }
+
     /// A completion stopped between its metadata and the removal of the
     /// announcement: the next start removes the announcement, and the
     /// file's bytes count once.
@@ -1310,11 +1323,7 @@ mod tests {
     fn a_start_forgets_announcements_of_completed_uploads() {
         let dir = tempfile::tempdir().unwrap();
         let disk = local(dir.path(), 100, 0);
-        let id = uploaded_hello(&disk, dir.path());
-        let record = dir.path().join(format!("pending/{id}.json"));
-        let kept = fs::read(&record).unwrap();
-        disk.complete(&id, 1).unwrap();
-        fs::write(&record, kept).unwrap();
+        let (id, _, record) = completed_with_its_announcement_left(&disk, dir.path());
         drop(disk);
         let disk = local(dir.path(), 100, 0);
         assert!(!record.exists());
@@ -1329,11 +1338,7 @@ mod tests {
     fn a_delete_forgets_an_announcement_left_by_its_completion() {
         let dir = tempfile::tempdir().unwrap();
         let disk = local(dir.path(), 100, 0);
-        let id = uploaded_hello(&disk, dir.path());
-        let record = dir.path().join(format!("pending/{id}.json"));
-        let kept = fs::read(&record).unwrap();
-        let (meta, _) = disk.complete(&id, 1).unwrap();
-        fs::write(&record, kept).unwrap();
+        let (id, meta, record) = completed_with_its_announcement_left(&disk, dir.path());
         assert!(disk.delete(&id, &meta).unwrap());
         assert!(!record.exists());
         fs::write(dir.path().join(format!("{id}{UPLOAD_SUFFIX}")), b"again").unwrap();
