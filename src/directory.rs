@@ -57,8 +57,14 @@ pub struct Acked {
 pub struct Inflight {
     /// Where the item sits in the inbox (the key needs it).
     pub priority: u8,
-    /// An ACK for it is at the commit thread: repeated ACKs are not resent.
+    /// An ACK for it is at the commit thread: repeated ACKs are not resent,
+    /// and a new connection does not write it again (the ACK settles it,
+    /// or, if its write fails, marks it [`Inflight::owed_again`]).
     pub acking: bool,
+    /// Its ACK failed at the commit thread: the user's connection writes
+    /// it again (flagged REDELIVERY), since the client, which ACKed it
+    /// once, has no reason to ACK it again unless it sees it again.
+    pub owed_again: bool,
     /// When its MSG was written, `clock::mono_us` (0: not timed): for the
     /// ACK stage histogram.
     pub written_us: u64,
@@ -121,6 +127,9 @@ pub struct User {
     unsent_acks: Mutex<Vec<Acked>>,
     /// `unsent_acks` is not empty; read without the lock.
     has_unsent_acks: AtomicBool,
+    /// Some in-flight entry is [`Inflight::owed_again`]; read without the
+    /// lock (set under it, after the entry).
+    has_owed_again: AtomicBool,
 }
 
 impl User {
@@ -143,6 +152,7 @@ impl User {
             visible: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
             unsent_acks: Mutex::new(Vec::new()),
             has_unsent_acks: AtomicBool::new(false),
+            has_owed_again: AtomicBool::new(false),
         }
     }
 
@@ -257,6 +267,45 @@ impl User {
             mb.slot_freed();
         }
         entry
+    }
+
+    /// The write of an ACK of the in-flight item `seq` failed (its request
+    /// was rolled back, or its batch not written): the item is still
+    /// queued. Its connection, or the next one, writes it again, and the
+    /// client's next ACK of it is sent.
+    pub fn ack_failed(&self, seq: u64) {
+        {
+            let mut inflight = self.inflight();
+            // Only an entry whose ACK was at the commit thread: a failed
+            // expiry or delete of an item still unACKed owes no new copy.
+            let Some(entry) = inflight.get_mut(&seq).filter(|e| e.acking) else {
+                return;
+            };
+            entry.acking = false;
+            if entry.item.is_none() {
+                return; // nothing to write again (a test's entry)
+            }
+            entry.owed_again = true;
+            self.has_owed_again.store(true, Ordering::Release);
+        }
+        if let Some(mb) = self.mailbox() {
+            mb.wake();
+        }
+    }
+
+    /// The items of in-flight entries marked [`Inflight::owed_again`]
+    /// (the marks cleared), for the connection holding `inflight`, the
+    /// user's in-flight map locked.
+    pub fn take_owed_again(&self, inflight: &mut HashMap<u64, Inflight>) -> Vec<Arc<Item>> {
+        if !self.has_owed_again.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        let mut owed: Vec<Arc<Item>> = inflight
+            .values_mut()
+            .filter_map(|e| std::mem::take(&mut e.owed_again).then(|| e.item.clone())?)
+            .collect();
+        owed.sort_unstable_by_key(|item| (item.priority, item.seq));
+        owed
     }
 
     /// The connected session's mailbox, if the user is online.

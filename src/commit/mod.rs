@@ -1292,14 +1292,12 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             user.other_settles.fetch_add(1, Ordering::Relaxed);
         }
         Completion::Settled { user, seq } | Completion::Unsettled { user, seq } => {
-            // Nothing was written: the item is still queued; let a later ACK
-            // retry. A failed synced write may still reach the disk (and
+            // Nothing was written: the item is still queued; its connection
+            // writes it again, and the client's next ACK retries. A failed synced write may still reach the disk (and
             // show after a reopen), so that ACK reads the item back rather
             // than trust the copy it has (`Item::settle_hint`).
             user.other_settles.fetch_add(1, Ordering::Relaxed);
-            if let Some(entry) = user.inflight().get_mut(&seq) {
-                entry.acking = false;
-            }
+            user.ack_failed(seq);
         }
         Completion::Queued { user, delta } if written => {
             let _ = user

@@ -148,6 +148,7 @@ fn acking(item: Option<Arc<crate::store::Item>>) -> crate::directory::Inflight {
     crate::directory::Inflight {
         priority: 0,
         acking: true,
+        owed_again: false,
         written_us: 0,
         item,
     }
@@ -1250,6 +1251,26 @@ fn shares_of_batches_not_yet_completed_count_against_the_budget() {
     assert_eq!(m.held(), 1, "the first held, the second not");
     assert_eq!(f.c.store.count_keys(CF_INBOX).unwrap(), 1, "a REF");
     assert_eq!(f.c.dir.held_pending.load(Ordering::Relaxed), 0);
+}
+
+/// An ACK whose write fails leaves its item queued, and marks it owed
+/// again (and wakes its connection), which writes it again: else the
+/// client, which ACKed it once, would not again, and the item held its
+/// window slot until a reconnect.
+#[test]
+fn an_ack_whose_write_fails_owes_its_item_again() {
+    let f = fixture(&["alice", "bob"]);
+    let (bob, item) = bob_holds_message_1(&f);
+    bob.mailbox().unwrap().clear_wake();
+    f.rec.wakes.lock().unwrap().clear();
+    let db = f.c.store.swap_db(None);
+    commit_batch(&f.c, &mut vec![ack_req(&bob, &[(item.seq, 0)])]);
+    f.c.store.swap_db(db);
+    assert!(!bob.inflight()[&item.seq].acking);
+    let again = bob.take_owed_again(&mut bob.inflight());
+    assert_eq!(again.iter().map(|i| i.seq).collect::<Vec<_>>(), [item.seq]);
+    assert_eq!(*f.rec.wakes.lock().unwrap(), [CONN]);
+    assert!(bob.take_owed_again(&mut bob.inflight()).is_empty());
 }
 
 /// Alice's message 1, committed and written to bob's connection, as his

@@ -849,15 +849,79 @@ fn acks_refused_by_a_full_queue_outlive_their_connection() {
     bob.session.on_close();
     env.full.set(false);
     let mut again = Conn::login(&env, "bob", 2);
-    assert!(matches!(again.msgs()[..], [(s, _, true)] if s == seq));
+    // Its ACK is kept: the item is not written again.
+    assert_eq!(again.msgs(), []);
     // The new connection's timer offers the kept ACK at once.
     assert!(again.session.poll_timeout() <= again.now);
     again.call(&env, |s, ctx| s.handle_timeout(ctx));
     assert_eq!(one_ack(&env.take_submitted()), Some(vec![(seq, 0)]));
-    // The item, written again and ACKed again: that ACK is not sent twice.
+    // The client ACKs it again (it kept what the first connection got):
+    // that ACK is not sent twice.
     again.ack(&env, &[seq]);
     assert!(env.take_submitted().is_empty());
     assert!(again.session.poll_timeout() > again.now);
+}
+
+/// A reconnect while an ACK is at the commit thread does not write its
+/// item again: the ACK settles it (or, if its write fails, the item is
+/// owed again: the next test). The new connection used to write it
+/// again, flagged REDELIVERY: a copy of what the client had ACKed.
+#[test]
+fn a_reconnect_does_not_write_again_what_an_ack_is_settling() {
+    let env = FakeEnv::new();
+    let item = env.store("bob", 0, 1);
+    let mut first = Conn::login(&env, "bob", 1);
+    assert_eq!(first.msgs(), [(item.seq, 1, false)]);
+    first.ack(&env, &[item.seq]);
+    assert_eq!(one_ack(&env.take_submitted()), Some(vec![(item.seq, 0)]));
+    first.session.on_close();
+    // The item is still stored and in flight: neither is written.
+    let mut second = Conn::login(&env, "bob", 2);
+    assert_eq!(second.msgs(), []);
+    // The ACK's completion.
+    env.dir.user("bob").unwrap().settled(item.seq);
+    env.inbox.borrow_mut().clear();
+    second.call(&env, |s, ctx| s.handle_mailbox(ctx));
+    assert_eq!(second.msgs(), []);
+    assert!(env.take_submitted().is_empty());
+}
+
+/// An ACK whose write failed at the commit thread: the item is still
+/// queued, and the client, which ACKed it once, would not ACK it again
+/// unless it sees it again. Its connection writes it again, flagged
+/// REDELIVERY, once, whether it got the ACK or came after it.
+#[test]
+fn an_item_whose_ack_failed_is_written_again() {
+    let env = FakeEnv::new();
+    let item = env.store("bob", 0, 1);
+    let bob = env.dir.user("bob").unwrap();
+    let mut conn = Conn::login(&env, "bob", 1);
+    conn.msgs();
+    conn.ack(&env, &[item.seq]);
+    assert_eq!(one_ack(&env.take_submitted()), Some(vec![(item.seq, 0)]));
+    // The commit thread's completion of the failed write.
+    bob.ack_failed(item.seq);
+    assert!(env.loops.woken.lock().unwrap().contains(&conn.me));
+    conn.call(&env, |s, ctx| s.handle_mailbox(ctx));
+    assert_eq!(conn.msgs(), [(item.seq, 1, true)]);
+    // Its next ACK is sent.
+    conn.ack(&env, &[item.seq]);
+    assert_eq!(one_ack(&env.take_submitted()), Some(vec![(item.seq, 0)]));
+    // That one fails too, after a reconnect that wrote nothing.
+    conn.session.on_close();
+    let mut again = Conn::login(&env, "bob", 2);
+    assert_eq!(again.msgs(), []);
+    bob.ack_failed(item.seq);
+    again.call(&env, |s, ctx| s.handle_mailbox(ctx));
+    assert_eq!(again.msgs(), [(item.seq, 1, true)]);
+    // Once, however often the session runs.
+    again.call(&env, |s, ctx| s.handle_mailbox(ctx));
+    assert_eq!(again.msgs(), []);
+    // A failed write of anything else (an expiry) owes no copy of an
+    // item whose ACK is not at the commit thread.
+    bob.ack_failed(item.seq);
+    again.call(&env, |s, ctx| s.handle_mailbox(ctx));
+    assert_eq!(again.msgs(), []);
 }
 
 #[test]
