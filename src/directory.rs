@@ -57,14 +57,10 @@ pub struct Acked {
 pub struct Inflight {
     /// Where the item sits in the inbox (the key needs it).
     pub priority: u8,
-    /// An ACK for it is at the commit thread: repeated ACKs are not resent,
-    /// and a new connection does not write it again (the ACK settles it,
-    /// or, if its write fails, marks it [`Inflight::owed_again`]).
+    /// The client ACKed it, and the ACK is at the commit thread or kept
+    /// for a retry (`User::unsent_acks`): repeated ACKs are not resent, and
+    /// a new connection does not write the item again.
     pub acking: bool,
-    /// Its ACK failed at the commit thread: the user's connection writes
-    /// it again (flagged REDELIVERY), since the client, which ACKed it
-    /// once, has no reason to ACK it again unless it sees it again.
-    pub owed_again: bool,
     /// When its MSG was written, `clock::mono_us` (0: not timed): for the
     /// ACK stage histogram.
     pub written_us: u64,
@@ -127,10 +123,15 @@ pub struct User {
     unsent_acks: Mutex<Vec<Acked>>,
     /// `unsent_acks` is not empty; read without the lock.
     has_unsent_acks: AtomicBool,
-    /// Some in-flight entry is [`Inflight::owed_again`]; read without the
-    /// lock (set under it, after the entry).
-    has_owed_again: AtomicBool,
+    /// When ACKs whose write failed may be offered again, ms
+    /// ([`User::ack_failed`]); 0: at once.
+    ack_retry_at: AtomicU64,
 }
+
+/// How long an ACK whose write failed waits before it is offered again, ms:
+/// a store that failed a write refuses the next ones until it is reopened
+/// (tried once a second), so an earlier retry would fail again.
+pub const ACK_RETRY_MS: u64 = 1000;
 
 impl User {
     /// A user with nothing queued.
@@ -152,7 +153,7 @@ impl User {
             visible: AtomicU64::new(boot << SEQ_BOOT_SHIFT),
             unsent_acks: Mutex::new(Vec::new()),
             has_unsent_acks: AtomicBool::new(false),
-            has_owed_again: AtomicBool::new(false),
+            ack_retry_at: AtomicU64::new(0),
         }
     }
 
@@ -271,41 +272,33 @@ impl User {
 
     /// The write of an ACK of the in-flight item `seq` failed (its request
     /// was rolled back, or its batch not written): the item is still
-    /// queued. Its connection, or the next one, writes it again, and the
-    /// client's next ACK of it is sent.
-    pub fn ack_failed(&self, seq: u64) {
-        {
-            let mut inflight = self.inflight();
-            // Only an entry whose ACK was at the commit thread: a failed
-            // expiry or delete of an item still unACKed owes no new copy.
-            let Some(entry) = inflight.get_mut(&seq).filter(|e| e.acking) else {
-                return;
+    /// queued, and the client did ACK it. The ACK is kept, and the user's
+    /// connection, or the next one, offers it again after
+    /// [`ACK_RETRY_MS`] after `now` (ms). Its entry stays marked `acking`,
+    /// so the item is not written to the client again.
+    pub fn ack_failed(&self, seq: u64, now: u64) {
+        let acked = {
+            let inflight = self.inflight();
+            let Some(entry) = inflight.get(&seq).filter(|e| e.acking) else {
+                return; // settled meanwhile
             };
-            entry.acking = false;
-            if entry.item.is_none() {
-                return; // nothing to write again (a test's entry)
+            Acked {
+                seq,
+                priority: entry.priority,
+                item: entry.item.clone(),
             }
-            entry.owed_again = true;
-            self.has_owed_again.store(true, Ordering::Release);
-        }
+        };
+        self.ack_retry_at
+            .store(now + ACK_RETRY_MS, Ordering::Relaxed);
+        self.keep_unsent_acks(vec![acked]);
         if let Some(mb) = self.mailbox() {
-            mb.wake();
+            mb.wake(); // so that its connection sets its timer
         }
     }
 
-    /// The items of in-flight entries marked [`Inflight::owed_again`]
-    /// (the marks cleared), for the connection holding `inflight`, the
-    /// user's in-flight map locked.
-    pub fn take_owed_again(&self, inflight: &mut HashMap<u64, Inflight>) -> Vec<Arc<Item>> {
-        if !self.has_owed_again.swap(false, Ordering::AcqRel) {
-            return Vec::new();
-        }
-        let mut owed: Vec<Arc<Item>> = inflight
-            .values_mut()
-            .filter_map(|e| std::mem::take(&mut e.owed_again).then(|| e.item.clone())?)
-            .collect();
-        owed.sort_unstable_by_key(|item| (item.priority, item.seq));
-        owed
+    /// When ACKs kept after a failed write may be offered again, ms.
+    pub fn ack_retry_at(&self) -> u64 {
+        self.ack_retry_at.load(Ordering::Relaxed)
     }
 
     /// The connected session's mailbox, if the user is online.

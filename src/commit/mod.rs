@@ -298,8 +298,13 @@ pub enum Completion {
         priority: u8,
         seq: u64,
     },
-    /// The item is gone from the store: forget it as inflight.
-    Settled { user: Arc<User>, seq: u64 },
+    /// The item is gone from the store: forget it as inflight. `ack`: it
+    /// was the user's ACK (if the write fails, the ACK is retried).
+    Settled {
+        user: Arc<User>,
+        seq: u64,
+        ack: bool,
+    },
     /// A request with these items was rolled back: a later ACK may retry.
     Unsettled { user: Arc<User>, seq: u64 },
     /// One of the user's items was expired or deleted (settled otherwise
@@ -1283,7 +1288,7 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
             seq,
         } if written => c.dir.unhold(&user, priority, seq),
         Completion::Push { user, item } if written => push(&user, item, clock),
-        Completion::Settled { user, seq } if written => {
+        Completion::Settled { user, seq, .. } if written => {
             if let Some(entry) = user.settled(seq) {
                 clock.acked(entry.written_us);
             }
@@ -1291,13 +1296,24 @@ fn complete(c: &Committer, completion: Completion, written: bool, clock: &mut St
         Completion::SettledOtherwise { user } => {
             user.other_settles.fetch_add(1, Ordering::Relaxed);
         }
-        Completion::Settled { user, seq } | Completion::Unsettled { user, seq } => {
-            // Nothing was written: the item is still queued; its connection
-            // writes it again, and the client's next ACK retries. A failed synced write may still reach the disk (and
-            // show after a reopen), so that ACK reads the item back rather
-            // than trust the copy it has (`Item::settle_hint`).
+        Completion::Settled {
+            user,
+            seq,
+            ack: true,
+        }
+        | Completion::Unsettled { user, seq } => {
+            // Nothing was written: the item is still queued; the ACK is
+            // kept and offered again (`User::ack_failed`). A failed synced
+            // write may still reach the disk (and show after a reopen), so
+            // that ACK reads the item back rather than trust the copy it
+            // has (`Item::settle_hint`).
             user.other_settles.fetch_add(1, Ordering::Relaxed);
-            user.ack_failed(seq);
+            user.ack_failed(seq, now_ms());
+        }
+        Completion::Settled { user, .. } => {
+            // An expiry or a delete not written: the item is still queued,
+            // as far as the session knows it.
+            user.other_settles.fetch_add(1, Ordering::Relaxed);
         }
         Completion::Queued { user, delta } if written => {
             let _ = user

@@ -60,6 +60,7 @@ impl Pass<'_> {
             self.then(Completion::Settled {
                 user: user.clone(),
                 seq,
+                ack: true,
             });
             if self.inbox_deleted(&key) {
                 continue; // settled earlier in this batch (or the one not yet written)
@@ -133,6 +134,7 @@ impl Pass<'_> {
         self.then(Completion::Settled {
             user: user.clone(),
             seq,
+            ack: false,
         });
         self.settle_stored(user, key, seq, how)
     }
@@ -412,6 +414,7 @@ impl Pass<'_> {
         self.then(Completion::Settled {
             user: user.clone(),
             seq: item.seq,
+            ack: false,
         });
         self.settle_held(user, key, item, how)
     }

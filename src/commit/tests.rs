@@ -148,7 +148,6 @@ fn acking(item: Option<Arc<crate::store::Item>>) -> crate::directory::Inflight {
     crate::directory::Inflight {
         priority: 0,
         acking: true,
-        owed_again: false,
         written_us: 0,
         item,
     }
@@ -1253,24 +1252,51 @@ fn shares_of_batches_not_yet_completed_count_against_the_budget() {
     assert_eq!(f.c.dir.held_pending.load(Ordering::Relaxed), 0);
 }
 
-/// An ACK whose write fails leaves its item queued, and marks it owed
-/// again (and wakes its connection), which writes it again: else the
-/// client, which ACKed it once, would not again, and the item held its
-/// window slot until a reconnect.
+/// An ACK whose write fails leaves its item queued, and the ACK is kept
+/// for a retry (its entry still marked `acking`, so the item is not
+/// written to the client again); its connection is woken to set its timer.
+/// An expiry or a delete whose write fails, of an item whose ACK is on its
+/// way, leaves the ACK to that retry.
 #[test]
-fn an_ack_whose_write_fails_owes_its_item_again() {
+fn an_ack_whose_write_fails_is_kept_for_a_retry() {
     let f = fixture(&["alice", "bob"]);
     let (bob, item) = bob_holds_message_1(&f);
     bob.mailbox().unwrap().clear_wake();
     f.rec.wakes.lock().unwrap().clear();
+    // Built, then its write fails.
+    let fail_write = |requests: Vec<Request>| {
+        let (built, _) = build_batch(
+            &f.c,
+            &mut { requests },
+            pass::Overlay::default(),
+            pass::Sizes::default(),
+        );
+        let db = f.c.store.swap_db(None);
+        assert!(!write_batch(&f.c, built));
+        f.c.store.swap_db(db);
+    };
+    fail_write(vec![ack_req(&bob, &[(item.seq, 0)])]);
+    let kept = |bob: &User| {
+        bob.take_unsent_acks()
+            .iter()
+            .map(|a| a.seq)
+            .collect::<Vec<_>>()
+    };
+    assert!(bob.inflight()[&item.seq].acking);
+    assert_eq!(kept(&bob), [item.seq]);
+    assert!(bob.ack_retry_at() > crate::clock::now_ms());
+    assert_eq!(*f.rec.wakes.lock().unwrap(), [CONN]);
+    // The retry rolled back (the store fails a read): kept again.
     let db = f.c.store.swap_db(None);
     commit_batch(&f.c, &mut vec![ack_req(&bob, &[(item.seq, 0)])]);
     f.c.store.swap_db(db);
-    assert!(!bob.inflight()[&item.seq].acking);
-    let again = bob.take_owed_again(&mut bob.inflight());
-    assert_eq!(again.iter().map(|i| i.seq).collect::<Vec<_>>(), [item.seq]);
-    assert_eq!(*f.rec.wakes.lock().unwrap(), [CONN]);
-    assert!(bob.take_owed_again(&mut bob.inflight()).is_empty());
+    assert_eq!(kept(&bob), [item.seq]);
+    // A delete of it whose write fails leaves the ACK alone.
+    let (delete, deleted) = delete_id(&bob, "alice", 1);
+    fail_write(vec![delete]);
+    assert_eq!(deleted.recv().unwrap(), None);
+    assert!(bob.inflight()[&item.seq].acking);
+    assert!(kept(&bob).is_empty());
 }
 
 /// Alice's message 1, committed and written to bob's connection, as his

@@ -49,15 +49,6 @@ impl Active {
                 return;
             }
             let mut wrote = false;
-            // Items whose ACK failed at the commit thread: written again.
-            let again = self.user.take_owed_again(&mut inflight);
-            if !again.is_empty() {
-                let mut owed: Vec<_> = self.owed.drain(..).chain(again).collect();
-                owed.sort_unstable_by_key(|item| (item.priority, item.seq));
-                // One taken at login may be marked too: written once.
-                owed.dedup_by_key(|item| item.seq);
-                self.owed = owed.into();
-            }
             // What earlier connections wrote and got no ACK for goes out
             // again first: those entries fill the window already, so the
             // window alone would hold them back for good.
@@ -65,15 +56,13 @@ impl Active {
                 let Some(item) = self.owed.pop_front() else {
                     break;
                 };
-                let Some(entry) = inflight.get_mut(&item.seq) else {
-                    continue; // settled meanwhile
-                };
-                if entry.acking {
-                    // Its ACK is at the commit thread: settled soon, or, if
-                    // that fails, owed again (`User::ack_failed`).
-                    continue;
+                match inflight.get(&item.seq) {
+                    None => continue, // settled meanwhile
+                    // The client ACKed it: the ACK is at the commit thread,
+                    // or kept for a retry (`User::ack_failed`).
+                    Some(entry) if entry.acking => continue,
+                    Some(_) => {}
                 }
-                entry.owed_again = false;
                 let Some(view) = unexpired(&item, ctx.now) else {
                     continue;
                 };
@@ -134,7 +123,6 @@ impl Active {
                         v.insert(Inflight {
                             priority: item.priority,
                             acking: false,
-                            owed_again: false,
                             written_us: if item.born_us != 0 { ctx.now_us } else { 0 },
                             item: Some(item.clone()),
                         });

@@ -257,7 +257,7 @@ impl Session {
                 let idle = self.last_read + u64::from(self.keepalive) * 1500;
                 match a.user.has_unsent_acks() {
                     false => idle,
-                    true => idle.min(a.retry_at),
+                    true => idle.min(a.retry_at.max(a.user.ack_retry_at())),
                 }
             }
         }
@@ -444,7 +444,9 @@ impl Session {
                 )
             }
             Some(active) => {
-                if active.user.has_unsent_acks() && ctx.now >= active.retry_at {
+                if active.user.has_unsent_acks()
+                    && ctx.now >= active.retry_at.max(active.user.ack_retry_at())
+                {
                     receipts::ack(ctx, active, std::iter::empty());
                     self.pump(ctx);
                 }
