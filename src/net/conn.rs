@@ -39,6 +39,9 @@ pub struct Conn {
     /// Reading stopped for backpressure (not because of `WouldBlock`): the
     /// loop must read again by itself once the session wants input.
     pub read_paused: bool,
+    /// Reading stopped at `worker::READ_BUDGET` with input perhaps left: the
+    /// connection is in the loop's `ready` queue, which reads on next turn.
+    pub read_yielded: bool,
     /// Whether WRITABLE interest is registered (only while output is pending).
     pub write_interest: bool,
     /// Open, closing or draining.

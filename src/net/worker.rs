@@ -22,8 +22,8 @@
 //! a connection whose output buffer fills is settled at once instead.
 //!
 //! Every drain is bounded: notices ([`NOTICE_BATCH`] per turn), delivery
-//! rounds per connection ([`ROUNDS`]); work left over is picked up on the
-//! next turn without blocking. Timeouts come from a heap fed by each
+//! rounds per connection ([`ROUNDS`]), reads per event ([`READ_BUDGET`]);
+//! work left over is picked up on the next turn without blocking. Timeouts come from a heap fed by each
 //! connection's deadline (the session's `poll_timeout`, or its closing
 //! deadline), so the loop never walks every connection.
 
@@ -60,6 +60,12 @@ const SHORT_READ_DRAINS: bool = cfg!(any(target_os = "linux", target_os = "andro
 /// Deliver-flush rounds for one connection before others get their turn
 /// (a peer that reads as fast as we write would otherwise hold the loop).
 const ROUNDS: usize = 8;
+/// Reads of one socket (of up to [`READ_CHUNK`] each) per event, before the
+/// loop's other connections, timers and notices get their turn: a peer that
+/// keeps its socket full (with frames that cost the server more than they
+/// cost the peer, or none at all before HELLO) would otherwise hold the
+/// loop, and its own HELLO deadline would never be checked.
+const READ_BUDGET: usize = 4;
 
 /// Connections closed to make room for newer ones waiting to log in.
 static EVICTED: Summary =
@@ -256,6 +262,7 @@ impl Worker {
             tls_closed: false,
             due: false,
             read_paused: false,
+            read_yielded: false,
             write_interest: false,
             phase: Phase::Open,
             closing_since: 0,
@@ -361,10 +368,12 @@ impl Worker {
 
     /// Reads until `WouldBlock`, EOF, or backpressure; with `drain` false,
     /// also stops after a read that did not fill the buffer (the socket is
-    /// empty, and epoll reports anything that arrives later).
+    /// empty, and epoll reports anything that arrives later). After
+    /// [`READ_BUDGET`] reads it yields: the connection goes to `ready`, and
+    /// the next turn reads on.
     fn read(&mut self, t: usize, drain: bool) {
         let conn_buffer = self.glue.config.conn_buffer;
-        loop {
+        for _ in 0..READ_BUDGET {
             let Some(conn) = self.conns.get_mut(t) else {
                 return;
             };
@@ -413,6 +422,14 @@ impl Worker {
                         .in_scope(|| tracing::debug!(error = %e, "read failed"));
                     return self.close(t);
                 }
+            }
+        }
+        // The budget is spent, input perhaps left (edge-triggered: no new
+        // event comes for it).
+        if let Some(conn) = self.conns.get_mut(t) {
+            if !conn.read_yielded {
+                conn.read_yielded = true;
+                self.ready.push_back((t, conn.generation));
             }
         }
     }
@@ -649,7 +666,8 @@ impl Worker {
         self.set_interest(t);
     }
 
-    /// Continues connections that used up their rounds on the last turn.
+    /// Continues connections that used up their rounds, or their read
+    /// budget, on the last turn.
     fn run_ready(&mut self) {
         for _ in 0..self.ready.len() {
             let Some((t, generation)) = self.ready.pop_front() else {
@@ -661,6 +679,11 @@ impl Worker {
                 generation,
             };
             if self.live(conn).is_some() {
+                if std::mem::take(&mut self.conns[t].read_yielded) {
+                    // Reads on where its budget stopped it (to EOF, if the
+                    // peer closed: that has no event of its own again).
+                    self.read(t, true);
+                }
                 self.after(t);
             }
         }

@@ -410,3 +410,47 @@ fn a_websocket_that_stops_reading_holds_bounded_output() {
         }
     }
 }
+
+/// A peer that keeps its socket full does not hold its event loop: after a
+/// few reads the loop turns to its other connections, timers and notices,
+/// and reads on at its next turn. Here an upgraded WebSocket that never
+/// sends HELLO streams empty pongs (work for the server, nothing to
+/// answer) into a server with one event loop: bob, on the same loop, gets
+/// his PONGs at once, and the flooder is closed at its HELLO deadline.
+/// Before, the loop read the flood for as long as it came, and neither
+/// happened.
+#[test]
+fn a_flooding_socket_does_not_hold_its_event_loop() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), &["--workers", "1", "--hello-timeout", "2"]);
+    let mut bob = server.connect(&server.user("bob"));
+    let stream = TcpStream::connect(server.addr).unwrap();
+    let mut flood = stream.try_clone().unwrap();
+    let (_ws, _) = tungstenite::client(upgrade_request(server.addr, "/v1/ws", None), stream)
+        .unwrap_or_else(|e| panic!("upgrade: {e}"));
+    // Masked (as a client's must be), empty, one after another.
+    let chunk: Vec<u8> = [0x8a, 0x80, 0, 0, 0, 0].repeat(100_000);
+    let (started, flooding) = std::sync::mpsc::channel();
+    let flooder = std::thread::spawn(move || {
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < until {
+            if flood.write_all(&chunk).is_err() {
+                return true; // closed by the server
+            }
+            let _ = started.send(());
+        }
+        false
+    });
+    flooding.recv().unwrap();
+    for i in 0..3 {
+        bob.ping(Some(i)).unwrap();
+        assert!(matches!(next(&mut bob, 5), Event::Pong(Some(p)) if p == i));
+    }
+    assert!(
+        flooder.join().unwrap(),
+        "the flooder was not closed at its HELLO deadline"
+    );
+    bob.ping(Some(9)).unwrap();
+    assert!(matches!(next(&mut bob, 5), Event::Pong(Some(9))));
+}
