@@ -681,6 +681,71 @@ fn a_group_send_needs_the_send_permission() {
     assert_eq!(to, ["alice"]);
 }
 
+/// Real-time group sends draw on the connection's reach budget (the
+/// members walked in the event loop): past it, OVERLOADED without a walk,
+/// and the budget refills with time. Stored group sends go to the commit
+/// thread, which bounds its batches' reach itself.
+#[test]
+fn real_time_group_sends_are_bounded_by_the_members_they_reach() {
+    use super::accept::REALTIME_REACH_PER_SEC;
+    const MEMBERS: u64 = 1_000;
+    let names: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let env = FakeEnv::new().with_users(&refs);
+    let mut members: Vec<Member> = names
+        .iter()
+        .map(|a| Member {
+            user: env.dir.user(a).unwrap(),
+            send: false,
+            recv: true,
+        })
+        .collect();
+    members.push(Member {
+        user: env.dir.user("alice").unwrap(),
+        send: true,
+        recv: true,
+    });
+    members.sort_by(|a, b| a.user.address.cmp(&b.user.address));
+    env.dir.publish_group("big".into(), members);
+    let mut alice = Conn::login(&env, "alice", 1);
+    let send = |c: &mut Conn, id: u64| {
+        c.frame(
+            &env,
+            Frame::Send(wire::Send {
+                id: Some(id),
+                group: Some("big"),
+                expiry: Some(0),
+                ..Default::default()
+            }),
+        );
+        match &c.written()[..] {
+            [Out::Status { status, .. }] => *status,
+            other => panic!("{other:?}"),
+        }
+    };
+    // The group has 1,001 members: the budget allows this many sends at once.
+    let at_once = REALTIME_REACH_PER_SEC / (MEMBERS + 1);
+    for id in 1..=at_once {
+        assert_eq!(send(&mut alice, id), StatusCode::OFFLINE, "send {id}");
+    }
+    assert_eq!(send(&mut alice, 0xff), StatusCode::OVERLOADED);
+    assert_eq!(send(&mut alice, 0xfe), StatusCode::OVERLOADED);
+    // Two milliseconds refill 2,000: one more send.
+    alice.now += 2;
+    assert_eq!(send(&mut alice, 0xfd), StatusCode::OFFLINE);
+    assert_eq!(send(&mut alice, 0xfc), StatusCode::OVERLOADED);
+    // A stored group send is not counted here.
+    alice.frame(
+        &env,
+        Frame::Send(wire::Send {
+            id: Some(0xfb),
+            group: Some("big"),
+            ..Default::default()
+        }),
+    );
+    assert!(matches!(&env.take_submitted()[..], [Request::GroupSend(_)]));
+}
+
 #[test]
 fn real_time_sends_go_to_connected_recipients_only() {
     let env = FakeEnv::new();
