@@ -126,6 +126,60 @@ pub struct User {
     /// When ACKs whose write failed may be offered again, ms
     /// ([`User::ack_failed`]); 0: at once.
     ack_retry_at: AtomicU64,
+    /// What the user's real-time group sends may still reach
+    /// ([`User::realtime_reach`]): the user's, not a connection's, so a
+    /// reconnect does not refill it.
+    reach: Mutex<Reach>,
+}
+
+/// Group members one user's real-time group sends may reach per second,
+/// and at once. Each is a look-up in an event loop (and, if online, an
+/// item), which a SEND of a few bytes costs its sender nothing to ask for:
+/// without a bound, a member of a large group could hold a loop for
+/// seconds with one read's worth of sends. Past it, OVERLOADED.
+pub const REALTIME_REACH_PER_SEC: i64 = 1_000_000;
+
+/// A budget of real-time group reach: a token bucket holding at most
+/// [`REALTIME_REACH_PER_SEC`], refilled at that rate. A group larger than
+/// the whole budget may be sent to when the budget is full, and leaves it
+/// in debt, so the rate holds for any group size.
+#[derive(Debug)]
+pub struct Reach {
+    tokens: i64,
+    /// When it was last refilled, ms.
+    at: u64,
+}
+
+impl Default for Reach {
+    fn default() -> Reach {
+        Reach {
+            tokens: REALTIME_REACH_PER_SEC,
+            at: 0,
+        }
+    }
+}
+
+impl Reach {
+    /// Takes `n` at `now` (ms) if there is that much (or the whole budget,
+    /// for more); whether it could. A clock stepped back refills nothing
+    /// for that call, and counts on from the new time.
+    pub fn take(&mut self, n: u64, now: u64) -> bool {
+        const PER_MS: i64 = REALTIME_REACH_PER_SEC / 1000;
+        // Capped so that the product cannot overflow: a debt is at most
+        // one send's reach, which `max_group_size` bounds.
+        let elapsed = now.saturating_sub(self.at).min(1 << 40) as i64;
+        self.at = now;
+        self.tokens = self
+            .tokens
+            .saturating_add(elapsed.saturating_mul(PER_MS))
+            .min(REALTIME_REACH_PER_SEC);
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        if self.tokens < n.min(REALTIME_REACH_PER_SEC) {
+            return false;
+        }
+        self.tokens = self.tokens.saturating_sub(n);
+        true
+    }
 }
 
 /// How long an ACK whose write failed waits before it is offered again, ms:
@@ -154,6 +208,7 @@ impl User {
             unsent_acks: Mutex::new(Vec::new()),
             has_unsent_acks: AtomicBool::new(false),
             ack_retry_at: AtomicU64::new(0),
+            reach: Mutex::new(Reach::default()),
         }
     }
 
@@ -294,6 +349,13 @@ impl User {
         if let Some(mb) = self.mailbox() {
             mb.wake(); // so that its connection sets its timer
         }
+    }
+
+    /// Takes `n` group members from the user's real-time reach budget at
+    /// `now` (ms); whether there were that many ([`Reach::take`]).
+    pub fn realtime_reach(&self, n: u64, now: u64) -> bool {
+        let mut reach = self.reach.lock().unwrap_or_else(|e| e.into_inner());
+        reach.take(n, now)
     }
 
     /// When ACKs kept after a failed write may be offered again, ms.
@@ -745,6 +807,30 @@ mod tests {
         assert!(!g.member("a").unwrap().send);
         assert!(g.member("bb").is_some() && g.member("b").is_none());
         assert_eq!(dir.groups_of("a"), vec![Arc::<str>::from("g")]);
+    }
+
+    /// The reach budget: a full second's worth at once, refilled at its
+    /// rate; a send larger than the budget leaves a debt that holds the
+    /// rate; a clock stepped back refills nothing, and does not freeze it.
+    #[test]
+    fn the_realtime_reach_budget_holds_its_rate() {
+        let full = REALTIME_REACH_PER_SEC as u64;
+        let mut r = Reach::default();
+        assert!(r.take(full, 10_000));
+        assert!(!r.take(1, 10_000));
+        assert!(r.take(1_000, 10_001));
+        assert!(!r.take(1, 10_001));
+        // Larger than the whole budget: once, then four seconds of debt.
+        let mut r = Reach::default();
+        assert!(r.take(5 * full, 0));
+        assert!(!r.take(1, 1_000));
+        assert!(!r.take(1, 3_999));
+        assert!(r.take(1, 4_001));
+        // The clock stepped back by a second.
+        let mut r = Reach::default();
+        assert!(r.take(full, 10_000));
+        assert!(!r.take(1_000, 9_000));
+        assert!(r.take(1_000, 9_001));
     }
 
     #[test]

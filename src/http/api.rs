@@ -464,7 +464,7 @@ fn post_message(core: &Backend, req: &Req<'_>) -> Reply {
         crate::clock::now_ms(),
         crate::clock::mono_us(),
         ReplyTo::Channel(tx),
-        None,
+        false,
     );
     let status = match outcome {
         Outcome::Now(status) => status,

@@ -44,54 +44,11 @@ pub enum Outcome {
     Queued,
 }
 
-/// Group members one connection's real-time group sends may reach per
-/// second, and at once. Each is a look-up in the event loop (and, if
-/// online, an item), which a SEND of a few bytes costs its sender nothing
-/// to ask for: without a bound, a member of a large group could hold the
-/// loop for seconds with one read's worth of sends. Past it, OVERLOADED.
-pub const REALTIME_REACH_PER_SEC: u64 = 1_000_000;
-
-/// A connection's budget of real-time group reach: a token bucket holding
-/// at most [`REALTIME_REACH_PER_SEC`], refilled at that rate.
-#[derive(Debug)]
-pub struct Reach {
-    tokens: u64,
-    /// When it was last refilled, ms.
-    at: u64,
-}
-
-impl Reach {
-    /// A full budget at `now` (ms).
-    pub fn new(now: u64) -> Reach {
-        Reach {
-            tokens: REALTIME_REACH_PER_SEC,
-            at: now,
-        }
-    }
-
-    /// Takes `n` at `now`, if there is that much (or, for a group larger
-    /// than the whole budget, if the budget is full); whether it could.
-    pub fn take(&mut self, n: u64, now: u64) -> bool {
-        let refill = now
-            .saturating_sub(self.at)
-            .saturating_mul(REALTIME_REACH_PER_SEC / 1000);
-        self.tokens = self
-            .tokens
-            .saturating_add(refill)
-            .min(REALTIME_REACH_PER_SEC);
-        self.at = self.at.max(now);
-        if self.tokens < n.min(REALTIME_REACH_PER_SEC) {
-            return false;
-        }
-        self.tokens = self.tokens.saturating_sub(n);
-        true
-    }
-}
-
 /// Applies the SEND rules to `send` from `sender` at time `now` (read at
-/// `read_us` on the monotonic clock, 0 if not timed). A real-time group
-/// send draws on `reach`, the connection's budget, if given (the HTTP
-/// API's sends, one per request, have none).
+/// `read_us` on the monotonic clock, 0 if not timed). With `limit_reach`,
+/// a real-time group send draws on the sender's reach budget
+/// ([`User::realtime_reach`]; the HTTP API's sends, one per request, are
+/// not counted).
 pub fn send<'s>(
     env: &dyn Env,
     sender: &Arc<User>,
@@ -99,7 +56,7 @@ pub fn send<'s>(
     now: u64,
     read_us: u64,
     reply: ReplyTo,
-    reach: Option<&mut Reach>,
+    limit_reach: bool,
 ) -> (Dest<'s>, Outcome) {
     let id = send.id.unwrap_or(0);
     let dest = match (send.to, send.group) {
@@ -158,8 +115,8 @@ pub fn send<'s>(
     };
     if expiry == 0 {
         // Real time: memory only, now or never, to whoever is connected.
-        if let (Recipients::Group(group), Some(reach)) = (&recipients, reach) {
-            if !reach.take(group.members.len() as u64, now) {
+        if let Recipients::Group(group) = &recipients {
+            if limit_reach && !sender.realtime_reach(group.members.len() as u64, now) {
                 return (dest, Outcome::Now(StatusCode::OVERLOADED));
             }
         }

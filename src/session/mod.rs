@@ -219,8 +219,6 @@ struct Active {
     /// dropped (each one once: the cursors never stage an item twice), so
     /// none goes out a second time, even after its ACK.
     owed_seqs: HashSet<u64>,
-    /// What its real-time group sends may still reach (`accept::Reach`).
-    reach: accept::Reach,
 }
 
 impl Session {
@@ -383,18 +381,16 @@ impl Session {
             retry_at: 0,
             owed: owed.into(),
             owed_seqs,
-            reach: accept::Reach::new(ctx.now),
         }));
         self.pump(ctx);
         Flow::Continue
     }
 
     fn send(&mut self, ctx: &mut Ctx<'_>, send: wire::Send<'_>) {
-        let Some(active) = self.active.as_deref_mut() else {
+        let Some(active) = self.active.as_deref() else {
             return;
         };
         let reply = crate::commit::ReplyTo::Conn(ctx.me);
-        let reach = Some(&mut active.reach);
         let (dest, outcome) = accept::send(
             ctx.env,
             &active.user,
@@ -402,7 +398,7 @@ impl Session {
             ctx.now,
             ctx.now_us,
             reply,
-            reach,
+            true,
         );
         match outcome {
             Outcome::Now(status) => ctx.status(send.id.unwrap_or(0), dest, status),

@@ -16,11 +16,13 @@ use crate::wire::{flags, is_valid_address, StatusCode};
 /// a flood of ACKs costs no commit work. ACKs are never dropped: a full
 /// commit queue keeps them for a retry (the event loop never blocks).
 pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>) {
-    // ACKs kept after a failed write wait for their time (`User::ack_failed`).
-    let mut stored = match ctx.now >= a.user.ack_retry_at() {
-        true => a.user.take_unsent_acks(),
-        false => Vec::new(),
-    };
+    let mut stored = a.user.take_unsent_acks();
+    // ACKs kept after a failed write wait for their time (`User::ack_failed`
+    // sets it before it keeps them; read after taking them, under the same
+    // lock, so an ACK kept just now is not taken with an old time).
+    if !stored.is_empty() && ctx.now < a.user.ack_retry_at() {
+        a.user.keep_unsent_acks(std::mem::take(&mut stored));
+    }
     {
         let mut inflight = a.user.inflight();
         for seq in seqs {

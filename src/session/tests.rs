@@ -687,7 +687,7 @@ fn a_group_send_needs_the_send_permission() {
 /// thread, which bounds its batches' reach itself.
 #[test]
 fn real_time_group_sends_are_bounded_by_the_members_they_reach() {
-    use super::accept::REALTIME_REACH_PER_SEC;
+    use crate::directory::REALTIME_REACH_PER_SEC;
     const MEMBERS: u64 = 1_000;
     let names: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -724,7 +724,7 @@ fn real_time_group_sends_are_bounded_by_the_members_they_reach() {
         }
     };
     // The group has 1,001 members: the budget allows this many sends at once.
-    let at_once = REALTIME_REACH_PER_SEC / (MEMBERS + 1);
+    let at_once = REALTIME_REACH_PER_SEC as u64 / (MEMBERS + 1);
     for id in 1..=at_once {
         assert_eq!(send(&mut alice, id), StatusCode::OFFLINE, "send {id}");
     }
@@ -734,6 +734,11 @@ fn real_time_group_sends_are_bounded_by_the_members_they_reach() {
     alice.now += 2;
     assert_eq!(send(&mut alice, 0xfd), StatusCode::OFFLINE);
     assert_eq!(send(&mut alice, 0xfc), StatusCode::OVERLOADED);
+    // The budget is the user's: a new connection does not refill it.
+    let now = alice.now;
+    let mut again = Conn::login(&env, "alice", 2);
+    again.now = now;
+    assert_eq!(send(&mut again, 0xfa), StatusCode::OVERLOADED);
     // A stored group send is not counted here.
     alice.frame(
         &env,
