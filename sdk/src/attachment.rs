@@ -215,7 +215,7 @@ fn uploader(shared: Arc<Shared>, ctl: Receiver<Ctl>, conn: Sender<Ctl>) {
             Ok(None) => {}
             Err(e) => tracing::warn!(lid, error = %e, "upload: store"),
         }
-        let _ = conn.send(Ctl::Wake);
+        let _ = conn.send(Ctl::Ready(lid));
     }
 }
 
@@ -294,7 +294,8 @@ fn upload(shared: &Shared, job: &Upload) -> Result<Vec<u8>, UploadError> {
         lid: job.lid,
         shared,
     };
-    let answer = ureq::post(&format!("{base}/v1/files"))
+    let answer = agent(&shared.config)
+        .post(&format!("{base}/v1/files"))
         .set("Authorization", &format!("Bearer {}", shared.config.token))
         .set("Content-Type", &job.mime)
         .set("Content-Length", &total.to_string())
@@ -315,7 +316,7 @@ fn upload(shared: &Shared, job: &Upload) -> Result<Vec<u8>, UploadError> {
         }
         Err(e) => return Err(UploadError::Transient(e.to_string())),
     };
-    let up: Uploaded = serde_json::from_reader(answer.into_reader())
+    let up: Uploaded = serde_json::from_reader(answer.into_reader().take(MAX_ANSWER))
         .map_err(|e| UploadError::Transient(format!("upload answer: {e}")))?;
     let sha256 = hex::encode(body.hash.finalize());
     if body.read != total || up.size != total || !up.sha256.eq_ignore_ascii_case(&sha256) {
@@ -390,14 +391,17 @@ pub(crate) fn download(shared: &Shared, m: &Message) -> Result<PathBuf> {
     }
     fs::create_dir_all(&dir).map_err(in_file(&dir))?;
     let part = dir.join(format!(".part-{:016x}", rand::random::<u64>()));
-    let answer = ureq::get(&format!("{base}/v1/files/{}", a.id))
+    let answer = agent(&shared.config)
+        .get(&format!("{base}/v1/files/{}", a.id))
         .set("Authorization", &format!("Bearer {}", shared.config.token))
         .call()
         .map_err(|e| Error::Http(e.to_string()))?;
     let result = (|| {
         let out = File::create(&part).map_err(in_file(&part))?;
-        let (got, size) = hash_stream(answer.into_reader(), out)
-            .map_err(|e| Error::Http(format!("download: {e}")))?;
+        // One byte past the size: a longer body is corrupt, not a disk filler.
+        let body = answer.into_reader().take(a.size.saturating_add(1));
+        let (got, size) =
+            hash_stream(body, out).map_err(|e| Error::Http(format!("download: {e}")))?;
         if !got.eq_ignore_ascii_case(&a.sha256) || size != a.size {
             return Err(Error::Corrupt {
                 expected: a.sha256.clone(),
@@ -412,6 +416,18 @@ pub(crate) fn download(shared: &Shared, m: &Message) -> Result<PathBuf> {
         let _ = fs::remove_file(&part);
     }
     result.map(|()| target)
+}
+
+/// Bytes of the upload's JSON answer read at most.
+const MAX_ANSWER: u64 = 64 * 1024;
+
+/// An HTTP agent with the configured timeouts.
+fn agent(config: &crate::Config) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(config.connect_timeout)
+        .timeout_read(config.http_timeout)
+        .timeout_write(config.http_timeout)
+        .build()
 }
 
 /// Copies `from` into `to`; returns the sha256 (hex) and length.

@@ -25,6 +25,11 @@ pub struct Config {
     pub keepalive: u32,
     /// Timeout of the TCP connect and the HELLO/WELCOME exchange.
     pub connect_timeout: Duration,
+    /// Longest wait for the files API to take or give the next bytes of an
+    /// upload or download (or its answer): past it the transfer fails (an
+    /// upload is retried), rather than hang on a stalled server or a
+    /// half-open connection, and hold up [`crate::Tern::shutdown`].
+    pub http_timeout: Duration,
     /// First reconnect delay (before jitter).
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
@@ -55,6 +60,7 @@ impl Config {
             cache_dir: None,
             keepalive: 60,
             connect_timeout: Duration::from_secs(10),
+            http_timeout: Duration::from_secs(60),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             window: 256,
@@ -92,6 +98,12 @@ impl Config {
     /// Sets the connect/HELLO timeout.
     pub fn connect_timeout(mut self, t: Duration) -> Config {
         self.connect_timeout = t;
+        self
+    }
+
+    /// Sets the files API's read and write timeout.
+    pub fn http_timeout(mut self, t: Duration) -> Config {
+        self.http_timeout = t;
         self
     }
 

@@ -55,6 +55,10 @@ const READS_PER_ROUND: usize = 256;
 pub(crate) enum Ctl {
     /// Something new to send (outbox, READ receipts, a live send).
     Wake,
+    /// The message with this local id entered the outbox behind the
+    /// send cursor (its upload finished after later messages were sent):
+    /// send from it on.
+    Ready(i64),
     /// Try to connect now (after AuthFailed/Replaced, or to cut a backoff).
     Reconnect,
     /// Stop.
@@ -307,7 +311,7 @@ impl Driver {
                     .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
             };
             match got {
-                Ok(Ctl::Wake) => {}
+                Ok(Ctl::Wake) | Ok(Ctl::Ready(_)) => {}
                 Ok(Ctl::Reconnect) => return Woken::Reconnect,
                 Ok(Ctl::Shutdown) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     return Woken::Shutdown
@@ -448,6 +452,10 @@ impl Driver {
                         s.outbox_more = true;
                         s.reads_more = true;
                     }
+                    Ok(Ctl::Ready(lid)) => {
+                        s.cursor = s.cursor.min(lid - 1);
+                        s.outbox_more = true;
+                    }
                     Ok(Ctl::Shutdown) | Err(_) => {
                         let _ = self.push(s, &Frame::Bye);
                         let _ = self.flush();
@@ -561,6 +569,11 @@ impl Driver {
         let max_payload = max_frame.saturating_sub(wire::MAX_ENVELOPE) as usize;
         for m in rows {
             s.cursor = m.lid;
+            if s.inflight.contains_key(&m.id) {
+                // Written and not yet answered (the cursor went back for an
+                // upload that finished: `Ctl::Ready`).
+                continue;
+            }
             if m.payload.len() > max_payload {
                 // It can never fit a frame: the server would close the
                 // connection on it, again and again.

@@ -507,6 +507,100 @@ fn a_corrupted_download_is_detected() {
     bob.shutdown();
 }
 
+/// An attachment whose upload finishes after a later message was sent goes
+/// out at once. The connection sends the outbox from a cursor, the last
+/// local id written; the text sent while the photo uploaded moved it past
+/// the photo, so the photo waited for the next reconnect, behind a healthy
+/// connection.
+#[test]
+fn an_attachment_uploaded_after_a_later_message_is_sent_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (alice_token, bob_token) = (server.user("alice"), server.user("bob"));
+    let files = Proxy::start(server.http);
+    let file = dir.path().join("photo.png");
+    noise_file(&file, 4 << 20);
+    let (alice, alice_events) =
+        open(config(server.addr, &alice_token, dir.path().join("a.db")).http(files.url()));
+    let (bob, bob_events) = open(config(server.addr, &bob_token, dir.path().join("b.db")));
+    // The upload stops after its first MiB until the text is SENT.
+    let (resume, held) = std::sync::mpsc::channel::<()>();
+    files.on_upstream_bytes(1 << 20, move || {
+        let _ = held.recv_timeout(Duration::from_secs(30));
+    });
+    let sent = |lid: i64| move |e: &Event| matches!(e, Event::Status { lid: l, status: Status::Sent, .. } if *l == lid);
+    let photo = alice.send_file(Peer::user("bob"), &file, None).unwrap();
+    let text = alice
+        .send(Draft::text(Peer::user("bob"), "after the photo"))
+        .unwrap();
+    wait_event(
+        &alice_events,
+        Duration::from_secs(20),
+        "the text SENT",
+        sent(text.lid),
+    );
+    resume.send(()).unwrap();
+    wait_event(
+        &alice_events,
+        Duration::from_secs(20),
+        "the photo SENT",
+        sent(photo.lid),
+    );
+    let mut got = 0;
+    while got < 2 {
+        wait_event(&bob_events, Duration::from_secs(20), "both messages", |e| {
+            matches!(e, Event::Received(_))
+        });
+        got += 1;
+    }
+    alice.shutdown();
+    bob.shutdown();
+}
+
+/// An upload whose files server stops taking bytes and never answers (a
+/// stalled server, a half-open connection) fails at `http_timeout` and is
+/// retried, rather than hold its thread, and with it `shutdown`, until the
+/// server gives up on its side.
+#[test]
+fn a_stalled_upload_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let alice_token = server.user("alice");
+    let files = Proxy::start(server.http);
+    let file = dir.path().join("photo.png");
+    noise_file(&file, 2 << 20);
+    let (alice, events) = open(
+        config(server.addr, &alice_token, dir.path().join("a.db"))
+            .http(files.url())
+            .http_timeout(Duration::from_secs(2)),
+    );
+    // The files server gets the first MiB, then nothing: the rest waits in
+    // the sockets' buffers, and the SDK for an answer.
+    let (_resume, held) = std::sync::mpsc::channel::<()>();
+    files.on_upstream_bytes(1 << 20, move || {
+        let _ = held.recv_timeout(Duration::from_secs(60));
+    });
+    alice.send_file(Peer::user("bob"), &file, None).unwrap();
+    // The whole file read: from here the upload waits for the server.
+    wait_event(
+        &events,
+        Duration::from_secs(20),
+        "the file read",
+        |e| matches!(e, Event::Upload { sent, total, .. } if sent == total),
+    );
+    let (done, stopped) = std::sync::mpsc::channel();
+    let began = Instant::now();
+    thread::spawn(move || {
+        alice.shutdown();
+        let _ = done.send(());
+    });
+    assert!(
+        stopped.recv_timeout(Duration::from_secs(6)).is_ok(),
+        "shutdown still waiting for the upload after {:?}",
+        began.elapsed()
+    );
+}
+
 /// Every file under `dir` (none if it does not exist).
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
