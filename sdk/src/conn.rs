@@ -59,7 +59,8 @@ pub(crate) enum Ctl {
     /// send cursor (its upload finished after later messages were sent):
     /// send from it on.
     Ready(i64),
-    /// Try to connect now (after AuthFailed/Replaced, or to cut a backoff).
+    /// Try to connect now (after AuthFailed/Replaced/WrongUser, or to cut a
+    /// backoff).
     Reconnect,
     /// Stop.
     Shutdown,
@@ -351,8 +352,20 @@ impl Driver {
         let keepalive = Duration::from_secs(u64::from(client.keepalive.max(1)));
         let max_frame = client.max_frame;
         let address = client.address.clone();
-        if let Err(e) = self.shared.store.set_state("address", &address) {
-            return End::Retry(format!("store: {e}"));
+        match self.shared.store.address() {
+            Ok(Some(stored)) if stored != address => {
+                return End::Final(ConnectionState::WrongUser {
+                    stored,
+                    token_for: address,
+                })
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if let Err(e) = self.shared.store.set_state("address", &address) {
+                    return End::Retry(format!("store: {e}"));
+                }
+            }
+            Err(e) => return End::Retry(format!("store: {e}")),
         }
         *self.shared.writer() = Some(Writer::new(stream));
         let reader = self.spawn_reader(client, generation, keepalive * 2);

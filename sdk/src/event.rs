@@ -37,6 +37,17 @@ pub enum ConnectionState {
     /// retry until [`crate::Tern::reconnect`], so that two devices do not
     /// take the connection from each other forever.
     Replaced,
+    /// The token logged in as another user than the one whose messages
+    /// this store holds: nothing is exchanged (their SEQs would collide,
+    /// and that user's outbox would go out under this one's name). The
+    /// SDK does not retry until [`crate::Tern::reconnect`]; open another
+    /// database for the other user.
+    WrongUser {
+        /// The user this store belongs to.
+        stored: String,
+        /// The user the token logged in as.
+        token_for: String,
+    },
     /// [`crate::Tern::shutdown`] was called.
     Stopped,
 }

@@ -277,8 +277,9 @@ impl Tern {
         Ok(n)
     }
 
-    /// Connects now: after [`ConnectionState::AuthFailed`] or
-    /// [`ConnectionState::Replaced`] (which are not retried on their own),
+    /// Connects now: after [`ConnectionState::AuthFailed`],
+    /// [`ConnectionState::Replaced`] or [`ConnectionState::WrongUser`]
+    /// (which are not retried on their own),
     /// or to cut a reconnect delay short.
     pub fn reconnect(&self) {
         let _ = self.conn.send(Ctl::Reconnect);

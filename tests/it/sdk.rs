@@ -664,6 +664,52 @@ fn auth_failed_and_replaced_are_reported_and_not_retried() {
     second.shutdown();
 }
 
+/// A store opened with another user's token exchanges nothing: SEQs are
+/// numbered per user, so the other user's messages whose SEQs the store
+/// already holds were dropped as duplicates, and ACKed, and this store's
+/// outbox went out under the other user's name.
+#[test]
+fn a_store_opened_with_another_users_token_exchanges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (alice_token, bob_token) = (server.user("alice"), server.user("bob"));
+    let db = dir.path().join("alice.db");
+    let (alice, alice_events) = open(config(server.addr, &alice_token, db.clone()));
+    let to_bob = alice
+        .send(Draft::text(Peer::user("bob"), "for bob"))
+        .unwrap();
+    wait_event(
+        &alice_events,
+        Duration::from_secs(20),
+        "SENT",
+        |e| matches!(e, Event::Status { lid, status: Status::Sent, .. } if *lid == to_bob.lid),
+    );
+    alice.shutdown();
+    let (wrong, wrong_events) = open(config(server.addr, &bob_token, db.clone()));
+    wrong
+        .send(Draft::text(Peer::user("carol"), "not as bob"))
+        .unwrap();
+    let expected = ConnectionState::WrongUser {
+        stored: "alice".into(),
+        token_for: "bob".into(),
+    };
+    wait_event(&wrong_events, Duration::from_secs(10), "WrongUser", |e| {
+        *e == Event::Connection(expected.clone())
+    });
+    assert_eq!(incoming(wrong.store()), 0, "bob's message not taken");
+    assert_eq!(outgoing(wrong.store(), Status::Outbox), 1, "nothing sent");
+    wrong.shutdown();
+    // Bob's own store gets his message: it was not ACKed by the wrong one.
+    let (bob, bob_events) = open(config(server.addr, &bob_token, dir.path().join("bob.db")));
+    wait_event(
+        &bob_events,
+        Duration::from_secs(20),
+        "bob's message",
+        |e| matches!(e, Event::Received(m) if m.payload == b"for bob"),
+    );
+    bob.shutdown();
+}
+
 /// EXPIRY 0 and id 0 never enter the outbox: `send` refuses EXPIRY 0, and
 /// live sends fail while offline and store nothing.
 #[test]
