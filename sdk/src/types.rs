@@ -139,13 +139,18 @@ impl Status {
     }
 
     /// The local status a protocol status code leads to, if any: OVERLOADED
-    /// (retry) and OFFLINE (real-time only) change nothing.
+    /// (retry) and OFFLINE (real-time only) change nothing, and neither does
+    /// a progress code (below 64) this SDK does not know (a newer server's,
+    /// or 0 for a STATUS without the field): taken as a failure, it ended
+    /// the message, and 0, 16 or 17 read back as OUTBOX, RECEIVED or
+    /// UPLOADING.
     pub(crate) fn from_wire(code: StatusCode) -> Option<Status> {
         match code {
             StatusCode::SENT => Some(Status::Sent),
             StatusCode::DELIVERED => Some(Status::Delivered),
             StatusCode::READ => Some(Status::Read),
             StatusCode::OVERLOADED | StatusCode::OFFLINE => None,
+            StatusCode(c) if c < 64 => None,
             c => Some(Status::Failed(c)),
         }
     }
@@ -377,6 +382,14 @@ mod tests {
     fn wire_statuses_map_forward_only() {
         assert_eq!(Status::from_wire(StatusCode::OVERLOADED), None);
         assert_eq!(Status::from_wire(StatusCode::OFFLINE), None);
+        // Unknown progress codes, and a STATUS without one (0).
+        for c in [0, 4, 16, 17, 63] {
+            assert_eq!(Status::from_wire(StatusCode(c)), None, "{c}");
+        }
+        assert_eq!(
+            Status::from_wire(StatusCode(72)),
+            Some(Status::Failed(StatusCode(72)))
+        );
         let order = [
             Status::Outbox,
             Status::Sent,

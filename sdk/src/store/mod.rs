@@ -377,7 +377,11 @@ impl Store {
     pub(crate) fn outbox_after(&self, cursor: i64, limit: usize) -> Result<Vec<Message>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {COLS} FROM messages WHERE dir = 0 AND status = 0 AND lid > ?1 \
+            // `status IN (0, 17)` matches the partial index `messages_outbox`
+            // (SQLite uses it only for the very terms it was made with):
+            // without it, a scan of the whole history after the cursor.
+            "SELECT {COLS} FROM messages WHERE dir = 0 AND status IN (0, 17) AND status = 0 \
+             AND lid > ?1 \
              ORDER BY lid LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![cursor, limit as i64], message_row)?;
