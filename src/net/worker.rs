@@ -18,7 +18,8 @@
 //! flushed, in more rounds only if its output buffer filled), so a turn's
 //! answers, deliveries and pongs to one peer usually share one `send`. The
 //! price is that an answer waits for the rest of its turn (at most
-//! [`NOTICE_BATCH`] notices and timers, and one read per ready socket);
+//! [`NOTICE_BATCH`] notices and timers, and [`READ_BUDGET`] reads per ready
+//! socket);
 //! a connection whose output buffer fills is settled at once instead.
 //!
 //! Every drain is bounded: notices ([`NOTICE_BATCH`] per turn), delivery
