@@ -185,8 +185,18 @@ fn uploader(shared: Arc<Shared>, ctl: Receiver<Ctl>, conn: Sender<Ctl>) {
                 Ok(_) => continue,
             }
         };
+        if !shared.verified.load(Ordering::Acquire) {
+            // No login has shown the token to be this store's user's yet:
+            // wait for one (the connection thread wakes this thread).
+            after = 0;
+            match ctl.recv() {
+                Ok(Ctl::Shutdown) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
         let lid = job.lid;
         let result = upload(&shared, &job);
+        let uploaded = result.is_ok();
         let outcome = match result {
             Ok(payload) => shared.store.finish_upload(lid, &payload),
             Err(UploadError::Permanent(status, why)) => {
@@ -215,7 +225,10 @@ fn uploader(shared: Arc<Shared>, ctl: Receiver<Ctl>, conn: Sender<Ctl>) {
             Ok(None) => {}
             Err(e) => tracing::warn!(lid, error = %e, "upload: store"),
         }
-        let _ = conn.send(Ctl::Ready(lid));
+        let _ = conn.send(match uploaded {
+            true => Ctl::Ready(lid),
+            false => Ctl::Wake,
+        });
     }
 }
 
@@ -373,6 +386,10 @@ pub(crate) fn download(shared: &Shared, m: &Message) -> Result<PathBuf> {
         return Err(Error::Invalid("malformed attachment payload".into()));
     }
     let base = shared.config.http.as_deref().ok_or(Error::NoHttp)?;
+    if !shared.verified.load(Ordering::Acquire) {
+        // The token may be another user's (`ConnectionState::WrongUser`).
+        return Err(Error::Offline);
+    }
     let dir = shared
         .config
         .cache_dir_or_default()

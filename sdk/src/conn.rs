@@ -88,6 +88,13 @@ pub(crate) struct Shared {
     pub state: Mutex<ConnectionState>,
     /// Set by shutdown; long operations (uploads) check it.
     pub stopping: AtomicBool,
+    /// A login showed that the token is this store's user's (or the store
+    /// had none yet, and took it). Until then no file goes to or comes
+    /// from the files API with the token: it may be another user's
+    /// ([`ConnectionState::WrongUser`]).
+    pub verified: AtomicBool,
+    /// Wakes the upload thread (when `verified` is set).
+    pub uploads: Sender<Ctl>,
 }
 
 impl Shared {
@@ -280,6 +287,14 @@ impl Driver {
             };
             match end {
                 End::Shutdown => break,
+                End::Final(state @ ConnectionState::WrongUser { .. }) => {
+                    // The token cannot change: `reconnect` would log in as
+                    // the other user again (and push that user's own
+                    // device out, again). Only shutdown ends this.
+                    self.shared.set_state(state);
+                    while !matches!(self.wait(None), Woken::Shutdown) {}
+                    break;
+                }
                 End::Final(state) => {
                     self.shared.set_state(state);
                     if let Woken::Shutdown = self.wait(None) {
@@ -354,10 +369,11 @@ impl Driver {
         let address = client.address.clone();
         match self.shared.store.address() {
             Ok(Some(stored)) if stored != address => {
+                // Final for this instance: its token is fixed.
                 return End::Final(ConnectionState::WrongUser {
                     stored,
                     token_for: address,
-                })
+                });
             }
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -366,6 +382,9 @@ impl Driver {
                 }
             }
             Err(e) => return End::Retry(format!("store: {e}")),
+        }
+        if !self.shared.verified.swap(true, Ordering::AcqRel) {
+            let _ = self.shared.uploads.send(Ctl::Wake);
         }
         *self.shared.writer() = Some(Writer::new(stream));
         let reader = self.spawn_reader(client, generation, keepalive * 2);
@@ -575,12 +594,20 @@ impl Driver {
             return Ok(());
         }
         let store = Arc::clone(&self.shared.store);
+        // Room for the rows written and not yet answered that a rewound
+        // cursor meets again (`Ctl::Ready`), skipped below.
+        let limit = room + s.inflight.len();
         let rows = store
-            .outbox_after(s.cursor, room)
+            .outbox_after(s.cursor, limit)
             .map_err(|e| End::Retry(format!("store: {e}")))?;
-        s.outbox_more = rows.len() == room;
+        s.outbox_more = rows.len() == limit;
         let max_payload = max_frame.saturating_sub(wire::MAX_ENVELOPE) as usize;
+        let mut sent = 0;
         for m in rows {
+            if sent == room {
+                s.outbox_more = true;
+                break;
+            }
             s.cursor = m.lid;
             if s.inflight.contains_key(&m.id) {
                 // Written and not yet answered (the cursor went back for an
@@ -600,6 +627,7 @@ impl Driver {
             }
             self.push(s, &Frame::Send(send_frame(&m)))?;
             s.inflight.insert(m.id, m.lid);
+            sent += 1;
         }
         Ok(())
     }

@@ -32,7 +32,9 @@ pub enum Error {
     /// The call needs the HTTP API, and the config names none.
     #[error("no HTTP URL configured (Config::http)")]
     NoHttp,
-    /// A real-time send needs a connection, and there is none.
+    /// A real-time send needs a connection, and there is none; or a
+    /// download before any login has shown the token to be the store's
+    /// user's.
     #[error("not connected")]
     Offline,
     /// The protocol connection failed.

@@ -39,9 +39,10 @@ pub enum ConnectionState {
     Replaced,
     /// The token logged in as another user than the one whose messages
     /// this store holds: nothing is exchanged (their SEQs would collide,
-    /// and that user's outbox would go out under this one's name). The
-    /// SDK does not retry until [`crate::Tern::reconnect`]; open another
-    /// database for the other user.
+    /// and that user's outbox would go out under this one's name), and no
+    /// file is uploaded or downloaded. Final for this instance (its token
+    /// cannot change; the login pushed the other user's own connection
+    /// out, with REPLACED, once): open another database for that user.
     WrongUser {
         /// The user this store belongs to.
         stored: String,

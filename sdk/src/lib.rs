@@ -126,6 +126,8 @@ impl Tern {
     pub fn open(config: Config) -> Result<(Tern, Events)> {
         let store = Arc::new(Store::open(&config.db)?);
         let (emitter, events) = event::Emitter::new(config.events_capacity);
+        let (conn_tx, conn_rx) = crossbeam_channel::unbounded();
+        let (up_tx, up_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             store,
             config,
@@ -133,9 +135,9 @@ impl Tern {
             writer: Mutex::new(None),
             state: Mutex::new(ConnectionState::Connecting),
             stopping: Default::default(),
+            verified: Default::default(),
+            uploads: up_tx.clone(),
         });
-        let (conn_tx, conn_rx) = crossbeam_channel::unbounded();
-        let (up_tx, up_rx) = crossbeam_channel::unbounded();
         let in_thread = |source| Error::File {
             path: PathBuf::from("<thread>"),
             source,
@@ -277,9 +279,9 @@ impl Tern {
         Ok(n)
     }
 
-    /// Connects now: after [`ConnectionState::AuthFailed`],
-    /// [`ConnectionState::Replaced`] or [`ConnectionState::WrongUser`]
-    /// (which are not retried on their own),
+    /// Connects now: after [`ConnectionState::AuthFailed`] or
+    /// [`ConnectionState::Replaced`] (which are not retried on their own;
+    /// [`ConnectionState::WrongUser`] is final for this instance),
     /// or to cut a reconnect delay short.
     pub fn reconnect(&self) {
         let _ = self.conn.send(Ctl::Reconnect);

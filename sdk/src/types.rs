@@ -140,9 +140,10 @@ impl Status {
 
     /// The local status a protocol status code leads to, if any: OVERLOADED
     /// (retry) and OFFLINE (real-time only) change nothing, and neither does
-    /// a progress code (below 64) this SDK does not know (a newer server's,
-    /// or 0 for a STATUS without the field): taken as a failure, it ended
-    /// the message, and 0, 16 or 17 read back as OUTBOX, RECEIVED or
+    /// a STATUS without a code (0). A progress code (below 64) this SDK does
+    /// not know, a newer server's, counts as SENT: the server has the
+    /// message (forward-only, it moves nothing back). Taken as failures,
+    /// they ended the message, and 16 or 17 read back as RECEIVED or
     /// UPLOADING.
     pub(crate) fn from_wire(code: StatusCode) -> Option<Status> {
         match code {
@@ -150,7 +151,8 @@ impl Status {
             StatusCode::DELIVERED => Some(Status::Delivered),
             StatusCode::READ => Some(Status::Read),
             StatusCode::OVERLOADED | StatusCode::OFFLINE => None,
-            StatusCode(c) if c < 64 => None,
+            StatusCode(0) => None,
+            StatusCode(c) if c < 64 => Some(Status::Sent),
             c => Some(Status::Failed(c)),
         }
     }
@@ -382,9 +384,10 @@ mod tests {
     fn wire_statuses_map_forward_only() {
         assert_eq!(Status::from_wire(StatusCode::OVERLOADED), None);
         assert_eq!(Status::from_wire(StatusCode::OFFLINE), None);
-        // Unknown progress codes, and a STATUS without one (0).
-        for c in [0, 4, 16, 17, 63] {
-            assert_eq!(Status::from_wire(StatusCode(c)), None, "{c}");
+        // A STATUS without a code; unknown progress codes.
+        assert_eq!(Status::from_wire(StatusCode(0)), None);
+        for c in [4, 16, 17, 63] {
+            assert_eq!(Status::from_wire(StatusCode(c)), Some(Status::Sent), "{c}");
         }
         assert_eq!(
             Status::from_wire(StatusCode(72)),

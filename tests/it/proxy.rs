@@ -114,6 +114,11 @@ impl Proxy {
         }
     }
 
+    /// Client → server bytes relayed so far, over all connections.
+    pub fn upstream_bytes(&self) -> u64 {
+        self.inner.upstream.load(Ordering::Acquire)
+    }
+
     /// Corrupts the byte at `offset` of each later connection's server →
     /// client stream (`None`: stop corrupting).
     pub fn corrupt_downstream_at(&self, offset: Option<u64>) {

@@ -667,12 +667,19 @@ fn auth_failed_and_replaced_are_reported_and_not_retried() {
 /// A store opened with another user's token exchanges nothing: SEQs are
 /// numbered per user, so the other user's messages whose SEQs the store
 /// already holds were dropped as duplicates, and ACKed, and this store's
-/// outbox went out under the other user's name.
+/// outbox went out under the other user's name. No file goes up or down
+/// with that token either, and the state is final: a reconnect would log
+/// in as the other user again.
 #[test]
 fn a_store_opened_with_another_users_token_exchanges_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir);
-    let (alice_token, bob_token) = (server.user("alice"), server.user("bob"));
+    let (alice_token, bob_token, carol_token) = (
+        server.user("alice"),
+        server.user("bob"),
+        server.user("carol"),
+    );
+    let http = format!("http://{}", server.http);
     let db = dir.path().join("alice.db");
     let (alice, alice_events) = open(config(server.addr, &alice_token, db.clone()));
     let to_bob = alice
@@ -684,11 +691,29 @@ fn a_store_opened_with_another_users_token_exchanges_nothing() {
         "SENT",
         |e| matches!(e, Event::Status { lid, status: Status::Sent, .. } if *lid == to_bob.lid),
     );
+    // A file from carol, in alice's store.
+    let (carol, _carol_events) =
+        open(config(server.addr, &carol_token, dir.path().join("carol.db")).http(&http));
+    let file = dir.path().join("for-alice.png");
+    noise_file(&file, 1 << 10);
+    carol.send_file(Peer::user("alice"), &file, None).unwrap();
+    let Event::Received(from_carol) = wait_event(
+        &alice_events,
+        Duration::from_secs(20),
+        "carol's file",
+        |e| matches!(e, Event::Received(_)),
+    ) else {
+        unreachable!()
+    };
+    carol.shutdown();
     alice.shutdown();
-    let (wrong, wrong_events) = open(config(server.addr, &bob_token, db.clone()));
+
+    let files = Proxy::start(server.http);
+    let (wrong, wrong_events) = open(config(server.addr, &bob_token, db.clone()).http(files.url()));
     wrong
         .send(Draft::text(Peer::user("carol"), "not as bob"))
         .unwrap();
+    wrong.send_file(Peer::user("carol"), &file, None).unwrap();
     let expected = ConnectionState::WrongUser {
         stored: "alice".into(),
         token_for: "bob".into(),
@@ -696,8 +721,17 @@ fn a_store_opened_with_another_users_token_exchanges_nothing() {
     wait_event(&wrong_events, Duration::from_secs(10), "WrongUser", |e| {
         *e == Event::Connection(expected.clone())
     });
-    assert_eq!(incoming(wrong.store()), 0, "bob's message not taken");
+    assert_eq!(incoming(wrong.store()), 1, "bob's message not taken");
     assert_eq!(outgoing(wrong.store(), Status::Outbox), 1, "nothing sent");
+    // No file goes up or down with bob's token.
+    assert!(matches!(wrong.download(&from_carol), Err(Error::Offline)));
+    assert_eq!(outgoing(wrong.store(), Status::Uploading), 1);
+    assert_eq!(files.upstream_bytes(), 0, "an upload as bob");
+    // Final: a reconnect does not log in as bob again (it would announce
+    // Connecting at once; two seconds of nothing).
+    wrong.reconnect();
+    let next = wrong_events.recv_deadline(Instant::now() + Duration::from_secs(2));
+    assert!(next.is_none(), "{next:?}");
     wrong.shutdown();
     // Bob's own store gets his message: it was not ACKed by the wrong one.
     let (bob, bob_events) = open(config(server.addr, &bob_token, dir.path().join("bob.db")));
