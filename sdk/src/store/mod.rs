@@ -405,14 +405,16 @@ impl Store {
     /// that may be ACKed now.
     pub(crate) fn apply(&self, batch: Vec<WireEvent>, ephemeral: &[u32]) -> Result<Applied> {
         let mut out = Applied::default();
-        let mut live = Vec::new();
         self.write(|tx| {
             for event in batch {
                 match event {
                     WireEvent::Msg(m) => {
                         out.acks.push(m.seq);
                         if ephemeral.contains(&m.msg_type) {
-                            live.push(m);
+                            // In the frames' order (emitted, like the rest,
+                            // once the batch is committed).
+                            let live = incoming_message(0, m, Status::Received);
+                            out.events.push(Event::Live(live));
                         } else if let Some(e) = insert_incoming(tx, m)? {
                             out.events.push(e);
                         }
@@ -443,10 +445,6 @@ impl Store {
             }
             Ok(())
         })?;
-        for m in live {
-            out.events
-                .push(Event::Live(incoming_message(0, m, Status::Received)));
-        }
         Ok(out)
     }
 

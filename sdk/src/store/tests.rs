@@ -76,6 +76,28 @@ fn ephemeral_types_are_acked_not_stored() {
     assert_eq!(s.count(Direction::Incoming, None).unwrap(), 0);
 }
 
+/// Events come in the order of the frames of a batch, live ones among the
+/// stored ones. (Live ones came last: an app, or a test, waiting for a
+/// typing indicator and then for the message after it, dropped the
+/// message's event on the way.)
+#[test]
+fn a_batchs_events_keep_the_frames_order() {
+    let (_d, s) = open();
+    let W::Msg(mut typing) = msg(1, "bob", None, 0, "typing") else {
+        unreachable!()
+    };
+    typing.msg_type = 99;
+    let a = s
+        .apply(vec![W::Msg(typing), msg(2, "bob", None, 5, "hi")], &[99])
+        .unwrap();
+    assert!(
+        matches!(&a.events[..], [Event::Live(t), Event::Received(m)]
+            if t.payload == b"typing" && m.payload == b"hi"),
+        "{:?}",
+        a.events
+    );
+}
+
 #[test]
 fn statuses_only_move_forward() {
     let (_d, s) = open();
