@@ -150,6 +150,61 @@ impl TestServer {
             .expect("the server is not running")
     }
 
+    /// What the server is doing, for a test whose request it did not
+    /// answer: each thread's name, state and kernel stack (where `/proc`
+    /// shows it), and the last lines of its log.
+    pub fn dump(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return "the server is not running".into();
+        };
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+        for task in tasks.into_iter().flatten().flatten() {
+            let path = task.path();
+            let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap_or_default();
+            let state = read("stat");
+            let state = state
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            let _ = writeln!(
+                out,
+                "thread {} {} {}",
+                read("comm").trim(),
+                state.unwrap_or("?"),
+                read("stack")
+                    .lines()
+                    .take(6)
+                    .collect::<Vec<_>>()
+                    .join(" < ")
+            );
+        }
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let _ = writeln!(out, "server.log, last lines:");
+        for line in tail.into_iter().rev() {
+            let _ = writeln!(out, "  {line}");
+        }
+        out
+    }
+
+    /// `/metrics`, or a panic with [`TestServer::dump`] if the server does
+    /// not answer within 20 s.
+    #[track_caller]
+    pub fn metrics(&self) -> Metrics {
+        let r = request("GET", "/metrics")
+            .timeout(Duration::from_secs(20))
+            .try_send(self.http);
+        match r {
+            Ok(r) if r.status == 200 => Metrics::parse(&r.text()),
+            Ok(r) => panic!("GET /metrics: {} {}", r.status, r.text()),
+            Err(e) => panic!("GET /metrics: {e}\n{}", self.dump()),
+        }
+    }
+
     /// SIGKILL, and wait until the process is gone. Does nothing if it is
     /// not running.
     pub fn sigkill(&mut self) {
@@ -837,11 +892,17 @@ pub struct Metrics(prometheus_parse::Scrape);
 pub fn scrape(addr: SocketAddr) -> Metrics {
     let (code, body) = http(addr, "GET", "/metrics", None, "");
     assert_eq!(code, 200, "{body}");
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    Metrics(prometheus_parse::Scrape::parse(lines).expect("Prometheus text"))
+    Metrics::parse(&body)
 }
 
 impl Metrics {
+    /// Parses the Prometheus text format.
+    #[track_caller]
+    pub fn parse(body: &str) -> Metrics {
+        let lines = body.lines().map(|l| Ok(l.to_owned()));
+        Metrics(prometheus_parse::Scrape::parse(lines).expect("Prometheus text"))
+    }
+
     /// The value of a counter, gauge or untyped sample called `name`.
     #[track_caller]
     pub fn value(&self, name: &str) -> f64 {
