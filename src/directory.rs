@@ -165,8 +165,7 @@ impl Reach {
     /// for that call, and counts on from the new time.
     pub fn take(&mut self, n: u64, now: u64) -> bool {
         const PER_MS: i64 = REALTIME_REACH_PER_SEC / 1000;
-        // Capped so that the product cannot overflow: a debt is at most
-        // one send's reach, which `max_group_size` bounds.
+        // Capped so that the cast cannot wrap (the arithmetic saturates).
         let elapsed = now.saturating_sub(self.at).min(1 << 40) as i64;
         self.at = now;
         self.tokens = self

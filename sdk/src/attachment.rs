@@ -170,30 +170,24 @@ fn uploader(shared: Arc<Shared>, ctl: Receiver<Ctl>, conn: Sender<Ctl>) {
         if shared.stopping.load(Ordering::Acquire) {
             return;
         }
-        let job = match shared.store.next_upload(after) {
-            Ok(job) => job,
-            Err(e) => {
+        // Nothing goes up until a login has shown the token to be this
+        // store's user's (the connection thread then wakes this thread).
+        let job = match shared.verified.load(Ordering::Acquire) {
+            false => None,
+            true => shared.store.next_upload(after).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "upload: store");
                 None
-            }
+            }),
         };
         let Some(job) = job else {
-            // Nothing (more) to do: wait for send_file.
+            // Nothing (more) to do, or not yet: wait for send_file or the
+            // login.
             after = 0;
             match ctl.recv() {
                 Ok(Ctl::Shutdown) | Err(_) => return,
                 Ok(_) => continue,
             }
         };
-        if !shared.verified.load(Ordering::Acquire) {
-            // No login has shown the token to be this store's user's yet:
-            // wait for one (the connection thread wakes this thread).
-            after = 0;
-            match ctl.recv() {
-                Ok(Ctl::Shutdown) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
         let lid = job.lid;
         let result = upload(&shared, &job);
         let uploaded = result.is_ok();

@@ -19,14 +19,15 @@
 //! answers, deliveries and pongs to one peer usually share one `send`. The
 //! price is that an answer waits for the rest of its turn (at most
 //! [`NOTICE_BATCH`] notices and timers, and [`READ_BUDGET`] reads per ready
-//! socket);
-//! a connection whose output buffer fills is settled at once instead.
+//! socket); a connection whose output buffer fills is settled at once
+//! instead.
 //!
 //! Every drain is bounded: notices ([`NOTICE_BATCH`] per turn), delivery
 //! rounds per connection ([`ROUNDS`]), reads per event ([`READ_BUDGET`]);
-//! work left over is picked up on the next turn without blocking. Timeouts come from a heap fed by each
-//! connection's deadline (the session's `poll_timeout`, or its closing
-//! deadline), so the loop never walks every connection.
+//! work left over is picked up on the next turn without blocking.
+//! Timeouts come from a heap fed by each connection's deadline (the
+//! session's `poll_timeout`, or its closing deadline), so the loop never
+//! walks every connection.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};

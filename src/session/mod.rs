@@ -221,6 +221,16 @@ struct Active {
     owed_seqs: HashSet<u64>,
 }
 
+impl Active {
+    /// When the user's kept ACKs are offered again, ms: after this
+    /// connection's retry time (a full commit queue) and the user's (a
+    /// failed write, `User::ack_failed`). One rule for the timer and for
+    /// the timeout, so that neither fires before the other would act.
+    fn unsent_acks_at(&self) -> u64 {
+        self.retry_at.max(self.user.ack_retry_at())
+    }
+}
+
 impl Session {
     /// A fresh connection at time `now`.
     pub fn new(now: u64, config: &Config, peer: Option<IpAddr>) -> Session {
@@ -257,7 +267,7 @@ impl Session {
                 let idle = self.last_read + u64::from(self.keepalive) * 1500;
                 match a.user.has_unsent_acks() {
                     false => idle,
-                    true => idle.min(a.retry_at.max(a.user.ack_retry_at())),
+                    true => idle.min(a.unsent_acks_at()),
                 }
             }
         }
@@ -451,9 +461,7 @@ impl Session {
                 )
             }
             Some(active) => {
-                if active.user.has_unsent_acks()
-                    && ctx.now >= active.retry_at.max(active.user.ack_retry_at())
-                {
+                if active.user.has_unsent_acks() && ctx.now >= active.unsent_acks_at() {
                     receipts::ack(ctx, active, std::iter::empty());
                     self.pump(ctx);
                 }
