@@ -518,7 +518,9 @@ fn large_uploads_buffering_at_once_are_bounded() {
     // Every stalled upload holds its place once the server has read more
     // than 1 MiB of it: the 33rd waits (up to 10 s), then is refused.
     // `metrics` shows what the server is doing if it does not answer (once
-    // in CI, a GET /metrics here went unanswered for 60 s; not reproduced).
+    // in CI, a GET /metrics here went unanswered for 60 s: tiny_http's pool
+    // had queued its connection behind the stalled uploads; see
+    // vendor/README.md, *A thread for every connection of a burst*).
     wait_for(Duration::from_secs(30), "32 places taken", || {
         (setup.metrics().value("tern_files_large_uploads") == PLACES as f64).then_some(())
     });

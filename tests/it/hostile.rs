@@ -4,7 +4,7 @@
 //! (Path tricks on the file routes, the ones that touch the disk, are in
 //! files.rs.)
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -227,6 +227,41 @@ fn held_open_bodies_do_not_stall_the_api() {
         started.elapsed()
     );
     drop(held);
+}
+
+/// Regression: tiny_http's connection threads were a pool that queued a
+/// new connection whenever a thread had been woken for an earlier one and
+/// not yet taken it, so connections arriving in a burst could sit behind
+/// connections that hold their threads: here, kept-alive connections that
+/// send no next request (10 s each); in a CI run, stalled uploads (a
+/// minute). Before, one of the 40 requests went unanswered for 10 s in 3
+/// rounds out of 10, so the test runs 8; now each connection has a thread at
+/// once.
+#[test]
+fn a_burst_of_connections_is_not_queued_behind_held_ones() {
+    // A fresh server each round: the race was with its first four threads.
+    for round in 0..8 {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start(&dir);
+        // Connected all at once, so that the listener takes them in a
+        // burst; each one, once answered, stays open and holds its thread.
+        let mut conns: Vec<TcpStream> = (0..40)
+            .map(|_| TcpStream::connect(server.http).expect("connect"))
+            .collect();
+        for s in &mut conns {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+        }
+        for (i, s) in conns.iter().enumerate() {
+            // Well inside the 10 s an idle connection may keep its thread.
+            s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+            let mut head = [0u8; 12];
+            match (&*s).read_exact(&mut head) {
+                Ok(()) => assert_eq!(&head, b"HTTP/1.1 200", "round {round}, connection {i}"),
+                Err(e) => panic!("round {round}: connection {i} of 40 unanswered: {e}"),
+            }
+        }
+    }
 }
 
 /// Regression: an invalid or conflicting Content-Length was ignored and the

@@ -69,7 +69,13 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // tern patch (see vendor/README.md): a waiting thread takes one
+        // task; those already queued are spoken for. A woken thread counts
+        // as waiting until it takes its task, so the released `== 0` test
+        // queued a burst of connections behind the threads woken for the
+        // first, each of which may hold its thread for as long as its
+        // connection lives.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
@@ -80,7 +86,10 @@ impl TaskPool {
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        // tern patch (see vendor/README.md): a thread that cannot start
+        // drops its task (a connection: closed) instead of panicking the
+        // accept thread, which must outlive it.
+        let spawned = thread::Builder::new().spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -124,6 +133,9 @@ impl TaskPool {
                 task();
             }
         });
+        if let Err(e) = spawned {
+            log::error!("tiny-http: cannot start a connection thread: {e}");
+        }
     }
 }
 
