@@ -49,6 +49,8 @@ const WRITE_SLICE: Duration = Duration::from_millis(10);
 const OUT_HIGH_WATER: usize = 1 << 20;
 /// Owed READ receipts written per round.
 const READS_PER_ROUND: usize = 256;
+/// A logged-in connection that lasts this long resets the reconnect delays.
+const HELD_SESSION: Duration = Duration::from_secs(10);
 
 /// A command to the connection thread.
 #[derive(Debug)]
@@ -243,7 +245,7 @@ struct Driver {
     frames_rx: Receiver<(u64, Input)>,
     /// The current connection's generation.
     generation: u64,
-    /// Reconnect delays; reset by a successful login.
+    /// Reconnect delays; reset by a connection that held ([`HELD_SESSION`]).
     backoff: Backoff,
 }
 
@@ -280,8 +282,17 @@ impl Driver {
             self.shared.set_state(ConnectionState::Connecting);
             let end = match self.connect() {
                 Ok(client) => {
-                    self.backoff.reset();
-                    self.session(client)
+                    let started = Instant::now();
+                    let end = self.session(client);
+                    // A login counts as a success only if the connection
+                    // then holds: one that ends at once (a local store that
+                    // fails every batch, a server or middlebox that cuts
+                    // every connection after login) keeps backing off
+                    // instead of reconnecting every `reconnect_min`.
+                    if started.elapsed() >= HELD_SESSION {
+                        self.backoff.reset();
+                    }
+                    end
                 }
                 Err(e) => End::from_client(&e),
             };

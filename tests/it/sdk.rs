@@ -664,6 +664,73 @@ fn auth_failed_and_replaced_are_reported_and_not_retried() {
     second.shutdown();
 }
 
+/// A connection that fails right after its login backs off like a failed
+/// attempt. Before, every login reset the delays, so a session that ended
+/// at once (here, a frame garbled after WELCOME, every time; in an app, a
+/// local store that fails each batch) reconnected every `reconnect_min`
+/// for as long as it lasted.
+#[test]
+fn a_connection_that_fails_after_login_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (alice, bob) = (server.user("alice"), server.user("bob"));
+    // Something for alice, so that a frame follows her WELCOME.
+    let mut sender = server.connect(&bob);
+    let mut m = tern::client::Outgoing::to("alice", b"waiting");
+    m.id = 1;
+    m.expiry = Some(3600);
+    assert_eq!(sender.send_wait(&m).unwrap(), tern::wire::StatusCode::SENT);
+    // WELCOME's length, from a login of her own (same keepalive as the
+    // SDK's, and nothing ACKed).
+    let welcome_len = {
+        let mut hello = Vec::new();
+        tern::wire::encode(
+            &tern::wire::Frame::Hello(tern::wire::Hello {
+                version: Some(1),
+                token: Some(&alice),
+                keepalive: Some(5),
+                ..Default::default()
+            }),
+            &mut hello,
+        )
+        .unwrap();
+        let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&hello).unwrap();
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], tern::wire::Kind::WELCOME.0);
+        5 + u64::from(u32::from_be_bytes(head[1..].try_into().unwrap()))
+    };
+    // Every connection's frame after WELCOME gets a bad kind.
+    let proxy = Proxy::start(server.addr);
+    proxy.corrupt_downstream_at(Some(welcome_len));
+    let (sdk, events) = open(config(proxy.addr, &alice, dir.path().join("a.db")));
+    // Delays with reconnect(50 ms, 500 ms): attempt n waits at least
+    // min(50·2ⁿ, 500)/2 ms, so the sixth at least 250 ms; each reset, at
+    // most 50 ms.
+    let mut delays = Vec::new();
+    let mut logged_in = false;
+    while delays.len() < 6 {
+        match wait_event(&events, Duration::from_secs(20), "a state", |e| {
+            matches!(e, Event::Connection(_))
+        }) {
+            Event::Connection(ConnectionState::Online { .. }) => logged_in = true,
+            Event::Connection(ConnectionState::Offline { retry_in, reason }) => {
+                assert!(logged_in, "offline before a login: {reason}");
+                logged_in = false;
+                delays.push(retry_in);
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        delays[5] >= Duration::from_millis(200),
+        "delays after logins that failed at once: {delays:?}"
+    );
+    sdk.shutdown();
+}
+
 /// A store opened with another user's token exchanges nothing: SEQs are
 /// numbered per user, so the other user's messages whose SEQs the store
 /// already holds were dropped as duplicates, and ACKed, and this store's
