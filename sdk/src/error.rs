@@ -18,6 +18,10 @@ pub enum Error {
         /// The newest version this SDK can migrate to.
         known: i64,
     },
+    /// The store is open in another [`crate::Tern`] instance (of this
+    /// process or another): one instance per store file.
+    #[error("{}: the store is open in another instance", .0.display())]
+    InUse(PathBuf),
     /// A local file operation failed.
     #[error("{path}: {source}")]
     File {

@@ -105,8 +105,9 @@ pub use types::{
 use conn::{Ctl, Shared};
 
 /// The SDK: a local store plus a connection that keeps it in step with the
-/// server. Open one per user and store file; share it by reference (all
-/// methods take `&self`).
+/// server. Open one per user and store file (a second [`Tern::open`] of a
+/// file already open fails with [`Error::InUse`]); share it by reference
+/// (all methods take `&self`).
 pub struct Tern {
     /// State shared with the SDK's threads.
     shared: Arc<Shared>,
@@ -116,6 +117,9 @@ pub struct Tern {
     uploads: Sender<Ctl>,
     /// The SDK's threads, joined by [`Tern::shutdown`] (or drop).
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// `<db>.lock`, locked while this instance lives (after its threads
+    /// end: fields drop after [`Drop::drop`]).
+    _lock: std::fs::File,
 }
 
 impl Tern {
@@ -124,6 +128,7 @@ impl Tern {
     /// its event stream. Returns at once: connecting happens in the
     /// background, and everything works offline.
     pub fn open(config: Config) -> Result<(Tern, Events)> {
+        let lock = lock_store(&config.db)?;
         let store = Arc::new(Store::open(&config.db)?);
         let (emitter, events) = event::Emitter::new(config.events_capacity);
         let (conn_tx, conn_rx) = crossbeam_channel::unbounded();
@@ -150,6 +155,7 @@ impl Tern {
             conn: conn_tx,
             uploads: up_tx,
             threads: Mutex::new(vec![conn, up]),
+            _lock: lock,
         };
         Ok((tern, events))
     }
@@ -308,6 +314,34 @@ impl Tern {
 impl Drop for Tern {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Locks `<db>.lock` for one instance. A second instance on the same store
+/// would run a second connection as the same user (each pushing the other
+/// out with REPLACED), send the same outbox, and race the first login's
+/// claim of the store for its user.
+fn lock_store(db: &Path) -> Result<std::fs::File> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::File {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse(db.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!(path = %path.display(), "file locks unsupported: the store is not locked");
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(Error::File { path, source }),
     }
 }
 

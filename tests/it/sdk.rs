@@ -731,6 +731,32 @@ fn a_connection_that_fails_after_login_backs_off() {
     sdk.shutdown();
 }
 
+/// One instance per store file: a second open fails with InUse while the
+/// first lives, whatever its token (it would have run a second connection
+/// on the same outbox, or raced the first login's claim of the store), and
+/// succeeds once the first has shut down.
+#[test]
+fn a_store_is_open_in_one_instance_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir);
+    let (alice, bob) = (server.user("alice"), server.user("bob"));
+    let db = dir.path().join("a.db");
+    let (first, _events) = open(config(server.addr, &alice, db.clone()));
+    for token in [&alice, &bob] {
+        match Tern::open(config(server.addr, token, db.clone())) {
+            Err(Error::InUse(path)) => assert_eq!(path, db),
+            Err(e) => panic!("expected InUse, got {e}"),
+            Ok(_) => panic!("a second instance opened {}", db.display()),
+        }
+    }
+    first.shutdown();
+    let (again, events) = open(config(server.addr, &alice, db));
+    wait_event(&events, Duration::from_secs(10), "Online", |e| {
+        matches!(e, Event::Connection(ConnectionState::Online { .. }))
+    });
+    again.shutdown();
+}
+
 /// A store opened with another user's token exchanges nothing: SEQs are
 /// numbered per user, so the other user's messages whose SEQs the store
 /// already holds were dropped as duplicates, and ACKed, and this store's
