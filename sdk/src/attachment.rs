@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
@@ -164,6 +165,13 @@ pub(crate) fn spawn_uploader(
 }
 
 fn uploader(shared: Arc<Shared>, ctl: Receiver<Ctl>, conn: Sender<Ctl>) {
+    // Parts of downloads that a crash or a kill cut off.
+    let cache = shared.config.cache_dir_or_default();
+    if let Ok(dirs) = fs::read_dir(&cache) {
+        for d in dirs.flatten() {
+            remove_stale_parts(&d.path(), stale_part_age(&shared.config));
+        }
+    }
     let mut backoff = Backoff::new(shared.config.reconnect_min, shared.config.reconnect_max);
     let mut after = 0;
     loop {
@@ -401,6 +409,7 @@ pub(crate) fn download(shared: &Shared, m: &Message) -> Result<PathBuf> {
         fs::remove_file(&target).map_err(in_file(&target))?;
     }
     fs::create_dir_all(&dir).map_err(in_file(&dir))?;
+    remove_stale_parts(&dir, stale_part_age(&shared.config));
     let part = dir.join(format!(".part-{:016x}", rand::random::<u64>()));
     let answer = agent(&shared.config)
         .get(&format!("{base}/v1/files/{}", a.id))
@@ -427,6 +436,35 @@ pub(crate) fn download(shared: &Shared, m: &Message) -> Result<PathBuf> {
         let _ = fs::remove_file(&part);
     }
     result.map(|()| target)
+}
+
+/// How long a download's part may go unwritten before it counts as left
+/// behind: a live download writes at least every `http_timeout`, or fails
+/// and removes its part.
+fn stale_part_age(config: &crate::Config) -> Duration {
+    config.http_timeout.saturating_mul(2)
+}
+
+/// Removes the `.part-` files in `dir` not written for `age`: downloads a
+/// crash cut off (one that fails removes its own). Cache directories may
+/// be shared by instances, so a part still being written stays.
+fn remove_stale_parts(dir: &Path, age: Duration) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().as_encoded_bytes().starts_with(b".part-") {
+            continue;
+        }
+        let idle = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if idle.is_some_and(|idle| idle >= age) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Bytes of the upload's JSON answer read at most.
@@ -464,6 +502,30 @@ fn hash_stream(mut from: impl Read, mut to: impl Write) -> io::Result<(String, u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_left_behind_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(".part-00000000000000aa");
+        let live = dir.path().join(".part-00000000000000bb");
+        let file = dir.path().join("photo.jpg");
+        for p in [&old, &live, &file] {
+            fs::write(p, b"x").unwrap();
+        }
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for p in [&old, &file] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        remove_stale_parts(dir.path(), Duration::from_secs(120));
+        assert!(!old.exists(), "a part an hour old is left behind");
+        assert!(live.exists(), "a part being written was removed");
+        assert!(file.exists(), "a downloaded file was removed");
+    }
 
     #[test]
     fn payload_round_trip_and_foreign_json_is_not_an_attachment() {
