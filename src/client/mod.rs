@@ -307,6 +307,13 @@ impl Default for Options {
     }
 }
 
+/// The largest frame body a server can send: a PAYLOAD's length is a
+/// varint (at most [`wire::codec::VARINT_MAX`]), and every other field of a MSG
+/// fits in [`wire::MAX_ENVELOPE`]. A header announcing more is a framing
+/// error at once: nothing of it is buffered (the header's 4-byte length
+/// could otherwise make the client buffer up to 4 GiB).
+pub const MAX_INCOMING: u32 = wire::codec::VARINT_MAX + wire::MAX_ENVELOPE;
+
 /// A connected, authenticated client.
 pub struct Client {
     stream: Stream,
@@ -318,8 +325,9 @@ pub struct Client {
     /// End of the bytes the last `read` put in `rbuf`.
     rend: usize,
     /// Cuts the stream into frames, and holds a frame that is split across reads.
-    /// It sets no size limit (`u32::MAX`): WELCOME's MAX_FRAME bounds what the
-    /// server accepts, not what it sends.
+    /// Its limit is the largest frame the protocol can carry ([`MAX_INCOMING`]),
+    /// not WELCOME's MAX_FRAME, which bounds what the server accepts, not what
+    /// it sends (a message stored before `max_frame` was lowered).
     deframer: Deframer,
     /// Events read while waiting for something else.
     queued: VecDeque<Event>,
@@ -383,7 +391,7 @@ impl Client {
             rbuf: vec![0; READ_CHUNK].into_boxed_slice(),
             rpos: 0,
             rend: 0,
-            deframer: Deframer::new(u32::MAX),
+            deframer: Deframer::new(MAX_INCOMING),
             queued: VecDeque::new(),
             seen,
             address: String::new(),
@@ -789,6 +797,30 @@ mod tests {
                 Err(ClientError::Framing(DeframeError::UnknownKind(0x42)))
             ));
         }
+        drop(c);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_protocol_allows_is_refused_unbuffered() {
+        let mut huge = vec![wire::Kind::MSG.0];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend_from_slice(&[0u8; 64 * 1024]);
+        let (addr, server) = fake_server(vec![[welcome(), huge].concat()]);
+        let mut c = Client::connect(addr, "token").unwrap();
+        // Not a wait for a body that never ends.
+        let got = c.recv_timeout(Duration::from_secs(5));
+        assert!(
+            matches!(
+                got,
+                Err(ClientError::Framing(DeframeError::TooLarge {
+                    len: u32::MAX,
+                    ..
+                }))
+            ),
+            "{got:?}"
+        );
+        assert_eq!(c.deframer.buffered(), 0);
         drop(c);
         server.join().unwrap();
     }
