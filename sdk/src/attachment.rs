@@ -439,10 +439,14 @@ pub(crate) fn download(shared: &Shared, m: &Message) -> Result<PathBuf> {
 }
 
 /// How long a download's part may go unwritten before it counts as left
-/// behind: a live download writes at least every `http_timeout`, or fails
-/// and removes its part.
+/// behind: an hour, or twice `http_timeout` if longer (a live download
+/// writes at least about every `http_timeout`, or fails and removes its
+/// part).
 fn stale_part_age(config: &crate::Config) -> Duration {
-    config.http_timeout.saturating_mul(2)
+    config
+        .http_timeout
+        .saturating_mul(2)
+        .max(Duration::from_secs(3600))
 }
 
 /// Removes the `.part-` files in `dir` not written for `age`: downloads a
@@ -456,8 +460,9 @@ fn remove_stale_parts(dir: &Path, age: Duration) {
         if !e.file_name().as_encoded_bytes().starts_with(b".part-") {
             continue;
         }
-        let idle = e
-            .metadata()
+        // The file's own times (a directory listing's may lag on Windows);
+        // a link is judged, and removed, as a link.
+        let idle = fs::symlink_metadata(e.path())
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok());
@@ -521,7 +526,7 @@ mod tests {
                 .set_modified(long_ago)
                 .unwrap();
         }
-        remove_stale_parts(dir.path(), Duration::from_secs(120));
+        remove_stale_parts(dir.path(), Duration::from_secs(600));
         assert!(!old.exists(), "a part an hour old is left behind");
         assert!(live.exists(), "a part being written was removed");
         assert!(file.exists(), "a downloaded file was removed");

@@ -49,8 +49,9 @@ const WRITE_SLICE: Duration = Duration::from_millis(10);
 const OUT_HIGH_WATER: usize = 1 << 20;
 /// Owed READ receipts written per round.
 const READS_PER_ROUND: usize = 256;
-/// A logged-in connection that lasts this long resets the reconnect delays.
-const HELD_SESSION: Duration = Duration::from_secs(10);
+/// A logged-in connection that ends sooner than this counts as failed at
+/// once, for the reconnect delays.
+const HELD_SESSION: Duration = Duration::from_secs(2);
 
 /// A command to the connection thread.
 #[derive(Debug)]
@@ -226,6 +227,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, ctl: Receiver<Ctl>) -> io::Result<JoinH
         frames_rx,
         generation: 0,
         backoff,
+        after_short: false,
     };
     thread::Builder::new()
         .name("tern-sdk-conn".into())
@@ -245,8 +247,11 @@ struct Driver {
     frames_rx: Receiver<(u64, Input)>,
     /// The current connection's generation.
     generation: u64,
-    /// Reconnect delays; reset by a connection that held ([`HELD_SESSION`]).
+    /// Reconnect delays; reset by a login, unless the last connection
+    /// failed at once ([`HELD_SESSION`]), and by a connection that held.
     backoff: Backoff,
+    /// Whether the last logged-in connection ended within [`HELD_SESSION`].
+    after_short: bool,
 }
 
 /// Per-connection sending state.
@@ -282,14 +287,20 @@ impl Driver {
             self.shared.set_state(ConnectionState::Connecting);
             let end = match self.connect() {
                 Ok(client) => {
+                    // A login resets the delays, unless the connection
+                    // before it ended at once: connections that all fail
+                    // right after their login (a local store that fails
+                    // every batch, a server or middlebox that cuts each one)
+                    // back off like failed attempts instead of coming back
+                    // every `reconnect_min`. One that fails at once after an
+                    // outage still comes back quickly.
+                    if !self.after_short {
+                        self.backoff.reset();
+                    }
                     let started = Instant::now();
                     let end = self.session(client);
-                    // A login counts as a success only if the connection
-                    // then holds: one that ends at once (a local store that
-                    // fails every batch, a server or middlebox that cuts
-                    // every connection after login) keeps backing off
-                    // instead of reconnecting every `reconnect_min`.
-                    if started.elapsed() >= HELD_SESSION {
+                    self.after_short = started.elapsed() < HELD_SESSION;
+                    if !self.after_short {
                         self.backoff.reset();
                     }
                     end

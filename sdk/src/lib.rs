@@ -128,8 +128,9 @@ impl Tern {
     /// its event stream. Returns at once: connecting happens in the
     /// background, and everything works offline.
     pub fn open(config: Config) -> Result<(Tern, Events)> {
-        let lock = lock_store(&config.db)?;
+        // Opened first: a path SQLite refuses leaves no lock file behind.
         let store = Arc::new(Store::open(&config.db)?);
+        let lock = lock_store(&config.db)?;
         let (emitter, events) = event::Emitter::new(config.events_capacity);
         let (conn_tx, conn_rx) = crossbeam_channel::unbounded();
         let (up_tx, up_rx) = crossbeam_channel::unbounded();
@@ -148,8 +149,16 @@ impl Tern {
             source,
         };
         let conn = conn::spawn(Arc::clone(&shared), conn_rx).map_err(in_thread)?;
-        let up = attachment::spawn_uploader(Arc::clone(&shared), up_rx, conn_tx.clone())
-            .map_err(in_thread)?;
+        let up = match attachment::spawn_uploader(Arc::clone(&shared), up_rx, conn_tx.clone()) {
+            Ok(up) => up,
+            Err(e) => {
+                // The connection thread ends before the lock is let go.
+                shared.stopping.store(true, Ordering::Release);
+                let _ = conn_tx.send(Ctl::Shutdown);
+                let _ = conn.join();
+                return Err(in_thread(e));
+            }
+        };
         let tern = Tern {
             shared,
             conn: conn_tx,
@@ -320,7 +329,9 @@ impl Drop for Tern {
 /// Locks `<db>.lock` for one instance. A second instance on the same store
 /// would run a second connection as the same user (each pushing the other
 /// out with REPLACED), send the same outbox, and race the first login's
-/// claim of the store for its user.
+/// claim of the store for its user. The name is the path as given: two
+/// paths to one file (a link) get two locks. Where the file system has no
+/// locks, the instance runs unlocked (a warning).
 fn lock_store(db: &Path) -> Result<std::fs::File> {
     let mut name = db.as_os_str().to_owned();
     name.push(".lock");
@@ -337,11 +348,12 @@ fn lock_store(db: &Path) -> Result<std::fs::File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse(db.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
-            tracing::warn!(path = %path.display(), "file locks unsupported: the store is not locked");
+        Err(std::fs::TryLockError::Error(e)) => {
+            // A file system without locks (ENOLCK on NFS without a lock
+            // daemon, or none at all): run unlocked, as before locks.
+            tracing::warn!(path = %path.display(), error = %e, "cannot lock the store: running without the lock");
             Ok(file)
         }
-        Err(std::fs::TryLockError::Error(source)) => Err(Error::File { path, source }),
     }
 }
 
