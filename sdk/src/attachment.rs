@@ -166,10 +166,10 @@ pub(crate) fn spawn_uploader(
 
 fn uploader(shared: Arc<Shared>, ctl: Receiver<Ctl>, conn: Sender<Ctl>) {
     // Parts of downloads that a crash or a kill cut off.
-    let cache = shared.config.cache_dir_or_default();
-    if let Ok(dirs) = fs::read_dir(&cache) {
+    if let Ok(dirs) = fs::read_dir(shared.config.cache_dir_or_default()) {
+        let age = stale_part_age(&shared.config);
         for d in dirs.flatten() {
-            remove_stale_parts(&d.path(), stale_part_age(&shared.config));
+            remove_stale_parts(&d.path(), age);
         }
     }
     let mut backoff = Backoff::new(shared.config.reconnect_min, shared.config.reconnect_max);

@@ -149,23 +149,21 @@ impl Tern {
             source,
         };
         let conn = conn::spawn(Arc::clone(&shared), conn_rx).map_err(in_thread)?;
-        let up = match attachment::spawn_uploader(Arc::clone(&shared), up_rx, conn_tx.clone()) {
-            Ok(up) => up,
-            Err(e) => {
-                // The connection thread ends before the lock is let go.
-                shared.stopping.store(true, Ordering::Release);
-                let _ = conn_tx.send(Ctl::Shutdown);
-                let _ = conn.join();
-                return Err(in_thread(e));
-            }
-        };
         let tern = Tern {
             shared,
             conn: conn_tx,
             uploads: up_tx,
-            threads: Mutex::new(vec![conn, up]),
+            threads: Mutex::new(vec![conn]),
             _lock: lock,
         };
+        // If it cannot start, `tern` drops: `stop` joins the connection
+        // thread before the lock is let go.
+        let up = attachment::spawn_uploader(Arc::clone(&tern.shared), up_rx, tern.conn.clone())
+            .map_err(in_thread)?;
+        tern.threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(up);
         Ok((tern, events))
     }
 

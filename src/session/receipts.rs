@@ -18,8 +18,9 @@ use crate::wire::{flags, is_valid_address, StatusCode};
 pub(super) fn ack(ctx: &mut Ctx<'_>, a: &mut Active, seqs: impl Iterator<Item = u64>) {
     let mut stored = a.user.take_unsent_acks();
     // ACKs kept after a failed write wait for their time (`User::ack_failed`
-    // sets it before it keeps them; read after taking them, under the same
-    // lock, so an ACK kept just now is not taken with an old time).
+    // sets it before it keeps them, and it is read after taking them: the
+    // `unsent_acks` lock orders the two, so an ACK kept just now is not
+    // taken with an old time).
     if !stored.is_empty() && ctx.now < a.user.ack_retry_at() {
         a.user.keep_unsent_acks(std::mem::take(&mut stored));
     }
