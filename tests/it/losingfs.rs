@@ -1,0 +1,764 @@
+//! A file system that can lose what was not synced: a power cut for tests.
+//!
+//! [`LosingFs::mount`] mounts (FUSE, in this process) a pass-through view
+//! of a backing directory. Every write goes through to the backing file at
+//! once, but the bytes it overwrote, and the file's length at its last
+//! `fsync`/`fdatasync`, are kept in memory until the file is synced.
+//! [`Mounted::cut`] then puts every file back as it was at its last sync:
+//! what the page cache held and the disk did not is gone, as after a power
+//! cut. (A process killed with SIGKILL loses nothing of what it wrote,
+//! since the kernel still holds it, so SIGKILL alone cannot tell a missing
+//! fsync from a present one.)
+//!
+//! The model is the data's: names are durable at once (a create, rename or
+//! unlink is kept, with the file's synced bytes), as on a file system that
+//! journals its metadata in order. A real power cut may also lose a
+//! create or a rename whose directory was not synced; RocksDB syncs those.
+//! Hard links, special files and extended attributes are not offered.
+//!
+//! Mounting needs root (or CAP_SYS_ADMIN) and `/dev/fuse`; the test
+//! machines have both (the disk-full tests mount a tmpfs the same way).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+};
+
+/// What the kernel may cache of names and attributes: nothing, so that
+/// every size it sees is the backing file's.
+const TTL: Duration = Duration::ZERO;
+
+const ENOENT: i32 = 2;
+const EIO: i32 = 5;
+const EBADF: i32 = 9;
+const EINVAL: i32 = 22;
+const ENOSYS: i32 = 38;
+const EOPNOTSUPP: i32 = 95;
+
+/// A file's writes since its last sync.
+struct Unsynced {
+    /// Its length at the last sync.
+    synced_len: u64,
+    /// What each write (or truncation) overwrote: offset and old bytes,
+    /// in order.
+    overwritten: Vec<(u64, Vec<u8>)>,
+}
+
+/// What the file system and [`Mounted::cut`] share.
+#[derive(Default)]
+struct State {
+    /// Inode → backing path (the root is inode 1). Inodes are the backing
+    /// files' own, so a rename keeps them.
+    paths: HashMap<u64, PathBuf>,
+    /// Open files: handle → (inode, backing file).
+    open: HashMap<u64, (u64, File)>,
+    next_fh: u64,
+    /// Files written since their last sync, by inode.
+    unsynced: HashMap<u64, Unsynced>,
+    /// Whether a cut happened: every request after it fails (the machine
+    /// is off).
+    off: bool,
+}
+
+/// What [`Mounted::cut`] put back.
+#[derive(Debug, Default)]
+pub struct Lost {
+    /// Files with writes since their last sync.
+    pub files: Vec<PathBuf>,
+    /// Bytes past the synced length, and bytes overwritten, undone.
+    pub bytes: u64,
+}
+
+/// The file system (on the FUSE session's thread).
+struct LosingFs {
+    root: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+/// A mounted [`LosingFs`]; unmounted on drop (without a cut).
+pub struct Mounted {
+    state: Arc<Mutex<State>>,
+    session: Option<fuser::BackgroundSession>,
+    /// The mount point.
+    pub path: PathBuf,
+}
+
+/// Mounts a view of `backing` at `at` (both existing directories).
+pub fn mount(backing: &Path, at: &Path) -> io::Result<Mounted> {
+    let root = backing.canonicalize()?;
+    let state = Arc::new(Mutex::new(State::default()));
+    lock(&state).paths.insert(fuser::FUSE_ROOT_ID, root.clone());
+    let fs = LosingFs {
+        root,
+        state: state.clone(),
+    };
+    let options = [
+        MountOption::FSName("tern-losingfs".into()),
+        MountOption::RW,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    let session = fuser::spawn_mount2(fs, at, &options)?;
+    Ok(Mounted {
+        state,
+        session: Some(session),
+        path: at.to_path_buf(),
+    })
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Mounted {
+    /// The power cut: every request from now on fails, every file is put
+    /// back as it was at its last sync, and the file system is unmounted.
+    /// Stop the processes using it first (a SIGKILL): a write after the cut
+    /// would fail anyway, but one racing it could land.
+    pub fn cut(mut self) -> Lost {
+        let lost = {
+            let mut st = lock(&self.state);
+            st.off = true;
+            st.open.clear();
+            let mut lost = Lost::default();
+            let unsynced = std::mem::take(&mut st.unsynced);
+            for (ino, u) in unsynced {
+                let Some(path) = st.paths.get(&ino) else {
+                    continue; // unlinked since
+                };
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .unwrap_or_else(|e| panic!("cut: open {}: {e}", path.display()));
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                lost.bytes += len.saturating_sub(u.synced_len);
+                for (offset, old) in u.overwritten.iter().rev() {
+                    lost.bytes += old.len() as u64;
+                    f.write_all_at(old, *offset).expect("cut: restore");
+                }
+                f.set_len(u.synced_len).expect("cut: truncate");
+                lost.files.push(path.clone());
+            }
+            lost
+        };
+        self.unmount();
+        lost
+    }
+
+    /// Bytes written since their file's last sync (past its synced length,
+    /// or over synced bytes), in the files whose backing path `pick` takes.
+    pub fn unsynced_bytes(&self, pick: impl Fn(&Path) -> bool) -> u64 {
+        let st = lock(&self.state);
+        st.unsynced
+            .iter()
+            .filter_map(|(ino, u)| Some((st.paths.get(ino)?, u)))
+            .filter(|(path, _)| pick(path))
+            .map(|(path, u)| {
+                let len = path.metadata().map(|m| m.len()).unwrap_or(0);
+                len.saturating_sub(u.synced_len)
+                    + u.overwritten
+                        .iter()
+                        .map(|(_, b)| b.len() as u64)
+                        .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Detaches the mount (lazily: a process still holding a file there
+    /// must not keep this waiting), then lets the session's thread end.
+    fn unmount(&mut self) {
+        if let Some(session) = self.session.take() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.path)
+                .status();
+            drop(session);
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(EIO)
+}
+
+fn attr(m: &fs::Metadata) -> FileAttr {
+    let time = |s: i64, ns: i64| {
+        if s >= 0 {
+            UNIX_EPOCH + Duration::new(s as u64, ns as u32)
+        } else {
+            UNIX_EPOCH
+        }
+    };
+    let kind = if m.is_dir() {
+        FileType::Directory
+    } else if m.file_type().is_symlink() {
+        FileType::Symlink
+    } else {
+        FileType::RegularFile
+    };
+    FileAttr {
+        ino: m.ino(),
+        size: m.size(),
+        blocks: m.blocks(),
+        atime: time(m.atime(), m.atime_nsec()),
+        mtime: time(m.mtime(), m.mtime_nsec()),
+        ctime: time(m.ctime(), m.ctime_nsec()),
+        crtime: time(m.ctime(), m.ctime_nsec()),
+        kind,
+        perm: (m.mode() & 0o7777) as u16,
+        nlink: m.nlink() as u32,
+        uid: m.uid(),
+        gid: m.gid(),
+        rdev: m.rdev() as u32,
+        blksize: m.blksize() as u32,
+        flags: 0,
+    }
+}
+
+impl LosingFs {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The backing path of `name` in directory `parent`.
+    fn child(st: &State, parent: u64, name: &OsStr) -> Option<PathBuf> {
+        st.paths.get(&parent).map(|p| p.join(name))
+    }
+
+    /// Looks `path` up and remembers its inode; the root's is 1.
+    fn entry(&self, st: &mut State, path: PathBuf) -> io::Result<FileAttr> {
+        let m = fs::symlink_metadata(&path)?;
+        let mut a = attr(&m);
+        if path == self.root {
+            a.ino = fuser::FUSE_ROOT_ID;
+        } else {
+            st.paths.insert(a.ino, path);
+        }
+        Ok(a)
+    }
+
+    /// Records what a write of `len` bytes at `offset` to `f` (inode `ino`)
+    /// will overwrite.
+    fn before_write(st: &mut State, ino: u64, f: &File, offset: u64, len: u64) -> io::Result<()> {
+        let size = f.metadata()?.len();
+        let u = st.unsynced.entry(ino).or_insert(Unsynced {
+            synced_len: size,
+            overwritten: Vec::new(),
+        });
+        let end = size.min(offset.saturating_add(len));
+        if offset < end {
+            let mut old = vec![0; (end - offset) as usize];
+            f.read_exact_at(&mut old, offset)?;
+            u.overwritten.push((offset, old));
+        }
+        Ok(())
+    }
+}
+
+impl Filesystem for LosingFs {
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(path) = Self::child(&st, parent, name) else {
+            return reply.error(ENOENT);
+        };
+        match self.entry(&mut st, path) {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+        let st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let m = match fh.and_then(|fh| st.open.get(&fh)) {
+            Some((_, f)) => f.metadata(),
+            None => match st.paths.get(&ino) {
+                Some(p) => fs::symlink_metadata(p),
+                None => return reply.error(ENOENT),
+            },
+        };
+        match m {
+            Ok(m) => {
+                let mut a = attr(&m);
+                a.ino = ino;
+                reply.attr(&TTL, &a)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(path) = st.paths.get(&ino).cloned() else {
+            return reply.error(ENOENT);
+        };
+        let result = (|| -> io::Result<()> {
+            if let Some(size) = size {
+                let f = match fh.and_then(|fh| st.open.get(&fh)) {
+                    Some((_, f)) => f.try_clone()?,
+                    None => OpenOptions::new().read(true).write(true).open(&path)?,
+                };
+                let len = f.metadata()?.len();
+                Self::before_write(&mut st, ino, &f, size, len.saturating_sub(size))?;
+                f.set_len(size)?;
+            }
+            if let Some(mode) = mode {
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))?;
+            }
+            if let Some(t) = mtime {
+                let t = match t {
+                    TimeOrNow::SpecificTime(t) => t,
+                    TimeOrNow::Now => SystemTime::now(),
+                };
+                File::open(&path)?.set_modified(t)?;
+            }
+            Ok(())
+        })();
+        match result.and_then(|()| fs::symlink_metadata(&path)) {
+            Ok(m) => {
+                let mut a = attr(&m);
+                a.ino = ino;
+                reply.attr(&TTL, &a)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mkdir(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(path) = Self::child(&st, parent, name) else {
+            return reply.error(ENOENT);
+        };
+        let made = fs::DirBuilder::new()
+            .mode(mode & !umask & 0o7777)
+            .create(&path);
+        match made.and_then(|()| self.entry(&mut st, path)) {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(path) = Self::child(&st, parent, name) else {
+            return reply.error(ENOENT);
+        };
+        let ino = fs::symlink_metadata(&path).map(|m| m.ino());
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Ok(ino) = ino {
+                    st.paths.remove(&ino);
+                    st.unsynced.remove(&ino);
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(path) = Self::child(&st, parent, name) else {
+            return reply.error(ENOENT);
+        };
+        let ino = fs::symlink_metadata(&path).map(|m| m.ino());
+        match fs::remove_dir(&path) {
+            Ok(()) => {
+                if let Ok(ino) = ino {
+                    st.paths.remove(&ino);
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        if flags != 0 {
+            return reply.error(EINVAL);
+        }
+        let (Some(from), Some(to)) = (
+            Self::child(&st, parent, name),
+            Self::child(&st, newparent, newname),
+        ) else {
+            return reply.error(ENOENT);
+        };
+        let replaced = fs::symlink_metadata(&to).map(|m| m.ino()).ok();
+        if let Err(e) = fs::rename(&from, &to) {
+            return reply.error(errno(&e));
+        }
+        if let Some(ino) = replaced {
+            st.paths.remove(&ino);
+            st.unsynced.remove(&ino);
+        }
+        // The renamed entry and, for a directory, everything under it.
+        for p in st.paths.values_mut() {
+            if let Ok(rest) = p.strip_prefix(&from) {
+                *p = if rest.as_os_str().is_empty() {
+                    to.clone()
+                } else {
+                    to.join(rest)
+                };
+            }
+        }
+        reply.ok()
+    }
+
+    fn link(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _newparent: u64,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(EOPNOTSUPP)
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(path) = st.paths.get(&ino).cloned() else {
+            return reply.error(ENOENT);
+        };
+        let access = flags & 0o3; // O_ACCMODE
+                                  // Writes come with their offset (O_APPEND's too): never open the
+                                  // backing file for appending, or every pwrite would land at its end.
+        let opened = OpenOptions::new().read(true).write(access != 0).open(&path);
+        match opened {
+            Ok(f) => {
+                st.next_fh += 1;
+                let fh = st.next_fh;
+                st.open.insert(fh, (ino, f));
+                reply.opened(fh, 0)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(path) = Self::child(&st, parent, name) else {
+            return reply.error(ENOENT);
+        };
+        let existed = path.exists();
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .create_new(flags & 0o200 != 0) // O_EXCL
+            .mode(mode & !umask & 0o7777)
+            .open(&path);
+        let f = match opened {
+            Ok(f) => f,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match self.entry(&mut st, path) {
+            Ok(a) => {
+                if !existed {
+                    // A new file has no synced bytes.
+                    st.unsynced.insert(
+                        a.ino,
+                        Unsynced {
+                            synced_len: 0,
+                            overwritten: Vec::new(),
+                        },
+                    );
+                }
+                st.next_fh += 1;
+                let fh = st.next_fh;
+                st.open.insert(fh, (a.ino, f));
+                reply.created(&TTL, &a, 0, fh, 0)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some((_, f)) = st.open.get(&fh) else {
+            return reply.error(EBADF);
+        };
+        let mut buf = vec![0; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset as u64 + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        reply.data(&buf[..got])
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some((ino, f)) = st.open.get(&fh) else {
+            return reply.error(EBADF);
+        };
+        let (ino, f) = match f.try_clone() {
+            Ok(f) => (*ino, f),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let offset = offset as u64;
+        let written = Self::before_write(&mut st, ino, &f, offset, data.len() as u64)
+            .and_then(|()| f.write_all_at(data, offset));
+        match written {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _lock_owner: u64,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.state().open.remove(&fh);
+        reply.ok()
+    }
+
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        // On the disk now. (The backing file needs no fsync of its own: the
+        // test's machine does not lose power.)
+        st.unsynced.remove(&ino);
+        reply.ok()
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        if st.paths.contains_key(&ino) {
+            reply.opened(0, 0)
+        } else {
+            reply.error(ENOENT)
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        let Some(dir) = st.paths.get(&ino) else {
+            return reply.error(ENOENT);
+        };
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut all = vec![
+            (ino, FileType::Directory, ".".into()),
+            (ino, FileType::Directory, "..".into()),
+        ];
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            let kind = if m.is_dir() {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            all.push((m.ino(), kind, e.file_name()));
+        }
+        for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(ino, i as i64 + 1, kind, &name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        match rustix::fs::statvfs(&self.root) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e.raw_os_error()),
+        }
+    }
+
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _offset: i64,
+        _length: i64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // RocksDB preallocates WAL and SST space when it can, and goes on
+        // without when it cannot.
+        reply.error(EOPNOTSUPP)
+    }
+
+    fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
+        reply.error(ENOSYS)
+    }
+}

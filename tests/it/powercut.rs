@@ -1,0 +1,183 @@
+//! Durability across a power cut: what the page cache held and the disk
+//! did not is lost ([`losingfs`](crate::losingfs)). The SIGKILL tests in
+//! `crash.rs` cannot see a missing fsync (a killed process loses nothing
+//! the kernel holds); these can.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+
+use tern::client::{Client, Outgoing};
+use tern::wire::StatusCode;
+
+use crate::losingfs;
+use crate::util::{kill_mid_burst, marker, msg, next, send_burst, TestServer};
+
+const N: u64 = 600;
+/// SENDs in flight at most; the SIGKILL comes at `N / 2` SENTs.
+const WINDOW: usize = 64;
+
+/// alice's messages to bob: IDs 1..=N, payload `m<ID>`.
+fn burst() -> Vec<Outgoing> {
+    (1..=N)
+        .map(|i| Outgoing::to("bob", format!("m{i}").as_bytes()).id(i))
+        .collect()
+}
+
+/// A backing directory, and a losing view of it mounted over a second one.
+struct Disk {
+    backing: tempfile::TempDir,
+    at: tempfile::TempDir,
+}
+
+impl Disk {
+    fn new() -> Disk {
+        Disk {
+            backing: tempfile::tempdir().unwrap(),
+            at: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn mount(&self) -> losingfs::Mounted {
+        losingfs::mount(self.backing.path(), self.at.path()).unwrap_or_else(|e| {
+            panic!(
+                "mount a FUSE file system at {} (needs /dev/fuse and root): {e}",
+                self.at.path().display()
+            )
+        })
+    }
+}
+
+/// What bob receives up to a marker alice sends now, ID → SEQ; each ID
+/// once, each payload intact.
+fn drain(server: &TestServer, ta: &str, tb: &str) -> HashMap<u64, u64> {
+    let mut alice = server.connect(ta);
+    let mark = marker("bob");
+    assert_eq!(alice.send_wait(&mark).unwrap(), StatusCode::SENT);
+    let mut bob: Client = server.connect(tb);
+    let mut got = HashMap::new();
+    loop {
+        let m = msg(next(&mut bob, 10));
+        if m.id == mark.id {
+            return got;
+        }
+        assert!(
+            got.insert(m.id, m.seq).is_none(),
+            "id {} delivered twice",
+            m.id
+        );
+        assert_eq!(m.payload, format!("m{}", m.id).into_bytes());
+    }
+}
+
+#[track_caller]
+fn assert_kept(acknowledged: &HashSet<u64>, got: &HashMap<u64, u64>, when: &str) {
+    let lost: BTreeSet<u64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|id| !got.contains_key(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of the {} messages answered SENT {when} are lost: {lost:?}",
+        lost.len(),
+        acknowledged.len()
+    );
+}
+
+/// A burst to an offline recipient, SIGKILL part-way, then the power cut:
+/// every message answered SENT is delivered after the restart, once.
+/// (With the WAL written but not synced before SENT, the SIGKILL tests
+/// pass and this one fails.)
+#[test]
+fn a_power_cut_loses_nothing_acknowledged() {
+    let disk = Disk::new();
+    let fs = disk.mount();
+    let mut server = TestServer::start_with(disk.at.path(), &[]);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut alice = server.connect(&ta);
+    let acknowledged = kill_mid_burst(&mut server, &mut alice, &burst(), WINDOW);
+    drop(alice);
+    let lost = fs.cut();
+    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+
+    let server = TestServer::start_with(disk.backing.path(), &[]);
+    let got = drain(&server, &ta, &tb);
+    eprintln!("{} delivered after the cut", got.len());
+    assert_kept(&acknowledged, &got, "before the power cut");
+}
+
+/// Whether `path` is one of RocksDB's WAL files (`<number>.log`).
+fn is_wal(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".log"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Rounds of [`a_power_cut_after_a_restart_loses_nothing_the_restart_acknowledged`]
+/// at most, and how many of them must leave WAL unsynced at their SIGKILL
+/// (about two in three do). Not every unsynced write holds a SEND the
+/// retry meets again: the test, with the sync at open left out, failed
+/// in 4 runs of 6 after one such round, and in 9 of 10 after three.
+const ROUNDS: u64 = 20;
+const UNSYNCED_ROUNDS: usize = 3;
+
+/// A SIGKILL leaves batches written to the WAL but not synced (in the
+/// page cache). The restart replays them, and answers a retry of one of
+/// their messages SENT as a duplicate without writing it again: so it
+/// must sync those WAL files before it answers anything
+/// (`store::sync_wal_files`), or a power cut then loses a message the
+/// restart acknowledged. (Without that sync this test fails.)
+///
+/// Rounds of: a burst, SIGKILL part-way, restart on the same disk (the
+/// power still on), retry of what was not answered; until three SIGKILLs
+/// left some WAL unsynced. Then a SIGKILL and the power cut: every message of
+/// every round is delivered, once.
+#[test]
+fn a_power_cut_after_a_restart_loses_nothing_the_restart_acknowledged() {
+    let disk = Disk::new();
+    let fs = disk.mount();
+    let mut server = TestServer::start_with(disk.at.path(), &[]);
+    let (ta, tb) = (server.user("alice"), server.user("bob"));
+    let mut all = HashSet::new();
+    let mut unsynced_rounds = 0;
+    for round in 0..ROUNDS {
+        let msgs: Vec<Outgoing> = burst()
+            .into_iter()
+            .map(|m| {
+                let id = round * N + m.id;
+                Outgoing::to("bob", format!("m{id}").as_bytes()).id(id)
+            })
+            .collect();
+        let mut alice = server.connect(&ta);
+        let acknowledged = kill_mid_burst(&mut server, &mut alice, &msgs, WINDOW);
+        drop(alice);
+        let unsynced = fs.unsynced_bytes(is_wal);
+        eprintln!("round {round}: {unsynced} bytes of WAL unsynced at the SIGKILL");
+        server.restart();
+        let mut alice = server.connect(&ta);
+        let retry: Vec<Outgoing> = msgs
+            .iter()
+            .filter(|m| !acknowledged.contains(&m.id))
+            .cloned()
+            .collect();
+        let answered = send_burst(&mut alice, &retry, WINDOW, |_| {});
+        assert_eq!(answered.len(), retry.len(), "every retry is answered SENT");
+        all.extend(msgs.iter().map(|m| m.id));
+        unsynced_rounds += usize::from(unsynced > 0);
+        if unsynced_rounds == UNSYNCED_ROUNDS {
+            break;
+        }
+    }
+    server.sigkill();
+    let lost = fs.cut();
+    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+
+    let server = TestServer::start_with(disk.backing.path(), &[]);
+    let got = drain(&server, &ta, &tb);
+    assert_kept(&all, &got, "before the power cut");
+    assert_eq!(
+        unsynced_rounds, UNSYNCED_ROUNDS,
+        "too few of {ROUNDS} SIGKILLs left WAL unsynced: this run could hardly have failed"
+    );
+}
