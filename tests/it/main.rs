@@ -21,6 +21,7 @@ mod reliability;
 mod s3;
 mod sdk;
 mod sdk_crash;
+mod sdk_powercut;
 mod tls;
 mod tour;
 mod util;

@@ -23,11 +23,11 @@ use crate::sdk::{config, duplicates, incoming, noise_file, open, outgoing, sha25
 use crate::util::{http, wait_for, TestServer, ADMIN};
 
 /// The environment variable that selects the app role.
-const ROLE: &str = "TERN_SDK_APP";
+pub(crate) const ROLE: &str = "TERN_SDK_APP";
 /// How long one app run may take at most.
 const APP_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a run may go without the progress the test waits for.
-const STALL: Duration = Duration::from_secs(30);
+pub(crate) const STALL: Duration = Duration::from_secs(30);
 
 /// The app process of the crash tests (not a test of its own: without
 /// `TERN_SDK_APP` it returns at once). Roles:
@@ -62,6 +62,8 @@ fn app_process() {
             for i in queued..n {
                 tern.send(Draft::text(peer.clone(), &format!("s{i:04}")))
                     .unwrap();
+                // The power-cut test holds the store to what was queued.
+                eprintln!("queued s{i:04}");
             }
             Box::new(|| outgoing(store, Status::Delivered) == n)
         }
@@ -90,15 +92,15 @@ fn app_process() {
 }
 
 /// How to start the app.
-struct AppSpec {
-    role: &'static str,
-    env: Vec<(&'static str, String)>,
+pub(crate) struct AppSpec {
+    pub(crate) role: &'static str,
+    pub(crate) env: Vec<(&'static str, String)>,
     /// Its stderr goes here (appended), for post-mortems.
-    log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl AppSpec {
-    fn spawn(&self) -> App {
+    pub(crate) fn spawn(&self) -> App {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -127,7 +129,7 @@ impl AppSpec {
 }
 
 /// A running app process; SIGKILLed (by pid) on drop.
-struct App {
+pub(crate) struct App {
     child: Option<Child>,
     /// Its stderr, shown when it fails.
     log: PathBuf,
@@ -138,12 +140,12 @@ impl App {
         self.child.as_ref().expect("running").id()
     }
 
-    fn try_wait(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().expect("try_wait")
     }
 
     /// SIGKILL and reap.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -153,7 +155,7 @@ impl App {
     /// Waits for the exit, at most `within`; `None` (after a SIGKILL) if
     /// the app was still running, so that the caller can show what its
     /// store lacks before failing.
-    fn finish(&mut self, within: Duration) -> Option<ExitStatus> {
+    pub(crate) fn finish(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.try_wait() {
@@ -171,7 +173,7 @@ impl App {
     /// [`App::finish`], which must end in exit 0 (else a panic showing the
     /// app's log).
     #[track_caller]
-    fn expect_success(&mut self, within: Duration) {
+    pub(crate) fn expect_success(&mut self, within: Duration) {
         let status = self.finish(within);
         if !status.is_some_and(|s| s.success()) {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
