@@ -10,11 +10,15 @@
 //! since the kernel still holds it, so SIGKILL alone cannot tell a missing
 //! fsync from a present one.)
 //!
-//! The model is the data's: names are durable at once (a create, rename or
-//! unlink is kept, with the file's synced bytes), as on a file system that
-//! journals its metadata in order. A real power cut may also lose a
-//! create or a rename whose directory was not synced; RocksDB syncs those.
-//! Hard links, special files and extended attributes are not offered.
+//! The model loses file data only: names are durable at once (a create,
+//! rename or unlink is kept, with the file's synced bytes), so a missing
+//! directory fsync goes unseen; and unsynced writes are lost whole, never
+//! in part (a torn tail is not made). A real power cut may also lose a
+//! create or a rename whose directory was not synced. Hard links, special
+//! files and extended attributes are not offered.
+//!
+//! Files named in `spare` (the test's own logs, not the system's data)
+//! keep what was written to them.
 //!
 //! Mounting needs root (or CAP_SYS_ADMIN) and `/dev/fuse`; the test
 //! machines have both (the disk-full tests mount a tmpfs the same way).
@@ -69,6 +73,16 @@ struct State {
     off: bool,
 }
 
+impl State {
+    /// The open file `fh` if given, else any open handle of inode `ino`.
+    fn handle(&self, ino: u64, fh: Option<u64>) -> Option<&File> {
+        match fh {
+            Some(fh) => self.open.get(&fh).map(|(_, f)| f),
+            None => self.open.values().find(|(i, _)| *i == ino).map(|(_, f)| f),
+        }
+    }
+}
+
 /// What [`Mounted::cut`] put back.
 #[derive(Debug, Default)]
 pub struct Lost {
@@ -78,10 +92,22 @@ pub struct Lost {
     pub bytes: u64,
 }
 
+/// Power-cut tests at most one at a time: each runs its FUSE file system
+/// on one thread, under RocksDB or SQLite, on a 2-core machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Holds [`ONE_AT_A_TIME`] (a test that panicked while holding it does
+/// not stop the others).
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    lock(&ONE_AT_A_TIME)
+}
+
 /// The file system (on the FUSE session's thread).
 struct LosingFs {
     root: PathBuf,
     state: Arc<Mutex<State>>,
+    /// File names whose writes are kept.
+    spare: Vec<String>,
 }
 
 /// A mounted [`LosingFs`]; unmounted on drop (without a cut).
@@ -92,14 +118,17 @@ pub struct Mounted {
     pub path: PathBuf,
 }
 
-/// Mounts a view of `backing` at `at` (both existing directories).
-pub fn mount(backing: &Path, at: &Path) -> io::Result<Mounted> {
+/// Mounts a view of `backing` at `at` (both existing directories); the
+/// writes to files named in `spare` survive a cut.
+pub fn mount(backing: &Path, at: &Path, spare: &[&str]) -> io::Result<Mounted> {
     let root = backing.canonicalize()?;
+    let at = at.canonicalize()?;
     let state = Arc::new(Mutex::new(State::default()));
     lock(&state).paths.insert(fuser::FUSE_ROOT_ID, root.clone());
     let fs = LosingFs {
         root,
         state: state.clone(),
+        spare: spare.iter().map(|s| s.to_string()).collect(),
     };
     let options = [
         MountOption::FSName("tern-losingfs".into()),
@@ -107,15 +136,15 @@ pub fn mount(backing: &Path, at: &Path) -> io::Result<Mounted> {
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    let session = fuser::spawn_mount2(fs, at, &options)?;
+    let session = fuser::spawn_mount2(fs, &at, &options)?;
     Ok(Mounted {
         state,
         session: Some(session),
-        path: at.to_path_buf(),
+        path: at,
     })
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -174,14 +203,17 @@ impl Mounted {
     }
 
     /// Detaches the mount (lazily: a process still holding a file there
-    /// must not keep this waiting), then lets the session's thread end.
+    /// must not keep this waiting), then lets the session's thread end
+    /// (fuser's own unmount then finds nothing mounted there).
     fn unmount(&mut self) {
         if let Some(session) = self.session.take() {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.path)
-                .status();
+            let detached = rustix::mount::unmount(&self.path, rustix::mount::UnmountFlags::DETACH);
             drop(session);
+            if let Err(e) = detached {
+                if !std::thread::panicking() {
+                    panic!("unmount {}: {e}", self.path.display());
+                }
+            }
         }
     }
 }
@@ -252,9 +284,29 @@ impl LosingFs {
         Ok(a)
     }
 
+    /// Whether writes to `path` survive a cut.
+    fn spared(&self, path: &Path) -> bool {
+        path.file_name()
+            .is_some_and(|n| self.spare.iter().any(|s| n == s.as_str()))
+    }
+
     /// Records what a write of `len` bytes at `offset` to `f` (inode `ino`)
-    /// will overwrite.
-    fn before_write(st: &mut State, ino: u64, f: &File, offset: u64, len: u64) -> io::Result<()> {
+    /// will overwrite: nothing for a file that is unlinked (a cut has no
+    /// name to put it back under, nor a need to) or spared.
+    fn before_write(
+        &self,
+        st: &mut State,
+        ino: u64,
+        f: &File,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let Some(path) = st.paths.get(&ino) else {
+            return Ok(());
+        };
+        if self.spared(path) {
+            return Ok(());
+        }
         let size = f.metadata()?.len();
         let u = st.unsynced.entry(ino).or_insert(Unsynced {
             synced_len: size,
@@ -290,12 +342,12 @@ impl Filesystem for LosingFs {
         if st.off {
             return reply.error(EIO);
         }
-        let m = match fh.and_then(|fh| st.open.get(&fh)) {
-            Some((_, f)) => f.metadata(),
-            None => match st.paths.get(&ino) {
-                Some(p) => fs::symlink_metadata(p),
-                None => return reply.error(ENOENT),
-            },
+        let m = match (st.handle(ino, fh), st.paths.get(&ino)) {
+            (Some(f), _) if fh.is_some() => f.metadata(),
+            (_, Some(p)) => fs::symlink_metadata(p),
+            // Unlinked, and still open (an fstat sends no handle).
+            (Some(f), None) => f.metadata(),
+            (None, None) => return reply.error(ENOENT),
         };
         match m {
             Ok(m) => {
@@ -329,32 +381,34 @@ impl Filesystem for LosingFs {
         if st.off {
             return reply.error(EIO);
         }
-        let Some(path) = st.paths.get(&ino).cloned() else {
-            return reply.error(ENOENT);
-        };
-        let result = (|| -> io::Result<()> {
+        let path = st.paths.get(&ino).cloned();
+        let open = st.handle(ino, fh).map(File::try_clone).transpose();
+        let result = (|| -> io::Result<File> {
+            // The file itself: a handle, or its path (an unlinked file has
+            // only handles).
+            let f = match (open?, &path) {
+                (Some(f), _) => f,
+                (None, Some(p)) => OpenOptions::new().read(true).write(true).open(p)?,
+                (None, None) => return Err(io::Error::from_raw_os_error(ENOENT)),
+            };
             if let Some(size) = size {
-                let f = match fh.and_then(|fh| st.open.get(&fh)) {
-                    Some((_, f)) => f.try_clone()?,
-                    None => OpenOptions::new().read(true).write(true).open(&path)?,
-                };
                 let len = f.metadata()?.len();
-                Self::before_write(&mut st, ino, &f, size, len.saturating_sub(size))?;
+                self.before_write(&mut st, ino, &f, size, len.saturating_sub(size))?;
                 f.set_len(size)?;
             }
             if let Some(mode) = mode {
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))?;
+                f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
             }
             if let Some(t) = mtime {
                 let t = match t {
                     TimeOrNow::SpecificTime(t) => t,
                     TimeOrNow::Now => SystemTime::now(),
                 };
-                File::open(&path)?.set_modified(t)?;
+                f.set_modified(t)?;
             }
-            Ok(())
+            Ok(f)
         })();
-        match result.and_then(|()| fs::symlink_metadata(&path)) {
+        match result.and_then(|f| f.metadata()) {
             Ok(m) => {
                 let mut a = attr(&m);
                 a.ino = ino;
@@ -384,7 +438,11 @@ impl Filesystem for LosingFs {
             .mode(mode & !umask & 0o7777)
             .create(&path);
         match made.and_then(|()| self.entry(&mut st, path)) {
-            Ok(a) => reply.entry(&TTL, &a, 0),
+            Ok(a) => {
+                // The inode number may have been a deleted file's.
+                st.unsynced.remove(&a.ino);
+                reply.entry(&TTL, &a, 0)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -445,6 +503,7 @@ impl Filesystem for LosingFs {
             return reply.error(EIO);
         }
         if flags != 0 {
+            // RENAME_NOREPLACE, RENAME_EXCHANGE: not offered.
             return reply.error(EINVAL);
         }
         let (Some(from), Some(to)) = (
@@ -453,11 +512,14 @@ impl Filesystem for LosingFs {
         ) else {
             return reply.error(ENOENT);
         };
+        let moved = fs::symlink_metadata(&from).map(|m| m.ino()).ok();
         let replaced = fs::symlink_metadata(&to).map(|m| m.ino()).ok();
         if let Err(e) = fs::rename(&from, &to) {
             return reply.error(errno(&e));
         }
-        if let Some(ino) = replaced {
+        // (A rename onto itself, or onto another link of the same file,
+        // replaces nothing.)
+        if let Some(ino) = replaced.filter(|&r| Some(r) != moved) {
             st.paths.remove(&ino);
             st.unsynced.remove(&ino);
         }
@@ -494,6 +556,8 @@ impl Filesystem for LosingFs {
             return reply.error(ENOENT);
         };
         let access = flags & 0o3; // O_ACCMODE
+                                  // O_TRUNC needs nothing here: without FUSE_ATOMIC_O_TRUNC (fuser
+                                  // does not ask for it) the kernel sends a SETATTR to size 0.
                                   // Writes come with their offset (O_APPEND's too): never open the
                                   // backing file for appending, or every pwrite would land at its end.
         let opened = OpenOptions::new().read(true).write(access != 0).open(&path);
@@ -526,6 +590,7 @@ impl Filesystem for LosingFs {
             return reply.error(ENOENT);
         };
         let existed = path.exists();
+        let spared = self.spared(&path);
         let opened = OpenOptions::new()
             .read(true)
             .write(true)
@@ -539,7 +604,7 @@ impl Filesystem for LosingFs {
         };
         match self.entry(&mut st, path) {
             Ok(a) => {
-                if !existed {
+                if !existed && !spared {
                     // A new file has no synced bytes.
                     st.unsynced.insert(
                         a.ino,
@@ -613,7 +678,8 @@ impl Filesystem for LosingFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let offset = offset as u64;
-        let written = Self::before_write(&mut st, ino, &f, offset, data.len() as u64)
+        let written = self
+            .before_write(&mut st, ino, &f, offset, data.len() as u64)
             .and_then(|()| f.write_all_at(data, offset));
         match written {
             Ok(()) => reply.written(data.len() as u32),
@@ -701,12 +767,7 @@ impl Filesystem for LosingFs {
         ];
         for e in entries.flatten() {
             let Ok(m) = e.metadata() else { continue };
-            let kind = if m.is_dir() {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            };
-            all.push((m.ino(), kind, e.file_name()));
+            all.push((m.ino(), attr(&m).kind, e.file_name()));
         }
         for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
             if reply.add(ino, i as i64 + 1, kind, &name) {

@@ -15,7 +15,7 @@ mod http_api;
 mod http_conn;
 mod losingfs;
 mod messages_api;
-mod powercut;
+pub(crate) mod powercut;
 mod proxy;
 mod reliability;
 mod s3;

@@ -24,22 +24,25 @@ fn burst() -> Vec<Outgoing> {
         .collect()
 }
 
-/// A backing directory, and a losing view of it mounted over a second one.
-struct Disk {
-    backing: tempfile::TempDir,
-    at: tempfile::TempDir,
+/// A backing directory, and a losing view of it mounted over a second one
+/// (the server's log, `server.log`, is spared: it is the test's).
+pub(crate) struct Disk {
+    pub(crate) backing: tempfile::TempDir,
+    pub(crate) at: tempfile::TempDir,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Disk {
-    fn new() -> Disk {
+    pub(crate) fn new() -> Disk {
         Disk {
+            _one_at_a_time: losingfs::one_at_a_time(),
             backing: tempfile::tempdir().unwrap(),
             at: tempfile::tempdir().unwrap(),
         }
     }
 
-    fn mount(&self) -> losingfs::Mounted {
-        losingfs::mount(self.backing.path(), self.at.path()).unwrap_or_else(|e| {
+    pub(crate) fn mount(&self) -> losingfs::Mounted {
+        losingfs::mount(self.backing.path(), self.at.path(), &["server.log"]).unwrap_or_else(|e| {
             panic!(
                 "mount a FUSE file system at {} (needs /dev/fuse and root): {e}",
                 self.at.path().display()
@@ -100,6 +103,10 @@ fn a_power_cut_loses_nothing_acknowledged() {
     drop(alice);
     let lost = fs.cut();
     eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+    assert!(
+        wal_files(disk.backing.path()) > 0,
+        "no WAL written through the losing view"
+    );
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let got = drain(&server, &ta, &tb);
@@ -113,6 +120,13 @@ fn is_wal(path: &Path) -> bool {
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_suffix(".log"))
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// How many WAL files `data_dir`'s store has.
+fn wal_files(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("db"))
+        .map(|d| d.flatten().filter(|e| is_wal(&e.path())).count())
+        .unwrap_or(0)
 }
 
 /// Rounds of [`a_power_cut_after_a_restart_loses_nothing_the_restart_acknowledged`]
@@ -213,6 +227,10 @@ fn a_power_cut_keeps_every_file_whose_upload_was_answered() {
     let server = TestServer::start_with(disk.backing.path(), &[]);
     for (bytes, v) in &files {
         let id = v["id"].as_str().unwrap();
+        assert!(
+            disk.backing.path().join("files").join(id).is_file(),
+            "file {id} was not written through the losing view"
+        );
         let url = v["url"].as_str().unwrap();
         for (path, auth) in [
             (format!("/v1/files/{id}"), Some(alice.as_str())),
