@@ -17,6 +17,9 @@
 //! create or a rename whose directory was not synced. Hard links, special
 //! files and extended attributes are not offered.
 //!
+//! [`Mounted::cut_with`] can keep a random prefix of what each file had
+//! past its synced length instead ([`Tear::Random`]): a torn tail.
+//!
 //! Files named in `spare` (the test's own logs, not the system's data)
 //! keep what was written to them.
 //!
@@ -31,6 +34,9 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, Per
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -87,9 +93,42 @@ impl State {
 #[derive(Debug, Default)]
 pub struct Lost {
     /// Files with writes since their last sync.
-    pub files: Vec<PathBuf>,
+    pub files: Vec<FileCut>,
     /// Bytes past the synced length, and bytes overwritten, undone.
     pub bytes: u64,
+    /// Bytes past the synced length kept ([`Tear::Random`]).
+    pub kept: u64,
+}
+
+/// What a cut did to one file.
+#[derive(Debug)]
+pub struct FileCut {
+    /// Its backing path.
+    pub path: PathBuf,
+    /// Bytes it had past its synced length.
+    pub tail: u64,
+    /// How many of them are kept.
+    pub kept: u64,
+}
+
+impl FileCut {
+    /// Part of its tail is kept, and part is not: its last write is torn
+    /// or some of its writes are gone.
+    pub fn torn(&self) -> bool {
+        0 < self.kept && self.kept < self.tail
+    }
+}
+
+/// What a cut leaves of the bytes written past a file's synced length.
+#[derive(Clone, Copy, Debug)]
+pub enum Tear {
+    /// Nothing.
+    Whole,
+    /// A random prefix, from none of them to all, byte-exact: the disk
+    /// wrote part of what the page cache held before the power went, and
+    /// the last record written may be torn. (Overwrites of synced bytes
+    /// are always undone.) The seed makes the choice repeatable.
+    Random(u64),
 }
 
 /// Power-cut tests at most one at a time: each runs its FUSE file system
@@ -153,13 +192,24 @@ impl Mounted {
     /// back as it was at its last sync, and the file system is unmounted.
     /// Stop the processes using it first (a SIGKILL): a write after the cut
     /// would fail anyway, but one racing it could land.
-    pub fn cut(mut self) -> Lost {
+    pub fn cut(self) -> Lost {
+        self.cut_with(Tear::Whole)
+    }
+
+    /// [`Mounted::cut`], with `tear` deciding what is left of each file's
+    /// bytes past its synced length.
+    pub fn cut_with(mut self, tear: Tear) -> Lost {
+        let mut rng = match tear {
+            Tear::Whole => None,
+            Tear::Random(seed) => Some(StdRng::seed_from_u64(seed)),
+        };
         let lost = {
             let mut st = lock(&self.state);
             st.off = true;
             st.open.clear();
             let mut lost = Lost::default();
-            let unsynced = std::mem::take(&mut st.unsynced);
+            let mut unsynced: Vec<(u64, Unsynced)> = st.unsynced.drain().collect();
+            unsynced.sort_by_key(|(ino, _)| *ino);
             for (ino, u) in unsynced {
                 let Some(path) = st.paths.get(&ino) else {
                     continue; // unlinked since
@@ -168,14 +218,24 @@ impl Mounted {
                     .write(true)
                     .open(path)
                     .unwrap_or_else(|e| panic!("cut: open {}: {e}", path.display()));
-                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                lost.bytes += len.saturating_sub(u.synced_len);
                 for (offset, old) in u.overwritten.iter().rev() {
                     lost.bytes += old.len() as u64;
                     f.write_all_at(old, *offset).expect("cut: restore");
                 }
-                f.set_len(u.synced_len).expect("cut: truncate");
-                lost.files.push(path.clone());
+                let tail = f
+                    .metadata()
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+                    .saturating_sub(u.synced_len);
+                let keep = rng.as_mut().map_or(0, |r| r.random_range(0..=tail));
+                f.set_len(u.synced_len + keep).expect("cut: truncate");
+                lost.bytes += tail - keep;
+                lost.kept += keep;
+                lost.files.push(FileCut {
+                    path: path.clone(),
+                    tail,
+                    kept: keep,
+                });
             }
             lost
         };

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tern_sdk::{Draft, Peer, Status, Store};
 
+use crate::losingfs::Tear;
 use crate::powercut::Disk;
 use crate::sdk::{config, duplicates, incoming, open, outgoing, texts};
 use crate::sdk_crash::{AppSpec, STALL};
@@ -62,13 +63,20 @@ fn cut_loop(
             std::thread::sleep(Duration::from_millis(2));
         }
         run.kill();
-        let lost = fs.cut();
+        // Every other cut keeps a random part of what was not synced (a
+        // torn WAL frame, say), which SQLite must recover from too.
+        let tear = match cut % 2 {
+            0 => Tear::Whole,
+            _ => Tear::Random(rng.random()),
+        };
+        let lost = fs.cut_with(tear);
         eprintln!(
-            "{}: cut {} at {} of {total}; {} bytes undone in {:?}",
+            "{}: cut {} ({tear:?}) at {} of {total}; {} bytes undone, {} kept, in {:?}",
             app.role,
             cut + 1,
             target,
             lost.bytes,
+            lost.kept,
             lost.files
         );
         after_cut(&Store::open(disk.backing.path().join(db)).unwrap());
