@@ -11,7 +11,10 @@ use tern::wire::StatusCode;
 
 use crate::files::{download_hash, sha_hex, upload, Noise, MIB};
 use crate::losingfs;
-use crate::util::{kill_mid_burst, marker, msg, next, send_burst, status, TestServer};
+use crate::util::{
+    group_marker, http, is_marker, kill_mid_burst, marker, msg, next, send_burst, status,
+    TestServer, ADMIN,
+};
 
 const N: u64 = 600;
 /// SENDs in flight at most; the SIGKILL comes at `N / 2` SENTs.
@@ -365,4 +368,70 @@ fn torn_writes_at_power_cuts_lose_nothing_acknowledged() {
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let got = drain(&server, &ta, &tb);
     assert_kept(&acknowledged, &got, "before their power cut");
+}
+
+/// A group burst to 20 members, half of them online (connected, not
+/// reading: their shares are held in memory, not written as items), half
+/// offline; SIGKILL part-way and the power cut. After the restart every
+/// member gets every group message answered SENT, once, in send order.
+#[test]
+fn a_power_cut_during_a_group_burst_loses_nothing_acknowledged() {
+    const N: u64 = 400;
+    let disk = Disk::new();
+    let fs = disk.mount();
+    let mut server = TestServer::start_with(disk.at.path(), &[]);
+    let names: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
+    let tokens: Vec<String> = names.iter().map(|n| server.user(n)).collect();
+    let boss = server.user("boss");
+    let members: Vec<String> = names
+        .iter()
+        .map(|n| format!(r#"{{"address":{n:?}}}"#))
+        .chain([r#"{"address":"boss","recv":false}"#.to_string()])
+        .collect();
+    let (code, body) = http(
+        server.http,
+        "PUT",
+        "/v1/groups/big",
+        Some(ADMIN),
+        &format!(r#"{{"members":[{}]}}"#, members.join(",")),
+    );
+    assert_eq!(code, 201, "{body}");
+    let online: Vec<Client> = tokens[..10].iter().map(|t| server.connect(t)).collect();
+    let mut sender = server.connect(&boss);
+    let msgs: Vec<Outgoing> = (1..=N)
+        .map(|i| Outgoing::to_group("big", &i.to_be_bytes()).id(i).flags(0))
+        .collect();
+    let acknowledged = kill_mid_burst(&mut server, &mut sender, &msgs, WINDOW);
+    drop((online, sender));
+    let lost = fs.cut();
+    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+
+    let server = TestServer::start_with(disk.backing.path(), &[]);
+    let mut sender = server.connect(&boss);
+    let mark = group_marker("big");
+    assert_eq!(sender.send_wait(&mark).unwrap(), StatusCode::SENT);
+    for (name, token) in names.iter().zip(&tokens) {
+        let mut c = server.connect(token);
+        let mut ids = Vec::new();
+        loop {
+            let m = msg(next(&mut c, 10));
+            if is_marker(&m, "boss", &mark) {
+                break;
+            }
+            assert_eq!(m.payload, m.id.to_be_bytes(), "{name}: {m:?}");
+            ids.push(m.id);
+        }
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "{name}: once each, in send order: {ids:?}"
+        );
+        let got: HashSet<u64> = ids.into_iter().collect();
+        let lost: BTreeSet<u64> = acknowledged.difference(&got).copied().collect();
+        assert!(
+            lost.is_empty(),
+            "{name}: {} of the {} group messages answered SENT are lost: {lost:?}",
+            lost.len(),
+            acknowledged.len()
+        );
+    }
 }
