@@ -10,15 +10,17 @@
 //! since the kernel still holds it, so SIGKILL alone cannot tell a missing
 //! fsync from a present one.)
 //!
-//! The model loses file data only: names are durable at once (a create,
-//! rename or unlink is kept, with the file's synced bytes), so a missing
-//! directory fsync goes unseen; and unsynced writes are lost whole, never
-//! in part (a torn tail is not made). A real power cut may also lose a
-//! create or a rename whose directory was not synced. Hard links, special
-//! files and extended attributes are not offered.
-//!
-//! [`Mounted::cut_with`] can keep a random prefix of what each file had
-//! past its synced length instead ([`Tear::Random`]): a torn tail.
+//! Names are held to POSIX as strictly: a create, unlink, mkdir, rmdir or
+//! rename is durable only once its directory is fsynced (ext4 is kinder:
+//! an fsync of a new file commits its name too). Until then the cut takes
+//! it back, newest first: a created name goes, a removed or replaced file
+//! comes back (kept meanwhile as a hard link in a stash beside the backing
+//! directory), a renamed one returns to its old name. A rename counts as
+//! its destination directory's. Unsynced writes are lost whole, or
+//! ([`Mounted::cut_with`], [`Tear::Random`]) all but a random prefix of
+//! each file's tail, to the byte: a torn last record. What is not
+//! modelled: a disk that reorders writes (a later one kept, an earlier
+//! lost), hard links, special files, extended attributes.
 //!
 //! Files named in `spare` (the test's own logs, not the system's data)
 //! keep what was written to them.
@@ -77,9 +79,47 @@ struct State {
     /// Whether a cut happened: every request after it fails (the machine
     /// is off).
     off: bool,
+    /// Changes to names not yet made durable by an fsync of their
+    /// directory, in order, each with that directory's path.
+    names: Vec<(PathBuf, NameOp)>,
+    /// Where files a pending unlink or rename took away are kept (hard
+    /// links), so that a cut can bring them back.
+    stash: PathBuf,
+    next_stash: u64,
+}
+
+/// A change to a directory's entries.
+enum NameOp {
+    /// `path` was made (a file or a directory).
+    Created(PathBuf),
+    /// `path` was removed: a file, kept at `stash`, or an empty directory.
+    Removed {
+        path: PathBuf,
+        stash: Option<PathBuf>,
+    },
+    /// `from` was renamed to `to`, whose file before is kept at `stash`.
+    Renamed {
+        from: PathBuf,
+        to: PathBuf,
+        stash: Option<PathBuf>,
+    },
 }
 
 impl State {
+    /// Keeps a hard link to the file at `path` in the stash.
+    fn stash(&mut self, path: &Path) -> io::Result<PathBuf> {
+        self.next_stash += 1;
+        let kept = self.stash.join(self.next_stash.to_string());
+        fs::hard_link(path, &kept)?;
+        Ok(kept)
+    }
+
+    /// Records a change to the names in `path`'s directory.
+    fn name_op(&mut self, path: &Path, op: NameOp) {
+        let dir = path.parent().unwrap_or(path).to_path_buf();
+        self.names.push((dir, op));
+    }
+
     /// The open file `fh` if given, else any open handle of inode `ino`.
     fn handle(&self, ino: u64, fh: Option<u64>) -> Option<&File> {
         match fh {
@@ -98,6 +138,43 @@ pub struct Lost {
     pub bytes: u64,
     /// Bytes past the synced length kept ([`Tear::Random`]).
     pub kept: u64,
+    /// Changes to names undone (no fsync of their directory).
+    pub names: usize,
+}
+
+/// Puts a name back as it was before `op`.
+fn undo(op: &NameOp) -> io::Result<()> {
+    match op {
+        NameOp::Created(path) => match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+            Ok(_) => fs::remove_file(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        },
+        NameOp::Removed { path, stash } => match stash {
+            Some(kept) => fs::hard_link(kept, path),
+            None => fs::create_dir(path),
+        },
+        NameOp::Renamed { from, to, stash } => {
+            fs::rename(to, from)?;
+            match stash {
+                Some(kept) => fs::hard_link(kept, to),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for NameOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NameOp::Created(p) => write!(f, "create {}", p.display()),
+            NameOp::Removed { path, .. } => write!(f, "remove {}", path.display()),
+            NameOp::Renamed { from, to, .. } => {
+                write!(f, "rename {} to {}", from.display(), to.display())
+            }
+        }
+    }
 }
 
 /// What a cut did to one file.
@@ -152,6 +229,7 @@ struct LosingFs {
 /// A mounted [`LosingFs`]; unmounted on drop (without a cut).
 pub struct Mounted {
     state: Arc<Mutex<State>>,
+    _stash: tempfile::TempDir,
     session: Option<fuser::BackgroundSession>,
     /// The mount point.
     pub path: PathBuf,
@@ -162,7 +240,13 @@ pub struct Mounted {
 pub fn mount(backing: &Path, at: &Path, spare: &[&str]) -> io::Result<Mounted> {
     let root = backing.canonicalize()?;
     let at = at.canonicalize()?;
-    let state = Arc::new(Mutex::new(State::default()));
+    // Beside the backing directory (hard links need its file system),
+    // outside the view.
+    let stash = tempfile::tempdir_in(root.parent().unwrap_or(&root))?;
+    let state = Arc::new(Mutex::new(State {
+        stash: stash.path().to_path_buf(),
+        ..State::default()
+    }));
     lock(&state).paths.insert(fuser::FUSE_ROOT_ID, root.clone());
     let fs = LosingFs {
         root,
@@ -180,6 +264,7 @@ pub fn mount(backing: &Path, at: &Path, spare: &[&str]) -> io::Result<Mounted> {
         state,
         session: Some(session),
         path: at,
+        _stash: stash,
     })
 }
 
@@ -236,6 +321,12 @@ impl Mounted {
                     tail,
                     kept: keep,
                 });
+            }
+            // Then the names no directory fsync made durable, newest first.
+            let names = std::mem::take(&mut st.names);
+            lost.names = names.len();
+            for (_, op) in names.into_iter().rev() {
+                undo(&op).unwrap_or_else(|e| panic!("cut: undo {op:?}: {e}"));
             }
             lost
         };
@@ -501,6 +592,8 @@ impl Filesystem for LosingFs {
             Ok(a) => {
                 // The inode number may have been a deleted file's.
                 st.unsynced.remove(&a.ino);
+                let path = st.paths[&a.ino].clone();
+                st.name_op(&path.clone(), NameOp::Created(path));
                 reply.entry(&TTL, &a, 0)
             }
             Err(e) => reply.error(errno(&e)),
@@ -516,12 +609,18 @@ impl Filesystem for LosingFs {
             return reply.error(ENOENT);
         };
         let ino = fs::symlink_metadata(&path).map(|m| m.ino());
+        let stash = match st.stash(&path) {
+            Ok(kept) => kept,
+            Err(e) => return reply.error(errno(&e)),
+        };
         match fs::remove_file(&path) {
             Ok(()) => {
                 if let Ok(ino) = ino {
                     st.paths.remove(&ino);
                     st.unsynced.remove(&ino);
                 }
+                let stash = Some(stash);
+                st.name_op(&path.clone(), NameOp::Removed { path, stash });
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -542,6 +641,8 @@ impl Filesystem for LosingFs {
                 if let Ok(ino) = ino {
                     st.paths.remove(&ino);
                 }
+                let stash = None;
+                st.name_op(&path.clone(), NameOp::Removed { path, stash });
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -574,8 +675,23 @@ impl Filesystem for LosingFs {
         };
         let moved = fs::symlink_metadata(&from).map(|m| m.ino()).ok();
         let replaced = fs::symlink_metadata(&to).map(|m| m.ino()).ok();
+        let stash = match replaced.filter(|&r| Some(r) != moved) {
+            Some(_) if to.is_file() => match st.stash(&to) {
+                Ok(kept) => Some(kept),
+                Err(e) => return reply.error(errno(&e)),
+            },
+            _ => None,
+        };
         if let Err(e) = fs::rename(&from, &to) {
             return reply.error(errno(&e));
+        }
+        if moved != replaced {
+            let op = NameOp::Renamed {
+                from: from.clone(),
+                to: to.clone(),
+                stash,
+            };
+            st.name_op(&to, op);
         }
         // (A rename onto itself, or onto another link of the same file,
         // replaces nothing.)
@@ -664,6 +780,10 @@ impl Filesystem for LosingFs {
         };
         match self.entry(&mut st, path) {
             Ok(a) => {
+                if !existed && !spared {
+                    let path = st.paths[&a.ino].clone();
+                    st.name_op(&path.clone(), NameOp::Created(path));
+                }
                 if !existed && !spared {
                     // A new file has no synced bytes.
                     st.unsynced.insert(
@@ -840,11 +960,19 @@ impl Filesystem for LosingFs {
     fn fsyncdir(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         _fh: u64,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let mut st = self.state();
+        if st.off {
+            return reply.error(EIO);
+        }
+        // Every change to its names is durable now.
+        if let Some(dir) = st.paths.get(&ino).cloned() {
+            st.names.retain(|(d, _)| *d != dir);
+        }
         reply.ok()
     }
 

@@ -105,7 +105,10 @@ fn a_power_cut_loses_nothing_acknowledged() {
     let acknowledged = kill_mid_burst(&mut server, &mut alice, &burst(), WINDOW);
     drop(alice);
     let lost = fs.cut();
-    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+    eprintln!(
+        "the cut undid {} bytes in {:?}, and {} changes to names",
+        lost.bytes, lost.files, lost.names
+    );
     assert!(
         wal_files(disk.backing.path()) > 0,
         "no WAL written through the losing view"
@@ -189,7 +192,10 @@ fn a_power_cut_after_a_restart_loses_nothing_the_restart_acknowledged() {
     }
     server.sigkill();
     let lost = fs.cut();
-    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+    eprintln!(
+        "the cut undid {} bytes in {:?}, and {} changes to names",
+        lost.bytes, lost.files, lost.names
+    );
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let got = drain(&server, &ta, &tb);
@@ -223,17 +229,23 @@ fn a_power_cut_keeps_every_file_whose_upload_was_answered() {
             (bytes, v)
         })
         .collect();
-    server.sigkill();
-    let lost = fs.cut();
-    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
-
-    let server = TestServer::start_with(disk.backing.path(), &[]);
-    for (bytes, v) in &files {
+    for (_, v) in &files {
         let id = v["id"].as_str().unwrap();
         assert!(
             disk.backing.path().join("files").join(id).is_file(),
             "file {id} was not written through the losing view"
         );
+    }
+    server.sigkill();
+    let lost = fs.cut();
+    eprintln!(
+        "the cut undid {} bytes in {:?}, and {} changes to names",
+        lost.bytes, lost.files, lost.names
+    );
+
+    let server = TestServer::start_with(disk.backing.path(), &[]);
+    for (bytes, v) in &files {
+        let id = v["id"].as_str().unwrap();
         let url = v["url"].as_str().unwrap();
         for (path, auth) in [
             (format!("/v1/files/{id}"), Some(alice.as_str())),
@@ -285,7 +297,10 @@ fn a_power_cut_brings_back_nothing_the_sender_saw_delivered() {
     server.sigkill();
     drop((alice, bob));
     let lost = fs.cut();
-    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+    eprintln!(
+        "the cut undid {} bytes in {:?}, and {} changes to names",
+        lost.bytes, lost.files, lost.names
+    );
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let mut alice = server.connect(&ta);
@@ -404,7 +419,10 @@ fn a_power_cut_during_a_group_burst_loses_nothing_acknowledged() {
     let acknowledged = kill_mid_burst(&mut server, &mut sender, &msgs, WINDOW);
     drop((online, sender));
     let lost = fs.cut();
-    eprintln!("the cut undid {} bytes in {:?}", lost.bytes, lost.files);
+    eprintln!(
+        "the cut undid {} bytes in {:?}, and {} changes to names",
+        lost.bytes, lost.files, lost.names
+    );
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let mut sender = server.connect(&boss);
