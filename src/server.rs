@@ -101,7 +101,7 @@ impl Server {
     pub fn start(mut config: Config) -> Result<Server, StartError> {
         fit_connections(&mut config);
         let dir = config.data_dir.clone();
-        fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
+        http::files::create_dir_durable(&dir).map_err(|source| StartError::DataDir {
             path: dir.clone(),
             source,
         })?;
@@ -304,5 +304,9 @@ fn admin_token_file(path: &Path) -> std::io::Result<String> {
     file.write_all(token.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()?;
+    // And its name: the operator's scripts hold the token.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        http::files::sync_dir(dir)?;
+    }
     Ok(token)
 }

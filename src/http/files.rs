@@ -40,6 +40,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
+pub(crate) use self::blobs::{create_dir_durable, sync_dir};
 use self::blobs::{BlobError, Blobs};
 use self::disk::{CompleteError, Disk, Meta, Pending, UploadError, Uploader};
 use self::range::Range;

@@ -10,10 +10,10 @@ use serde_json::{json, Value};
 use crate::files::{
     call, get, sha_hex, start, stored_size, upload, upload_from, Backend, Noise, Setup, MIB,
 };
-use crate::util::{barrier, http, request, scrape, wait_for, ADMIN};
+use crate::util::{barrier, http, request, scrape, wait_for, TestServer, ADMIN};
 
 /// A direct-upload request; returns the answer.
-fn announce(setup: &Setup, token: &str, body: &Value) -> crate::util::Resp {
+pub(crate) fn announce(setup: &TestServer, token: &str, body: &Value) -> crate::util::Resp {
     let body = body.to_string();
     request("POST", "/v1/files")
         .bearer(Some(token))
@@ -22,7 +22,7 @@ fn announce(setup: &Setup, token: &str, body: &Value) -> crate::util::Resp {
 }
 
 /// PUTs `bytes` to a presigned URL with `content_type`; returns the status.
-fn put(url: &str, content_type: &str, bytes: &[u8]) -> u16 {
+pub(crate) fn put(url: &str, content_type: &str, bytes: &[u8]) -> u16 {
     match ureq::put(url)
         .set("Content-Type", content_type)
         .send_bytes(bytes)
@@ -33,7 +33,7 @@ fn put(url: &str, content_type: &str, bytes: &[u8]) -> u16 {
     }
 }
 
-fn complete(setup: &Setup, token: &str, id: &str) -> crate::util::Resp {
+pub(crate) fn complete(setup: &TestServer, token: &str, id: &str) -> crate::util::Resp {
     request("POST", &format!("/v1/files/{id}/complete"))
         .bearer(Some(token))
         .header("Content-Length", "0")
@@ -146,7 +146,7 @@ fn uploaded_direct(setup: &Setup, token: &str, bytes: &[u8]) -> (String, String,
 }
 
 /// The bytes behind a download's redirect.
-fn fetch_redirected(setup: &Setup, path: &str, token: &str) -> Vec<u8> {
+pub(crate) fn fetch_redirected(setup: &TestServer, path: &str, token: &str) -> Vec<u8> {
     let r = get(setup.http, path, Some(token));
     assert_eq!(r.status, 302, "{path}: {}", r.text());
     let resp = ureq::get(r.header("location").unwrap()).call().unwrap();

@@ -38,7 +38,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::blobs::{sync_dir, BlobError, Blobs, Part};
+use super::blobs::{create_dir_durable, sync_dir, BlobError, Blobs, Part};
 use super::s3::StoreDown;
 use super::thumb;
 use crate::metrics::Metrics;
@@ -314,7 +314,7 @@ impl Disk {
         metrics: Arc<Metrics>,
     ) -> io::Result<Disk> {
         let tmp = dir.join("tmp");
-        fs::create_dir_all(&tmp)?;
+        create_dir_durable(&tmp)?;
         let mut stale = 0usize;
         for entry in fs::read_dir(&tmp)? {
             let path = entry?.path();
@@ -622,7 +622,7 @@ impl Disk {
             bytes: 0,
         };
         reserved.add(pending.size, self.quota)?;
-        fs::create_dir_all(&self.pending)?;
+        create_dir_durable(&self.pending)?;
         let id = new_id();
         self.write_json(&self.pending, &id, pending)?;
         reserved.keep();
