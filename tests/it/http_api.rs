@@ -120,32 +120,7 @@ fn user_api_errors() {
 fn generated_admin_token() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tern"));
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ])
-    .arg("--data-dir")
-    .arg(dir.path())
-    .env_remove("TERN_ADMIN_TOKEN")
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let http_addr: std::net::SocketAddr = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("http_listen="))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (mut child, http_addr) = crate::util::start_without_admin_token(dir.path());
     let path = dir.path().join("admin.token");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     let token = std::fs::read_to_string(&path).unwrap();

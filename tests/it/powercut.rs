@@ -460,30 +460,7 @@ fn a_power_cut_during_a_group_burst_loses_nothing_acknowledged() {
 fn a_power_cut_keeps_the_generated_admin_token() {
     let disk = Disk::new();
     let fs = disk.mount();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(disk.at.path())
-        .env_remove("TERN_ADMIN_TOKEN")
-        .env_remove("TERN_CONFIG")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn tern");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("read the ready line");
-    assert!(line.starts_with("tern ready"), "{line:?}");
+    let (mut child, _) = crate::util::start_without_admin_token(disk.at.path());
     let token = std::fs::read_to_string(disk.at.path().join("admin.token")).expect("admin.token");
     let _ = child.kill();
     let _ = child.wait();

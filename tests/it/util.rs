@@ -291,6 +291,42 @@ impl TestServer {
     }
 }
 
+/// Starts `tern serve` on `dir` without an admin token (so it generates
+/// one into `dir/admin.token`), on 127.0.0.1:0; returns the child and its
+/// HTTP address once it is ready. Kill it by pid when done.
+pub fn start_without_admin_token(dir: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("TERN_ADMIN_TOKEN")
+        .env_remove("TERN_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tern");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the ready line");
+    let http = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("http_listen="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("no http_listen in {line:?}")
+        });
+    (child, http)
+}
+
 /// An HTTPS client trusting `ca`, that reaches `https://localhost:PORT`
 /// (the name the test certificates carry) at `http`.
 pub fn https_agent(ca: &Path, http: SocketAddr) -> ureq::Agent {
