@@ -69,7 +69,9 @@ struct Unsynced {
 #[derive(Default)]
 struct State {
     /// Inode → backing path (the root is inode 1). Inodes are the backing
-    /// files' own, so a rename keeps them.
+    /// files' own, so a rename keeps them; an unlinked or replaced file's
+    /// path is its link in the stash (the same inode), so that its handles
+    /// still work and a cut still undoes its unsynced writes.
     paths: HashMap<u64, PathBuf>,
     /// Open files: handle → (inode, backing file).
     open: HashMap<u64, (u64, File)>,
@@ -120,12 +122,9 @@ impl State {
         self.names.push((dir, op));
     }
 
-    /// The open file `fh` if given, else any open handle of inode `ino`.
-    fn handle(&self, ino: u64, fh: Option<u64>) -> Option<&File> {
-        match fh {
-            Some(fh) => self.open.get(&fh).map(|(_, f)| f),
-            None => self.open.values().find(|(i, _)| *i == ino).map(|(_, f)| f),
-        }
+    /// The open file `fh`.
+    fn handle(&self, fh: Option<u64>) -> Option<&File> {
+        fh.and_then(|fh| self.open.get(&fh)).map(|(_, f)| f)
     }
 }
 
@@ -297,7 +296,7 @@ impl Mounted {
             unsynced.sort_by_key(|(ino, _)| *ino);
             for (ino, u) in unsynced {
                 let Some(path) = st.paths.get(&ino) else {
-                    continue; // unlinked since
+                    continue; // a file the file system never named
                 };
                 let f = OpenOptions::new()
                     .write(true)
@@ -442,8 +441,7 @@ impl LosingFs {
     }
 
     /// Records what a write of `len` bytes at `offset` to `f` (inode `ino`)
-    /// will overwrite: nothing for a file that is unlinked (a cut has no
-    /// name to put it back under, nor a need to) or spared.
+    /// will overwrite: nothing for a spared file.
     fn before_write(
         &self,
         st: &mut State,
@@ -493,11 +491,9 @@ impl Filesystem for LosingFs {
         if st.off {
             return reply.error(EIO);
         }
-        let m = match (st.handle(ino, fh), st.paths.get(&ino)) {
-            (Some(f), _) if fh.is_some() => f.metadata(),
-            (_, Some(p)) => fs::symlink_metadata(p),
-            // Unlinked, and still open (an fstat sends no handle).
-            (Some(f), None) => f.metadata(),
+        let m = match (st.handle(fh), st.paths.get(&ino)) {
+            (Some(f), _) => f.metadata(),
+            (None, Some(p)) => fs::symlink_metadata(p),
             (None, None) => return reply.error(ENOENT),
         };
         match m {
@@ -533,10 +529,8 @@ impl Filesystem for LosingFs {
             return reply.error(EIO);
         }
         let path = st.paths.get(&ino).cloned();
-        let open = st.handle(ino, fh).map(File::try_clone).transpose();
+        let open = st.handle(fh).map(File::try_clone).transpose();
         let result = (|| -> io::Result<File> {
-            // The file itself: a handle, or its path (an unlinked file has
-            // only handles).
             let f = match (open?, &path) {
                 (Some(f), _) => f,
                 (None, Some(p)) => OpenOptions::new().read(true).write(true).open(p)?,
@@ -590,8 +584,6 @@ impl Filesystem for LosingFs {
             .create(&path);
         match made.and_then(|()| self.entry(&mut st, path)) {
             Ok(a) => {
-                // The inode number may have been a deleted file's.
-                st.unsynced.remove(&a.ino);
                 let path = st.paths[&a.ino].clone();
                 st.name_op(&path.clone(), NameOp::Created(path));
                 reply.entry(&TTL, &a, 0)
@@ -616,8 +608,7 @@ impl Filesystem for LosingFs {
         match fs::remove_file(&path) {
             Ok(()) => {
                 if let Ok(ino) = ino {
-                    st.paths.remove(&ino);
-                    st.unsynced.remove(&ino);
+                    st.paths.insert(ino, stash.clone());
                 }
                 let stash = Some(stash);
                 st.name_op(&path.clone(), NameOp::Removed { path, stash });
@@ -674,8 +665,12 @@ impl Filesystem for LosingFs {
             return reply.error(ENOENT);
         };
         let moved = fs::symlink_metadata(&from).map(|m| m.ino()).ok();
-        let replaced = fs::symlink_metadata(&to).map(|m| m.ino()).ok();
-        let stash = match replaced.filter(|&r| Some(r) != moved) {
+        let at_to = fs::symlink_metadata(&to).map(|m| m.ino()).ok();
+        // A rename onto itself, or onto another link of the same file,
+        // changes nothing.
+        let noop = at_to.is_some() && at_to == moved;
+        let replaced = at_to.filter(|_| !noop);
+        let stash = match replaced {
             Some(_) if to.is_file() => match st.stash(&to) {
                 Ok(kept) => Some(kept),
                 Err(e) => return reply.error(errno(&e)),
@@ -685,19 +680,19 @@ impl Filesystem for LosingFs {
         if let Err(e) = fs::rename(&from, &to) {
             return reply.error(errno(&e));
         }
-        if moved != replaced {
+        if let Some(ino) = replaced {
+            match &stash {
+                Some(kept) => st.paths.insert(ino, kept.clone()),
+                None => st.paths.remove(&ino), // an empty directory
+            };
+        }
+        if !noop {
             let op = NameOp::Renamed {
                 from: from.clone(),
                 to: to.clone(),
                 stash,
             };
             st.name_op(&to, op);
-        }
-        // (A rename onto itself, or onto another link of the same file,
-        // replaces nothing.)
-        if let Some(ino) = replaced.filter(|&r| Some(r) != moved) {
-            st.paths.remove(&ino);
-            st.unsynced.remove(&ino);
         }
         // The renamed entry and, for a directory, everything under it.
         for p in st.paths.values_mut() {
