@@ -141,6 +141,16 @@ pub struct Lost {
     pub names: usize,
 }
 
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "undid {} bytes and kept {} past the last sync, in {:?}, and undid {} changes to names",
+            self.bytes, self.kept, self.files, self.names
+        )
+    }
+}
+
 /// Puts a name back as it was before `op`.
 fn undo(op: &NameOp) -> io::Result<()> {
     match op {

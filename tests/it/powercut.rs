@@ -105,10 +105,7 @@ fn a_power_cut_loses_nothing_acknowledged() {
     let acknowledged = kill_mid_burst(&mut server, &mut alice, &burst(), WINDOW);
     drop(alice);
     let lost = fs.cut();
-    eprintln!(
-        "the cut undid {} bytes in {:?}, and {} changes to names",
-        lost.bytes, lost.files, lost.names
-    );
+    eprintln!("the cut {lost}");
     assert!(
         wal_files(disk.backing.path()) > 0,
         "no WAL written through the losing view"
@@ -192,10 +189,7 @@ fn a_power_cut_after_a_restart_loses_nothing_the_restart_acknowledged() {
     }
     server.sigkill();
     let lost = fs.cut();
-    eprintln!(
-        "the cut undid {} bytes in {:?}, and {} changes to names",
-        lost.bytes, lost.files, lost.names
-    );
+    eprintln!("the cut {lost}");
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let got = drain(&server, &ta, &tb);
@@ -238,10 +232,7 @@ fn a_power_cut_keeps_every_file_whose_upload_was_answered() {
     }
     server.sigkill();
     let lost = fs.cut();
-    eprintln!(
-        "the cut undid {} bytes in {:?}, and {} changes to names",
-        lost.bytes, lost.files, lost.names
-    );
+    eprintln!("the cut {lost}");
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     for (bytes, v) in &files {
@@ -297,10 +288,7 @@ fn a_power_cut_brings_back_nothing_the_sender_saw_delivered() {
     server.sigkill();
     drop((alice, bob));
     let lost = fs.cut();
-    eprintln!(
-        "the cut undid {} bytes in {:?}, and {} changes to names",
-        lost.bytes, lost.files, lost.names
-    );
+    eprintln!("the cut {lost}");
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let mut alice = server.connect(&ta);
@@ -419,10 +407,7 @@ fn a_power_cut_during_a_group_burst_loses_nothing_acknowledged() {
     let acknowledged = kill_mid_burst(&mut server, &mut sender, &msgs, WINDOW);
     drop((online, sender));
     let lost = fs.cut();
-    eprintln!(
-        "the cut undid {} bytes in {:?}, and {} changes to names",
-        lost.bytes, lost.files, lost.names
-    );
+    eprintln!("the cut {lost}");
 
     let server = TestServer::start_with(disk.backing.path(), &[]);
     let mut sender = server.connect(&boss);
@@ -465,7 +450,7 @@ fn a_power_cut_keeps_the_generated_admin_token() {
     let _ = child.kill();
     let _ = child.wait();
     let lost = fs.cut();
-    eprintln!("the cut undid {} changes to names", lost.names);
+    eprintln!("the cut {lost}");
     let after = std::fs::read_to_string(disk.backing.path().join("admin.token"));
     assert_eq!(
         after.ok().as_deref(),
@@ -512,10 +497,7 @@ fn a_power_cut_keeps_the_s3_catalog() {
     let (announced_id, _) = direct(&server, &announced);
     server.sigkill();
     let lost = fs.cut();
-    eprintln!(
-        "the cut undid {} bytes in {:?}, and {} changes to names",
-        lost.bytes, lost.files, lost.names
-    );
+    eprintln!("the cut {lost}");
 
     let server = TestServer::start_with(disk.backing.path(), &args);
     let r = complete(&server, &alice, &announced_id);

@@ -71,13 +71,9 @@ fn cut_loop(
         };
         let lost = fs.cut_with(tear);
         eprintln!(
-            "{}: cut {} ({tear:?}) at {} of {total}; {} bytes undone, {} kept, in {:?}",
+            "{}: cut {} ({tear:?}) at {target} of {total}: {lost}",
             app.role,
-            cut + 1,
-            target,
-            lost.bytes,
-            lost.kept,
-            lost.files
+            cut + 1
         );
         after_cut(&Store::open(disk.backing.path().join(db)).unwrap());
     }
